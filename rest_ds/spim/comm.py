@@ -1,0 +1,140 @@
+"""SPIM collectives over the sp group, with autograd and byte accounting.
+
+Gradient convention (used by every SPIM op): a *replicated* tensor (the same on
+all sp ranks, e.g. a pooled vector or a parameter) carries a *partial* gradient on
+each rank; the true gradient is the sum over the sp ranks. Hence an all-reduce
+that makes a replicated value from per-tile parts has an all-reduce as its
+backward, and a gather of tiles has "all-reduce, then take my tile" as its
+backward. A scalar loss computed through SPIM ops has the same value on every sp
+rank; back-propagating it on every rank (seed 1 each) yields ``sp`` times the
+true gradient on every parameter, so parameter gradients are *averaged* over the
+sp group (``reduce_gradients``), exactly what DeepSpeed's data-parallel average
+over all ``dp x sp`` ranks does.
+
+Accounting: every collective records the bytes *this rank sends*, per kind, by
+the standard algorithm volumes: halo and point-to-point = exact payload;
+all_reduce = 2 (P-1)/P n (ring); all_gather = (P-1) n_local; all_to_all =
+(P-1)/P n; broadcast = n on the root.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .mesh import SpatialMesh
+
+
+@dataclass
+class CommStats:
+    """Bytes sent and calls made by this rank, per collective kind and phase."""
+
+    bytes: dict = field(default_factory=lambda: defaultdict(int))
+    calls: dict = field(default_factory=lambda: defaultdict(int))
+    by_phase: dict = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, kind: str, nbytes: float, phase: str) -> None:
+        self.bytes[kind] += int(round(nbytes))
+        self.calls[kind] += 1
+        self.by_phase[(kind, phase)] += int(round(nbytes))
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+        self.by_phase.clear()
+
+    def as_dict(self) -> dict:
+        return {
+            "bytes": dict(self.bytes),
+            "calls": dict(self.calls),
+            "by_phase": {f"{k}/{p}": v for (k, p), v in self.by_phase.items()},
+        }
+
+
+_STATS = CommStats()
+
+
+def comm_stats() -> CommStats:
+    """The process-wide accounting object (reset it with ``.reset()``)."""
+    return _STATS
+
+
+@contextlib.contextmanager
+def track_comm():
+    """Reset the counters, yield them, keep counting until the block ends."""
+    _STATS.reset()
+    yield _STATS
+
+
+def _phase() -> str:
+    return "backward" if torch._C._current_autograd_node() is not None else "forward"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
+    """In-place all-reduce over the sp group, no autograd. Returns ``t``."""
+    if mesh.sp > 1:
+        _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
+        dist.all_reduce(t, op=op, group=mesh.sp_group)
+    return t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return all_reduce_(x.clone(), mesh)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce_(g.contiguous().clone(), ctx.mesh), None
+
+
+def all_reduce_sum(x: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
+    """Sum of per-rank parts over the sp group (replicated result; backward all-reduces)."""
+    if mesh.sp == 1:
+        return x
+    return _AllReduceSum.apply(x.contiguous(), mesh)
+
+
+def all_gather_padded(t: torch.Tensor, mesh: SpatialMesh) -> list[torch.Tensor]:
+    """All-gather tensors whose shapes may differ per rank (gloo's all_gather needs
+    equal sizes): shapes are exchanged first, payloads padded to the largest.
+    Returns one tensor per sp rank, in sp order. No autograd."""
+    if mesh.sp == 1:
+        return [t]
+    t = t.contiguous()
+    shape = torch.tensor(list(t.shape), dtype=torch.int64, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(mesh.sp)]
+    dist.all_gather(shapes, shape, group=mesh.sp_group)
+    shapes = [tuple(int(v) for v in s.tolist()) for s in shapes]
+    numel = max(int(torch.Size(s).numel()) for s in shapes)
+    flat = torch.zeros(numel, dtype=t.dtype, device=t.device)
+    flat[: t.numel()] = t.reshape(-1)
+    bufs = [torch.empty_like(flat) for _ in range(mesh.sp)]
+    _STATS.record("all_gather", (mesh.sp - 1) * _nbytes(flat), _phase())
+    dist.all_gather(bufs, flat, group=mesh.sp_group)
+    return [b[: torch.Size(s).numel()].view(s) for b, s in zip(bufs, shapes)]
+
+
+def all_gather_object(obj, mesh: SpatialMesh) -> list:
+    if mesh.sp == 1:
+        return [obj]
+    out = [None] * mesh.sp
+    dist.all_gather_object(out, obj, group=mesh.sp_group)
+    return out
+
+
+def broadcast_(t: torch.Tensor, mesh: SpatialMesh, src_index: int = 0) -> torch.Tensor:
+    """Broadcast in place from sp rank ``src_index`` to its sp group."""
+    if mesh.sp > 1:
+        if mesh.sp_index == src_index:
+            _STATS.record("broadcast", _nbytes(t), _phase())
+        dist.broadcast(t, src=mesh.sp_ranks[src_index], group=mesh.sp_group)
+    return t

@@ -1,0 +1,185 @@
+"""Halo exchange: give each rank the global window its next op needs.
+
+A sharded op states, for every grid row ``i``, the global row range
+``need_rows[i] = (lo, hi)`` that the ranks of that row need as input (and the same
+for columns). The range may reach into the neighbouring tiles (a halo) or beyond
+the scene (scene padding, added by the caller, never at a tile border); it may
+also stop short of the own tile (a rank's last rows can belong to its
+neighbour's first output, e.g. a stride that does not divide the tile).
+
+The exchange talks to the 8 neighbours (corners included) with one batch of
+point-to-point sends. Its backward sends the halo gradients back to their owners,
+which add them to their tile gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import _STATS, _phase
+from .errors import SPIMError
+from .mesh import SpatialMesh
+from .tiling import Partition
+
+Range = tuple[int, int]
+
+
+def _clip(r: Range, n: int) -> Range:
+    return max(r[0], 0), min(r[1], n)
+
+
+def _inter(a: Range, b: Range) -> Range | None:
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if hi > lo else None
+
+
+def check_needs(part: Partition, needs: tuple[Range, ...], axis: str, op: str) -> None:
+    """Every grid row's need must lie within its own and the adjacent tiles."""
+    n = part[-1]
+    for i, need in enumerate(needs):
+        lo, hi = _clip(need, n)
+        first = part[max(i - 1, 0)]
+        last = part[min(i + 2, len(part) - 1)]
+        if lo < first or hi > last:
+            sizes = [b - a for a, b in zip(part[:-1], part[1:])]
+            raise SPIMError(
+                f"{op}: the tile in grid {axis} {i} (global {axis}s {part[i]}:{part[i + 1]}) needs "
+                f"{axis}s {lo}:{hi}, which reach past its neighbouring tiles (tile sizes {sizes}); "
+                f"tiles are smaller than the op's halo: use fewer ranks along this axis or a larger scene"
+            )
+        if hi <= lo:
+            raise SPIMError(f"{op}: the tile in grid {axis} {i} needs an empty input range {need}")
+
+
+def _blocks(part: Partition, idx: int, need: Range):
+    """(offset in grid, global range) pieces of ``need`` held by tile idx-1, idx, idx+1."""
+    out = []
+    for d in (-1, 0, 1):
+        j = idx + d
+        if 0 <= j < len(part) - 1:
+            r = _inter(need, (part[j], part[j + 1]))
+            if r is not None:
+                out.append((d, r))
+    return out
+
+
+def _slice(t: torch.Tensor, dims, base: tuple[int, int], rows: Range, cols: Range) -> torch.Tensor:
+    return t.narrow(dims[0], rows[0] - base[0], rows[1] - rows[0]).narrow(dims[1], cols[0] - base[1], cols[1] - cols[0])
+
+
+class _Plan:
+    """Who sends what to whom for one exchange on this rank (global ranges)."""
+
+    def __init__(self, mesh, rows, cols, need_rows, need_cols):
+        r, c = mesh.coord
+        H, W = rows[-1], cols[-1]
+        self.origin = (rows[r], cols[c])
+        my_r, my_c = _clip(need_rows[r], H), _clip(need_cols[c], W)
+        self.ext = (my_r, my_c)
+        # pieces I assemble: (src rank or None for self, rows, cols)
+        self.recv = []
+        self.own = None
+        for dr, rr in _blocks(rows, r, my_r):
+            for dc, cc in _blocks(cols, c, my_c):
+                if dr == 0 and dc == 0:
+                    self.own = (rr, cc)
+                else:
+                    self.recv.append((mesh.rank_at(r + dr, c + dc), rr, cc))
+        # pieces neighbours need from me
+        self.send = []
+        mine_r, mine_c = (rows[r], rows[r + 1]), (cols[c], cols[c + 1])
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if (dr, dc) == (0, 0):
+                    continue
+                i, j = r + dr, c + dc
+                if not (0 <= i < len(rows) - 1 and 0 <= j < len(cols) - 1):
+                    continue
+                rr = _inter(_clip(need_rows[i], H), mine_r)
+                cc = _inter(_clip(need_cols[j], W), mine_c)
+                if rr is not None and cc is not None:
+                    self.send.append((mesh.rank_at(i, j), rr, cc))
+
+
+def _exchange(send_items, recv_items, mesh, kind_bytes_phase):
+    """Batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)]."""
+    ops = []
+    for dst, t in send_items:
+        _STATS.record("halo", t.numel() * t.element_size(), kind_bytes_phase)
+        ops.append(dist.P2POp(dist.isend, t, dst, group=mesh.sp_group))
+    for src, buf in recv_items:
+        ops.append(dist.P2POp(dist.irecv, buf, src, group=mesh.sp_group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+def _assemble(pieces: dict, plan: _Plan, dims) -> torch.Tensor:
+    """Cat the pieces (keyed by (rows, cols)) into the extended tensor, row band by row band."""
+    keys = sorted(pieces, key=lambda k: (k[0][0], k[1][0]))
+    bands = []
+    for rr in sorted({k[0] for k in keys}):
+        row = [pieces[k] for k in keys if k[0] == rr]
+        bands.append(torch.cat(row, dim=dims[1]) if len(row) > 1 else row[0])
+    return torch.cat(bands, dim=dims[0]) if len(bands) > 1 else bands[0]
+
+
+class _HaloExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh, plan, dims):
+        ctx.mesh, ctx.plan, ctx.dims, ctx.shape = mesh, plan, dims, x.shape
+        sends = [(dst, _slice(x, dims, plan.origin, rr, cc).contiguous()) for dst, rr, cc in plan.send]
+        pieces, recvs = {}, []
+        for src, rr, cc in plan.recv:
+            shape = list(x.shape)
+            shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
+            buf = x.new_empty(shape)
+            pieces[(rr, cc)] = buf
+            recvs.append((src, buf))
+        _exchange(sends, recvs, mesh, "forward")
+        if plan.own is not None:
+            pieces[plan.own] = _slice(x, dims, plan.origin, *plan.own)
+        return _assemble(pieces, plan, dims).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, dims, mesh = ctx.plan, ctx.dims, ctx.mesh
+        base = (plan.ext[0][0], plan.ext[1][0])
+        # halo gradients go back to the ranks the halo came from
+        sends = [(src, _slice(g, dims, base, rr, cc).contiguous()) for src, rr, cc in plan.recv]
+        recvs = []
+        for dst, rr, cc in plan.send:
+            shape = list(g.shape)
+            shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
+            recvs.append((dst, g.new_empty(shape), rr, cc))
+        _exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+        gx = g.new_zeros(ctx.shape)
+        if plan.own is not None:
+            _slice(gx, dims, plan.origin, *plan.own).add_(_slice(g, dims, base, *plan.own))
+        for _, buf, rr, cc in recvs:
+            _slice(gx, dims, plan.origin, rr, cc).add_(buf)
+        return gx, None, None, None
+
+
+def halo_exchange(
+    x: torch.Tensor,
+    mesh: SpatialMesh,
+    rows: Partition,
+    cols: Partition,
+    need_rows: tuple[Range, ...],
+    need_cols: tuple[Range, ...],
+    dims: tuple[int, int],
+    op: str = "halo exchange",
+) -> torch.Tensor:
+    """Return this rank's input window ``need ∩ scene`` (global rows x cols).
+
+    ``x`` is this rank's local tile (``dims`` are its row and column dims,
+    laid out by ``rows``/``cols``). The caller pads the parts of ``need`` that lie
+    outside the scene. Differentiable."""
+    check_needs(rows, need_rows, "row", op)
+    check_needs(cols, need_cols, "col", op)
+    dims = tuple(d % x.dim() for d in dims)
+    plan = _Plan(mesh, rows, cols, need_rows, need_cols)
+    if mesh.sp == 1 or (not plan.send and not plan.recv):
+        return _slice(x, dims, plan.origin, *plan.own)
+    return _HaloExchange.apply(x, mesh, plan, dims)

@@ -1,0 +1,245 @@
+"""Sliding-window ops: conv2d, max/avg pooling, transposed conv, pad.
+
+Per axis, with kernel extent ``ke = d (k - 1) + 1``, stride ``s`` and padding
+``p`` before: global output ``o`` reads inputs ``[o s - p, o s - p + ke)``.
+Output ownership follows the window centre: the rank whose input tile holds
+input ``o s - p + (ke - 1) // 2`` owns output ``o``. So a "same" conv keeps the
+partition, a stride-s layer divides it by s, and a pad followed by a valid conv
+gives the same partition as the padded conv (a residual add lines up).
+
+Each rank fetches exactly its window ``[o0 s - p, (o1 - 1) s - p + ke)`` through
+the halo exchange, pads only where that window leaves the *scene*, and runs the
+op locally with zero padding. Local output count is then exactly ``o1 - o0``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import context
+from ..errors import SPIMError
+from ..halo import halo_exchange
+from ..tensor import SpatialTensor, Spec, register, wrap
+from ..tiling import Partition
+
+
+def _pair(v, name="") -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(a) for a in v)
+    if len(v) == 1:
+        return v[0], v[0]
+    return v
+
+
+def output_partition(part: Partition, n_out: int, ke: int, s: int, p: int, op: str, axis: str) -> Partition:
+    c = (ke - 1) // 2
+    bounds = [0] + [min(max(math.ceil((b + p - c) / s), 0), n_out) for b in part[1:-1]] + [n_out]
+    for i in range(len(bounds) - 1):
+        if bounds[i + 1] <= bounds[i]:
+            raise SPIMError(
+                f"{context.where()}: {op}: the tile in grid {axis} {i} (input {axis}s {part[i]}:{part[i + 1]}) "
+                f"owns no output {axis}s (output size {n_out}, stride {s}); tiles are too small for this "
+                f"network: use fewer ranks along this axis or a larger scene"
+            )
+    return tuple(bounds)
+
+
+def needs(out_part: Partition, ke: int, s: int, p: int) -> tuple[tuple[int, int], ...]:
+    return tuple((o0 * s - p, (o1 - 1) * s - p + ke) for o0, o1 in zip(out_part[:-1], out_part[1:]))
+
+
+def conv_out(n: int, ke: int, s: int, p_total: int) -> int:
+    return (n + p_total - ke) // s + 1
+
+
+def pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    ke = d * (k - 1) + 1
+    num = n + 2 * p - ke + ((s - 1) if ceil_mode else 0)
+    out = num // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _check_nchw(x: SpatialTensor, op: str) -> None:
+    if x._spec.dims != (x.dim() - 2, x.dim() - 1):
+        raise context.unsupported(op, f"sharded dims {x._spec.dims} are not the last two (NCHW layout expected)")
+
+
+def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pad_value=0.0):
+    """Fetch each rank's input window and pad at the scene border.
+
+    Returns (extended local input, output Spec, per-axis (o0, o1))."""
+    _check_nchw(x, op)
+    spec = x._spec
+    outs = []
+    for a, part in enumerate((spec.rows, spec.cols)):
+        outs.append(output_partition(part, n_out[a], ke[a], s[a], p[a], op, ("row", "col")[a]))
+    need_r, need_c = needs(outs[0], ke[0], s[0], p[0]), needs(outs[1], ke[1], s[1], p[1])
+    ext = halo_exchange(x._local, spec.mesh, spec.rows, spec.cols, need_r, need_c, spec.dims, op)
+    r, c = spec.mesh.coord
+    (lo_r, hi_r), (lo_c, hi_c) = need_r[r], need_c[c]
+    H, W = spec.global_hw
+    pads = (max(0, -lo_c), max(0, hi_c - W), max(0, -lo_r), max(0, hi_r - H))
+    if any(pads):
+        if pad_mode == "constant":
+            ext = F.pad(ext, pads, value=pad_value)
+        else:
+            for side, n_have in ((pads[:2], ext.shape[-1]), (pads[2:], ext.shape[-2])):
+                if max(side) >= n_have and pad_mode == "reflect":
+                    raise SPIMError(f"{context.where()}: {op}: reflect padding of {max(side)} needs a tile larger than that")
+            ext = F.pad(ext, pads, mode=pad_mode)
+    out_spec = Spec(spec.mesh, spec.dims, outs[0], outs[1])
+    ranges = ((outs[0][r], outs[0][r + 1]), (outs[1][c], outs[1][c + 1]))
+    return ext, out_spec, ranges
+
+
+@register(F.conv2d)
+def _conv2d(func, args, kwargs):
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x, weight = a["input"], a["weight"]
+    if not isinstance(x, SpatialTensor) or isinstance(weight, SpatialTensor):
+        raise context.unsupported("conv2d", "a sharded weight")
+    s, d = _pair(a.get("stride", 1)), _pair(a.get("dilation", 1))
+    k = tuple(weight.shape[-2:])
+    ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
+    padding = a.get("padding", 0)
+    if padding == "valid":
+        pb, pt = (0, 0), (0, 0)
+    elif padding == "same":
+        if s != (1, 1):
+            raise context.unsupported("conv2d", "padding='same' with stride > 1")
+        pb = tuple((ke[i] - 1) // 2 for i in range(2))
+        pt = tuple(ke[i] - 1 for i in range(2))
+    else:
+        pb = _pair(padding)
+        pt = (2 * pb[0], 2 * pb[1])
+    H, W = x._spec.global_hw
+    n_out = (conv_out(H, ke[0], s[0], pt[0]), conv_out(W, ke[1], s[1], pt[1]))
+    if min(n_out) < 1:
+        raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
+    ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out)
+    out = F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1))
+    return wrap(out, spec)
+
+
+@register(F.max_pool2d, torch.max_pool2d, getattr(F, "max_pool2d_with_indices", None))
+def _max_pool2d(func, args, kwargs):
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    if a.get("return_indices") or func is getattr(F, "max_pool2d_with_indices", None):
+        raise context.unsupported("max_pool2d", "return_indices=True (indices would be tile-local)")
+    x = a["input"]
+    k = _pair(a["kernel_size"])
+    s = _pair(a.get("stride") or k)
+    p, d = _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
+    ceil = bool(a.get("ceil_mode", False))
+    H, W = x._spec.global_hw
+    n_out = (pool_out(H, k[0], s[0], p[0], d[0], ceil), pool_out(W, k[1], s[1], p[1], d[1], ceil))
+    ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
+    ext, spec, _ = windowed(x, "max_pool2d", ke, s, p, n_out, pad_value=float("-inf"))
+    return wrap(F.max_pool2d(ext, k, s, 0, d, False), spec)
+
+
+def _avg_divisor(o0, o1, n, k, s, p, include_pad, device, dtype):
+    o = torch.arange(o0, o1, device=device, dtype=torch.float64)
+    start = o * s - p
+    end = torch.clamp(start + k, max=n + p)
+    if include_pad:
+        cnt = end - start
+    else:
+        cnt = torch.clamp(end, max=n) - torch.clamp(start, min=0)
+    return cnt.to(dtype)
+
+
+@register(F.avg_pool2d, torch._C._nn.avg_pool2d)
+def _avg_pool2d(func, args, kwargs):
+    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x = a["input"]
+    k = _pair(a["kernel_size"])
+    s = _pair(a.get("stride") or k)
+    p = _pair(a.get("padding", 0))
+    ceil = bool(a.get("ceil_mode", False))
+    include_pad = a.get("count_include_pad", True)
+    H, W = x._spec.global_hw
+    n_out = (pool_out(H, k[0], s[0], p[0], 1, ceil), pool_out(W, k[1], s[1], p[1], 1, ceil))
+    ext, spec, ((r0, r1), (c0, c1)) = windowed(x, "avg_pool2d", k, s, p, n_out)
+    total = F.avg_pool2d(ext, k, s, 0, False, True, 1)
+    if a.get("divisor_override"):
+        return wrap(total / a["divisor_override"], spec)
+    dh = _avg_divisor(r0, r1, H, k[0], s[0], p[0], include_pad, ext.device, ext.dtype)
+    dw = _avg_divisor(c0, c1, W, k[1], s[1], p[1], include_pad, ext.device, ext.dtype)
+    return wrap(total / (dh[:, None] * dw[None, :]), spec)
+
+
+@register(F.conv_transpose2d)
+def _conv_transpose2d(func, args, kwargs):
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x, w = a["input"], a["weight"]
+    k = tuple(w.shape[-2:])
+    s = _pair(a.get("stride", 1))
+    if (s != k or _pair(a.get("padding", 0)) != (0, 0) or _pair(a.get("output_padding", 0)) != (0, 0)
+            or _pair(a.get("dilation", 1)) != (1, 1)):
+        raise context.unsupported(
+            "conv_transpose2d", f"only stride == kernel, padding 0, output_padding 0, dilation 1 is exact "
+            f"without overlap (got kernel {k}, stride {s})"
+        )
+    _check_nchw(x, "conv_transpose2d")
+    out = F.conv_transpose2d(x._local, w, a.get("bias"), s, 0, 0, a.get("groups", 1), 1)
+    spec = x._spec
+    return wrap(out, Spec(spec.mesh, spec.dims, tuple(b * s[0] for b in spec.rows), tuple(b * s[1] for b in spec.cols)))
+
+
+@register(F.pad, torch._C._nn.pad if hasattr(torch._C._nn, "pad") else None)
+def _pad(func, args, kwargs):
+    names = ("input", "pad", "mode", "value")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x, pad = a["input"], list(a["pad"])
+    mode = a.get("mode", "constant") or "constant"
+    value = a.get("value", None)
+    if mode == "circular":
+        raise context.unsupported("pad", "mode 'circular' (the scene does not wrap around)")
+    spec = x._spec
+    nd = x.dim()
+    # pad lists pairs from the last dim backwards
+    per_dim = {nd - 1 - i: (pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)}
+    if any(v < 0 for pr in per_dim.values() for v in pr):
+        raise context.unsupported("pad", "negative padding (cropping) of a sharded tensor")
+    r, c = spec.mesh.coord
+    ph, pw = spec.mesh.grid
+    local_pad = []
+    for i in range(len(pad) // 2):
+        dim = nd - 1 - i
+        before, after = per_dim[dim]
+        if dim == spec.dims[0]:
+            before, after = (before if r == 0 else 0), (after if r == ph - 1 else 0)
+        elif dim == spec.dims[1]:
+            before, after = (before if c == 0 else 0), (after if c == pw - 1 else 0)
+        elif mode != "constant":
+            raise context.unsupported("pad", f"mode '{mode}' on a non-sharded dim")
+        local_pad += [before, after]
+
+    def shifted(part, before, after):
+        return (0,) + tuple(b + before for b in part[1:-1]) + (part[-1] + before + after,)
+
+    rows = shifted(spec.rows, *per_dim.get(spec.dims[0], (0, 0)))
+    cols = shifted(spec.cols, *per_dim.get(spec.dims[1], (0, 0)))
+    loc = x._local
+    if mode == "reflect" and any(local_pad):
+        for dim, (b, e) in ((spec.dims[0], local_pad[2 * (nd - 1 - spec.dims[0]):][:2]),
+                            (spec.dims[1], local_pad[2 * (nd - 1 - spec.dims[1]):][:2])):
+            if max(b, e) >= loc.shape[dim]:
+                raise SPIMError(f"{context.where()}: pad: reflect padding of {max(b, e)} needs a tile larger than that")
+    out = F.pad(loc, local_pad, mode=mode, value=value) if mode == "constant" else F.pad(loc, local_pad, mode=mode)
+    return wrap(out, Spec(spec.mesh, spec.dims, rows, cols))

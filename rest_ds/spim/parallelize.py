@@ -1,0 +1,132 @@
+"""``parallelize(model, mesh)``: make an unmodified single-device model spatially parallel.
+
+The model is changed in place (its parameters, buffers and state-dict keys stay
+as they were, so checkpoints are interchangeable with the single-device model)
+and returned:
+
+* a forward pre-hook on the root turns the first positional tensor argument, this
+  rank's tile of the scene, into a :class:`SpatialTensor` (the tile sizes of all
+  sp ranks are exchanged and validated);
+* every op inside then runs through SPIM's rules (halo exchange, global
+  statistics, ...) or is refused by name;
+* modules that SPIM knows it cannot run exactly are refused up front, naming the
+  module.
+
+Gradients: a loss computed through SPIM ops has the same value on every sp rank.
+After ``loss.backward()`` on every rank, :func:`average_gradients` (or a
+data-parallel wrapper that averages over all ``dp x sp`` ranks, such as
+DeepSpeed) turns the per-rank gradients into the exact single-device gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import context
+from .comm import _STATS, _phase
+from .errors import SPIMUnsupportedError
+from .mesh import SpatialMesh
+from .sharding import from_local
+from .tensor import SpatialTensor
+
+# Modules SPIM refuses outright: their result depends on the whole scene in a
+# way no local rule reproduces (or they would run a second, conflicting sync).
+_REFUSED: dict[type, str] = {
+    nn.SyncBatchNorm: "SyncBatchNorm synchronises over its own process group; use BatchNorm2d "
+                      "(SPIM computes whole-scene statistics over the sp group)",
+    nn.AdaptiveMaxPool2d: "adaptive max pooling to bins is not implemented exactly",
+    nn.FractionalMaxPool2d: "random pooling regions are not reproducible across tiles",
+    nn.LPPool2d: "LP pooling is not implemented exactly",
+    nn.Unfold: "unfold mixes the sharded dims into channels",
+    nn.Fold: "fold mixes the sharded dims into channels",
+    nn.PixelShuffle: "pixel shuffle is not implemented",
+    nn.PixelUnshuffle: "pixel unshuffle is not implemented",
+    nn.LocalResponseNorm: "local response norm is not implemented",
+}
+
+
+def _check_module(name: str, m: nn.Module) -> None:
+    where = f"module '{name or '<root>'}' ({type(m).__name__})"
+    for t, why in _REFUSED.items():
+        if isinstance(m, t):
+            raise SPIMUnsupportedError(f"{where}: not supported by SPIM: {why}")
+    if isinstance(m, nn.Conv2d) and m.padding_mode == "circular":
+        raise SPIMUnsupportedError(f"{where}: not supported by SPIM: padding_mode='circular' (the scene does not wrap around)")
+    if isinstance(m, nn.ConvTranspose2d):
+        k, s = tuple(m.kernel_size), tuple(m.stride)
+        if k != s or tuple(m.padding) != (0, 0) or tuple(m.output_padding) != (0, 0) or tuple(m.dilation) != (1, 1):
+            raise SPIMUnsupportedError(
+                f"{where}: not supported by SPIM: ConvTranspose2d is exact only with stride == kernel, "
+                f"padding 0 (got kernel {k}, stride {s}, padding {tuple(m.padding)})")
+    if isinstance(m, nn.MaxPool2d) and m.return_indices:
+        raise SPIMUnsupportedError(f"{where}: not supported by SPIM: MaxPool2d(return_indices=True)")
+
+
+def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
+                dims: tuple[int, int] = (-2, -1)) -> nn.Module:
+    """Make ``model`` run spatially parallel over ``mesh``'s sp group; returns ``model``.
+
+    Call it on every rank with identical models. Afterwards ``model(tile)``
+    takes this rank's tile (``dims`` are its row/col dims; interior tile borders
+    on multiples of ``align``) or a :class:`SpatialTensor`, and returns
+    SpatialTensors for per-pixel outputs and plain replicated tensors for
+    global ones. Raises :class:`SPIMUnsupportedError` naming the first module
+    SPIM cannot run exactly."""
+    from . import ops  # noqa: F401  (registers the op rules)
+
+    if getattr(model, "_spim_mesh", None) is not None:
+        raise SPIMUnsupportedError("parallelize: this model is already parallelized")
+    for name, m in model.named_modules():
+        _check_module(name, m)
+
+    def root_pre_hook(mod, args, kwargs):
+        context.reset()
+        context.push("", type(mod).__name__)
+        args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, SpatialTensor):
+                break
+            if isinstance(a, torch.Tensor):
+                args[i] = from_local(a, mesh, dims=dims, align=align)
+                break
+        return tuple(args), kwargs
+
+    def pre(name):
+        def hook(mod, args):
+            context.push(name, type(mod).__name__)
+        return hook
+
+    def post(mod, args, out):
+        context.pop()
+
+    handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
+               model.register_forward_hook(post)]
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post))
+    model._spim_mesh = mesh
+    model._spim_handles = handles
+    return model
+
+
+def average_gradients(model: nn.Module, mesh: SpatialMesh | None = None) -> None:
+    """Average parameter gradients over the sp group (one bucketed all-reduce).
+
+    Use after ``loss.backward()`` when no data-parallel wrapper does it: the result
+    equals the single-device gradient of the whole scene."""
+    mesh = mesh or getattr(model, "_spim_mesh", None)
+    if mesh is None or mesh.sp == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    _STATS.record("all_reduce", 2 * (mesh.sp - 1) / mesh.sp * flat.numel() * flat.element_size(), _phase())
+    dist.all_reduce(flat, group=mesh.sp_group)
+    flat /= mesh.sp
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()

@@ -1,0 +1,113 @@
+"""Moving between whole tensors, local tiles and SpatialTensors."""
+from __future__ import annotations
+
+import torch
+
+from .comm import all_gather_object, all_reduce_
+from .errors import SPIMError
+from .mesh import SpatialMesh
+from .tensor import SpatialTensor, Spec
+from .tiling import Partition, TileLayout, check_aligned, partition_from_sizes
+
+
+def _norm_dims(dims, ndim):
+    return tuple(d % ndim for d in dims)
+
+
+def shard(x: torch.Tensor, mesh: SpatialMesh, layout: TileLayout | None = None,
+          dims: tuple[int, int] = (-2, -1), align: int = 1) -> SpatialTensor:
+    """This rank's tile of a whole tensor ``x`` that every sp rank holds.
+
+    ``layout`` defaults to the even aligned split of ``x``'s ``dims`` over the
+    mesh grid. Differentiable: the gradient reaching ``x`` is this tile's part
+    (partial, see comm.py)."""
+    dims = _norm_dims(dims, x.dim())
+    if layout is None:
+        layout = TileLayout.even(x.shape[dims[0]], x.shape[dims[1]], mesh.grid, align)
+    if layout.shape != (x.shape[dims[0]], x.shape[dims[1]]):
+        raise SPIMError(f"layout {layout.shape} does not match the tensor's spatial shape "
+                        f"{(x.shape[dims[0]], x.shape[dims[1]])}")
+    if layout.grid != mesh.grid:
+        raise SPIMError(f"layout grid {layout.grid} does not match the mesh grid {mesh.grid}")
+    rs, cs = layout.tile(*mesh.coord)
+    loc = x.narrow(dims[0], rs.start, rs.stop - rs.start).narrow(dims[1], cs.start, cs.stop - cs.start)
+    return SpatialTensor(loc, Spec(mesh, dims, layout.rows, layout.cols))
+
+
+def from_local(t: torch.Tensor, mesh: SpatialMesh, dims: tuple[int, int] = (-2, -1), align: int = 1,
+               layout: TileLayout | None = None) -> SpatialTensor:
+    """Wrap this rank's tile ``t``; tile sizes are exchanged over the sp group.
+
+    All ranks must call it. Raises the same :class:`SPIMError` on every rank when
+    the tiles do not form a grid: ranks of one grid row must share a height,
+    ranks of one grid column a width, and every other dim must be equal."""
+    dims = _norm_dims(dims, t.dim())
+    if layout is not None:
+        return SpatialTensor(t, Spec(mesh, dims, layout.rows, layout.cols))
+    shapes = all_gather_object(tuple(t.shape), mesh)
+    ph, pw = mesh.grid
+    problems = []
+    for i, s in enumerate(shapes):
+        if len(s) != len(shapes[0]):
+            problems.append(f"sp rank {i} has a {len(s)}-d tile, sp rank 0 a {len(shapes[0])}-d tile")
+            continue
+        for d in range(len(s)):
+            if d not in dims and s[d] != shapes[0][d]:
+                problems.append(f"sp rank {i} has size {s[d]} on dim {d}, sp rank 0 has {shapes[0][d]}")
+    if not problems:
+        heights = [shapes[r * pw][dims[0]] for r in range(ph)]
+        widths = [shapes[c][dims[1]] for c in range(pw)]
+        for i, s in enumerate(shapes):
+            r, c = divmod(i, pw)
+            if s[dims[0]] != heights[r] or s[dims[1]] != widths[c]:
+                problems.append(f"sp rank {i} (grid {r},{c}) has a {s[dims[0]]}x{s[dims[1]]} tile, but its row "
+                                f"has height {heights[r]} and its column width {widths[c]}")
+        if min(heights + widths) < 1:
+            problems.append("a tile is empty")
+    if problems:
+        raise SPIMError("local tiles do not form a grid: " + "; ".join(problems[:4]))
+    rows, cols = partition_from_sizes(heights), partition_from_sizes(widths)
+    if align > 1:
+        check_aligned(rows, align, "row tile")
+        check_aligned(cols, align, "column tile")
+    return SpatialTensor(t, Spec(mesh, dims, rows, cols))
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loc, spec: Spec):
+        from .comm import all_gather_padded
+
+        ctx.spec = spec
+        mesh = spec.mesh
+        tiles = all_gather_padded(loc, mesh)
+        ph, pw = mesh.grid
+        rows = []
+        for r in range(ph):
+            rows.append(torch.cat(tiles[r * pw:(r + 1) * pw], dim=spec.dims[1]))
+        return torch.cat(rows, dim=spec.dims[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        spec = ctx.spec
+        g = all_reduce_(g.contiguous().clone(), spec.mesh)
+        (r0, r1), (c0, c1) = spec.row_range, spec.col_range
+        return g.narrow(spec.dims[0], r0, r1 - r0).narrow(spec.dims[1], c0, c1 - c0), None
+
+
+def gather(x: SpatialTensor) -> torch.Tensor:
+    """The whole tensor on every sp rank (differentiable). Needs memory for the
+    whole tensor: for checks and small outputs, not for whole-scene features."""
+    if not isinstance(x, SpatialTensor):
+        return x
+    if x.mesh.sp == 1:
+        return x._local
+    return _Gather.apply(x._local.contiguous(), x._spec)
+
+
+def to_local(x):
+    """The local tile of a SpatialTensor (plain tensors are returned as they are)."""
+    return x._local if isinstance(x, SpatialTensor) else x
+
+
+__all__ = ["shard", "from_local", "gather", "to_local", "Partition"]

@@ -1,0 +1,266 @@
+"""``SpatialTensor``: a tensor sharded over the sp grid along two of its dims.
+
+Why a tensor subclass (and not module replacement): third-party forward methods
+compute sizes from ``x.shape`` and call functionals (``F.interpolate(size=...)``,
+``F.adaptive_avg_pool2d``, ``x.mean((2, 3))``). A tensor that reports its *global*
+shape lets that code run unmodified and still mean what it meant on one device,
+and every torch call on it passes through ``__torch_function__``, where SPIM
+either runs the op exactly (local compute plus the exchange the op needs) or
+refuses it by name. Nothing is silently computed on a tile as if the tile were
+the scene. (PhysicsNeMo's ShardTensor takes the same route.)
+
+The subclass is a wrapper: it owns no storage, its ``shape`` is the global shape
+and ``_local`` holds this rank's tile as an ordinary tensor. Autograd runs on
+the local tensors; the wrapper never reaches the dispatcher.
+
+Contract of a handler: ``handler(func, args, kwargs)`` receives the original
+arguments (SpatialTensors included), computes on ``_local`` tensors only, and
+returns plain tensors (replicated results) or SpatialTensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from . import context
+from .errors import SPIMError
+from .mesh import SpatialMesh
+from .tiling import Partition
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Sharding of one tensor: ``dims`` = (row dim, col dim), non-negative;
+    ``rows``/``cols`` = global partitions over the grid of ``mesh``."""
+
+    mesh: SpatialMesh
+    dims: tuple[int, int]
+    rows: Partition
+    cols: Partition
+
+    @property
+    def global_hw(self) -> tuple[int, int]:
+        return self.rows[-1], self.cols[-1]
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        r = self.mesh.coord[0]
+        return self.rows[r], self.rows[r + 1]
+
+    @property
+    def col_range(self) -> tuple[int, int]:
+        c = self.mesh.coord[1]
+        return self.cols[c], self.cols[c + 1]
+
+    def with_dims(self, dims) -> "Spec":
+        return replace(self, dims=(int(dims[0]), int(dims[1])))
+
+    def same_layout(self, other: "Spec") -> bool:
+        return self.dims == other.dims and self.rows == other.rows and self.cols == other.cols
+
+
+_HANDLERS: dict[Callable, Callable] = {}
+_GETSET: dict[str, Callable] = {}
+
+
+def register(*funcs):
+    """Register a handler for one or more torch callables (missing ones skipped)."""
+
+    def deco(fn):
+        for f in funcs:
+            if f is not None:
+                _HANDLERS[f] = fn
+        return fn
+
+    return deco
+
+
+def funcs_named(*names: str, owners=None) -> list:
+    """``torch.X``, ``torch.Tensor.X``, ``F.X``, ``torch.special.X`` for each name that exists."""
+    owners = owners or (torch, torch.Tensor, torch.nn.functional, torch.special, torch._C._nn)
+    out = []
+    for n in names:
+        for o in owners:
+            f = getattr(o, n, None)
+            if f is not None and callable(f):
+                out.append(f)
+    return out
+
+
+def op_name(func) -> str:
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    name = getattr(func, "__name__", repr(func))
+    if owner is not None and hasattr(owner, "__name__"):
+        return f"{owner.__name__}.{name}"
+    mod = getattr(func, "__module__", None) or "torch"
+    return f"{mod}.{name}"
+
+
+class SpatialTensor(torch.Tensor):
+    """A tensor whose dims ``spec.dims`` are split over the sp grid."""
+
+    _local: torch.Tensor
+    _spec: Spec
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, spec: Spec):
+        shape = list(local.shape)
+        shape[spec.dims[0]], shape[spec.dims[1]] = spec.global_hw
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=local.dtype, device=local.device, requires_grad=False
+        )
+        r._local = local
+        r._spec = spec
+        return r
+
+    def __init__(self, local: torch.Tensor, spec: Spec):
+        pass
+
+    # --- public API -------------------------------------------------------
+    def to_local(self) -> torch.Tensor:
+        """This rank's tile (differentiable: gradients flow back to the tile)."""
+        return self._local
+
+    @property
+    def spec(self) -> Spec:
+        return self._spec
+
+    @property
+    def mesh(self) -> SpatialMesh:
+        return self._spec.mesh
+
+    # --- dispatch ---------------------------------------------------------
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise context.unsupported(
+            str(func), "it reached the dispatcher without a SPIM rule (operate on .to_local() "
+            "explicitly if you mean the tile)"
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        owner = getattr(func, "__self__", None)
+        if owner is not None and type(owner).__name__ == "getset_descriptor":
+            getter = _GETSET.get(owner.__name__)
+            if getter is None:
+                raise context.unsupported(f"attribute Tensor.{owner.__name__}", "no SPIM rule for this attribute")
+            return getter(args[0], owner)
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            raise context.unsupported(
+                op_name(func),
+                "no exact sharded rule for this op on a spatially sharded tensor "
+                "(use rest_ds.spim.gather() or .to_local() explicitly if you know what the tile means)",
+            )
+        return handler(func, args, kwargs)
+
+    def __repr__(self, *, tensor_contents=None):  # noqa: D105
+        s = self._spec
+        return (
+            f"SpatialTensor(global_shape={tuple(self.shape)}, dims={s.dims}, grid={s.mesh.grid}, "
+            f"tile rows {s.row_range} cols {s.col_range}, local=\n{self._local!r})"
+        )
+
+
+def is_spatial(x) -> bool:
+    return isinstance(x, SpatialTensor)
+
+
+def local(x):
+    return x._local if isinstance(x, SpatialTensor) else x
+
+
+def wrap(t: torch.Tensor, spec: Spec) -> SpatialTensor:
+    return SpatialTensor(t, spec)
+
+
+def tree_local(obj):
+    if isinstance(obj, SpatialTensor):
+        return obj._local
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_local(o) for o in obj) if not hasattr(obj, "_fields") else type(obj)(*[tree_local(o) for o in obj])
+    if isinstance(obj, dict):
+        return {k: tree_local(v) for k, v in obj.items()}
+    return obj
+
+
+def first_spatial(args, kwargs=None) -> SpatialTensor:
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, SpatialTensor):
+            return a
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, SpatialTensor):
+                    return b
+    raise SPIMError("internal: no SpatialTensor among the arguments")
+
+
+# --- attribute getters -----------------------------------------------------
+def _global_attr(x, desc):
+    with torch._C.DisableTorchFunctionSubclass():
+        return desc.__get__(x)
+
+
+def _local_attr(x, desc):
+    return desc.__get__(x._local)
+
+
+for _n in ("shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_cpu", "is_sparse", "is_quantized",
+           "is_meta", "is_mps", "is_xpu", "is_nested", "is_mkldnn", "names", "itemsize", "nbytes"):
+    _GETSET[_n] = _global_attr
+for _n in ("requires_grad", "grad_fn", "is_leaf", "grad", "_version", "output_nr", "_base", "retains_grad"):
+    _GETSET[_n] = _local_attr
+
+
+def _set_requires_grad(x, desc):  # pragma: no cover - setter goes through __set__, not here
+    raise SPIMError("set requires_grad on the local tile")
+
+
+@register(torch.Tensor.size)
+def _size(func, args, kwargs):
+    x = args[0]
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.Tensor.size(x, *args[1:], **kwargs)
+
+
+@register(torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.numel, torch.Tensor.nelement,
+          torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
+          torch.Tensor.get_device, torch.numel, torch.is_floating_point, torch.is_complex,
+          torch.Tensor.__len__, torch.Tensor.__hash__)
+def _global_meta(func, args, kwargs):
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+@register(torch.Tensor.is_contiguous, torch.Tensor.data_ptr, torch.Tensor.stride, torch.Tensor.storage_offset,
+          torch.Tensor.register_hook, torch.Tensor.retain_grad, torch.is_grad_enabled)
+def _local_meta(func, args, kwargs):
+    return func(*tree_local(args), **tree_local(kwargs))
+
+
+@register(torch.Tensor.__format__)
+def _format(func, args, kwargs):
+    return repr(args[0]) if not args[1] else format(args[0]._local, args[1])
+
+
+@register(torch.Tensor.__repr__, torch.Tensor.__str__)
+def _repr(func, args, kwargs):
+    return SpatialTensor.__repr__(args[0])
+
+
+@register(torch.Tensor.backward)
+def _backward(func, args, kwargs):
+    x = args[0]
+    grad = args[1] if len(args) > 1 else kwargs.pop("gradient", None)
+    if grad is None and x._local.numel() != 1:
+        raise SPIMError("backward() of a non-scalar SpatialTensor needs a gradient")
+    return torch.Tensor.backward(x._local, local(grad), *args[2:], **kwargs)
+
+
+@register(torch.Tensor.requires_grad_)
+def _requires_grad_(func, args, kwargs):
+    args[0]._local.requires_grad_(*args[1:], **kwargs)
+    return args[0]
