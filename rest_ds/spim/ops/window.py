@@ -69,6 +69,12 @@ def _check_nchw(x: SpatialTensor, op: str) -> None:
         raise context.unsupported(op, f"sharded dims {x._spec.dims} are not the last two (NCHW layout expected)")
 
 
+def check_pool_padding(k, p, op: str) -> None:
+    """torch's own rule, checked up front so the sharded op refuses what torch refuses."""
+    if any(p[i] > k[i] // 2 for i in range(2)):
+        raise SPIMError(f"{context.where()}: {op}: padding {p} must be at most half of the kernel size {k}")
+
+
 def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pad_value=0.0):
     """Fetch each rank's input window and pad at the scene border.
 
@@ -140,6 +146,7 @@ def _max_pool2d(func, args, kwargs):
     s = _pair(a.get("stride") or k)
     p, d = _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
     ceil = bool(a.get("ceil_mode", False))
+    check_pool_padding(k, p, "max_pool2d")
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], d[0], ceil), pool_out(W, k[1], s[1], p[1], d[1], ceil))
     ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
@@ -169,6 +176,7 @@ def _avg_pool2d(func, args, kwargs):
     p = _pair(a.get("padding", 0))
     ceil = bool(a.get("ceil_mode", False))
     include_pad = a.get("count_include_pad", True)
+    check_pool_padding(k, p, "avg_pool2d")
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], 1, ceil), pool_out(W, k[1], s[1], p[1], 1, ceil))
     ext, spec, ((r0, r1), (c0, c1)) = windowed(x, "avg_pool2d", k, s, p, n_out)

@@ -1,0 +1,159 @@
+"""Every windowed / elementwise / reduction rule on uneven tiles of six grids,
+compared with one process: output, input grad, parameter grads (1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rest_ds.spim import SpatialMesh, TileLayout
+from rest_ds.spim.spawn import spawn
+from rest_ds.spim.verify import compare_sharded
+
+TOL = 1e-5
+H, W = 30, 34
+
+# Uneven partitions per grid side (rows of H=30, cols of W=34).
+ROWS = {1: (0, 30), 2: (0, 13, 30), 3: (0, 9, 20, 30)}
+COLS = {1: (0, 34), 2: (0, 19, 34), 3: (0, 10, 21, 34)}
+GRIDS = [(1, 2), (2, 1), (2, 2), (1, 3), (2, 3), (3, 2)]
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        y = self.body(x)
+        y += x  # in-place add on a sharded tensor
+        return F.relu(y, inplace=True)
+
+
+class PlainOperand(nn.Module):
+    """Elementwise ops with replicated operands: per-channel, and full-scene-size."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.field = nn.Parameter(torch.randn(1, 1, H, W))
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x) * self.scale + self.field
+        y = torch.sigmoid(y) - 0.5 * torch.tanh(y)
+        return torch.cat([y, y.permute(0, 1, 3, 2).transpose(2, 3)[:, :2]], dim=1).clamp(-1, 1)
+
+
+class GlobalReductions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.fc = nn.Linear(15, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        pooled = torch.cat([y.mean((2, 3)), y.amax(dim=(-2, -1)), y.std(dim=(2, 3))], dim=1)
+        return self.fc(pooled), y.sum(), y.var(), y.mean(1)
+
+
+def _seq(*mods):
+    return lambda: nn.Sequential(*mods)
+
+
+CASES = {
+    "conv3_same": lambda: nn.Conv2d(3, 6, 3, padding=1),
+    "conv1x1_nobias": lambda: nn.Conv2d(3, 6, 1, bias=False),
+    "conv5_valid": lambda: nn.Conv2d(3, 4, 5),
+    "conv7_s2_p3": lambda: nn.Conv2d(3, 4, 7, stride=2, padding=3),
+    "conv3_s2_p0": lambda: nn.Conv2d(3, 4, 3, stride=2),
+    "conv4_s4_stem": lambda: nn.Conv2d(3, 4, 4, stride=4),
+    "conv2_s2": lambda: nn.Conv2d(3, 4, 2, stride=2),
+    "conv3_dil2": lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2),
+    "conv_rect_pad": lambda: nn.Conv2d(3, 4, (3, 5), padding=(2, 1)),
+    "conv_same_even": lambda: nn.Conv2d(3, 4, 4, padding="same"),
+    "conv_same_even_dil": lambda: nn.Conv2d(3, 4, (2, 4), padding="same", dilation=(3, 1)),
+    "conv_groups": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    "conv_depthwise7": lambda: nn.Conv2d(4, 4, 7, padding=3, groups=4),
+    "conv_reflect": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    "conv_replicate_s2": lambda: nn.Conv2d(3, 4, 5, stride=2, padding=2, padding_mode="replicate"),
+    "pad_asym_then_conv": lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 2, 0)), nn.Conv2d(3, 4, 3, stride=1)),
+    "maxpool_k2": lambda: nn.MaxPool2d(2),
+    "maxpool_k3_s2_p1": lambda: nn.MaxPool2d(3, 2, 1),
+    "maxpool_ceil": lambda: nn.MaxPool2d(3, 2, 0, ceil_mode=True),
+    "maxpool_dil": lambda: nn.MaxPool2d(3, 1, 1, dilation=2),
+    "avgpool_incl": lambda: nn.AvgPool2d(3, 2, 1),
+    "avgpool_excl": lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+    "avgpool_ceil": lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+    "avgpool_ceil_incl": lambda: nn.AvgPool2d(2, 3, 1, ceil_mode=True),
+    "avgpool_divisor": lambda: nn.AvgPool2d(3, 1, 1, divisor_override=5),
+    "convtranspose_2": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 3, 2, 2)),
+    "residual": lambda: Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))),
+    "plain_operands": PlainOperand,
+    "global_reductions": GlobalReductions,
+    "stack": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(8, 8, 3, 1, 1), nn.GELU(), nn.Conv2d(8, 8, 1), nn.Dropout(0.0), nn.Conv2d(8, 4, 3, 2, 1)),
+}
+CHANNELS = {"conv_groups": 4, "conv_depthwise7": 4}
+
+
+def _rank(grid):
+    mesh = SpatialMesh.build(grid=grid)
+    layout = TileLayout(ROWS[grid[0]], COLS[grid[1]])
+    out = {}
+    for name, factory in CASES.items():
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(2, CHANNELS.get(name, 3), H, W, generator=gen)
+        rep = compare_sharded(factory, x, mesh, layout, train=True, step=True)
+        out[name] = (rep.errors, rep.refused)
+    return out
+
+
+_RESULTS: dict = {}
+
+
+def _results(grid):
+    if grid not in _RESULTS:
+        _RESULTS[grid] = spawn(_rank, grid[0] * grid[1], grid)[0]
+    return _RESULTS[grid]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_exact(grid, case):
+    errors, refused = _results(grid)[case]
+    assert refused is None, refused
+    assert errors, "no quantity was compared"
+    assert any(k.startswith("grad ") for k in errors) or case.startswith(("maxpool", "avgpool")), errors
+    bad = {k: v for k, v in errors.items() if not v <= TOL}
+    assert not bad, f"{case} on {grid}: {bad}"
+
+
+def _halo_rank(grid, B, C):
+    from rest_ds.spim import comm_stats, parallelize, shard
+
+    mesh = SpatialMesh.build(grid=grid)
+    layout = TileLayout(ROWS[grid[0]], COLS[grid[1]])
+    torch.manual_seed(0)
+    model = parallelize(nn.Conv2d(C, C, 3, padding=1), mesh)
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    comm_stats().reset()
+    y = model(shard(x, mesh, layout))
+    y.to_local().sum().backward()
+    return dict(comm_stats().by_phase)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("grid", [(2, 3), (3, 2)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_halo_bytes_match_analytic_volume(grid):
+    """A 3x3 'same' conv moves one row/column per interior border and direction,
+    plus one pixel per corner pair: exactly that, forward and backward."""
+    B, C = 2, 5
+    per_rank = spawn(_halo_rank, grid[0] * grid[1], grid, B, C)
+    ph, pw = grid
+    analytic = B * C * 4 * (2 * W * (ph - 1) + 2 * H * (pw - 1) + 4 * (ph - 1) * (pw - 1))
+    assert sum(r[("halo", "forward")] for r in per_rank) == analytic
+    assert sum(r[("halo", "backward")] for r in per_rank) == analytic
