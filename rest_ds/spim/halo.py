@@ -114,7 +114,7 @@ def _exchange(send_items, recv_items, mesh, kind_bytes_phase):
             req.wait()
 
 
-def _assemble(pieces: dict, plan: _Plan, dims) -> torch.Tensor:
+def assemble(pieces: dict, dims) -> torch.Tensor:
     """Cat the pieces (keyed by (rows, cols)) into the extended tensor, row band by row band."""
     keys = sorted(pieces, key=lambda k: (k[0][0], k[1][0]))
     bands = []
@@ -124,41 +124,59 @@ def _assemble(pieces: dict, plan: _Plan, dims) -> torch.Tensor:
     return torch.cat(bands, dim=dims[0]) if len(bands) > 1 else bands[0]
 
 
+def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
+    """Send my pieces to the neighbours that need them, receive theirs.
+    Returns {(rows, cols): tensor} covering this rank's window (own piece included)."""
+    sends = [(dst, _slice(x, dims, plan.origin, rr, cc).contiguous()) for dst, rr, cc in plan.send]
+    pieces, recvs = {}, []
+    for src, rr, cc in plan.recv:
+        shape = list(x.shape)
+        shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
+        buf = x.new_empty(shape)
+        pieces[(rr, cc)] = buf
+        recvs.append((src, buf))
+    _exchange(sends, recvs, mesh, "forward")
+    if plan.own is not None:
+        pieces[plan.own] = _slice(x, dims, plan.origin, *plan.own)
+    return pieces
+
+
+def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape) -> torch.Tensor:
+    """Backward of :func:`fetch` + assembly: ``g`` is the gradient of the window;
+    halo parts go back to their owners, which add them to their tile gradient."""
+    base = (plan.ext[0][0], plan.ext[1][0])
+    sends = [(src, _slice(g, dims, base, rr, cc).contiguous()) for src, rr, cc in plan.recv]
+    recvs = []
+    for dst, rr, cc in plan.send:
+        shape = list(g.shape)
+        shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
+        recvs.append((dst, g.new_empty(shape), rr, cc))
+    _exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+    gx = g.new_zeros(x_shape)
+    if plan.own is not None:
+        _slice(gx, dims, plan.origin, *plan.own).add_(_slice(g, dims, base, *plan.own))
+    for _, buf, rr, cc in recvs:
+        _slice(gx, dims, plan.origin, rr, cc).add_(buf)
+    return gx
+
+
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, plan, dims):
         ctx.mesh, ctx.plan, ctx.dims, ctx.shape = mesh, plan, dims, x.shape
-        sends = [(dst, _slice(x, dims, plan.origin, rr, cc).contiguous()) for dst, rr, cc in plan.send]
-        pieces, recvs = {}, []
-        for src, rr, cc in plan.recv:
-            shape = list(x.shape)
-            shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
-            buf = x.new_empty(shape)
-            pieces[(rr, cc)] = buf
-            recvs.append((src, buf))
-        _exchange(sends, recvs, mesh, "forward")
-        if plan.own is not None:
-            pieces[plan.own] = _slice(x, dims, plan.origin, *plan.own)
-        return _assemble(pieces, plan, dims).contiguous()
+        return assemble(fetch(x, mesh, plan, dims), dims).contiguous()
 
     @staticmethod
     def backward(ctx, g):
-        plan, dims, mesh = ctx.plan, ctx.dims, ctx.mesh
-        base = (plan.ext[0][0], plan.ext[1][0])
-        # halo gradients go back to the ranks the halo came from
-        sends = [(src, _slice(g, dims, base, rr, cc).contiguous()) for src, rr, cc in plan.recv]
-        recvs = []
-        for dst, rr, cc in plan.send:
-            shape = list(g.shape)
-            shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
-            recvs.append((dst, g.new_empty(shape), rr, cc))
-        _exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
-        gx = g.new_zeros(ctx.shape)
-        if plan.own is not None:
-            _slice(gx, dims, plan.origin, *plan.own).add_(_slice(g, dims, base, *plan.own))
-        for _, buf, rr, cc in recvs:
-            _slice(gx, dims, plan.origin, rr, cc).add_(buf)
-        return gx, None, None, None
+        return return_grads(g, ctx.mesh, ctx.plan, ctx.dims, ctx.shape), None, None, None
+
+
+def make_plan(mesh: SpatialMesh, rows: Partition, cols: Partition, need_rows: tuple[Range, ...],
+              need_cols: tuple[Range, ...], op: str) -> _Plan:
+    """Validate the needs (same error on every rank) and plan this rank's exchange."""
+    check_needs(rows, need_rows, "row", op)
+    check_needs(cols, need_cols, "col", op)
+    return _Plan(mesh, rows, cols, need_rows, need_cols)
 
 
 def halo_exchange(
@@ -176,10 +194,8 @@ def halo_exchange(
     ``x`` is this rank's local tile (``dims`` are its row and column dims,
     laid out by ``rows``/``cols``). The caller pads the parts of ``need`` that lie
     outside the scene. Differentiable."""
-    check_needs(rows, need_rows, "row", op)
-    check_needs(cols, need_cols, "col", op)
     dims = tuple(d % x.dim() for d in dims)
-    plan = _Plan(mesh, rows, cols, need_rows, need_cols)
+    plan = make_plan(mesh, rows, cols, need_rows, need_cols, op)
     if mesh.sp == 1 or (not plan.send and not plan.recv):
         return _slice(x, dims, plan.origin, *plan.own)
     return _HaloExchange.apply(x, mesh, plan, dims)

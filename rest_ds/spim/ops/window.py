@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import halo_exchange
+from ..halo import assemble, fetch, halo_exchange, make_plan, return_grads
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -75,21 +75,32 @@ def check_pool_padding(k, p, op: str) -> None:
         raise SPIMError(f"{context.where()}: {op}: padding {p} must be at most half of the kernel size {k}")
 
 
-def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pad_value=0.0):
-    """Fetch each rank's input window and pad at the scene border.
-
-    Returns (extended local input, output Spec, per-axis (o0, o1))."""
+def window_plan(x: SpatialTensor, op: str, ke, s, p, n_out):
+    """Output partition, this rank's exchange plan and scene-border pads (l, r, t, b)."""
     _check_nchw(x, op)
     spec = x._spec
-    outs = []
-    for a, part in enumerate((spec.rows, spec.cols)):
-        outs.append(output_partition(part, n_out[a], ke[a], s[a], p[a], op, ("row", "col")[a]))
+    outs = [output_partition(part, n_out[a], ke[a], s[a], p[a], op, ("row", "col")[a])
+            for a, part in enumerate((spec.rows, spec.cols))]
     need_r, need_c = needs(outs[0], ke[0], s[0], p[0]), needs(outs[1], ke[1], s[1], p[1])
-    ext = halo_exchange(x._local, spec.mesh, spec.rows, spec.cols, need_r, need_c, spec.dims, op)
+    plan = make_plan(spec.mesh, spec.rows, spec.cols, need_r, need_c, op)
     r, c = spec.mesh.coord
     (lo_r, hi_r), (lo_c, hi_c) = need_r[r], need_c[c]
     H, W = spec.global_hw
     pads = (max(0, -lo_c), max(0, hi_c - W), max(0, -lo_r), max(0, hi_r - H))
+    out_spec = Spec(spec.mesh, spec.dims, outs[0], outs[1])
+    ranges = ((outs[0][r], outs[0][r + 1]), (outs[1][c], outs[1][c + 1]))
+    return plan, pads, out_spec, ranges
+
+
+def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pad_value=0.0):
+    """Fetch each rank's input window and pad at the scene border.
+
+    Returns (extended local input, output Spec, per-axis (o0, o1))."""
+    plan, pads, out_spec, ranges = window_plan(x, op, ke, s, p, n_out)
+    spec = x._spec
+    ext = halo_exchange(x._local, spec.mesh, spec.rows, spec.cols,
+                        needs(out_spec.rows, ke[0], s[0], p[0]), needs(out_spec.cols, ke[1], s[1], p[1]),
+                        spec.dims, op)
     if any(pads):
         if pad_mode == "constant":
             ext = F.pad(ext, pads, value=pad_value)
@@ -98,9 +109,50 @@ def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pa
                 if max(side) >= n_have and pad_mode == "reflect":
                     raise SPIMError(f"{context.where()}: {op}: reflect padding of {max(side)} needs a tile larger than that")
             ext = F.pad(ext, pads, mode=pad_mode)
-    out_spec = Spec(spec.mesh, spec.dims, outs[0], outs[1])
-    ranges = ((outs[0][r], outs[0][r + 1]), (outs[1][c], outs[1][c + 1]))
     return ext, out_spec, ranges
+
+
+class _HaloConv2d(torch.autograd.Function):
+    """conv2d over the halo-extended tile that does not keep the extended copy:
+    it saves the tile (usually alive anyway as the previous op's output) and the
+    small received halos, and rebuilds the window in backward. Peak memory per
+    rank then stays that of a plain conv on the tile."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mesh, plan, pads, stride, dilation, groups):
+        dims = (x.dim() - 2, x.dim() - 1)
+        pieces = fetch(x, mesh, plan, dims)
+        ext = assemble(pieces, dims)
+        if any(pads):
+            ext = F.pad(ext, pads)
+        out = F.conv2d(ext, weight, bias, stride, 0, dilation, groups)
+        halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
+        ctx.save_for_backward(x, weight, *halos)
+        ctx.cfg = (mesh, plan, pads, stride, dilation, groups, bias is not None, dims)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, *halos = ctx.saved_tensors
+        mesh, plan, pads, stride, dilation, groups, has_bias, dims = ctx.cfg
+        pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
+        if plan.own is not None:
+            base = plan.origin
+            pieces[plan.own] = x.narrow(dims[0], plan.own[0][0] - base[0], plan.own[0][1] - plan.own[0][0]).narrow(
+                dims[1], plan.own[1][0] - base[1], plan.own[1][1] - plan.own[1][0])
+        ext = assemble(pieces, dims)
+        if any(pads):
+            ext = F.pad(ext, pads)
+        need_x = ctx.needs_input_grad[0]
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            g.contiguous(), ext, weight, [weight.shape[0]] if has_bias else None, list(stride), [0, 0],
+            list(dilation), False, [0, 0], groups, [need_x, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+        gx = None
+        if need_x:
+            l, r, t, b = pads
+            gi = gi[..., t:gi.shape[-2] - b, l:gi.shape[-1] - r]
+            gx = return_grads(gi, mesh, plan, dims, x.shape)
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 @register(F.conv2d)
@@ -129,8 +181,11 @@ def _conv2d(func, args, kwargs):
     n_out = (conv_out(H, ke[0], s[0], pt[0]), conv_out(W, ke[1], s[1], pt[1]))
     if min(n_out) < 1:
         raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
-    ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out)
-    out = F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1))
+    plan, pads, spec, _ = window_plan(x, "conv2d", ke, s, pb, n_out)
+    if x.mesh.sp == 1 or isinstance(a.get("bias"), SpatialTensor):
+        ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out)
+        return wrap(F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1)), spec)
+    out = _HaloConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, pads, s, d, a.get("groups", 1))
     return wrap(out, spec)
 
 
