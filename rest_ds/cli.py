@@ -1,0 +1,313 @@
+"""The ``rest-ds`` command line.
+
+``rest-ds verify TARGET --input-shape B,C,H,W --grid PHxPW`` runs a model
+factory on ``PH x PW`` gloo ranks under SPIM and in one process on the same
+input, and reports the relative error of every output, the input gradient and
+every parameter gradient (with ``--train`` also every parameter and buffer after
+one SGD step).
+
+Exit status: 0 all checks within ``--tol``; 1 some check above it; 2 bad input
+(unloadable target, malformed option, tiles too small, a rank that raised) or a
+model that SPIM refuses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+# --- argument types ------------------------------------------------------------
+def parse_grid(text: str) -> tuple[int, int]:
+    """``'2x3'`` -> ``(2, 3)`` (rows x columns of tiles, each >= 1)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        ph, pw = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not PHxPW (rows x columns of tiles, e.g. 2x2 or 1x3)") from None
+    if ph < 1 or pw < 1:
+        raise argparse.ArgumentTypeError(f"grid '{text}' must have at least one row and one column of tiles")
+    return ph, pw
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``'2,3,256,256'`` -> ``(2, 3, 256, 256)`` (B, C, H, W; all >= 1)."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not B,C,H,W (four integers, e.g. 2,3,256,256)") from None
+    if min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"input shape '{text}' must be positive in every dim")
+    return shape  # type: ignore[return-value]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 1")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0")
+    return v
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# --- verify ----------------------------------------------------------------------
+VERIFY_DESCRIPTION = """\
+Check that a model runs EXACTLY under SPIM.
+
+TARGET is a factory returning an nn.Module, given as 'package.module:factory'
+(e.g. rest_ds.models.zoo:resnet18_upernet) or 'path/to/file.py:factory'.
+The factory is called with no arguments on every rank (weights are then
+broadcast so every rank and the reference hold the same ones).
+
+PHxPW gloo CPU ranks are started. Each builds the model, parallelizes it, runs
+its tile of one random input (seeded by --seed) and back-propagates a fixed
+random linear loss of the outputs; sp rank 0 also runs the unmodified model on
+the whole input in one process. Reported per line: the relative error
+max|sharded - single| / max|single| of each output, of the input gradient, of
+every parameter gradient and every buffer, and with --train of every parameter
+after one SGD step (lr 0.1). Then the bytes sp rank 0 sent, per collective kind.
+
+Exit status: 0 every error <= --tol; 1 some error above --tol; 2 the model is
+refused by SPIM (the message names the module and op), or bad input (target
+not loadable, malformed option, tiles too small, a rank raised)."""
+
+VERIFY_EPILOG = """\
+examples:
+  rest-ds verify rest_ds.models.zoo:resnet18_upernet --input-shape 2,3,256,256 --grid 2x2 --train
+  rest-ds verify my_models.py:build --input-shape 1,6,97,131 --grid 1x3 --json report.json"""
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify", help="check that a model computes the same output and gradients under SPIM as in one process",
+        description=VERIFY_DESCRIPTION, epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", metavar="TARGET", help="model factory: 'package.module:factory' or 'path/to/file.py:factory'")
+    p.add_argument("--input-shape", required=True, type=parse_shape, metavar="B,C,H,W",
+                   help="shape of the whole (unsharded) random input, e.g. 2,3,256,256")
+    p.add_argument("--grid", required=True, type=parse_grid, metavar="PHxPW",
+                   help="tile grid: PH rows x PW columns of ranks (PH*PW gloo processes), e.g. 2x2 or 1x3")
+    p.add_argument("--train", action="store_true",
+                   help="train mode (batch statistics in BatchNorm, dropout active) and compare the "
+                        "parameters and buffers after one SGD step")
+    p.add_argument("--tol", type=_nonneg_float, default=1e-5,
+                   help="largest relative error that passes (default: %(default)g)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the input and the loss (default: %(default)s)")
+    p.add_argument("--align", type=_positive_int, default=1, metavar="A",
+                   help="tile borders on multiples of A input pixels; use the network's total stride "
+                        "(e.g. 32 for ResNet + UPerNet) (default: %(default)s)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
+    p.add_argument("--timeout", type=_positive_int, default=600, metavar="SECONDS",
+                   help="kill the ranks after this many seconds (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of a failing rank")
+    p.set_defaults(func=cmd_verify)
+
+
+def _resolve_target(target: str) -> str:
+    """Absolute file path for 'file.py:factory' targets, so ranks find the file whatever their cwd."""
+    if ":" not in target:
+        return target
+    mod, fn = target.rsplit(":", 1)
+    if mod.endswith(".py") or "/" in mod:
+        return f"{Path(mod).resolve()}:{fn}"
+    return target
+
+
+def _fmt_err(v: float) -> str:
+    return f"{v:.3e}" if math.isfinite(v) else str(v)
+
+
+def _jsonable(v: float):
+    return v if math.isfinite(v) else str(v)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    # A 'package.module' target that lives in the current directory should load as
+    # with 'python -m'; the ranks' forkserver inherits sys.path from here.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from .spim.errors import SPIMError
+    from .spim.spawn import RankError
+    from .spim.tiling import TileLayout
+    from .spim.verify import load_factory, verify
+
+    target = _resolve_target(args.target)
+    try:
+        load_factory(target)
+    except SPIMError as e:
+        return _fail(_one_line(e))
+    except Exception as e:  # an import error, a syntax error in the user's file, ...
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        return _fail(f"cannot load '{args.target}': {type(e).__name__}: {_one_line(e)}")
+
+    if args.json is not None and args.json.is_dir():
+        return _fail(f"--json {args.json} is a directory")
+    B, C, H, W = args.input_shape
+    ph, pw = args.grid
+    try:
+        layout = TileLayout.even(H, W, (ph, pw), args.align)
+    except SPIMError as e:
+        return _fail(_one_line(e))
+
+    print(f"verify {args.target}: input {B}x{C}x{H}x{W}, grid {ph}x{pw} ({ph * pw} gloo ranks), "
+          f"{'train' if args.train else 'eval'} mode, tile rows {list(layout.rows)} cols {list(layout.cols)}",
+          flush=True)
+    t0 = time.monotonic()
+    try:
+        report = verify(target, (B, C, H, W), (ph, pw), train=args.train, seed=args.seed, align=args.align,
+                        timeout_s=args.timeout)
+    except RankError as e:
+        if args.debug and e.tb:
+            print(e.tb, file=sys.stderr)
+        who = f"rank {e.rank}" if e.rank >= 0 else "ranks"
+        return _fail(f"{who}: {e.exc_type}: {_one_line(e.message)}")
+    elapsed = time.monotonic() - t0
+
+    if report.refused is not None:
+        print(f"REFUSED: {report.refused}")
+        _write_json(args, report, elapsed, status="refused")
+        return EXIT_USAGE
+
+    tol = args.tol
+    errors = report.errors
+    width = max([len(k) for k in errors] + [len("check")])
+    print(f"{'check':<{width}}  {'rel. error':>10}  result")
+    print(f"{'-' * width}  {'-' * 10}  ------")
+    for name, v in errors.items():
+        print(f"{name:<{width}}  {_fmt_err(v):>10}  {'PASS' if v <= tol else 'FAIL'}")
+    print()
+    print("bytes sent by sp rank 0 (forward + backward + gradient average):")
+    if report.comm_bytes:
+        for kind, n in sorted(report.comm_bytes.items()):
+            print(f"  {kind:<12} {human_bytes(n):>10}")
+        print(f"  {'total':<12} {human_bytes(sum(report.comm_bytes.values())):>10}")
+    else:
+        print("  none")
+    print()
+    fails = report.failures(tol)
+    if not errors:
+        print(f"FAIL: nothing was compared (the model produced no tensor output) [{elapsed:.1f} s]")
+        _write_json(args, report, elapsed, status="fail")
+        return EXIT_MISMATCH
+    worst = max(errors, key=lambda k: errors[k] if math.isfinite(errors[k]) else math.inf)
+    if fails:
+        print(f"FAIL: {len(fails)} of {len(errors)} checks above tol {tol:g} "
+              f"(max error {_fmt_err(errors[worst])} at '{worst}') [{elapsed:.1f} s]")
+        _write_json(args, report, elapsed, status="fail")
+        return EXIT_MISMATCH
+    print(f"PASS: all {len(errors)} checks <= tol {tol:g} (max error {_fmt_err(errors[worst])} at '{worst}') "
+          f"[{elapsed:.1f} s]")
+    _write_json(args, report, elapsed, status="pass")
+    return EXIT_OK
+
+
+def _write_json(args, report, elapsed: float, status: str) -> None:
+    if args.json is None:
+        return
+    data = {
+        "target": args.target,
+        "input_shape": list(args.input_shape),
+        "grid": list(args.grid),
+        "train": args.train,
+        "tol": args.tol,
+        "seed": args.seed,
+        "align": args.align,
+        "status": status,
+        "refused": report.refused,
+        "layout": {"rows": list(report.layout[0]), "cols": list(report.layout[1])} if report.layout else None,
+        "errors": {k: _jsonable(v) for k, v in report.errors.items()},
+        "failures": sorted(report.failures(args.tol)) if report.refused is None else [],
+        "comm_bytes": dict(report.comm_bytes),
+        "seconds": round(elapsed, 3),
+    }
+    try:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as e:
+        print(f"error: cannot write the JSON report to '{args.json}': {e.strerror or e}", file=sys.stderr)
+
+
+# --- entry point -------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rest-ds",
+        description="rest_ds: whole-scene remote-sensing segmentation with SPIM, exact spatial parallelism "
+                    "over a grid of tiles.",
+        epilog="run 'rest-ds COMMAND --help' for the options of a command",
+    )
+    parser.add_argument("--version", action="version", version=f"rest-ds {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+    _add_verify(sub)
+    from .data import cli as data_cli
+
+    data_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""``rest-ds verify`` end to end, as a user runs it: a subprocess on small
+factories written to files, checking the table, the JSON report and the exit
+status (0 exact, 1 not exact, 2 refused or bad input). Checks of the exit
+status alone call ``rest_ds.cli.main`` in this process, which saves starting
+Python and torch again."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.down(self.stem(x))))
+
+
+    def conv_bn():
+        return Net()
+
+
+    def with_dropout():
+        # Dropout masks differ per tile and from the single-process run: not exact.
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(p=0.5), nn.Conv2d(4, 2, 1))
+
+
+    def pixel_shuffle():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PixelShuffle(2))
+
+
+    def big_kernel():
+        return nn.Conv2d(3, 4, 7, padding=3)
+
+
+    NOT_A_FACTORY = 3
+""")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "models.py"
+    path.write_text(MODELS)
+    return path
+
+
+def rest_ds(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "rest_ds", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+def _show(p) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+
+
+def rest_ds_inproc(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``rest_ds.cli.main`` in this process (no ranks are started for bad input): fast."""
+    from rest_ds.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["rest-ds", *args], code, out, err)
+
+
+@pytest.mark.timeout(600)
+def test_exact_model_passes_and_writes_json(models, tmp_path):
+    out = tmp_path / "report.json"
+    # Relative file target from another cwd, train mode, uneven 1x3 column tiles (31 = 11 + 10 + 10).
+    p = rest_ds("verify", f"{models.name}:conv_bn", "--input-shape", "2,3,16,31", "--grid", "1x3", "--train",
+                "--json", str(out), cwd=models.parent)
+    assert p.returncode == 0, _show(p)
+    assert "input grad" in p.stdout and "PASS:" in p.stdout and "FAIL" not in p.stdout, _show(p)
+    for name in ("output[0]", "grad stem.0.weight", "grad head.bias", "param after step down.weight",
+                 "buffer stem.1.running_mean", "buffer stem.1.running_var"):
+        assert name in p.stdout, _show(p)
+    assert "halo" in p.stdout and "all_reduce" in p.stdout, _show(p)  # the byte table
+    report = json.loads(out.read_text())
+    assert report["status"] == "pass" and report["grid"] == [1, 3] and report["refused"] is None
+    assert report["layout"]["cols"] == [0, 11, 21, 31]
+    assert report["failures"] == []
+    assert all(isinstance(v, float) and v <= 1e-5 for v in report["errors"].values()), report["errors"]
+    assert report["comm_bytes"]["halo"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_inexact_model_fails_with_exit_1(models):
+    p = rest_ds("verify", f"{models}:with_dropout", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train")
+    assert p.returncode == 1, _show(p)
+    assert "FAIL" in p.stdout and "output[0]" in p.stdout, _show(p)
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.timeout(600)
+def test_tolerance_is_applied(models, capsys):
+    # The same dropout model passes only when the tolerance is absurdly large:
+    # the exit status follows --tol, not a fixed threshold.
+    p = rest_ds_inproc(capsys, "verify", f"{models}:with_dropout", "--input-shape", "1,3,8,8", "--grid", "1x2",
+                       "--train", "--tol", "1e9")
+    assert p.returncode == 0, _show(p)
+
+
+@pytest.mark.timeout(600)
+def test_refused_model_exits_2_naming_the_module(models):
+    p = rest_ds("verify", f"{models}:pixel_shuffle", "--input-shape", "2,3,32,32", "--grid", "1x2")
+    assert p.returncode == 2, _show(p)
+    assert "PixelShuffle" in p.stdout and "module '1'" in p.stdout, _show(p)
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.timeout(600)
+def test_failing_rank_is_one_line_error(models, capsys):
+    # 7x7 kernel on tiles of 2 rows: the halo reaches past the neighbouring tiles.
+    p = rest_ds_inproc(capsys, "verify", f"{models}:big_kernel", "--input-shape", "1,3,6,12", "--grid", "3x1")
+    assert p.returncode == 2, _show(p)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank") and "SPIMError" in lines[0], _show(p)
+    assert "halo" in lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--input-shape", "2,3,32,32", "--grid", "2x"], "--grid"),
+    (["--input-shape", "2,3,32,32", "--grid", "0x2"], "--grid"),
+    (["--input-shape", "2,3,64", "--grid", "1x2"], "--input-shape"),
+    (["--input-shape", "2,3,a,32", "--grid", "1x2"], "--input-shape"),
+    (["--input-shape", "2,3,32,32"], "--grid"),
+    (["--input-shape", "2,3,1,32", "--grid", "2x1"], "cannot split"),
+    (["--input-shape", "2,3,32,32", "--grid", "1x2", "--align", "32"], "cannot split"),
+])
+def test_malformed_arguments_exit_2(models, capsys, args, needle):
+    p = rest_ds_inproc(capsys, "verify", f"{models}:conv_bn", *args)
+    assert p.returncode == 2, _show(p)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], _show(p)
+    assert p.stdout == "" and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("{models}", "must be"),                       # no ':factory'
+    ("{models}:missing", "no callable 'missing'"),
+    ("{models}:NOT_A_FACTORY", "no callable"),
+    ("{models}x.py:conv_bn", "does not exist"),
+    ("no_such_module_xyz:build", "No module named"),
+])
+def test_bad_target_exits_2(models, capsys, target, needle):
+    p = rest_ds_inproc(capsys, "verify", target.format(models=models), "--input-shape", "1,3,8,8", "--grid", "1x2")
+    assert p.returncode == 2, _show(p)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], _show(p)
+
+
+def test_malformed_arguments_subprocess():
+    # The same check through the real entry point: one line on stderr, no traceback.
+    p = rest_ds("verify", "x.py:f", "--input-shape", "2,3,64", "--grid", "1x2")
+    assert p.returncode == 2 and p.stdout == "", _show(p)
+    assert p.stderr.count("\n") == 1 and "--input-shape" in p.stderr, _show(p)
+
+
+def test_help_lists_commands():
+    p = rest_ds("--help")
+    assert p.returncode == 0 and "verify" in p.stdout, _show(p)
+    p = rest_ds("verify", "--help")
+    assert p.returncode == 0, _show(p)
+    for opt in ("--input-shape", "--grid", "--train", "--tol", "--seed", "--align", "--json", "Exit status"):
+        assert opt in p.stdout
+    p = rest_ds()
+    assert p.returncode == 2 and "verify" in p.stdout
