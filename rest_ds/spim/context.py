@@ -10,6 +10,16 @@ from .errors import SPIMUnsupportedError
 
 _STACK: list[tuple[str, str]] = []
 
+# Per-forward settings of the parallelized model being run (set by its root pre-hook).
+settings: dict = {"attention": "auto"}
+
+# Partitions of the sharded tensors created in the current forward, keyed by
+# (axis 0=rows/1=cols, number of tiles, global size); first one wins. Resampling
+# reuses them so that an upsampled map lines up with the map of that size it is
+# added to or concatenated with (ops/resample.py). Built from global
+# information only, so identical on every rank.
+_LAYOUTS: dict[tuple[int, int, int], tuple[int, ...]] = {}
+
 
 def push(path: str, type_name: str) -> None:
     _STACK.append((path, type_name))
@@ -22,6 +32,18 @@ def pop() -> None:
 
 def reset() -> None:
     _STACK.clear()
+    _LAYOUTS.clear()
+
+
+def note_layout(rows: tuple[int, ...], cols: tuple[int, ...]) -> None:
+    """Record the row and column partitions of a sharded tensor."""
+    _LAYOUTS.setdefault((0, len(rows) - 1, rows[-1]), rows)
+    _LAYOUTS.setdefault((1, len(cols) - 1, cols[-1]), cols)
+
+
+def layout_for(axis: int, parts: int, size: int) -> tuple[int, ...] | None:
+    """The partition of a sharded tensor of global ``size`` along ``axis`` seen so far, or None."""
+    return _LAYOUTS.get((axis, parts, size))
 
 
 def where() -> str:

@@ -27,6 +27,7 @@ from . import context
 from .comm import _STATS, _phase
 from .errors import SPIMUnsupportedError
 from .mesh import SpatialMesh
+from .rng import SharedRandomness, SharedRNG
 from .sharding import from_local
 from .tensor import SpatialTensor
 
@@ -64,24 +65,34 @@ def _check_module(name: str, m: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
-                dims: tuple[int, int] = (-2, -1)) -> nn.Module:
+                dims: tuple[int, int] = (-2, -1), attention: str = "auto",
+                rng_seed: int | None = None) -> nn.Module:
     """Make ``model`` run spatially parallel over ``mesh``'s sp group; returns ``model``.
 
     Call it on every rank with identical models. Afterwards ``model(tile)``
     takes this rank's tile (``dims`` are its row/col dims; interior tile borders
     on multiples of ``align``) or a :class:`SpatialTensor`, and returns
     SpatialTensors for per-pixel outputs and plain replicated tensors for
-    global ones. Raises :class:`SPIMUnsupportedError` naming the first module
+    global ones. ``attention`` picks the sequence-parallel attention algorithm
+    ('auto': Ulysses when heads % sp == 0, else all-gather of K/V; or
+    'ulysses' / 'allgather'). Random ops on replicated tensors (DropPath
+    decisions) draw from a stream shared by the sp group, seeded with
+    ``rng_seed`` (default: sp rank 0's ``torch.initial_seed()``) plus the dp
+    index (rng.py). Raises :class:`SPIMUnsupportedError` naming the first module
     SPIM cannot run exactly."""
     from . import ops  # noqa: F401  (registers the op rules)
 
     if getattr(model, "_spim_mesh", None) is not None:
         raise SPIMUnsupportedError("parallelize: this model is already parallelized")
+    from .attention import choose_algorithm
+
+    choose_algorithm(mesh.sp, mesh, attention)  # validates the name
     for name, m in model.named_modules():
         _check_module(name, m)
 
     def root_pre_hook(mod, args, kwargs):
         context.reset()
+        context.settings["attention"] = attention
         context.push("", type(mod).__name__)
         args = list(args)
         for i, a in enumerate(args):
@@ -106,9 +117,33 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post))
+    # replicated -> sharded resampling (PPM, image pooling); see ops/resample.py
+    handles += ops.resample.routing_hooks(model, mesh)
+    handles += _shared_rng_hooks(model, mesh, rng_seed)
     model._spim_mesh = mesh
     model._spim_handles = handles
     return model
+
+
+def _shared_rng_hooks(model: nn.Module, mesh: SpatialMesh, seed: int | None) -> list:
+    if seed is None:
+        box = [torch.initial_seed() % (2 ** 62)]
+        if mesh.sp > 1:
+            dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
+        seed = box[0]
+    rng = SharedRNG(seed + 1_000_003 * mesh.dp_index)
+    active: list[SharedRandomness] = []
+
+    def pre(mod, args):
+        mode = SharedRandomness(rng)
+        mode.__enter__()
+        active.append(mode)
+
+    def post(mod, args, out):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    return [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
 
 
 def average_gradients(model: nn.Module, mesh: SpatialMesh | None = None) -> None:

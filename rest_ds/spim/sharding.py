@@ -82,16 +82,31 @@ class _Gather(torch.autograd.Function):
         mesh = spec.mesh
         tiles = all_gather_padded(loc, mesh)
         ph, pw = mesh.grid
-        rows = []
-        for r in range(ph):
-            rows.append(torch.cat(tiles[r * pw:(r + 1) * pw], dim=spec.dims[1]))
-        return torch.cat(rows, dim=spec.dims[0])
+        if spec.is_tokens:  # tokens of each tile back to (h, w), then the global row-major order
+            t = spec.dims[0]
+            head = loc.narrow(t, 0, spec.prefix)
+            tiles = [tile.narrow(t, spec.prefix, tile.shape[t] - spec.prefix) for tile in tiles]
+            tiles = [tile.unflatten(t, (spec.rows[i // pw + 1] - spec.rows[i // pw],
+                                        spec.cols[i % pw + 1] - spec.cols[i % pw])) for i, tile in enumerate(tiles)]
+            dims = (t, t + 1)
+        else:
+            dims = spec.dims
+        rows = [torch.cat(tiles[r * pw:(r + 1) * pw], dim=dims[1]) for r in range(ph)]
+        full = torch.cat(rows, dim=dims[0])
+        return torch.cat([head, full.flatten(dims[0], dims[1])], dim=dims[0]) if spec.is_tokens else full
 
     @staticmethod
     def backward(ctx, g):
         spec = ctx.spec
+        partial = g
         g = all_reduce_(g.contiguous().clone(), spec.mesh)
         (r0, r1), (c0, c1) = spec.row_range, spec.col_range
+        if spec.is_tokens:
+            t, k = spec.dims[0], spec.prefix
+            H, W = spec.global_hw
+            tile = g.narrow(t, k, H * W).unflatten(t, (H, W)).narrow(t, r0, r1 - r0).narrow(t + 1, c0, c1 - c0)
+            # prefix tokens are replicated: they keep their partial gradient (comm.py)
+            return torch.cat([partial.narrow(t, 0, k), tile.flatten(t, t + 1)], dim=t), None
         return g.narrow(spec.dims[0], r0, r1 - r0).narrow(spec.dims[1], c0, c1 - c0), None
 
 

@@ -32,13 +32,44 @@ from .tiling import Partition
 
 @dataclass(frozen=True)
 class Spec:
-    """Sharding of one tensor: ``dims`` = (row dim, col dim), non-negative;
-    ``rows``/``cols`` = global partitions over the grid of ``mesh``."""
+    """Sharding of one tensor over the grid of ``mesh``.
+
+    ``rows``/``cols`` are the global partitions of the (pixel or token) grid.
+    ``dims`` says where that grid lives in the tensor:
+
+    * two dims ``(row dim, col dim)``: *grid layout* (an image or feature map);
+    * one dim ``(token dim,)``: *token layout*, the grid flattened row-major
+      (global size ``prefix + H * W``); locally the tile's tokens, row-major
+      within the tile, after ``prefix`` replicated tokens (class/register
+      tokens of a ViT), which every rank holds and computes identically.
+    """
 
     mesh: SpatialMesh
-    dims: tuple[int, int]
+    dims: tuple[int, ...]
     rows: Partition
     cols: Partition
+    prefix: int = 0
+
+    @property
+    def is_tokens(self) -> bool:
+        return len(self.dims) == 1
+
+    def tile_tokens(self, sp_index: int) -> int:
+        """Token count (tile area) of sp rank ``sp_index``."""
+        r, c = divmod(sp_index, self.mesh.grid[1])
+        return (self.rows[r + 1] - self.rows[r]) * (self.cols[c + 1] - self.cols[c])
+
+    def token_counts(self) -> list[int]:
+        return [self.tile_tokens(i) for i in range(self.mesh.sp)]
+
+    def global_sizes(self) -> tuple[int, ...]:
+        """Global sizes of ``dims``."""
+        H, W = self.global_hw
+        return (self.prefix + H * W,) if self.is_tokens else (H, W)
+
+    def local_sizes(self) -> tuple[int, ...]:
+        (r0, r1), (c0, c1) = self.row_range, self.col_range
+        return (self.prefix + (r1 - r0) * (c1 - c0),) if self.is_tokens else (r1 - r0, c1 - c0)
 
     @property
     def global_hw(self) -> tuple[int, int]:
@@ -55,10 +86,11 @@ class Spec:
         return self.cols[c], self.cols[c + 1]
 
     def with_dims(self, dims) -> "Spec":
-        return replace(self, dims=(int(dims[0]), int(dims[1])))
+        return replace(self, dims=tuple(int(d) for d in dims))
 
     def same_layout(self, other: "Spec") -> bool:
-        return self.dims == other.dims and self.rows == other.rows and self.cols == other.cols
+        return (self.dims == other.dims and self.rows == other.rows and self.cols == other.cols
+                and self.prefix == other.prefix)
 
 
 _HANDLERS: dict[Callable, Callable] = {}
@@ -107,12 +139,14 @@ class SpatialTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: Spec):
         shape = list(local.shape)
-        shape[spec.dims[0]], shape[spec.dims[1]] = spec.global_hw
+        for d, n in zip(spec.dims, spec.global_sizes()):
+            shape[d] = n
         r = torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=local.dtype, device=local.device, requires_grad=False
         )
         r._local = local
         r._spec = spec
+        context.note_layout(spec.rows, spec.cols)  # for resampling to this size (ops/resample.py)
         return r
 
     def __init__(self, local: torch.Tensor, spec: Spec):

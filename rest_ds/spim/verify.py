@@ -25,6 +25,7 @@ from .comm import comm_stats
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .parallelize import average_gradients, parallelize
+from .rng import SharedRandomness, SharedRNG
 from .sharding import gather, shard
 from .tensor import SpatialTensor
 from .tiling import TileLayout
@@ -122,7 +123,7 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     report = VerifyReport(grid=mesh.grid, layout=(layout.rows, layout.cols))
     comm_stats().reset()
     try:
-        parallelize(model, mesh, align=align)
+        parallelize(model, mesh, align=align, rng_seed=seed)
         xs = x.detach().clone().requires_grad_(x.is_floating_point())
         out = model(shard(xs, mesh, layout))
         outs = [gather(o) if isinstance(o, SpatialTensor) else o for o in _outputs(out)]
@@ -146,7 +147,8 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     report.comm_bytes = dict(comm_stats().bytes)
     if mesh.sp_index == 0:
         xr = x.detach().clone().requires_grad_(x.is_floating_point())
-        rout = _outputs(ref(xr))
+        with SharedRandomness(SharedRNG(seed)):  # the same DropPath draws as the sharded run
+            rout = _outputs(ref(xr))
         rloss = _loss(rout, seed)
         if isinstance(rloss, torch.Tensor):
             rloss.backward()

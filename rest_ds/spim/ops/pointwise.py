@@ -50,6 +50,19 @@ def align_plain(p: torch.Tensor, ndim: int, spec: Spec, op: str) -> torch.Tensor
     lead = ndim - p.dim()
     (r0, r1), (c0, c1) = spec.row_range, spec.col_range
     H, W = spec.global_hw
+    if spec.is_tokens:
+        pd = spec.dims[0] - lead
+        if pd < 0 or p.shape[pd] == 1:
+            return p
+        k = spec.prefix
+        if p.shape[pd] != k + H * W:
+            raise context.unsupported(
+                op, f"operand of shape {tuple(p.shape)} does not broadcast against the global shape "
+                f"({k} + {H * W} tokens on dim {spec.dims[0]})")
+        # the prefix tokens, then the tile's tokens in the tile's row-major order
+        grid = p.narrow(pd, k, H * W).unflatten(pd, (H, W))
+        tile = grid.narrow(pd, r0, r1 - r0).narrow(pd + 1, c0, c1 - c0).flatten(pd, pd + 1)
+        return torch.cat([p.narrow(pd, 0, k), tile], dim=pd) if k else tile
     for d, (lo, hi, n) in zip(spec.dims, ((r0, r1, H), (c0, c1, W))):
         pd = d - lead
         if pd < 0 or p.shape[pd] == 1:

@@ -70,7 +70,10 @@ def _reduce(func, args, kwargs):
         if isinstance(out, tuple):  # max/min with dim: (values, indices)
             return type(out)(*[wrap(o, x._spec.with_dims(tuple(shift(d) for d in x._spec.dims))) for o in out])
         return wrap(out, x._spec.with_dims(tuple(shift(d) for d in x._spec.dims)))
-    if len(spatial) == 1:
+    if x._spec.is_tokens and x._spec.prefix:
+        raise context.unsupported(op_name(func), "reducing over a token dim that holds prefix tokens "
+                                  "(strip them first, e.g. x[:, prefix:])")
+    if spatial != set(x._spec.dims):
         raise context.unsupported(op_name(func), f"reducing over only one of the sharded dims {x._spec.dims}")
     mesh = x._spec.mesh
     t = x._local if dtype is None else x._local.to(dtype)

@@ -1,1 +1,330 @@
-"""(being written)"""
+"""Resampling: ``F.interpolate`` (and ``nn.Upsample``) on sharded and replicated inputs.
+
+Every mode SPIM runs is separable: output pixel ``o`` along an axis is
+``sum_k w[k, o] * x[idx[k, o]]`` with ``T`` taps (nearest 1, bilinear 2, bicubic
+4, area = the adaptive-pooling bin). The tap vectors are computed for the whole
+*global* axis, exactly as ATen computes them (``UpSample.h``:
+``area_pixel_compute_scale`` / ``area_pixel_compute_source_index``, ``1 /
+scale_factor`` when a scale factor is given and not recomputed, index clamping,
+cubic coefficients with ``A = -0.75``; the CPU kernels' arithmetic in the
+kernels' "opmath" precision). Nearest modes take their indices from torch
+itself (one interpolate of an ``arange`` probe per axis on the input's device),
+so the floor of a float product can never come out differently.
+
+A rank then needs the input window ``[min idx, max idx + 1)`` of its output
+range; since every rank can compute every grid row's window from the global
+tap vectors, the halo exchange knows who needs what. The taps are applied with
+``index_select`` and weights, so autograd gives the backward (halo gradients go
+back through the exchange).
+
+Output partition: the partition of a sharded tensor of the same global size
+seen earlier in this forward (``context.layout_for``), so an upsampled map lines
+up with the map it is added to or concatenated with (FPN, U-Net, UPerNet);
+otherwise the input partition scaled by ``n_out / n_in`` (floor).
+
+Replicated inputs: a plain tensor resampled to the global size of a sharded
+map (UPerNet's PPM and DeepLab's image pooling upsample their pooled bins with
+``size=x.shape[2:]``) must come out sharded like that map so that it can be
+concatenated with it. ``F.interpolate`` on plain tensors never reaches
+``SpatialTensor.__torch_function__``, so ``parallelize`` installs
+:func:`routing_hooks`: during the model's forward a ``TorchFunctionMode`` sees
+``F.interpolate`` calls whose inputs are all plain; when both requested output
+sizes equal the global sizes of sharded tensors seen in this forward, each rank
+computes just its tile of the result (its taps index the replicated input
+directly; the input's gradient is then this tile's part, convention P in
+comm.py). Any other plain call runs unchanged. The routed result has the same
+values as the plain one, only distributed, so a later op either runs exactly or
+refuses by name.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .. import context
+from ..errors import SPIMError
+from ..halo import check_needs, halo_exchange
+from ..tensor import SpatialTensor, Spec, register, wrap
+from ..tiling import Partition
+from .norm import bind_args
+
+_NAMES = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+_DEFAULTS = {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+             "recompute_scale_factor": None, "antialias": False}
+MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+
+
+# --- per-axis taps (global) --------------------------------------------------
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _area_scale(n_in: int, n_out: int, align_corners: bool, scale: float | None, dt, device) -> torch.Tensor:
+    if align_corners:
+        if n_out > 1:
+            return torch.tensor(n_in - 1, dtype=dt, device=device) / (n_out - 1)
+        return torch.zeros((), dtype=dt, device=device)
+    if scale is not None and scale > 0:
+        return torch.tensor(1.0 / scale, dtype=torch.float64, device=device).to(dt)
+    return torch.tensor(n_in, dtype=dt, device=device) / n_out
+
+
+def _source_index(scale, n_out, align_corners, cubic, dt, device) -> torch.Tensor:
+    o = torch.arange(n_out, dtype=dt, device=device)
+    if align_corners:
+        return scale * o
+    src = scale * (o + 0.5) - 0.5
+    return src if cubic else torch.clamp(src, min=0)
+
+
+def _cubic_coeffs(t: torch.Tensor) -> list[torch.Tensor]:
+    A = -0.75
+
+    def conv1(x):
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def conv2(x):
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    return [conv2(t + 1.0), conv1(t), conv1(1.0 - t), conv2((1.0 - t) + 1.0)]
+
+
+def axis_taps(n_in: int, n_out: int, mode: str, align_corners: bool, scale: float | None,
+              dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Global taps of one axis: ``idx`` (T, n_out) int64 input indices in
+    ``[0, n_in)`` and ``w`` (T, n_out) weights (None for the nearest modes).
+    ``scale`` is the scale factor handed to ATen (None when the output size is
+    given or the scale is recomputed)."""
+    dt = _opmath(dtype)
+    if mode in ("nearest", "nearest-exact"):
+        probe = torch.arange(n_in, dtype=dt, device=device).view(1, 1, n_in, 1)
+        if scale is not None:
+            out = F.interpolate(probe, scale_factor=(scale, 1.0), mode=mode)
+        else:
+            out = F.interpolate(probe, size=(n_out, 1), mode=mode)
+        idx = out.reshape(1, -1).round().long()
+        if idx.shape[1] != n_out:
+            raise SPIMError(f"internal: nearest probe gave {idx.shape[1]} outputs, expected {n_out}")
+        return idx, None
+    if mode == "area":
+        i = torch.arange(n_out, device=device)
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        length = end - start
+        T = int(length.max().item())
+        k = torch.arange(T, device=device).unsqueeze(1)
+        idx = torch.minimum(start.unsqueeze(0) + k, (end - 1).unsqueeze(0))
+        w = torch.where(k < length.unsqueeze(0), 1.0 / length.to(dt).unsqueeze(0), torch.zeros((), dtype=dt,
+                                                                                                device=device))
+        return idx, w
+    cubic = mode == "bicubic"
+    s = _area_scale(n_in, n_out, align_corners, scale, dt, device)
+    src = _source_index(s, n_out, align_corners, cubic, dt, device)
+    if not cubic:
+        if n_in == n_out:  # ATen copies when the sizes agree, whatever the scale
+            i0 = torch.arange(n_out, device=device)
+            return torch.stack([i0, i0]), torch.stack([torch.ones(n_out, dtype=dt, device=device),
+                                                       torch.zeros(n_out, dtype=dt, device=device)])
+        i0 = torch.clamp(torch.floor(src).long(), max=n_in - 1)
+        lam1 = torch.clamp(src - i0.to(dt), 0, 1)
+        i1 = i0 + (i0 < n_in - 1).long()
+        return torch.stack([i0, i1]), torch.stack([1.0 - lam1, lam1])
+    i0 = torch.floor(src).long()
+    coeffs = _cubic_coeffs(src - i0.to(dt))
+    idx = torch.stack([torch.clamp(i0 - 1 + j, 0, n_in - 1) for j in range(4)])
+    return idx, torch.stack(coeffs)
+
+
+# --- argument parsing (mirrors F.interpolate) -------------------------------
+def parse(shape: tuple[int, ...], a: dict) -> tuple[str, bool, tuple[int, int], tuple[float | None, float | None]]:
+    """(mode, align_corners, global output (H, W), scale per axis handed to ATen)
+    for a 4-D input of global ``shape``; raises torch's ValueError for bad
+    arguments and a refusal for what SPIM does not run."""
+    mode, ac = a["mode"], a["align_corners"]
+    if len(shape) != 4:
+        raise context.unsupported("interpolate", f"a {len(shape)}-D input (only 4-D N, C, H, W is sharded)")
+    if a["antialias"]:
+        raise context.unsupported("interpolate", "antialias=True (its filter support is not implemented exactly)")
+    if mode not in MODES:
+        raise context.unsupported("interpolate", f"mode '{mode}' (SPIM runs {', '.join(MODES)} on 4-D inputs)")
+    if mode in ("nearest", "area", "nearest-exact"):
+        if ac is not None:
+            raise ValueError("align_corners option can only be set with the interpolating modes: "
+                             "linear | bilinear | bicubic | trilinear")
+        ac = False
+    elif ac is None:
+        ac = False
+    size, sf, rsf = a["size"], a["scale_factor"], a["recompute_scale_factor"]
+    n_in = shape[2:]
+    if size is not None and sf is not None:
+        raise ValueError("only one of size or scale_factor should be defined")
+    if size is not None:
+        out = tuple(int(v) for v in size) if isinstance(size, (list, tuple, torch.Size)) else (int(size),) * 2
+        if len(out) != 2:
+            raise ValueError(f"Input and output must have the same number of spatial dimensions, but got input "
+                             f"with spatial dimensions of {list(n_in)} and output size of {size}.")
+        if rsf:
+            raise ValueError("recompute_scale_factor is not meaningful with an explicit size.")
+        scales = (None, None)
+    elif sf is not None:
+        sfs = tuple(float(v) for v in sf) if isinstance(sf, (list, tuple)) else (float(sf),) * 2
+        if len(sfs) != 2:
+            raise ValueError(f"Input and scale_factor must have the same number of spatial dimensions, but got "
+                             f"input with spatial dimensions of {list(n_in)} and scale_factor of shape {sf}.")
+        out = tuple(int(n * s) for n, s in zip(n_in, sfs))  # ATen: int64(input * scale), in double
+        scales = (None, None) if (rsf or mode == "area") else sfs
+    else:
+        raise ValueError("either size or scale_factor should be defined")
+    if min(out) < 1:
+        raise SPIMError(f"{context.where()}: interpolate: output size {out} is empty")
+    return mode, bool(ac), out, scales
+
+
+# --- applying taps ------------------------------------------------------------
+def _apply(t: torch.Tensor, dim: int, idx: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Taps along ``dim`` of ``t``; ``idx``/``w`` are (T, m) with indices into ``t``."""
+    if w is None:
+        return t.index_select(dim, idx[0])
+    view = [1] * t.dim()
+    view[dim] = -1
+    out = None
+    for k in range(idx.shape[0]):
+        term = t.index_select(dim, idx[k]) * w[k].to(t.dtype).view(view)
+        out = term if out is None else out + term
+    return out
+
+
+def _proportional(part: Partition, n_in: int, n_out: int, axis: str) -> Partition:
+    bounds = (0,) + tuple(b * n_out // n_in for b in part[1:-1]) + (n_out,)
+    for i in range(len(bounds) - 1):
+        if bounds[i + 1] <= bounds[i]:
+            raise SPIMError(
+                f"{context.where()}: interpolate: the tile in grid {axis} {i} (input {axis}s {part[i]}:{part[i + 1]}) "
+                f"owns no output {axis}s when {n_in} {axis}s are resampled to {n_out}; use fewer ranks along "
+                f"this axis or a larger scene")
+    return bounds
+
+
+def _needs(out_part: Partition, idx: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    lo = idx.min(0).values
+    hi = idx.max(0).values
+    return tuple((int(lo[a:b].min()), int(hi[a:b].max()) + 1) for a, b in zip(out_part[:-1], out_part[1:]))
+
+
+def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_out: int, idx: torch.Tensor):
+    """(output partition, needs per grid index) for one axis. A registered
+    partition of size ``n_out`` is preferred when its windows fit the halo rule."""
+    name = ("row", "col")[axis]
+    reg = context.layout_for(axis, parts, n_out)
+    if in_part is None:  # replicated input: any partition works, nothing to exchange
+        return reg, None
+    if reg is not None:
+        needs = _needs(reg, idx)
+        try:
+            check_needs(in_part, needs, name, "interpolate")
+            return reg, needs
+        except SPIMError:
+            pass  # e.g. a coincidental size: fall back to the proportional split
+    out_part = _proportional(in_part, n_in, n_out, name)
+    return out_part, _needs(out_part, idx)
+
+
+def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Spec | None,
+              n_in: tuple[int, int]) -> SpatialTensor:
+    """Sharded result of resampling: ``x_local`` is this rank's tile (``in_spec``)
+    or, with ``in_spec`` None, the whole replicated input."""
+    taps, plans = [], []
+    for axis in range(2):
+        idx, w = axis_taps(n_in[axis], out_hw[axis], mode, ac, scales[axis], x_local.dtype, x_local.device)
+        in_part = None if in_spec is None else (in_spec.rows, in_spec.cols)[axis]
+        plans.append(_axis_plan(axis, mesh.grid[axis], in_part, n_in[axis], out_hw[axis], idx))
+        taps.append((idx, w))
+    (rows, need_r), (cols, need_c) = plans
+    r, c = mesh.coord
+    if in_spec is None:
+        window, base = x_local, (0, 0)
+    else:
+        window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate")
+        base = (need_r[r][0], need_c[c][0])
+    y = window
+    for axis, (o0, o1) in enumerate(((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))):
+        idx, w = taps[axis]
+        y = _apply(y, 2 + axis, idx[:, o0:o1] - base[axis], None if w is None else w[:, o0:o1])
+    return wrap(y, Spec(mesh, (2, 3), rows, cols))
+
+
+@register(F.interpolate)
+def _interpolate(func, args, kwargs):
+    a = bind_args("interpolate", _NAMES, _DEFAULTS, args, kwargs)
+    x = a["input"]
+    if not isinstance(x, SpatialTensor):
+        raise context.unsupported("interpolate", "a sharded tensor as a secondary argument")
+    if x._spec.dims != (2, 3) or x.dim() != 4:
+        raise context.unsupported("interpolate", f"sharded dims {x._spec.dims} of a {x.dim()}-D tensor "
+                                                 f"(N, C, H, W sharded over H and W expected)")
+    mode, ac, out_hw, scales = parse(tuple(x.shape), a)
+    return _resample(x._local, x._spec.mesh, mode, ac, out_hw, scales, x._spec, tuple(x.shape[2:]))
+
+
+# --- routing of replicated inputs ------------------------------------------
+def interpolate_replicated(mesh, args, kwargs) -> SpatialTensor | None:
+    """This rank's tile of ``F.interpolate(*args, **kwargs)`` on a plain input when
+    both output sizes are global sizes of sharded tensors of this forward; None
+    (run the plain call) otherwise."""
+    try:
+        a = bind_args("interpolate", _NAMES, _DEFAULTS, args, kwargs)
+    except TypeError:
+        return None
+    x = a["input"]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        return None
+    if a["antialias"] or a["mode"] not in MODES:
+        return None  # the plain result is correct; SPIM only redistributes supported modes
+    try:
+        mode, ac, out_hw, scales = parse(tuple(x.shape), a)
+    except (ValueError, SPIMError):
+        return None  # let torch raise its own error on the plain call
+    ph, pw = mesh.grid
+    if context.layout_for(0, ph, out_hw[0]) is None or context.layout_for(1, pw, out_hw[1]) is None:
+        return None
+    return _resample(x, mesh, mode, ac, out_hw, scales, None, tuple(x.shape[2:]))
+
+
+class _RouteReplicated(TorchFunctionMode):
+    """Active during a parallelized model's forward; see the module docstring."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.mesh = mesh
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.interpolate and not any(issubclass(t, SpatialTensor) for t in types):
+            out = interpolate_replicated(self.mesh, args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def routing_hooks(model: torch.nn.Module, mesh) -> list:
+    """Forward hooks on the root of a parallelized model: record the layouts of
+    the sharded inputs and route replicated resampling while the forward runs
+    (exception-safe: the mode is left even when the forward raises)."""
+    active: list[_RouteReplicated] = []
+
+    def pre(mod, args, kwargs):
+        for v in list(args) + list(kwargs.values()):
+            if isinstance(v, SpatialTensor):
+                context.note_layout(v._spec.rows, v._spec.cols)
+        m = _RouteReplicated(mesh)
+        m.__enter__()
+        active.append(m)
+
+    def post(mod, args, kwargs, out):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    return [model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True, always_call=True)]

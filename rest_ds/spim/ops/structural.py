@@ -6,6 +6,9 @@ the sharded dims is refused by name.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from .. import context
@@ -32,8 +35,7 @@ def _permute(func, args, kwargs):
     else:
         order = args[1:]
     order = [_norm_dim(int(d), x.dim()) for d in order]
-    hd, wd = x._spec.dims
-    return wrap(x._local.permute(*order), x._spec.with_dims((order.index(hd), order.index(wd))))
+    return wrap(x._local.permute(*order), x._spec.with_dims([order.index(d) for d in x._spec.dims]))
 
 
 @register(*funcs_named("transpose", "swapaxes", "swapdims", owners=(torch, torch.Tensor)))
@@ -42,8 +44,7 @@ def _transpose(func, args, kwargs):
     a, b = _norm_dim(a, x.dim()), _norm_dim(b, x.dim())
     order = list(range(x.dim()))
     order[a], order[b] = order[b], order[a]
-    hd, wd = x._spec.dims
-    return wrap(x._local.transpose(a, b), x._spec.with_dims((order.index(hd), order.index(wd))))
+    return wrap(x._local.transpose(a, b), x._spec.with_dims([order.index(d) for d in x._spec.dims]))
 
 
 @register(*funcs_named("movedim", "moveaxis", owners=(torch, torch.Tensor)))
@@ -89,30 +90,122 @@ def _flatten(func, args, kwargs):
     start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
     end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
     start, end = _norm_dim(start, x.dim()), _norm_dim(end, x.dim())
-    if any(start <= d <= end for d in x._spec.dims) and end > start:
-        raise context.unsupported(
-            "flatten", f"flattening dims {start}..{end} would merge the sharded dims {x._spec.dims}"
-        )
-    dims = tuple(d - (end - start) if d > end else d for d in x._spec.dims)
-    return wrap(x._local.flatten(start, end), x._spec.with_dims(dims))
+    shape = list(x.shape)
+    new_shape = shape[:start] + [math.prod(shape[start:end + 1])] + shape[end + 1:]
+    return reshape_to(x, new_shape, "flatten")
 
 
-@register(*funcs_named("view", "reshape", "view_as", "reshape_as", "unflatten", "expand", "repeat",
+def _resolve(shape, numel: int, op: str) -> list[int]:
+    shape = [int(s) for s in shape]
+    if shape.count(-1) > 1:
+        raise SPIMError(f"{op}: only one dimension can be -1")
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if rest == 0 or numel % rest:
+            raise SPIMError(f"{op}: shape {shape} is invalid for a tensor of {numel} elements")
+        shape[shape.index(-1)] = numel // rest
+    if math.prod(shape) != numel:
+        raise SPIMError(f"{op}: shape {shape} is invalid for a tensor of {numel} elements")
+    return shape
+
+
+def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
+    """Reshape by global shape when the sharded grid survives whole.
+
+    Allowed: reshaping dims around the sharded dims; merging (row, col) into
+    a token dim (grid -> token layout); splitting a token dim into (rows, cols)
+    (token -> grid layout). Anything that would mix the grid with other dims,
+    or cut it (e.g. into windows), is refused."""
+    spec = x._spec
+    old = list(x.shape)
+    new = _resolve(new_shape, math.prod(old), op)
+    H, W = spec.global_hw
+    d0 = spec.dims[0]
+    N = spec.global_sizes()[0] if spec.is_tokens else H * W
+    if not spec.is_tokens and spec.dims[1] != d0 + 1:
+        raise context.unsupported(op, f"the sharded dims {spec.dims} are not adjacent")
+    before = math.prod(old[:d0])
+    grid_len = 1 if spec.is_tokens else 2
+    after = math.prod(old[d0 + grid_len:])
+    # find where the grid lands in the new shape: products before it must agree
+    acc, pos = 1, 0
+    while pos < len(new) and acc < before:
+        acc *= new[pos]
+        pos += 1
+    if acc == before:
+        # skip size-1 dims that precede the grid only when they are not the grid itself
+        cands = [pos]
+        while pos < len(new) and new[pos] == 1:
+            pos += 1
+            cands.append(pos)
+        for p0 in cands:
+            if p0 < len(new) and new[p0] == N and math.prod(new[p0 + 1:]) == after:
+                target = (p0,)
+                break
+            if (p0 + 1 < len(new) and new[p0] == H and new[p0 + 1] == W and math.prod(new[p0 + 2:]) == after
+                    and spec.prefix == 0):
+                target = (p0, p0 + 1)
+                break
+        else:
+            target = None
+        if target is not None:
+            tile = (spec.row_range[1] - spec.row_range[0], spec.col_range[1] - spec.col_range[0])
+            loc_sizes = (spec.prefix + tile[0] * tile[1],) if len(target) == 1 else tile
+            loc_shape = list(new)
+            for d, n in zip(target, loc_sizes):
+                loc_shape[d] = n
+            # tile-local row-major token order == reshape of the (h, w) tile: no data movement
+            return wrap(x._local.reshape(loc_shape), spec.with_dims(target))
+    raise context.unsupported(
+        op, f"reshaping global shape {tuple(old)} to {tuple(new)} would mix or cut the sharded "
+        f"{'token dim' if spec.is_tokens else 'dims'} {spec.dims}"
+    )
+
+
+@register(*funcs_named("view", "reshape", owners=(torch, torch.Tensor)))
+def _reshape(func, args, kwargs):
+    x = args[0]
+    shape = args[1:] if len(args) > 1 else (kwargs.get("shape") or kwargs.get("size"),)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if any(isinstance(s, torch.dtype) for s in shape):
+        raise context.unsupported(op_name(func), "view as another dtype")
+    return reshape_to(x, shape, op_name(func))
+
+
+@register(*funcs_named("unflatten", owners=(torch, torch.Tensor)))
+def _unflatten(func, args, kwargs):
+    x = args[0]
+    dim = _norm_dim(args[1] if len(args) > 1 else kwargs["dim"], x.dim())
+    sizes = list(args[2] if len(args) > 2 else kwargs["sizes"])
+    shape = list(x.shape)
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = shape[dim] // known
+    return reshape_to(x, shape[:dim] + sizes + shape[dim + 1:], "unflatten")
+
+
+@register(*funcs_named("view_as", "reshape_as", owners=(torch.Tensor,)))
+def _reshape_as(func, args, kwargs):
+    return reshape_to(args[0], list(args[1].shape), op_name(func))
+
+
+@register(*funcs_named("expand", "repeat",
                        "unfold", "roll", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
                        "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "pixel_shuffle",
                        "pixel_unshuffle", "tolist", "numpy", "item", "__setitem__", "__bool__", "__reduce_ex__",
-                       "__deepcopy__", "matmul", "mm", "bmm", "einsum", "tensordot", "__matmul__", "__rmatmul__",
+                       "__deepcopy__", "mm", "einsum", "tensordot",
                        "fold", "unfold", "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm",
                        "dropout2d", "dropout3d", "feature_dropout"))
 def _refuse_layout(func, args, kwargs):
     x = next(a for a in args if isinstance(a, SpatialTensor))
     name = op_name(func)
-    if name.endswith(("view", "reshape", "view_as", "reshape_as", "unflatten", "expand")):
+    if name.endswith("expand"):
         shape = args[1:] if len(args) > 1 else tuple(kwargs.values())
         if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
             shape = tuple(shape[0])
-        if name.endswith(("view", "reshape")) and all(isinstance(s, int) for s in shape) and tuple(shape) == tuple(x.shape):
-            return x  # a no-op reshape
+        if all(int(s) in (-1, n) for s, n in zip(shape, x.shape)) and len(shape) == x.dim():
+            return x  # expanding to its own shape
     if name.endswith(("cumsum", "cumprod", "flip", "roll", "sort", "topk", "diff", "narrow", "index_select")):
         dim = args[2] if name.endswith("narrow") or name.endswith("index_select") else (args[1] if len(args) > 1 else kwargs.get("dim"))
         if name.endswith(("roll", "flip")) and dim is None:
@@ -164,6 +257,14 @@ def _cat(func, args, kwargs):
     ndim = x.dim()
     stack = getattr(func, "__name__", "") == "stack"
     dim = _norm_dim(dim, ndim + (1 if stack else 0))
+    if not stack and x._spec.is_tokens and dim == x._spec.dims[0]:
+        # replicated tokens (class / register tokens) prepended to the scene's tokens
+        k = next(i for i, t in enumerate(tensors) if t is x)
+        if k != len(tensors) - 1 or any(isinstance(t, SpatialTensor) for t in tensors[:k]):
+            raise context.unsupported(op_name(func), "only replicated tokens may be concatenated, and only in front")
+        extra = sum(t.shape[dim] for t in tensors[:k])
+        out = torch.cat(list(tensors[:k]) + [x._local], dim)
+        return wrap(out, replace(x._spec, prefix=x._spec.prefix + extra))
     if not stack and dim in _spatial_set(x):
         raise context.unsupported(op_name(func), f"concatenating along sharded dim {dim}")
     largs, _ = localize([list(tensors)], {}, x._spec, ndim, op_name(func))
@@ -197,6 +298,23 @@ def _getitem(func, args, kwargs):
         idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1:]
     else:
         idx = idx + (slice(None),) * (x.dim() - n_real)
+    spec = x._spec
+    if spec.is_tokens and spec.prefix:
+        t = spec.dims[0]
+        pos = [k for k, i in enumerate(idx) if i is not None]
+        i = idx[pos[t]]
+        if isinstance(i, slice) and (i.step in (None, 1)):
+            start = i.start or 0
+            if start == spec.prefix and i.stop is None:  # strip the prefix tokens
+                rest = list(idx)
+                rest[pos[t]] = slice(None)
+                stripped = wrap(x._local.narrow(t, spec.prefix, x._local.shape[t] - spec.prefix),
+                                replace(spec, prefix=0))
+                return _getitem(func, (stripped, tuple(rest)), kwargs)
+            if 0 <= start and i.stop is not None and 0 <= i.stop <= spec.prefix:
+                return x._local.narrow(t, 0, spec.prefix)[tuple(idx)]  # prefix tokens only: replicated
+        if isinstance(i, int) and 0 <= i < spec.prefix:
+            return x._local.narrow(t, 0, spec.prefix)[tuple(idx)]  # one prefix token: replicated
     src, out_pos, new_dims = 0, 0, {}
     for i in idx:
         if i is None:
@@ -212,7 +330,7 @@ def _getitem(func, args, kwargs):
             out_pos += 1
         src += 1
     out = x._local[idx]
-    return wrap(out, x._spec.with_dims((new_dims[x._spec.dims[0]], new_dims[x._spec.dims[1]])))
+    return wrap(out, x._spec.with_dims([new_dims[d] for d in x._spec.dims]))
 
 
 @register(*funcs_named("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",

@@ -1,0 +1,176 @@
+"""Sequence-parallel attention over the tokens of a scene split across the sp group.
+
+Each rank holds the tokens of its tile: ``q, k, v`` of shape ``(B, heads, n_i, d)``
+with ``n_i`` this rank's token count (tiles may be uneven). Attention without a
+mask is invariant to the order of the keys, so ranks can exchange whole tiles
+of tokens in sp order.
+
+* **Ulysses** (``heads % sp == 0``): an all-to-all turns "my tokens, all heads"
+  into "all tokens, my heads"; each rank runs ``F.scaled_dot_product_attention``
+  (flash / memory-efficient kernels on GPU) over the whole scene for
+  ``heads / sp`` heads; a second all-to-all brings the outputs home. Per layer a
+  rank sends ``4 (P-1)/P n_i h d`` elements (q, k, v out; o back).
+* **All-gather K/V** (any head count): every rank gathers the keys and values of
+  the whole scene and attends with its own queries. The backward sends each
+  rank's key/value gradient contributions to their owners with one all-to-all.
+
+Both are exact: the result equals attention over the whole sequence on one device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .comm import _STATS, _phase
+from .errors import SPIMError
+from .mesh import SpatialMesh
+
+
+def _a2a(flat_chunks: list[torch.Tensor], recv_numels: list[int], mesh: SpatialMesh) -> list[torch.Tensor]:
+    """all_to_all_single on flat chunks: chunk j goes to sp rank j; returns the chunks received."""
+    send = torch.cat([c.reshape(-1) for c in flat_chunks])
+    recv = send.new_empty(sum(recv_numels))
+    sent_away = sum(c.numel() for j, c in enumerate(flat_chunks) if j != mesh.sp_index)
+    _STATS.record("all_to_all", sent_away * send.element_size(), _phase())
+    dist.all_to_all_single(recv, send, recv_numels, [c.numel() for c in flat_chunks], group=mesh.sp_group)
+    return list(recv.split(recv_numels))
+
+
+def _seq_to_heads(x: torch.Tensor, counts: list[int], mesh: SpatialMesh) -> torch.Tensor:
+    """(B, h, n_me, d) -> (B, h/P, N, d): tokens of all ranks (sp order), my head group."""
+    B, h, n, d = x.shape
+    P = mesh.sp
+    hp = h // P
+    chunks = [x[:, j * hp:(j + 1) * hp].contiguous() for j in range(P)]
+    got = _a2a(chunks, [B * hp * c * d for c in counts], mesh)
+    return torch.cat([g.view(B, hp, c, d) for g, c in zip(got, counts)], dim=2)
+
+
+def _heads_to_seq(y: torch.Tensor, counts: list[int], mesh: SpatialMesh) -> torch.Tensor:
+    """(B, h/P, N, d) -> (B, h, n_me, d): inverse of :func:`_seq_to_heads`."""
+    B, hp, N, d = y.shape
+    me = counts[mesh.sp_index]
+    chunks = [c.contiguous() for c in y.split(counts, dim=2)]
+    got = _a2a(chunks, [B * hp * me * d] * mesh.sp, mesh)
+    return torch.cat([g.view(B, hp, me, d) for g in got], dim=1)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, mesh):
+        ctx.counts, ctx.mesh = counts, mesh
+        return _seq_to_heads(x, counts, mesh)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _heads_to_seq(g, ctx.counts, ctx.mesh), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, counts, mesh):
+        ctx.counts, ctx.mesh = counts, mesh
+        return _heads_to_seq(y, counts, mesh)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g, ctx.counts, ctx.mesh), None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """(B, h, n_me, d) -> (B, h, N, d) on every rank; backward returns to each
+    rank the sum of all ranks' gradients for its tokens (one all-to-all)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, mesh):
+        ctx.counts, ctx.mesh = counts, mesh
+        B, h, n, d = x.shape
+        got = _a2a([x.contiguous()] * mesh.sp, [B * h * c * d for c in counts], mesh)
+        return torch.cat([g.view(B, h, c, d) for g, c in zip(got, counts)], dim=2)
+
+    @staticmethod
+    def backward(ctx, g):
+        counts, mesh = ctx.counts, ctx.mesh
+        B, h, N, d = g.shape
+        me = counts[mesh.sp_index]
+        got = _a2a([c.contiguous() for c in g.split(counts, dim=2)], [B * h * me * d] * mesh.sp, mesh)
+        return torch.stack([t.view(B, h, me, d) for t in got]).sum(0), None, None
+
+
+def choose_algorithm(heads: int, mesh: SpatialMesh, requested: str = "auto") -> str:
+    if requested not in ("auto", "ulysses", "allgather"):
+        raise SPIMError(f"attention algorithm must be 'auto', 'ulysses' or 'allgather', not {requested!r}")
+    if requested == "ulysses" and heads % mesh.sp:
+        raise SPIMError(f"Ulysses attention needs heads ({heads}) divisible by sp ({mesh.sp}); use 'allgather' or 'auto'")
+    if requested != "auto":
+        return requested
+    return "ulysses" if heads % mesh.sp == 0 else "allgather"
+
+
+def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int],
+                                mesh: SpatialMesh, scale: float | None = None, algorithm: str = "auto",
+                                enable_gqa: bool = False, prefix: int = 0) -> torch.Tensor:
+    """Exact attention of this rank's queries over the tokens of all sp ranks.
+
+    ``q, k, v``: ``(B, heads, prefix + n_me, d)``: ``prefix`` replicated tokens
+    (class/register tokens, identical on every rank) then this rank's tile
+    tokens; ``counts[i]``: tile token count of sp rank i. Returns
+    ``(B, heads, prefix + n_me, d_v)``. With prefix tokens the all-gather
+    algorithm is used (the prefix is small and every rank already holds it)."""
+    if mesh.sp == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
+    algo = choose_algorithm(q.shape[1], mesh, algorithm)
+    if prefix:
+        kf = torch.cat([k[:, :, :prefix], _GatherSeq.apply(k[:, :, prefix:], counts, mesh)], dim=2)
+        vf = torch.cat([v[:, :, :prefix], _GatherSeq.apply(v[:, :, prefix:], counts, mesh)], dim=2)
+        return F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=enable_gqa)
+    if algo == "ulysses" and k.shape[1] == q.shape[1]:
+        qh, kh, vh = (_SeqToHeads.apply(t, counts, mesh) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+        return _HeadsToSeq.apply(out, counts, mesh)
+    kf, vf = _GatherSeq.apply(k, counts, mesh), _GatherSeq.apply(v, counts, mesh)
+    return F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=enable_gqa)
+
+
+class _GatherTiles(torch.autograd.Function):
+    """(n_me, R) -> list of every sp rank's (n_i, R), sp order; backward sums every
+    rank's gradient for my tokens (one all-to-all)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, mesh):
+        ctx.counts, ctx.mesh = counts, mesh
+        R = x.shape[1]
+        got = _a2a([x.contiguous()] * mesh.sp, [c * R for c in counts], mesh)
+        return torch.cat([g.view(c, R) for g, c in zip(got, counts)])
+
+    @staticmethod
+    def backward(ctx, g):
+        counts, mesh = ctx.counts, ctx.mesh
+        R = g.shape[1]
+        me = counts[mesh.sp_index]
+        got = _a2a([c.contiguous() for c in g.split(counts)], [me * R] * mesh.sp, mesh)
+        return torch.stack([t.view(me, R) for t in got]).sum(0), None, None
+
+
+def gather_tokens(x: torch.Tensor, dim: int, spec) -> torch.Tensor:
+    """Every rank's tokens along ``dim`` in the scene's global row-major order.
+
+    ``x`` is this rank's local tensor of a token-layout SpatialTensor with spec
+    ``spec``. Differentiable (gradients go back to the owning ranks)."""
+    mesh = spec.mesh
+    moved = x.movedim(dim, 0)
+    rest = moved.shape[1:]
+    flat = moved.reshape(moved.shape[0], -1)
+    head, flat = flat[:spec.prefix], flat[spec.prefix:]
+    if mesh.sp > 1:
+        flat = _GatherTiles.apply(flat, spec.token_counts(), mesh)
+    ph, pw = mesh.grid
+    R = flat.shape[1]
+    tiles = flat.split(spec.token_counts())
+    rows = []
+    for r in range(ph):
+        h = spec.rows[r + 1] - spec.rows[r]
+        rows.append(torch.cat([tiles[r * pw + c].view(h, spec.cols[c + 1] - spec.cols[c], R) for c in range(pw)], dim=1))
+    full = torch.cat([head, torch.cat(rows, dim=0).reshape(-1, R)]).reshape(-1, *rest)
+    return full.movedim(0, dim)

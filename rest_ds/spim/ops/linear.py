@@ -1,0 +1,88 @@
+"""Linear maps and attention on sharded tensors.
+
+``F.linear`` and ``x @ W`` act on the channel dim: local whenever the contracted
+dim is not sharded. A product of two token-sharded tensors (explicit attention,
+``q @ k.transpose(-2, -1)`` then ``attn @ v``) gathers the right-hand operand's
+tokens in global order; ``F.scaled_dot_product_attention`` runs as
+sequence-parallel attention (rest_ds/spim/attention.py) without ever forming
+the whole score matrix.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import context
+from ..attention import gather_tokens, sequence_parallel_attention
+from ..tensor import SpatialTensor, funcs_named, op_name, register, wrap
+
+
+@register(F.linear, torch._C._nn.linear)
+def _linear(func, args, kwargs):
+    names = ("input", "weight", "bias")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x = a["input"]
+    if isinstance(a["weight"], SpatialTensor) or isinstance(a.get("bias"), SpatialTensor):
+        raise context.unsupported("linear", "a sharded weight or bias")
+    if x.dim() - 1 in x._spec.dims:
+        raise context.unsupported("linear", f"the contracted last dim {x.dim() - 1} is sharded")
+    return wrap(F.linear(x._local, a["weight"], a.get("bias")), x._spec)
+
+
+@register(*funcs_named("matmul", "__matmul__", "__rmatmul__", "bmm", owners=(torch, torch.Tensor)))
+def _matmul(func, args, kwargs):
+    a, b = args[0], args[1]
+    if getattr(func, "__name__", "") == "__rmatmul__":
+        a, b = b, a
+    op = op_name(func)
+    if isinstance(a, SpatialTensor) and not isinstance(b, SpatialTensor):
+        if a.dim() - 1 in a._spec.dims:
+            raise context.unsupported(op, "contraction over a sharded dim")
+        if b.dim() > 2:
+            raise context.unsupported(op, "a batched replicated right operand")
+        return wrap(torch.matmul(a._local, b), a._spec)
+    if isinstance(b, SpatialTensor) and not isinstance(a, SpatialTensor):
+        if b.dim() - 2 in b._spec.dims or a.dim() > 2:
+            raise context.unsupported(op, "contraction over a sharded dim of the right operand")
+        return wrap(torch.matmul(a, b._local), b._spec)
+    # both sharded: the left operand keeps its token sharding on dim -2
+    sa, sb = a._spec, b._spec
+    if not (sa.is_tokens and sb.is_tokens and sa.rows == sb.rows and sa.cols == sb.cols and a.dim() == b.dim()
+            and sa.prefix == sb.prefix):
+        raise context.unsupported(op, "a product of two sharded tensors other than token-layout attention")
+    if sa.dims[0] != a.dim() - 2:
+        raise context.unsupported(op, "the left operand's token dim must be dim -2 (queries)")
+    if sb.dims[0] not in (b.dim() - 1, b.dim() - 2):
+        raise context.unsupported(op, "the right operand's token dim must be one of its last two dims")
+    b_full = gather_tokens(b._local, sb.dims[0], sb)
+    return wrap(torch.matmul(a._local, b_full), sa)
+
+
+@register(F.scaled_dot_product_attention)
+def _sdpa(func, args, kwargs):
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    q, k, v = a["query"], a["key"], a["value"]
+    op = "scaled_dot_product_attention"
+    if not all(isinstance(t, SpatialTensor) for t in (q, k, v)):
+        raise context.unsupported(op, "query, key and value must all be token-sharded")
+    spec = q._spec
+    for t in (q, k, v):
+        s = t._spec
+        if not s.is_tokens or s.dims[0] != t.dim() - 2 or s.rows != spec.rows or s.cols != spec.cols:
+            raise context.unsupported(op, "query, key and value must share one token layout with tokens on dim -2")
+    if a.get("attn_mask") is not None:
+        raise context.unsupported(op, "attn_mask (masks over the whole scene are not sharded)")
+    if a.get("dropout_p", 0.0):
+        raise context.unsupported(op, "attention dropout > 0 (masks would differ from one device)")
+    if a.get("is_causal", False):
+        raise context.unsupported(op, "is_causal (no causal order over a scene)")
+    for t in (k, v):
+        if t._spec.prefix != spec.prefix:
+            raise context.unsupported(op, "query, key and value with different prefix tokens")
+    out = sequence_parallel_attention(q._local, k._local, v._local, spec.token_counts(), spec.mesh,
+                                      scale=a.get("scale"), algorithm=context.settings["attention"],
+                                      enable_gqa=a.get("enable_gqa", False), prefix=spec.prefix)
+    return wrap(out, spec)
