@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .comm import _STATS, _phase
 from .errors import SPIMError
 from .mesh import SpatialMesh
+from .tokens import full_from_tiles
 
 
 def _a2a(flat_chunks: list[torch.Tensor], recv_numels: list[int], mesh: SpatialMesh) -> list[torch.Tensor]:
@@ -165,12 +166,6 @@ def gather_tokens(x: torch.Tensor, dim: int, spec) -> torch.Tensor:
     head, flat = flat[:spec.prefix], flat[spec.prefix:]
     if mesh.sp > 1:
         flat = _GatherTiles.apply(flat, spec.token_counts(), mesh)
-    ph, pw = mesh.grid
-    R = flat.shape[1]
-    tiles = flat.split(spec.token_counts())
-    rows = []
-    for r in range(ph):
-        h = spec.rows[r + 1] - spec.rows[r]
-        rows.append(torch.cat([tiles[r * pw + c].view(h, spec.cols[c + 1] - spec.cols[c], R) for c in range(pw)], dim=1))
-    full = torch.cat([head, torch.cat(rows, dim=0).reshape(-1, R)]).reshape(-1, *rest)
+    tiles = list(flat.split(spec.token_counts()))
+    full = full_from_tiles(head, tiles, 0, spec).reshape(-1, *rest)
     return full.movedim(0, dim)

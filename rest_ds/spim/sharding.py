@@ -8,6 +8,7 @@ from .errors import SPIMError
 from .mesh import SpatialMesh
 from .tensor import SpatialTensor, Spec
 from .tiling import Partition, TileLayout, check_aligned, partition_from_sizes
+from .tokens import full_from_tiles, tile_of_full
 
 
 def _norm_dims(dims, ndim):
@@ -82,18 +83,11 @@ class _Gather(torch.autograd.Function):
         mesh = spec.mesh
         tiles = all_gather_padded(loc, mesh)
         ph, pw = mesh.grid
-        if spec.is_tokens:  # tokens of each tile back to (h, w), then the global row-major order
-            t = spec.dims[0]
-            head = loc.narrow(t, 0, spec.prefix)
-            tiles = [tile.narrow(t, spec.prefix, tile.shape[t] - spec.prefix) for tile in tiles]
-            tiles = [tile.unflatten(t, (spec.rows[i // pw + 1] - spec.rows[i // pw],
-                                        spec.cols[i % pw + 1] - spec.cols[i % pw])) for i, tile in enumerate(tiles)]
-            dims = (t, t + 1)
-        else:
-            dims = spec.dims
-        rows = [torch.cat(tiles[r * pw:(r + 1) * pw], dim=dims[1]) for r in range(ph)]
-        full = torch.cat(rows, dim=dims[0])
-        return torch.cat([head, full.flatten(dims[0], dims[1])], dim=dims[0]) if spec.is_tokens else full
+        if spec.is_tokens:
+            t, k = spec.dims[0], spec.prefix
+            return full_from_tiles(loc.narrow(t, 0, k), [x.narrow(t, k, x.shape[t] - k) for x in tiles], t, spec)
+        rows = [torch.cat(tiles[r * pw:(r + 1) * pw], dim=spec.dims[1]) for r in range(ph)]
+        return torch.cat(rows, dim=spec.dims[0])
 
     @staticmethod
     def backward(ctx, g):
@@ -103,10 +97,9 @@ class _Gather(torch.autograd.Function):
         (r0, r1), (c0, c1) = spec.row_range, spec.col_range
         if spec.is_tokens:
             t, k = spec.dims[0], spec.prefix
-            H, W = spec.global_hw
-            tile = g.narrow(t, k, H * W).unflatten(t, (H, W)).narrow(t, r0, r1 - r0).narrow(t + 1, c0, c1 - c0)
+            tile = tile_of_full(g, t, spec).narrow(t, k, spec.local_sizes()[0] - k)
             # prefix tokens are replicated: they keep their partial gradient (comm.py)
-            return torch.cat([partial.narrow(t, 0, k), tile.flatten(t, t + 1)], dim=t), None
+            return torch.cat([partial.narrow(t, 0, k), tile], dim=t), None
         return g.narrow(spec.dims[0], r0, r1 - r0).narrow(spec.dims[1], c0, c1 - c0), None
 
 

@@ -38,10 +38,13 @@ class Spec:
     ``dims`` says where that grid lives in the tensor:
 
     * two dims ``(row dim, col dim)``: *grid layout* (an image or feature map);
-    * one dim ``(token dim,)``: *token layout*, the grid flattened row-major
-      (global size ``prefix + H * W``); locally the tile's tokens, row-major
-      within the tile, after ``prefix`` replicated tokens (class/register
-      tokens of a ViT), which every rank holds and computes identically.
+    * one dim ``(token dim,)``: *token layout*, ``(lead, H, W, trail)``
+      flattened row-major into one dim of global size
+      ``prefix + lead * H * W * trail``; locally ``lead x tile x trail`` in the
+      same order, after ``prefix`` replicated tokens (class/register tokens of
+      a ViT), which every rank holds and computes identically. ``lead`` is a
+      dim merged in front of the grid (time steps of a video ViT, the batch of
+      a window partition), ``trail`` one merged behind it (attention heads).
     """
 
     mesh: SpatialMesh
@@ -49,15 +52,17 @@ class Spec:
     rows: Partition
     cols: Partition
     prefix: int = 0
+    lead: int = 1
+    trail: int = 1
 
     @property
     def is_tokens(self) -> bool:
         return len(self.dims) == 1
 
     def tile_tokens(self, sp_index: int) -> int:
-        """Token count (tile area) of sp rank ``sp_index``."""
+        """Token count of sp rank ``sp_index`` (prefix excluded): lead x tile area x trail."""
         r, c = divmod(sp_index, self.mesh.grid[1])
-        return (self.rows[r + 1] - self.rows[r]) * (self.cols[c + 1] - self.cols[c])
+        return self.lead * (self.rows[r + 1] - self.rows[r]) * (self.cols[c + 1] - self.cols[c]) * self.trail
 
     def token_counts(self) -> list[int]:
         return [self.tile_tokens(i) for i in range(self.mesh.sp)]
@@ -65,11 +70,13 @@ class Spec:
     def global_sizes(self) -> tuple[int, ...]:
         """Global sizes of ``dims``."""
         H, W = self.global_hw
-        return (self.prefix + H * W,) if self.is_tokens else (H, W)
+        return (self.prefix + self.lead * H * W * self.trail,) if self.is_tokens else (H, W)
 
     def local_sizes(self) -> tuple[int, ...]:
         (r0, r1), (c0, c1) = self.row_range, self.col_range
-        return (self.prefix + (r1 - r0) * (c1 - c0),) if self.is_tokens else (r1 - r0, c1 - c0)
+        if self.is_tokens:
+            return (self.prefix + self.tile_tokens(self.mesh.sp_index),)
+        return (r1 - r0, c1 - c0)
 
     @property
     def global_hw(self) -> tuple[int, int]:
@@ -90,7 +97,7 @@ class Spec:
 
     def same_layout(self, other: "Spec") -> bool:
         return (self.dims == other.dims and self.rows == other.rows and self.cols == other.cols
-                and self.prefix == other.prefix)
+                and self.prefix == other.prefix and self.lead == other.lead and self.trail == other.trail)
 
 
 _HANDLERS: dict[Callable, Callable] = {}

@@ -46,8 +46,11 @@ def _matmul(func, args, kwargs):
         if b.dim() - 2 in b._spec.dims or a.dim() > 2:
             raise context.unsupported(op, "contraction over a sharded dim of the right operand")
         return wrap(torch.matmul(a, b._local), b._spec)
-    # both sharded: the left operand keeps its token sharding on dim -2
     sa, sb = a._spec, b._spec
+    if sa.same_layout(sb) and a.dim() == b.dim() and all(d < a.dim() - 2 for d in sa.dims):
+        # sharded on a batch dim of the product (e.g. windows x heads): independent per tile
+        return wrap(torch.matmul(a._local, b._local), sa)
+    # both sharded on tokens: the left operand keeps its token sharding on dim -2
     if not (sa.is_tokens and sb.is_tokens and sa.rows == sb.rows and sa.cols == sb.cols and a.dim() == b.dim()
             and sa.prefix == sb.prefix):
         raise context.unsupported(op, "a product of two sharded tensors other than token-layout attention")
@@ -57,6 +60,47 @@ def _matmul(func, args, kwargs):
         raise context.unsupported(op, "the right operand's token dim must be one of its last two dims")
     b_full = gather_tokens(b._local, sb.dims[0], sb)
     return wrap(torch.matmul(a._local, b_full), sa)
+
+
+@register(torch.einsum)
+def _einsum(func, args, kwargs):
+    """einsum where every sharded letter is kept in the output (never contracted):
+    local, with plain operands sliced to this tile where they carry a sharded
+    letter at its global size (e.g. SAM's relative-position tables, indexed by
+    global row)."""
+    eq, ops_ = args[0], list(args[1:])
+    if len(ops_) == 1 and isinstance(ops_[0], (list, tuple)):
+        ops_ = list(ops_[0])
+    if "..." in eq or "->" not in eq:
+        raise context.unsupported("einsum", "equations with '...' or without '->'")
+    ins, out = eq.replace(" ", "").split("->")
+    ins = ins.split(",")
+    spatial = [(s, t) for s, t in zip(ins, ops_) if isinstance(t, SpatialTensor)]
+    sub0, x0 = spatial[0]
+    spec = x0._spec
+    letters = [sub0[d] for d in spec.dims]
+    for s_, t in spatial[1:]:
+        if [s_[d] for d in t._spec.dims] != letters or not t._spec.same_layout(t._spec.with_dims(spec.dims)) \
+                or t._spec.rows != spec.rows or t._spec.cols != spec.cols:
+            raise context.unsupported("einsum", "sharded operands with different layouts")
+    if any(l not in out for l in letters):
+        raise context.unsupported("einsum", f"contracting the sharded letters {letters}")
+    if spec.is_tokens and any(l in s_ for s_, t in zip(ins, ops_) if not isinstance(t, SpatialTensor) for l in letters):
+        raise context.unsupported("einsum", "a replicated operand indexed by the sharded token letter")
+    locs = []
+    for s_, t in zip(ins, ops_):
+        if isinstance(t, SpatialTensor):
+            locs.append(t._local)
+            continue
+        for l, (lo, hi), n in zip(letters, (spec.row_range, spec.col_range), spec.global_hw):
+            if l in s_:
+                d = s_.index(l)
+                if t.shape[d] != n:
+                    raise context.unsupported("einsum", f"operand dim '{l}' of size {t.shape[d]} against global size {n}")
+                t = t.narrow(d, lo, hi - lo)
+        locs.append(t)
+    res = torch.einsum(eq, *locs)
+    return wrap(res, spec.with_dims([out.index(l) for l in letters]))
 
 
 @register(F.scaled_dot_product_attention)
@@ -69,12 +113,20 @@ def _sdpa(func, args, kwargs):
     if not all(isinstance(t, SpatialTensor) for t in (q, k, v)):
         raise context.unsupported(op, "query, key and value must all be token-sharded")
     spec = q._spec
+    mask = a.get("attn_mask")
+    if all(d < q.dim() - 2 for d in spec.dims) and all(
+            isinstance(t, SpatialTensor) and t._spec.same_layout(spec) for t in (k, v)) and (
+            mask is None or isinstance(mask, SpatialTensor) and mask._spec.same_layout(spec)):
+        # sharded on a batch dim (windows of a windowed ViT): every window lives on one rank
+        if a.get("dropout_p", 0.0):
+            raise context.unsupported(op, "attention dropout > 0 (masks would differ from one device)")
+        return wrap(F.scaled_dot_product_attention(
+            q._local, k._local, v._local, attn_mask=None if mask is None else mask._local,
+            is_causal=a.get("is_causal", False), scale=a.get("scale"), enable_gqa=a.get("enable_gqa", False)), spec)
     for t in (q, k, v):
         s = t._spec
         if not s.is_tokens or s.dims[0] != t.dim() - 2 or s.rows != spec.rows or s.cols != spec.cols:
             raise context.unsupported(op, "query, key and value must share one token layout with tokens on dim -2")
-    if a.get("attn_mask") is not None:
-        raise context.unsupported(op, "attn_mask (masks over the whole scene are not sharded)")
     if a.get("dropout_p", 0.0):
         raise context.unsupported(op, "attention dropout > 0 (masks would differ from one device)")
     if a.get("is_causal", False):
@@ -82,6 +134,15 @@ def _sdpa(func, args, kwargs):
     for t in (k, v):
         if t._spec.prefix != spec.prefix:
             raise context.unsupported(op, "query, key and value with different prefix tokens")
+    if mask is not None:
+        # a bias/mask over (queries, keys): its query rows are sharded like q, its key
+        # columns cover the whole scene in global order, so K and V are gathered in that order
+        if not isinstance(mask, SpatialTensor) or not mask._spec.same_layout(spec.with_dims((mask.dim() - 2,))):
+            raise context.unsupported(op, "attn_mask must be sharded along its query dim like the query")
+        kf = gather_tokens(k._local, k.dim() - 2, k._spec)
+        vf = gather_tokens(v._local, v.dim() - 2, v._spec)
+        return wrap(F.scaled_dot_product_attention(q._local, kf, vf, attn_mask=mask._local, scale=a.get("scale"),
+                                                   enable_gqa=a.get("enable_gqa", False)), spec)
     out = sequence_parallel_attention(q._local, k._local, v._local, spec.token_counts(), spec.mesh,
                                       scale=a.get("scale"), algorithm=context.settings["attention"],
                                       enable_gqa=a.get("enable_gqa", False), prefix=spec.prefix)

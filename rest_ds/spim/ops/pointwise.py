@@ -12,6 +12,7 @@ import torch
 from .. import context
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
+from ..tokens import tile_of_full
 
 UNARY = (
     "abs neg negative exp exp2 expm1 log log2 log10 log1p sqrt rsqrt sigmoid logsigmoid tanh relu relu6 gelu silu "
@@ -54,15 +55,12 @@ def align_plain(p: torch.Tensor, ndim: int, spec: Spec, op: str) -> torch.Tensor
         pd = spec.dims[0] - lead
         if pd < 0 or p.shape[pd] == 1:
             return p
-        k = spec.prefix
-        if p.shape[pd] != k + H * W:
+        n = spec.global_sizes()[0]
+        if p.shape[pd] != n:
             raise context.unsupported(
                 op, f"operand of shape {tuple(p.shape)} does not broadcast against the global shape "
-                f"({k} + {H * W} tokens on dim {spec.dims[0]})")
-        # the prefix tokens, then the tile's tokens in the tile's row-major order
-        grid = p.narrow(pd, k, H * W).unflatten(pd, (H, W))
-        tile = grid.narrow(pd, r0, r1 - r0).narrow(pd + 1, c0, c1 - c0).flatten(pd, pd + 1)
-        return torch.cat([p.narrow(pd, 0, k), tile], dim=pd) if k else tile
+                f"({n} tokens on dim {spec.dims[0]})")
+        return tile_of_full(p, pd, spec)
     for d, (lo, hi, n) in zip(spec.dims, ((r0, r1, H), (c0, c1, W))):
         pd = d - lead
         if pd < 0 or p.shape[pd] == 1:

@@ -13,7 +13,7 @@ import torch
 
 from .. import context
 from ..errors import SPIMError
-from ..tensor import SpatialTensor, funcs_named, op_name, register, wrap
+from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
 from .pointwise import align_plain, localize
 
 
@@ -109,53 +109,86 @@ def _resolve(shape, numel: int, op: str) -> list[int]:
     return shape
 
 
+def _divides(a: int, b: int) -> bool:
+    return a > 0 and b % a == 0
+
+
 def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
     """Reshape by global shape when the sharded grid survives whole.
 
-    Allowed: reshaping dims around the sharded dims; merging (row, col) into
-    a token dim (grid -> token layout); splitting a token dim into (rows, cols)
-    (token -> grid layout). Anything that would mix the grid with other dims,
-    or cut it (e.g. into windows), is refused."""
+    Row-major order keeps the structure ``(A..., lead, H, W, trail, Z...)``; a
+    reshape is exact when a new dim holds the grid whole: either two dims
+    ``(H, W)`` (grid layout) or one dim ``L * H * W * T`` (token layout, with
+    ``L`` split off the dims before the grid and ``T`` off those after). A grid
+    may also be split into / merged from windows ``(H / k, k, W / k, k)`` when
+    every tile border lies on the window grid. Anything that would mix the grid
+    with other dims or cut it is refused."""
     spec = x._spec
     old = list(x.shape)
     new = _resolve(new_shape, math.prod(old), op)
     H, W = spec.global_hw
-    d0 = spec.dims[0]
-    N = spec.global_sizes()[0] if spec.is_tokens else H * W
-    if not spec.is_tokens and spec.dims[1] != d0 + 1:
-        raise context.unsupported(op, f"the sharded dims {spec.dims} are not adjacent")
-    before = math.prod(old[:d0])
-    grid_len = 1 if spec.is_tokens else 2
-    after = math.prod(old[d0 + grid_len:])
-    # find where the grid lands in the new shape: products before it must agree
-    acc, pos = 1, 0
-    while pos < len(new) and acc < before:
-        acc *= new[pos]
-        pos += 1
-    if acc == before:
-        # skip size-1 dims that precede the grid only when they are not the grid itself
-        cands = [pos]
-        while pos < len(new) and new[pos] == 1:
-            pos += 1
-            cands.append(pos)
-        for p0 in cands:
-            if p0 < len(new) and new[p0] == N and math.prod(new[p0 + 1:]) == after:
-                target = (p0,)
-                break
-            if (p0 + 1 < len(new) and new[p0] == H and new[p0 + 1] == W and math.prod(new[p0 + 2:]) == after
-                    and spec.prefix == 0):
-                target = (p0, p0 + 1)
-                break
+    if spec.is_tokens:
+        t = spec.dims[0]
+        a_tot, z_tot = math.prod(old[:t]) * spec.lead, spec.trail * math.prod(old[t + 1:])
+        if spec.prefix:  # only reshapes that leave the token dim as it is
+            n = spec.global_sizes()[0]
+            for p in range(len(new)):
+                if new[p] == n and math.prod(new[:p]) == math.prod(old[:t]):
+                    loc = list(new)
+                    loc[p] = spec.local_sizes()[0]
+                    return wrap(x._local.reshape(loc), spec.with_dims((p,)))
+            raise context.unsupported(op, f"reshaping a token dim that holds {spec.prefix} prefix tokens "
+                                          f"({tuple(old)} -> {tuple(new)}); strip them first")
+    else:
+        g0, g1 = spec.dims
+        if g1 == g0 + 1:
+            a_tot, z_tot = math.prod(old[:g0]), math.prod(old[g1 + 1:])
+        elif g1 == g0 + 2:  # windows (H/k, k, W/k, k) merged back into (H, W)
+            k1, k2 = old[g0 + 1], old[g1 + 1]
+            a_tot, z_tot = math.prod(old[:g0]), math.prod(old[g1 + 2:])
+            for p in range(len(new) - 1):
+                if (new[p], new[p + 1]) == (H * k1, W * k2) and math.prod(new[:p]) == a_tot:
+                    loc = list(new)
+                    (r0, r1), (c0, c1) = spec.row_range, spec.col_range
+                    loc[p], loc[p + 1] = (r1 - r0) * k1, (c1 - c0) * k2
+                    out = Spec(spec.mesh, (p, p + 1), tuple(b * k1 for b in spec.rows), tuple(b * k2 for b in spec.cols))
+                    return wrap(x._local.reshape(loc), out)
+            raise context.unsupported(op, f"reshaping windows {tuple(old)} -> {tuple(new)} other than back to the grid")
         else:
-            target = None
-        if target is not None:
-            tile = (spec.row_range[1] - spec.row_range[0], spec.col_range[1] - spec.col_range[0])
-            loc_sizes = (spec.prefix + tile[0] * tile[1],) if len(target) == 1 else tile
-            loc_shape = list(new)
-            for d, n in zip(target, loc_sizes):
-                loc_shape[d] = n
-            # tile-local row-major token order == reshape of the (h, w) tile: no data movement
-            return wrap(x._local.reshape(loc_shape), spec.with_dims(target))
+            raise context.unsupported(op, f"the sharded dims {spec.dims} are not adjacent")
+    (r0, r1), (c0, c1) = spec.row_range, spec.col_range
+    h, w = r1 - r0, c1 - c0
+    for p in range(len(new)):
+        before = math.prod(new[:p])
+        if not _divides(before, a_tot):
+            continue
+        after2 = math.prod(new[p + 2:])
+        # (H, W): grid layout
+        if p + 1 < len(new) and (new[p], new[p + 1]) == (H, W) and before == a_tot and after2 == z_tot:
+            loc = list(new)
+            loc[p], loc[p + 1] = h, w
+            return wrap(x._local.reshape(loc), Spec(spec.mesh, (p, p + 1), spec.rows, spec.cols))
+        # (H/k, k, W/k, k): windows of a grid layout (tiles must hold whole windows)
+        if (not spec.is_tokens and p + 3 < len(new) and before == a_tot and new[p] * new[p + 1] == H
+                and new[p + 2] * new[p + 3] == W and math.prod(new[p + 4:]) == z_tot and new[p + 1] > 1):
+            k1, k2 = new[p + 1], new[p + 3]
+            if all(b % k1 == 0 for b in spec.rows) and all(b % k2 == 0 for b in spec.cols):
+                loc = list(new)
+                loc[p], loc[p + 2] = h // k1, w // k2
+                out = Spec(spec.mesh, (p, p + 2), tuple(b // k1 for b in spec.rows), tuple(b // k2 for b in spec.cols))
+                return wrap(x._local.reshape(loc), out)
+            raise context.unsupported(
+                op, f"splitting the grid into windows of {k1}x{k2} needs every tile border on the window grid "
+                f"(tile borders rows {spec.rows}, cols {spec.cols}); align tiles to the window size")
+        # L * H * W * T: token layout
+        lead = a_tot // before
+        if _divides(lead * H * W, new[p]):
+            trail = new[p] // (lead * H * W)
+            if trail * math.prod(new[p + 1:]) == z_tot:
+                loc = list(new)
+                loc[p] = lead * h * w * trail
+                out = Spec(spec.mesh, (p,), spec.rows, spec.cols, 0, lead, trail)
+                return wrap(x._local.reshape(loc), out)
     raise context.unsupported(
         op, f"reshaping global shape {tuple(old)} to {tuple(new)} would mix or cut the sharded "
         f"{'token dim' if spec.is_tokens else 'dims'} {spec.dims}"
@@ -316,10 +349,16 @@ def _getitem(func, args, kwargs):
         if isinstance(i, int) and 0 <= i < spec.prefix:
             return x._local.narrow(t, 0, spec.prefix)[tuple(idx)]  # one prefix token: replicated
     src, out_pos, new_dims = 0, 0, {}
-    for i in idx:
+    for k, i in enumerate(idx):
         if i is None:
             out_pos += 1
             continue
+        if src in x._spec.dims and not x._spec.is_tokens and isinstance(i, slice) and i != slice(None):
+            crop = _crop_end(x, src, i)
+            if crop is not None:  # a crop at the scene's end (padding removed): only the last tiles shrink
+                rest = list(idx)
+                rest[k] = slice(None)
+                return _getitem(func, (crop, tuple(rest)), kwargs)
         if src in x._spec.dims:
             if not (isinstance(i, slice) and i == slice(None)):
                 raise context.unsupported(
@@ -331,6 +370,23 @@ def _getitem(func, args, kwargs):
         src += 1
     out = x._local[idx]
     return wrap(out, x._spec.with_dims([new_dims[d] for d in x._spec.dims]))
+
+
+def _crop_end(x: SpatialTensor, dim: int, sl: slice):
+    """``x[..., :n, ...]`` along sharded ``dim`` as a new SpatialTensor, when ``n``
+    only cuts into the last tile of that axis (as after padding to a window
+    multiple); None for any other slice."""
+    spec = x._spec
+    n = x.shape[dim]
+    start, stop, step = sl.indices(n)
+    axis = spec.dims.index(dim)
+    part = spec.rows if axis == 0 else spec.cols
+    if start != 0 or step != 1 or not part[-2] < stop <= n:
+        return None
+    new = part[:-1] + (stop,)
+    last = (spec.mesh.coord[axis] == len(part) - 2)
+    loc = x._local.narrow(dim, 0, stop - part[-2]) if last else x._local
+    return wrap(loc, replace(spec, rows=new) if axis == 0 else replace(spec, cols=new))
 
 
 @register(*funcs_named("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",

@@ -1,0 +1,262 @@
+"""SPIM core benchmark on gloo CPU ranks (one machine, via rest_ds.spim.spawn).
+
+For a stack of 3x3 "same" convs and the ResNet-18 UPerNet (``rest_ds.models.zoo``)
+on one ``3 x size x size`` scene, batch 1:
+
+(a) halo bytes of the conv stack on a 1x2 grid, forward and backward separately
+    (``comm_stats().by_phase``), against the volume computed from the tile
+    geometry alone; they must match exactly;
+(b) sharded forward+backward time on 2 ranks vs the same layers run plainly (no
+    SPIM) on a tensor of the local tile's size, in the same processes right
+    after (median of ``--repeats`` runs each, the slower rank counts);
+(c) peak memory per rank at sp=2 (1x2) and sp=4 (2x2) vs one process on the
+    whole scene (plain model, and the same through SPIM's rules on a 1x1 grid,
+    which isolates what the rules themselves keep alive): every configuration runs in fresh processes; the peak is the
+    resident-set high-water mark (``VmHWM``, reset through
+    ``/proc/self/clear_refs`` after imports and model construction) minus the
+    resident set at that point, so it counts what forward+backward allocates.
+
+The UPerNet runs in training mode (BatchNorm with whole-scene statistics over
+the sp group), except the BatchNorms of the PPM branches: with batch 1 the
+1x1-bin branch has one value per channel, which training-mode BatchNorm rejects
+on one device as well, so those run in eval mode in every configuration.
+
+Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3]``. Prints a
+table and one JSON line (prefixed ``JSON``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rest_ds.models.zoo import resnet18_upernet  # noqa: E402
+from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard  # noqa: E402
+from rest_ds.spim.spawn import spawn  # noqa: E402
+
+ALIGN = 32
+BANDS = 3
+DTYPE_BYTES = 4
+
+
+# --- models ------------------------------------------------------------------
+
+def conv_stack(channels: int, layers: int, in_chans: int = BANDS) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    c_in = in_chans
+    for _ in range(layers):
+        mods += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU()]
+        c_in = channels
+    return nn.Sequential(*mods)
+
+
+def stack_in_channels(channels: int, layers: int, in_chans: int = BANDS) -> list[int]:
+    return [in_chans] + [channels] * (layers - 1)
+
+
+def build(name: str, stack_channels: int, stack_layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "conv_stack":
+        return conv_stack(stack_channels, stack_layers).train()
+    model = resnet18_upernet().train()
+    for m in model.decoder.psp_modules.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+# --- analytic halo volume ----------------------------------------------------
+
+def analytic_halo_bytes(rows, cols, batch: int, in_channels: list[int], halo: int = 1) -> int:
+    """Bytes all ranks send in one forward of a stack of stride-1 convs with a
+    ``halo``-pixel border each side, from the tile geometry alone: each rank
+    sends every neighbour (corners included) the part of its own tile that lies
+    within ``halo`` pixels of that neighbour's tile."""
+    def overlap(part, i, j):  # extent of tile i that tile j needs (j = i or an adjacent tile)
+        if i == j:
+            return part[i + 1] - part[i]
+        return min(halo, part[i + 1] - part[i])
+
+    total = 0
+    ph, pw = len(rows) - 1, len(cols) - 1
+    for r in range(ph):
+        for c in range(pw):
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    i, j = r + dr, c + dc
+                    if (dr, dc) == (0, 0) or not (0 <= i < ph and 0 <= j < pw):
+                        continue
+                    pixels = overlap(rows, r, i) * overlap(cols, c, j)
+                    total += pixels * batch * sum(in_channels) * DTYPE_BYTES
+    return total
+
+
+# --- measurement helpers -----------------------------------------------------
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _fwd_bwd(model, x):
+    y = model(x)
+    y.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _barrier(mesh):
+    if mesh.sp > 1:
+        dist.barrier(group=mesh.sp_group)
+
+
+def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, stack_layers: int,
+              time_it: bool, spim: bool = True) -> dict:
+    """One rank of a sharded run. With grid (1, 1): the whole scene in one
+    process, through SPIM's rules (``spim``) or as the plain model."""
+    mesh = SpatialMesh.build(grid=grid)
+    model = build(name, stack_channels, stack_layers)
+    plain = copy.deepcopy(model)
+    layout = TileLayout.even(size, size, grid, ALIGN)
+    x = torch.randn(1, BANDS, size, size, generator=torch.Generator().manual_seed(0))
+    if spim:
+        parallelize(model, mesh, align=ALIGN)
+        inp = shard(x, mesh, layout)
+    else:
+        inp = x
+    tile_shape = tuple(inp._local.shape) if spim else tuple(x.shape)
+    del x
+    out = {"rank": mesh.rank, "tile": tile_shape}
+
+    # (c) peak memory of the first forward+backward
+    _barrier(mesh)
+    exact = _reset_peak()
+    base = _rss_kib("VmRSS") if exact else _rss_kib("VmHWM")
+    comm_stats().reset()
+    t0 = time.perf_counter()
+    _fwd_bwd(model, inp)
+    out["first_s"] = time.perf_counter() - t0
+    out["peak_mib"] = (_rss_kib("VmHWM") - base) / 1024
+    out["peak_exact"] = exact
+    out["comm"] = {f"{k}/{p}": v for (k, p), v in comm_stats().by_phase.items()}
+
+    if time_it:
+        times = []
+        for _ in range(repeats):
+            _barrier(mesh)
+            t0 = time.perf_counter()
+            _fwd_bwd(model, inp)
+            times.append(time.perf_counter() - t0)
+        out["sharded_s"] = times
+        if mesh.sp == 1:
+            return out
+        # the same layers, plainly, on a tensor of this rank's tile size
+        tile = torch.randn(tile_shape, generator=torch.Generator().manual_seed(1))
+        _fwd_bwd(plain, tile)
+        times = []
+        for _ in range(repeats):
+            _barrier(mesh)
+            t0 = time.perf_counter()
+            _fwd_bwd(plain, tile)
+            times.append(time.perf_counter() - t0)
+        out["plain_tile_s"] = times
+    return out
+
+
+def _run(name, grid, args, time_it, spim=True) -> list[dict]:
+    return spawn(_rank_job, grid[0] * grid[1], name, grid, args.size, args.repeats, args.stack_channels,
+                 args.stack_layers, time_it, spim, timeout_s=3600, collective_timeout_s=1800)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=1024, help="scene height and width (multiple of 32 x grid)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward+backward runs per configuration")
+    p.add_argument("--stack-channels", type=int, default=32)
+    p.add_argument("--stack-layers", type=int, default=4)
+    p.add_argument("--models", default="conv_stack,resnet18_upernet")
+    args = p.parse_args(argv)
+    results: dict = {"size": args.size, "batch": 1, "bands": BANDS, "repeats": args.repeats,
+                     "stack": {"channels": args.stack_channels, "layers": args.stack_layers}, "models": {}}
+    rows_out = []
+    for name in args.models.split(","):
+        res: dict = {}
+        # (a)+(b): 1x2 grid, timed; then (c): whole scene in one process, 2x2 grid
+        r2 = _run(name, (1, 2), args, True)
+        r1 = _run(name, (1, 1), args, True, spim=False)
+        r1s = _run(name, (1, 1), args, False)
+        r4 = _run(name, (2, 2), args, False)
+        sharded = max(statistics.median(r["sharded_s"]) for r in r2)
+        plain = max(statistics.median(r["plain_tile_s"]) for r in r2)
+        whole = statistics.median(r1[0]["sharded_s"])  # (1, 1): the plain model on the whole scene
+        res["time_s"] = {"sp2_sharded": sharded, "sp2_plain_tile": plain, "overhead_ratio": sharded / plain,
+                         "sp1_whole_scene": whole, "speedup_vs_whole": whole / sharded}
+        res["peak_mib_per_rank"] = {"sp1": r1[0]["peak_mib"], "sp1_spim": r1s[0]["peak_mib"], "sp2": max(r["peak_mib"] for r in r2),
+                                    "sp4": max(r["peak_mib"] for r in r4)}
+        res["peak_exact"] = all(r["peak_exact"] for r in r1 + r1s + r2 + r4)
+        res["comm_bytes_sp2_rank0"] = r2[0]["comm"]
+        res["comm_bytes_sp4_rank0"] = r4[0]["comm"]
+        if name == "conv_stack":
+            cins = stack_in_channels(args.stack_channels, args.stack_layers)
+            lay = TileLayout.even(args.size, args.size, (1, 2), ALIGN)
+            measured_f = sum(r["comm"].get("halo/forward", 0) for r in r2)
+            measured_b = sum(r["comm"].get("halo/backward", 0) for r in r2)
+            # the scene input does not require grad: no halo gradient for the first conv
+            analytic_f = analytic_halo_bytes(lay.rows, lay.cols, 1, cins)
+            analytic_b = analytic_halo_bytes(lay.rows, lay.cols, 1, cins[1:])
+            lay4 = TileLayout.even(args.size, args.size, (2, 2), ALIGN)
+            res["halo_bytes"] = {
+                "sp2_forward": {"measured": measured_f, "analytic": analytic_f},
+                "sp2_backward": {"measured": measured_b, "analytic": analytic_b},
+                "sp4_forward": {"measured": sum(r["comm"].get("halo/forward", 0) for r in r4),
+                                "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins)},
+                "sp4_backward": {"measured": sum(r["comm"].get("halo/backward", 0) for r in r4),
+                                 "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins[1:])},
+            }
+            res["halo_match"] = all(v["measured"] == v["analytic"] for v in res["halo_bytes"].values())
+        results["models"][name] = res
+        rows_out.append((name, res))
+
+    print(f"\nSPIM core benchmark: scene {BANDS} x {args.size} x {args.size}, batch 1, gloo CPU, "
+          f"1 thread per rank, median of {args.repeats}")
+    for name, res in rows_out:
+        t, m = res["time_s"], res["peak_mib_per_rank"]
+        print(f"\n[{name}]")
+        if "halo_bytes" in res:
+            print(f"  {'halo bytes (all ranks)':<28}{'measured':>14}{'analytic':>14}")
+            for k, v in res["halo_bytes"].items():
+                print(f"  {k:<28}{v['measured']:>14,}{v['analytic']:>14,}")
+            print(f"  match: {res['halo_match']}")
+        print(f"  fwd+bwd time: sp=2 sharded {t['sp2_sharded']:.3f} s | same layers on a plain local tile "
+              f"{t['sp2_plain_tile']:.3f} s | ratio {t['overhead_ratio']:.2f} | one process, whole scene "
+              f"{t['sp1_whole_scene']:.3f} s")
+        print(f"  peak memory per rank (MiB): sp=1 {m['sp1']:.0f} (plain) | sp=1 through SPIM {m['sp1_spim']:.0f} | "
+              f"sp=2 {m['sp2']:.0f} | sp=4 {m['sp4']:.0f}"
+              f"{'' if res['peak_exact'] else '  (ru_maxrss fallback, not reset)'}")
+    print("JSON " + json.dumps(results, sort_keys=True))
+    if any(not r.get("halo_match", True) for r in results["models"].values()):
+        raise SystemExit("measured halo bytes differ from the analytic volume")
+    return results
+
+
+if __name__ == "__main__":
+    main()
