@@ -1,0 +1,51 @@
+"""Patch embeddings over more than two dims: ``F.conv3d`` with kernel == stride
+on the sharded dims (a video/multi-temporal ViT's tubelet embedding, e.g.
+Prithvi-EO's ``Conv3d(C, D, (t, p, p), stride=(t, p, p))``).
+
+With every tile border on the patch grid, each patch lies in one tile: the
+conv is local and the partition divides by the patch size. (2-D convs of any
+shape go through the halo rules in window.py.)"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import context
+from ..tensor import SpatialTensor, Spec, register, wrap
+
+
+def _triple(v):
+    return (v,) * 3 if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+@register(F.conv3d)
+def _conv3d(func, args, kwargs):
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x, w = a["input"], a["weight"]
+    if not isinstance(x, SpatialTensor) or isinstance(w, SpatialTensor) or isinstance(a.get("bias"), SpatialTensor):
+        raise context.unsupported("conv3d", "a sharded weight or bias")
+    spec = x._spec
+    if spec.is_tokens or spec.dims != (x.dim() - 2, x.dim() - 1):
+        raise context.unsupported("conv3d", f"sharded dims {spec.dims} are not the last two (N, C, T, H, W)")
+    k = tuple(w.shape[-3:])
+    s = _triple(a.get("stride", 1))
+    p = a.get("padding", 0)
+    if isinstance(p, str):
+        raise context.unsupported("conv3d", f"padding='{p}'")
+    p, d = _triple(p), _triple(a.get("dilation", 1))
+    if k[1:] != s[1:] or p[1:] != (0, 0) or d[1:] != (1, 1):
+        raise context.unsupported(
+            "conv3d", f"only patch embeddings are supported: kernel == stride, no padding or dilation on the "
+            f"sharded dims (got kernel {k}, stride {s}, padding {p}, dilation {d})")
+    for part, step, axis in ((spec.rows, s[1], "row"), (spec.cols, s[2], "column")):
+        if any(b % step for b in part[1:-1]):
+            raise context.unsupported(
+                "conv3d", f"{axis} tile borders {list(part)} are not on the {step}-px patch grid; align tiles to the patch size")
+    H, W = spec.global_hw
+    rows = tuple(b // s[1] for b in spec.rows[:-1]) + (H // s[1],)
+    cols = tuple(b // s[2] for b in spec.cols[:-1]) + (W // s[2],)
+    if any(b1 <= b0 for b0, b1 in zip(rows, rows[1:])) or any(b1 <= b0 for b0, b1 in zip(cols, cols[1:])):
+        raise context.unsupported("conv3d", "a tile smaller than one patch")
+    out = F.conv3d(x._local, w, a.get("bias"), s, p, d, a.get("groups", 1))
+    return wrap(out, Spec(spec.mesh, spec.dims, rows, cols))
