@@ -1,0 +1,188 @@
+"""Sequence-parallel attention and windowed attention under SPIM.
+
+Sharded vs one process (output, input grad, parameter grads) for global
+attention with Ulysses and all-gather K/V (heads divisible and not divisible by
+sp, prefix tokens, explicit q @ k^T attention), and windowed attention; the
+bytes moved per layer against the analytic volumes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+from transformers import SamVisionConfig
+from transformers.models.sam.modeling_sam import SamVisionLayer
+
+from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard
+from rest_ds.spim.attention import choose_algorithm
+from rest_ds.spim.errors import SPIMError
+from rest_ds.spim.spawn import spawn
+from rest_ds.spim.verify import compare_sharded
+
+TOL = 1e-5
+H, W = 12, 14          # token grid
+LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 5, 14)), (2, 2): TileLayout((0, 7, 12), (0, 9, 14)),
+           (1, 3): TileLayout((0, 12), (0, 4, 9, 14))}
+
+
+class TokenBlock(nn.Module):
+    """(B, C, H, W) -> tokens -> ViT block(s) -> (B, C, H, W); optional class token."""
+
+    def __init__(self, dim=24, heads=4, depth=1, cls=False, fused=True):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(dim, heads, qkv_bias=True) for _ in range(depth)])
+        for b in self.blocks:
+            b.attn.fused_attn = fused
+        self.cls = nn.Parameter(torch.randn(1, 1, dim)) if cls else None
+        self.pos = nn.Parameter(0.1 * torch.randn(1, H * W + (1 if cls else 0), dim))
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        if self.cls is not None:
+            t = torch.cat([self.cls.expand(B, -1, -1), t], dim=1)
+        t = t + self.pos
+        for b in self.blocks:
+            t = b(t)
+        if self.cls is not None:
+            cls_out, t = t[:, 0], t[:, 1:]
+            return t.transpose(1, 2).reshape(B, C, h, w), cls_out
+        return t.transpose(1, 2).reshape(B, C, h, w)
+
+
+def _sam_layer(window, attn="eager"):
+    cfg = SamVisionConfig(hidden_size=24, num_attention_heads=2, mlp_dim=48, image_size=H * 8, patch_size=8,
+                          window_size=window, use_rel_pos=True)
+    cfg._attn_implementation = attn
+    torch.manual_seed(3)
+    layer = SamVisionLayer(cfg, window_size=window)
+    with torch.no_grad():  # small non-zero relative positions, well conditioned in fp32
+        layer.attn.rel_pos_h.normal_(0, 0.02)
+        layer.attn.rel_pos_w.normal_(0, 0.02)
+    return layer
+
+
+class SamLayerNCHW(nn.Module):
+    def __init__(self, window, attn="eager"):
+        super().__init__()
+        self.layer = _sam_layer(window, attn)
+
+    def forward(self, x):
+        return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+CASES = {
+    "heads4": lambda: TokenBlock(heads=4),                     # Ulysses on 1x2 and 2x2, all-gather on 1x3
+    "heads3": lambda: TokenBlock(heads=3),                     # all-gather on 1x2, 2x2; Ulysses on 1x3
+    "cls_token": lambda: TokenBlock(heads=4, cls=True, depth=2),
+    "explicit_attention": lambda: TokenBlock(heads=2, fused=False),
+    "sam_global": lambda: SamLayerNCHW(0),
+}
+
+
+def _rank(grid):
+    mesh = SpatialMesh.build(grid=grid)
+    out = {}
+    for name, factory in CASES.items():
+        x = torch.randn(2, 24, H, W, generator=torch.Generator().manual_seed(5))
+        rep = compare_sharded(factory, x, mesh, LAYOUTS[grid], train=True, step=True)
+        out[name] = (rep.errors, rep.refused)
+    # float64: the algorithm itself, free of fp32 rounding (SAM's eager attention
+    # runs its softmax in fp32 whatever the input dtype, so the sdpa variant here)
+    x = torch.randn(2, 24, H, W, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rep = compare_sharded(lambda: SamLayerNCHW(0, "sdpa").double(), x, mesh, LAYOUTS[grid], train=True, step=True)
+    out["sam_global_fp64"] = (rep.errors, rep.refused)
+    return out
+
+
+_RESULTS: dict = {}
+
+
+def _results(grid):
+    if grid not in _RESULTS:
+        _RESULTS[grid] = spawn(_rank, grid[0] * grid[1], grid)[0]
+    return _RESULTS[grid]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("grid", list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("case", list(CASES) + ["sam_global_fp64"])
+def test_attention_exact(grid, case):
+    errors, refused = _results(grid)[case]
+    assert refused is None, refused
+    assert any(k.startswith("grad ") for k in errors)
+    tol = 1e-10 if case.endswith("fp64") else TOL
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"{case} on {grid}: {bad}"
+
+
+def _bytes_rank(grid, algorithm, heads, window):
+    mesh = SpatialMesh.build(grid=grid)
+    torch.manual_seed(0)
+    if window is None:
+        model = TokenBlock(heads=heads)
+        dim, n_h, n_w = 24, H, W
+        layout = LAYOUTS[grid]
+        x = torch.randn(1, dim, n_h, n_w, requires_grad=True)
+    else:
+        model = SamLayerNCHW(window)
+        layout = TileLayout((0, 8, 12), (0, 4, 14)) if grid == (2, 2) else TileLayout((0, 12), (0, 8, 14))
+        x = torch.randn(1, 24, H, W, requires_grad=True)
+    parallelize(model, mesh, attention=algorithm)
+    comm_stats().reset()
+    y = model(shard(x, mesh, layout))
+    (y[0] if isinstance(y, tuple) else y).to_local().sum().backward()
+    return dict(comm_stats().by_phase)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("algorithm,heads", [("ulysses", 4), ("allgather", 3)])
+def test_global_attention_bytes_match_analytic(algorithm, heads):
+    """Per global-attention layer, over all ranks (B = 1, d = width, N tokens, fp32):
+    Ulysses moves 4 (P-1)/P N d elements forward (q, k, v out, o back) and the
+    same backward; all-gather K/V moves 2 (P-1) N d forward and backward."""
+    grid = (2, 2)
+    P, N, d = 4, H * W, 24
+    per_rank = spawn(_bytes_rank, P, grid, algorithm, heads, None)
+    fwd = sum(r.get(("all_to_all", "forward"), 0) for r in per_rank)
+    bwd = sum(r.get(("all_to_all", "backward"), 0) for r in per_rank)
+    analytic = 4 * (4 * (P - 1) / P * N * d if algorithm == "ulysses" else 2 * (P - 1) * N * d)
+    assert fwd == analytic and bwd == analytic
+    assert all(r.get(("halo", "forward"), 0) == 0 for r in per_rank)
+
+
+@pytest.mark.timeout(300)
+def test_windowed_attention_moves_zero_bytes():
+    """Tiles on the window grid (4 x 4 tokens; the scene's 12 x 14 pads to 12 x 16
+    at the bottom/right only): each window lives on one rank, nothing is sent."""
+    per_rank = spawn(_bytes_rank, 4, (2, 2), "auto", 2, 4)
+    assert all(sum(r.values()) == 0 for r in per_rank), per_rank
+
+
+def _misaligned_rank():
+    mesh = SpatialMesh.build(grid=(1, 2))
+    model = parallelize(SamLayerNCHW(4), mesh)
+    x = torch.randn(1, 24, H, W)
+    try:
+        model(shard(x, mesh, TileLayout((0, 12), (0, 6, 14))))
+    except SPIMError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_windows_across_tile_borders_are_refused_by_name():
+    msgs = spawn(_misaligned_rank, 2)
+    assert all(m and "window" in m and "layer" in m for m in msgs), msgs
+
+
+def test_algorithm_choice():
+    mesh = SpatialMesh(1, 4, (2, 2), 0, None, None, (0, 1, 2, 3))
+    assert choose_algorithm(8, mesh) == "ulysses"
+    assert choose_algorithm(6, mesh) == "allgather"
+    assert choose_algorithm(8, mesh, "allgather") == "allgather"
+    with pytest.raises(SPIMError, match="divisible"):
+        choose_algorithm(6, mesh, "ulysses")
+    with pytest.raises(SPIMError, match="must be"):
+        choose_algorithm(6, mesh, "ring")
