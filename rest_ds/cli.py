@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from . import __version__
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
@@ -147,6 +149,12 @@ def _add_verify(sub) -> None:
     p.add_argument("--align", type=_positive_int, default=1, metavar="A",
                    help="tile borders on multiples of A input pixels; use the network's total stride "
                         "(e.g. 32 for ResNet + UPerNet) (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of model and input (default: %(default)s); float64 checks the algorithm "
+                        "free of fp32 rounding")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also run the one-process model in float64 and print, per check, how far the fp32 "
+                        "one-process result itself is from it (fp32 rounding alone); needs --dtype float32")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument("--timeout", type=_positive_int, default=600, metavar="SECONDS",
                    help="kill the ranks after this many seconds (default: %(default)s)")
@@ -208,7 +216,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         report = verify(target, (B, C, H, W), (ph, pw), train=args.train, seed=args.seed, align=args.align,
-                        timeout_s=args.timeout)
+                        timeout_s=args.timeout, dtype=getattr(torch, args.dtype),
+                        noise_floor=args.noise_floor and args.dtype == "float32")
     except RankError as e:
         if args.debug and e.tb:
             print(e.tb, file=sys.stderr)
@@ -224,10 +233,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     tol = args.tol
     errors = report.errors
     width = max([len(k) for k in errors] + [len("check")])
-    print(f"{'check':<{width}}  {'rel. error':>10}  result")
-    print(f"{'-' * width}  {'-' * 10}  ------")
+    floor = report.noise_floor
+    extra = f"  {'fp32 floor':>10}" if floor else ""
+    print(f"{'check':<{width}}  {'rel. error':>10}{extra}  result")
+    print(f"{'-' * width}  {'-' * 10}{'  ' + '-' * 10 if floor else ''}  ------")
     for name, v in errors.items():
-        print(f"{name:<{width}}  {_fmt_err(v):>10}  {'PASS' if v <= tol else 'FAIL'}")
+        f = f"  {_fmt_err(floor[name]) if name in floor else '-':>10}" if floor else ""
+        print(f"{name:<{width}}  {_fmt_err(v):>10}{f}  {'PASS' if v <= tol else 'FAIL'}")
+    if floor:
+        print("(fp32 floor: the one-process fp32 result's own error against float64)")
     print()
     print("bytes sent by sp rank 0 (forward + backward + gradient average):")
     if report.comm_bytes:
@@ -268,7 +282,9 @@ def _write_json(args, report, elapsed: float, status: str) -> None:
         "status": status,
         "refused": report.refused,
         "layout": {"rows": list(report.layout[0]), "cols": list(report.layout[1])} if report.layout else None,
+        "dtype": args.dtype,
         "errors": {k: _jsonable(v) for k, v in report.errors.items()},
+        "noise_floor": {k: _jsonable(v) for k, v in report.noise_floor.items()},
         "failures": sorted(report.failures(args.tol)) if report.refused is None else [],
         "comm_bytes": dict(report.comm_bytes),
         "seconds": round(elapsed, 3),

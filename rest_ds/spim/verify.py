@@ -33,9 +33,15 @@ from .tiling import TileLayout
 
 @dataclass
 class VerifyReport:
-    """Relative errors by name; ``refused`` holds the refusal message, if any."""
+    """Relative errors by name; ``refused`` holds the refusal message, if any.
+
+    ``noise_floor`` (when asked for) holds, per name, the error of the
+    single-process fp32 run itself against a float64 run of the same model: how
+    far fp32 rounding alone moves that quantity. A sharded error of that order
+    is rounding, not a SPIM bug."""
 
     errors: dict[str, float] = field(default_factory=dict)
+    noise_floor: dict[str, float] = field(default_factory=dict)
     comm_bytes: dict[str, int] = field(default_factory=dict)
     refused: str | None = None
     grid: tuple[int, int] = (1, 1)
@@ -104,20 +110,27 @@ def _loss(outs, seed):
 
 def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: SpatialMesh,
                     layout: TileLayout | None = None, train: bool = False, step: bool = False,
-                    seed: int = 0, align: int = 1, lr: float = 0.1) -> VerifyReport:
+                    seed: int = 0, align: int = 1, lr: float = 0.1, dtype: torch.dtype | None = None,
+                    noise_floor: bool = False) -> VerifyReport:
     """Run on every rank of the sp group; returns the same report on every rank.
 
     ``x`` is the whole input, identical on every rank. The reference runs on sp
-    rank 0 only."""
+    rank 0 only. ``dtype`` casts model and input (e.g. ``torch.float64`` to
+    check the algorithm free of fp32 rounding). ``noise_floor`` also runs the
+    reference in float64 and reports how far the fp32 reference itself is from it."""
     torch.use_deterministic_algorithms(True)
     layout = layout or TileLayout.even(x.shape[-2], x.shape[-1], mesh.grid, align)
     torch.manual_seed(seed)
     model = factory()
+    if dtype is not None:
+        model = model.to(dtype)
+        x = x.to(dtype)
     with torch.no_grad():  # identical weights on every rank, whatever the factory did
         for t in list(model.parameters()) + list(model.buffers()):
             if mesh.sp > 1:
                 dist.broadcast(t.data, src=mesh.sp_ranks[0], group=mesh.sp_group)
     ref = copy.deepcopy(model)
+    ref64 = copy.deepcopy(model).double().train(train) if noise_floor and mesh.sp_index == 0 else None
     model.train(train)
     ref.train(train)
     report = VerifyReport(grid=mesh.grid, layout=(layout.rows, layout.cols))
@@ -171,6 +184,8 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
                 report.errors[f"param after step {n}"] = rel_error(p, q)
         for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
             report.errors[f"buffer {n}"] = rel_error(b, c)
+        if ref64 is not None:
+            report.noise_floor = _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr)
     if mesh.sp > 1:
         box = [report.errors]
         dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
@@ -178,24 +193,58 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     return report
 
 
-def _verify_rank(target, input_shape, grid, train, seed, align, rows, cols):
+def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
+    """Errors of the fp32 single-process run (already done: ``ref``, ``rout``,
+    ``xr``) against the same model in float64."""
+    x64 = x.detach().double().requires_grad_(x.is_floating_point())
+    with SharedRandomness(SharedRNG(seed)):
+        out64 = _outputs(ref64(x64))
+    loss = _loss(out64, seed)
+    if isinstance(loss, torch.Tensor):
+        loss.backward()
+    floor = {f"output[{i}]": rel_error(a.double(), b) for i, (a, b) in enumerate(zip(rout, out64))}
+    if xr.grad is not None:
+        floor["input grad"] = rel_error(xr.grad.double(), x64.grad)
+    for (n, p), (_, q) in zip(ref.named_parameters(), ref64.named_parameters()):
+        if p.grad is not None and q.grad is not None:
+            floor[f"grad {n}"] = rel_error(p.grad.double(), q.grad)
+    if step:
+        with torch.no_grad():
+            for q in ref64.parameters():
+                if q.grad is not None:
+                    q -= lr * q.grad
+        for (n, p), (_, q) in zip(ref.named_parameters(), ref64.named_parameters()):
+            floor[f"param after step {n}"] = rel_error(p.double(), q)
+    for (n, b), (_, c) in zip(ref.named_buffers(), ref64.named_buffers()):
+        floor[f"buffer {n}"] = rel_error(b.double(), c.double())
+    return floor
+
+
+def _verify_rank(target, input_shape, grid, train, seed, align, rows, cols, dtype, noise_floor):
     factory = load_factory(target) if isinstance(target, str) else target
     mesh = SpatialMesh.build(grid=grid)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(input_shape, generator=gen)
     layout = TileLayout(rows, cols) if rows else None
-    return compare_sharded(factory, x, mesh, layout, train=train, step=train, seed=seed, align=align)
+    report = compare_sharded(factory, x, mesh, layout, train=train, step=train, seed=seed, align=align,
+                             dtype=dtype, noise_floor=noise_floor)
+    if mesh.sp > 1 and noise_floor:
+        box = [report.noise_floor]
+        dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
+        report.noise_floor = box[0]
+    return report
 
 
 def verify(target: str | Callable[[], nn.Module], input_shape: tuple[int, ...], grid: tuple[int, int],
            train: bool = False, seed: int = 0, align: int = 1, layout: TileLayout | None = None,
-           timeout_s: float = 600.0) -> VerifyReport:
+           timeout_s: float = 600.0, dtype: torch.dtype | None = None, noise_floor: bool = False) -> VerifyReport:
     """Spawn ``grid[0] * grid[1]`` gloo ranks and compare sharded vs one process.
 
-    ``target`` is a factory or a ``module:factory`` / ``file.py:factory`` string."""
+    ``target`` is a factory or a ``module:factory`` / ``file.py:factory`` string;
+    ``dtype`` and ``noise_floor`` as in :func:`compare_sharded`."""
     from .spawn import spawn
 
     rows, cols = (layout.rows, layout.cols) if layout else ((), ())
     reports = spawn(_verify_rank, grid[0] * grid[1], target, tuple(input_shape), tuple(grid), train, seed,
-                    align, rows, cols, timeout_s=timeout_s)
+                    align, rows, cols, dtype, noise_floor, timeout_s=timeout_s)
     return reports[0]
