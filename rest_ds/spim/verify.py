@@ -62,9 +62,9 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|`` (absolute error when b is all zero; inf on shape mismatch or NaN)."""
     if a.shape != b.shape:
         return math.inf
+    if not (a.is_floating_point() or a.is_complex()):
+        return 0.0 if torch.equal(a.detach(), b.detach()) else math.inf
     a, b = a.detach().double(), b.detach().double()
-    if not a.is_floating_point():
-        return 0.0 if torch.equal(a, b) else math.inf
     diff = (a - b).abs().max().item() if a.numel() else 0.0
     scale = b.abs().max().item() if b.numel() else 0.0
     err = diff / scale if scale > 0 else diff
@@ -106,6 +106,31 @@ def _loss(outs, seed):
             g = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
             total = total + (o * g).sum()
     return total
+
+
+def _sgd_step(model: nn.Module, lr: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+def _grad_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
+    out = {}
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if q.grad is not None or p.grad is not None:
+            both = p.grad is not None and q.grad is not None
+            out[f"grad {n}"] = rel_error(p.grad, q.grad) if both else math.inf
+    return out
+
+
+def _param_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
+    return {f"param after step {n}": rel_error(p, q)
+            for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters())}
+
+
+def _buffer_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
+    return {f"buffer {n}": rel_error(b, c) for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers())}
 
 
 def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: SpatialMesh,
@@ -153,10 +178,7 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
         dist.all_reduce(gx, group=mesh.sp_group)
         gx /= mesh.sp
     if step:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p -= lr * p.grad
+        _sgd_step(model, lr)
     report.comm_bytes = dict(comm_stats().bytes)
     if mesh.sp_index == 0:
         xr = x.detach().clone().requires_grad_(x.is_floating_point())
@@ -171,19 +193,11 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
             report.errors["output count"] = math.inf
         if xr.grad is not None:
             report.errors["input grad"] = rel_error(gx, xr.grad)
-        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-            if q.grad is not None or p.grad is not None:
-                report.errors[f"grad {n}"] = (rel_error(p.grad, q.grad) if p.grad is not None and q.grad is not None
-                                              else math.inf)
+        report.errors.update(_grad_errors(model, ref))
         if step:
-            with torch.no_grad():
-                for p in ref.parameters():
-                    if p.grad is not None:
-                        p -= lr * p.grad
-            for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-                report.errors[f"param after step {n}"] = rel_error(p, q)
-        for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
-            report.errors[f"buffer {n}"] = rel_error(b, c)
+            _sgd_step(ref, lr)
+            report.errors.update(_param_errors(model, ref))
+        report.errors.update(_buffer_errors(model, ref))
         if ref64 is not None:
             report.noise_floor = _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr)
     if mesh.sp > 1:
@@ -202,21 +216,14 @@ def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
     loss = _loss(out64, seed)
     if isinstance(loss, torch.Tensor):
         loss.backward()
-    floor = {f"output[{i}]": rel_error(a.double(), b) for i, (a, b) in enumerate(zip(rout, out64))}
+    floor = {f"output[{i}]": rel_error(a, b) for i, (a, b) in enumerate(zip(rout, out64))}
     if xr.grad is not None:
-        floor["input grad"] = rel_error(xr.grad.double(), x64.grad)
-    for (n, p), (_, q) in zip(ref.named_parameters(), ref64.named_parameters()):
-        if p.grad is not None and q.grad is not None:
-            floor[f"grad {n}"] = rel_error(p.grad.double(), q.grad)
+        floor["input grad"] = rel_error(xr.grad, x64.grad)
+    floor.update(_grad_errors(ref, ref64))
     if step:
-        with torch.no_grad():
-            for q in ref64.parameters():
-                if q.grad is not None:
-                    q -= lr * q.grad
-        for (n, p), (_, q) in zip(ref.named_parameters(), ref64.named_parameters()):
-            floor[f"param after step {n}"] = rel_error(p.double(), q)
-    for (n, b), (_, c) in zip(ref.named_buffers(), ref64.named_buffers()):
-        floor[f"buffer {n}"] = rel_error(b.double(), c.double())
+        _sgd_step(ref64, lr)
+        floor.update(_param_errors(ref, ref64))
+    floor.update(_buffer_errors(ref, ref64))
     return floor
 
 
