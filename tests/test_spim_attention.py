@@ -20,6 +20,8 @@ from rest_ds.spim.errors import SPIMError
 from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
 
+from .harness import check_report, run_grid
+
 TOL = 1e-5
 H, W = 12, 14          # token grid
 LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 5, 14)), (2, 2): TileLayout((0, 7, 12), (0, 9, 14)),
@@ -96,13 +98,8 @@ def _rank(grid):
     return out
 
 
-_RESULTS: dict = {}
-
-
 def _results(grid):
-    if grid not in _RESULTS:
-        _RESULTS[grid] = spawn(_rank, grid[0] * grid[1], grid)[0]
-    return _RESULTS[grid]
+    return run_grid(_rank, grid)
 
 
 @pytest.mark.timeout(900)
@@ -110,11 +107,8 @@ def _results(grid):
 @pytest.mark.parametrize("case", list(CASES) + ["sam_global_fp64"])
 def test_attention_exact(grid, case):
     errors, refused = _results(grid)[case]
-    assert refused is None, refused
+    check_report(errors, refused, 1e-10 if case.endswith("fp64") else TOL, f"{case} on {grid}")
     assert any(k.startswith("grad ") for k in errors)
-    tol = 1e-10 if case.endswith("fp64") else TOL
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"{case} on {grid}: {bad}"
 
 
 def _bytes_rank(grid, algorithm, heads, window):
