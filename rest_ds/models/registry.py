@@ -8,7 +8,8 @@ products, e.g. patch x window for a windowed ViT).
 
 Decoder contract: ``factory(in_channels: list[int], strides: list[int],
 num_classes: int, **kwargs) -> nn.Module`` whose ``forward(features)`` returns
-logits at the finest feature stride (the Segmentor upsamples to the input).
+logits at some feature stride (the finest for multi-level heads; a head on one
+level returns that level's); the Segmentor upsamples them to the input.
 """
 from __future__ import annotations
 
