@@ -17,3 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Every rank of the model tests imports timm and transformers' SAM (seconds each on
+# 2 shared cores): the forkserver that spawn() starts imports them once instead.
+from rest_ds.spim.spawn import preload  # noqa: E402
+
+preload("timm", "transformers.models.sam.modeling_sam")

@@ -27,7 +27,7 @@ from . import context
 from .comm import _STATS, _phase
 from .errors import SPIMUnsupportedError
 from .mesh import SpatialMesh
-from .rng import SharedRandomness, SharedRNG
+from .rng import SharedRNG
 from .sharding import from_local
 from .tensor import SpatialTensor
 
@@ -132,16 +132,13 @@ def _shared_rng_hooks(model: nn.Module, mesh: SpatialMesh, seed: int | None) -> 
             dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
         seed = box[0]
     rng = SharedRNG(seed + 1_000_003 * mesh.dp_index)
-    active: list[SharedRandomness] = []
+    model._spim_rng = rng
 
     def pre(mod, args):
-        mode = SharedRandomness(rng)
-        mode.__enter__()
-        active.append(mode)
+        rng.enter()
 
     def post(mod, args, out):
-        if active:
-            active.pop().__exit__(None, None, None)
+        rng.exit()
 
     return [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
 

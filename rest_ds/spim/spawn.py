@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -43,7 +44,9 @@ def _worker(rank, world, port, fn, args, kwargs, q, threads, timeout_s):
     try:
         init_distributed("gloo", timeout_s=timeout_s)
         out = fn(*args, **kwargs)
-        q.put((rank, "ok", out))
+        # plain pickle (tensors copied by value): the queue's own reducers would pass
+        # tensors as shared-memory handles that die with this process
+        q.put((rank, "ok", pickle.dumps(out)))
     except BaseException as e:  # report everything, including SystemExit from a CLI body
         q.put((rank, "err", (type(e).__name__, str(e), traceback.format_exc())))
     finally:
@@ -55,13 +58,20 @@ def _worker(rank, world, port, fn, args, kwargs, q, threads, timeout_s):
 
 
 _CTX = None
+_PRELOAD = ["torch", "rest_ds.spim"]
+
+
+def preload(*modules: str) -> None:
+    """Modules the forkserver imports once for all ranks it will start (e.g.
+    "timm"); effective only before the first :func:`spawn` of the process."""
+    _PRELOAD.extend(m for m in modules if m not in _PRELOAD)
 
 
 def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "rest_ds.spim"])
+        _CTX.set_forkserver_preload(_PRELOAD)
     return _CTX
 
 
@@ -93,7 +103,7 @@ def spawn(fn: Callable, world: int, *args, threads: int = 1, timeout_s: float = 
                 continue
             if status == "err":
                 raise RankError(rank, *payload)
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             if p.is_alive() and len(results) < world:

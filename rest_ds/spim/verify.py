@@ -25,7 +25,7 @@ from .comm import comm_stats
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .parallelize import average_gradients, parallelize
-from .rng import SharedRandomness, SharedRNG
+from .rng import SharedRNG
 from .sharding import gather, shard
 from .tensor import SpatialTensor
 from .tiling import TileLayout
@@ -182,7 +182,7 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     report.comm_bytes = dict(comm_stats().bytes)
     if mesh.sp_index == 0:
         xr = x.detach().clone().requires_grad_(x.is_floating_point())
-        with SharedRandomness(SharedRNG(seed)):  # the same DropPath draws as the sharded run
+        with SharedRNG(seed).active():  # the same DropPath draws as the sharded run
             rout = _outputs(ref(xr))
         rloss = _loss(rout, seed)
         if isinstance(rloss, torch.Tensor):
@@ -211,7 +211,7 @@ def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
     """Errors of the fp32 single-process run (already done: ``ref``, ``rout``,
     ``xr``) against the same model in float64."""
     x64 = x.detach().double().requires_grad_(x.is_floating_point())
-    with SharedRandomness(SharedRNG(seed)):
+    with SharedRNG(seed).active():
         out64 = _outputs(ref64(x64))
     loss = _loss(out64, seed)
     if isinstance(loss, torch.Tensor):

@@ -12,6 +12,7 @@ import torch
 from .. import context
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
+from ..rng import RANDOM_FUNCS, run_on_tile
 from ..tokens import tile_of_full
 
 UNARY = (
@@ -106,7 +107,10 @@ def _pointwise(func, args, kwargs):
     if inplace and not isinstance(args[0], SpatialTensor):
         raise context.unsupported(op, "an in-place op on a replicated tensor with a sharded operand")
     largs, lkwargs = localize(args, kwargs, spec, ndim, op)
-    out = func(*largs, **lkwargs)
+    if func in RANDOM_FUNCS:  # dropout on a tile: masks differ per tile, replayable by checkpointing
+        out = run_on_tile(func, largs, lkwargs, spec.mesh.sp_index)
+    else:
+        out = func(*largs, **lkwargs)
     if inplace:
         args[0]._local = out if isinstance(out, torch.Tensor) else args[0]._local
         return args[0]

@@ -13,6 +13,7 @@ import torch
 
 from .. import context
 from ..errors import SPIMError
+from ..rng import RANDOM_FUNCS, run_on_tile
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
 from .pointwise import align_plain, localize
 
@@ -393,6 +394,8 @@ def _crop_end(x: SpatialTensor, dim: int, sl: slice):
                        "randint_like", owners=(torch,)))
 def _like(func, args, kwargs):
     x = args[0]
+    if func in RANDOM_FUNCS:
+        return wrap(run_on_tile(func, (x._local, *args[1:]), kwargs, x._spec.mesh.sp_index), x._spec)
     return wrap(func(x._local, *args[1:], **kwargs), x._spec)
 
 
