@@ -1,0 +1,380 @@
+"""Model configs: dataclasses that map one to one onto YAML, and ``build_segmentor``.
+
+A model YAML (``configs/models/*.yaml``) holds the fields of :class:`ModelConfig`
+at its top level::
+
+    num_classes: 7
+    encoder:   {name: ..., in_chans: 3, bands: null, checkpoint: null, kwargs: {...}}
+    neck:      {name: simple_pyramid, kwargs: {...}}          # or null
+    decoder:   {name: upernet, channels: 128, norm: bn, dropout: 0.1, kwargs: {...}}
+    aux_head:  {name: fcn, level: -2, weight: 0.4, channels: 64, ...}   # or null
+
+Every key is a dataclass field and every field a key: unknown keys, values of
+the wrong type and out-of-range values raise :class:`ConfigError` naming the
+key (``model.decoder.norm``). A field left ``null`` (channels, norm, dropout,
+in_chans, ...) is not passed on, so the factory's own default applies.
+``kwargs`` are passed to the factory as keyword arguments and checked against
+its signature when the config is validated (decoders, necks) or built
+(encoders, which may live in modules imported only then).
+
+``build_segmentor(cfg)`` builds, by registry name:
+
+* the encoder: ``build_encoder(name, **kwargs, in_chans=..., bands=...,
+  checkpoint=...)`` (the last three only when set, ``in_chans`` defaulting to
+  ``len(bands)``, ``bands`` only to factories that take it; the factory owns
+  checkpoint loading and band adaptation). It must follow the encoder contract of
+  ``rest_ds.models.registry`` (``out_channels``, ``strides``, ``align``);
+* the neck: ``build_neck(name, encoder.out_channels, encoder.strides, **kwargs)``;
+* the decoder: ``build_decoder(name, in_channels, strides, num_classes,
+  channels=, norm=, dropout=, **kwargs)`` on the neck's (else the encoder's) levels;
+* the aux head: the same for decoder ``aux_head.name`` built on level
+  ``aux_head.level`` alone.
+
+Paths (``encoder.checkpoint``) are used as written: relative paths are relative
+to the working directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import nn
+
+from . import decoders as _decoders  # noqa: F401  (registers the decoders)
+from .decoders import NORMS
+from .necks import NECKS, build_neck
+from .registry import DECODERS, ENCODERS, build_decoder, build_encoder
+from .segmentor import Segmentor
+
+
+class ConfigError(ValueError):
+    """A model config that cannot be used; the message names the key."""
+
+    def __init__(self, where: str | None, key: str, message: str):
+        self.where, self.key = where, key
+        super().__init__(f"{where + ': ' if where else ''}{key}: {message}")
+
+
+@dataclass
+class EncoderConfig:
+    """``name``: registered encoder; ``in_chans``: input bands (default: the
+    factory's, or ``len(bands)``); ``bands``: the input bands in order, names
+    or centre wavelengths in nm (for band adaptation of a checkpoint, see
+    ``rest_ds.models.encoders.bands``); ``checkpoint``: weights file the
+    factory loads; ``kwargs``: further factory arguments."""
+
+    name: str
+    in_chans: int | None = None
+    bands: list[str | float] | None = None
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NeckConfig:
+    """``name``: registered neck (``rest_ds.models.necks``); ``kwargs``: its arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecoderConfig:
+    """``name``: registered decoder; ``channels`` / ``norm`` (``bn``, ``gn``, ``ln``,
+    ``none``) / ``dropout``: common arguments (null: the decoder's default);
+    ``kwargs``: decoder-specific ones (``pool_scales``, ``ppm_norm``, ``in_index`` ...)."""
+
+    name: str
+    channels: int | None = None
+    norm: str | None = None
+    dropout: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AuxHeadConfig:
+    """Auxiliary head (training only): decoder ``name`` on feature level ``level``
+    (after the neck; negative counts from the coarsest), loss weight ``weight``."""
+
+    name: str = "fcn"
+    level: int = -2
+    weight: float = 0.4
+    channels: int | None = None
+    norm: str | None = None
+    dropout: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """A segmentor: encoder, optional neck, decoder, optional auxiliary head."""
+
+    num_classes: int
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    neck: NeckConfig | None = None
+    aux_head: AuxHeadConfig | None = None
+
+    # -- (de)serialisation -----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> "ModelConfig":
+        cfg = _parse(cls, data, where, "model")
+        cfg.validate(where)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
+        import yaml
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(path, "model", "config file not found")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(path, "model", f"not valid YAML ({' '.join(str(e).split())})") from None
+        return cls.from_dict(data, where=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, nested dataclasses as mappings (the inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None, width=120)
+
+    # -- checks ----------------------------------------------------------------------------
+    def validate(self, where: str | None = None) -> None:
+        """Value checks that need no encoder module; raises :class:`ConfigError`."""
+        if self.num_classes < 1:
+            raise ConfigError(where, "model.num_classes", f"must be >= 1, got {self.num_classes}")
+        e = self.encoder
+        if e.in_chans is not None and e.in_chans < 1:
+            raise ConfigError(where, "model.encoder.in_chans", f"must be >= 1, got {e.in_chans}")
+        if e.bands is not None:
+            if not e.bands or len(set(e.bands)) != len(e.bands):
+                raise ConfigError(where, "model.encoder.bands",
+                                  f"must be a non-empty list of distinct bands, got {e.bands}")
+            if e.in_chans is not None and e.in_chans != len(e.bands):
+                raise ConfigError(where, "model.encoder.bands",
+                                  f"{len(e.bands)} band names but in_chans is {e.in_chans}")
+        if self.neck is not None:
+            _check_factory_kwargs(NECKS, "neck", self.neck.name, self.neck.kwargs, where, "model.neck",
+                                  reserved=("in_channels", "strides"))
+        for key, d in (("model.decoder", self.decoder), ("model.aux_head", self.aux_head)):
+            if d is None:
+                continue
+            if d.channels is not None and d.channels < 1:
+                raise ConfigError(where, f"{key}.channels", f"must be >= 1, got {d.channels}")
+            if d.norm is not None and d.norm not in NORMS:
+                raise ConfigError(where, f"{key}.norm", f"must be one of {', '.join(NORMS)}, got {d.norm!r}")
+            if d.dropout is not None and not 0.0 <= d.dropout < 1.0:
+                raise ConfigError(where, f"{key}.dropout", f"must be in [0, 1), got {d.dropout}")
+            given = {k: v for k, v in (("channels", d.channels), ("norm", d.norm), ("dropout", d.dropout))
+                     if v is not None}
+            _check_factory_kwargs(DECODERS, "decoder", d.name, {**given, **d.kwargs}, where, key,
+                                  reserved=("in_channels", "strides", "num_classes"), explicit=given, extra=d.kwargs)
+        if self.aux_head is not None and self.aux_head.weight < 0:
+            raise ConfigError(where, "model.aux_head.weight", f"must be >= 0, got {self.aux_head.weight}")
+
+
+# --- typed parsing -------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp, value, where, key):
+    """``value`` as type ``tp`` (int, float, str, bool, Any, list[...], dict[str, ...],
+    Optional, dataclass), or :class:`ConfigError`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if value is None:
+            raise ConfigError(where, key, f"must not be null (expected {' or '.join(map(_type_name, non_none))})")
+        errors = []
+        for a in non_none:  # first alternative that accepts the value
+            try:
+                return _convert(a, value, where, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            where, key, f"expected {' or '.join(map(_type_name, non_none))}, got {value!r}")
+    if tp is Any:
+        return value
+    if value is None:
+        raise ConfigError(where, key, f"must not be null (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        return _parse(tp, value, where, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, key, f"expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(where, key, f"keys must be strings, got {k!r}")
+            out[k] = _convert(vt, v, where, f"{key}.{k}")
+        return out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(where, key, f"unsupported type {tp}")
+
+
+def _parse(cls, data, where, key):
+    if isinstance(data, cls):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, dict):
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(where, key, f"expected a mapping with keys {keys}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(where, f"{key}.{unknown[0]}",
+                          f"unknown key (known keys of {key}: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(hints[name], data[name], where, f"{key}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(where, f"{key}.{name}", "missing required key")
+    return cls(**values)
+
+
+def _signature_params(fn) -> tuple[set[str], bool]:
+    params = inspect.signature(fn).parameters.values()
+    return ({p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
+            any(p.kind is p.VAR_KEYWORD for p in params))
+
+
+def _check_factory_kwargs(table, kind, name, kwargs, where, key, reserved=(), explicit=None, extra=None):
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ConfigError(where, f"{key}.name", f"unknown {kind} '{name}' (known: {known})")
+    for k in reserved:
+        if k in kwargs:
+            raise ConfigError(where, f"{key}.kwargs.{k}", "is set by the builder, not by the config")
+    if explicit and extra:
+        for k in explicit:
+            if k in extra:
+                raise ConfigError(where, f"{key}.kwargs.{k}", f"duplicates {key}.{k}")
+    names, var_kw = _signature_params(table[name])
+    if var_kw:
+        return
+    for k in kwargs:
+        if k not in names:
+            sub = "kwargs." if extra is None or k in extra else ""
+            options = sorted(names - set(reserved))
+            raise ConfigError(where, f"{key}.{sub}{k}", f"{kind} '{name}' has no argument '{k}' "
+                                                       f"(arguments: {', '.join(options)})")
+
+
+# --- building -------------------------------------------------------------------------------
+
+def import_encoders() -> None:
+    """Import ``rest_ds.models.encoders`` (which registers the encoders) if it exists."""
+    try:
+        importlib.import_module("rest_ds.models.encoders")
+    except ModuleNotFoundError as e:
+        if e.name != "rest_ds.models.encoders":
+            raise
+
+
+def _build_encoder(cfg: EncoderConfig, where) -> nn.Module:
+    import_encoders()
+    kwargs = dict(cfg.kwargs)
+    in_chans = cfg.in_chans if cfg.in_chans is not None else (len(cfg.bands) if cfg.bands else None)
+    names, var_kw = _signature_params(ENCODERS[cfg.name]) if cfg.name in ENCODERS else (set(), True)
+    # band names are passed only to factories that take them (they adapt checkpoints);
+    # otherwise they only set in_chans
+    bands = cfg.bands if var_kw or "bands" in names else None
+    for k, v in (("in_chans", in_chans), ("bands", bands), ("checkpoint", cfg.checkpoint)):
+        if v is not None:
+            if k in kwargs:
+                raise ConfigError(where, f"model.encoder.kwargs.{k}", f"duplicates model.encoder.{k}")
+            kwargs[k] = v
+    _check_factory_kwargs(ENCODERS, "encoder", cfg.name, kwargs, where, "model.encoder", extra=cfg.kwargs)
+    encoder = build_encoder(cfg.name, **kwargs)
+    missing = [a for a in ("out_channels", "strides") if getattr(encoder, a, None) is None]
+    if missing:
+        raise ConfigError(where, "model.encoder.name", f"encoder '{cfg.name}' does not follow the encoder contract "
+                                                       f"(no {', '.join(missing)}; see rest_ds.models.registry)")
+    return encoder
+
+
+def _decoder_kwargs(d) -> dict[str, Any]:
+    common = {k: v for k, v in (("channels", d.channels), ("norm", d.norm), ("dropout", d.dropout)) if v is not None}
+    return {**common, **d.kwargs}
+
+
+def build_segmentor(cfg: "ModelConfig | dict | str | os.PathLike") -> Segmentor:
+    """A :class:`Segmentor` from a config (dataclass, mapping or YAML path); the
+    config is kept as ``segmentor.config``."""
+    where = None
+    if isinstance(cfg, (str, os.PathLike)):
+        where = os.fspath(cfg)
+        cfg = ModelConfig.from_yaml(cfg)
+    elif isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg)
+    else:
+        cfg.validate()
+    encoder = _build_encoder(cfg.encoder, where)
+    channels, strides = list(encoder.out_channels), list(encoder.strides)
+    neck = None
+    if cfg.neck is not None:
+        neck = build_neck(cfg.neck.name, channels, strides, **cfg.neck.kwargs)
+        channels, strides = list(neck.out_channels), list(neck.strides)
+    decoder = build_decoder(cfg.decoder.name, channels, strides, cfg.num_classes, **_decoder_kwargs(cfg.decoder))
+    aux_head, aux_level, aux_weight = None, -1, 0.0
+    if cfg.aux_head is not None:
+        a = cfg.aux_head
+        if not -len(channels) <= a.level < len(channels):
+            raise ConfigError(where, "model.aux_head.level",
+                              f"{a.level} is out of range for the {len(channels)} feature levels the decoder sees")
+        aux_head = build_decoder(a.name, [channels[a.level]], [strides[a.level]], cfg.num_classes,
+                                 **_decoder_kwargs(a))
+        aux_level, aux_weight = a.level, a.weight
+    model = Segmentor(encoder, decoder, neck=neck, aux_head=aux_head, aux_level=aux_level, aux_weight=aux_weight)
+    model.config = cfg
+    return model
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """:meth:`ModelConfig.from_yaml`."""
+    return ModelConfig.from_yaml(path)
+
+
+__all__ = ["ConfigError", "EncoderConfig", "NeckConfig", "DecoderConfig", "AuxHeadConfig", "ModelConfig",
+           "build_segmentor", "load_model_config", "import_encoders"]

@@ -1,0 +1,24 @@
+"""Feature encoders, registered by name (``rest_ds.models.registry``).
+
+Importing this package registers:
+
+* ``timm_vit``: any timm ``vit_*`` / ``samvit_*`` VisionTransformer at the scene size (timm_vit.py);
+* ``hf_sam``: transformers' ``SamVisionEncoder`` at any scene size (hf_sam.py);
+* ``prithvi_vit`` and the TerraTorch presets ``prithvi_eo_tiny``, ``prithvi_eo_v1_100``,
+  ``prithvi_eo_v2_100``, ``prithvi_eo_v2_300``, ``prithvi_eo_v2_300_tl``, ``prithvi_eo_v2_600``,
+  ``prithvi_eo_v2_600_tl``: the Prithvi-EO-2.0 encoder in plain PyTorch (prithvi.py);
+* ``timm_cnn``: timm CNNs with ``features_only=True`` (timm_cnn.py).
+
+Every encoder follows the registry's contract: ``forward(x) -> list of NCHW
+maps`` and ``out_channels``, ``strides``, ``align``. Checkpoints trained on
+other bands are adapted by the rules in bands.py.
+"""
+from . import bands
+from .bands import adapt_input_weight, adapt_state_dict, band_mapping
+from .hf_sam import HFSamEncoder, hf_sam
+from .prithvi import PrithviViT, prithvi_vit
+from .timm_cnn import TimmCNNEncoder, timm_cnn
+from .timm_vit import TimmViTEncoder, timm_vit
+
+__all__ = ["bands", "adapt_input_weight", "adapt_state_dict", "band_mapping", "HFSamEncoder", "hf_sam",
+           "PrithviViT", "prithvi_vit", "TimmCNNEncoder", "timm_cnn", "TimmViTEncoder", "timm_vit"]

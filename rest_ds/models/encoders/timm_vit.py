@@ -1,0 +1,118 @@
+"""timm Vision Transformers (``vit_*``, MAE / DeiT / augreg ViTs, ``samvit_*``) as feature encoders.
+
+The timm model is built for the *scene* size (``img_size``): its absolute
+position embedding covers the global token grid, and a checkpoint trained at
+another size is resampled once, at load time (timm's
+``resample_abs_pos_embed``, bicubic, for ``VisionTransformer``; for
+``VisionTransformerSAM`` the ``(1, h, w, C)`` table is resampled bicubically and
+the global blocks' decomposed relative-position tables linearly, as SAM's own
+``get_rel_pos`` would at forward time). Under SPIM each rank then adds its tile
+of the table. Features are the outputs of chosen blocks
+(``forward_intermediates``), NCHW, all at stride = patch size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+from timm.models import vision_transformer as _vit
+from timm.models import vision_transformer_sam as _samvit
+
+from ..registry import register_encoder
+from .bands import Band, adapt_state_dict
+from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resize_pos_nhwc,
+                     resize_rel_pos, to_hw)
+
+_CHECKPOINT_EXTRAS = ("head.", "fc_norm.", "decoder", "mask_token", "pre_logits.")
+
+
+class TimmViTEncoder(nn.Module):
+    """A timm ``VisionTransformer`` or ``VisionTransformerSAM`` returning the
+    outputs of blocks ``indices`` as NCHW maps (``B x C x H/p x W/p``).
+
+    ``norm=True`` applies the final norm to every feature (for ``samvit_*``: the
+    conv neck, which changes the width to ``neck_chans``). Blocks after the last
+    chosen one, and the classifier head, are dropped (no unused parameters).
+    ``align`` = patch size, or patch x window for windowed ``samvit_*`` blocks
+    (tile borders on the window grid keep every window on one rank)."""
+
+    def __init__(self, model_name: str, img_size: int | Sequence[int], indices: int | Sequence[int] | None = None,
+                 in_chans: int | None = None, checkpoint: str | Path | StateDict | None = None,
+                 bands: Sequence[Band] | None = None, pretrained_bands: Sequence[Band] | None = None,
+                 band_rule: str = "auto", norm: bool = False, grad_checkpointing: bool = False, **timm_kwargs):
+        super().__init__()
+        img_size = to_hw(img_size)
+        if in_chans is None:
+            in_chans = len(bands) if bands is not None else 3
+        family = timm.models.model_entrypoint(model_name).__module__
+        if family not in (_vit.__name__, _samvit.__name__):
+            raise ValueError(f"timm_vit: '{model_name}' (from {family}) is not a timm VisionTransformer or "
+                             "VisionTransformerSAM (use the 'timm_cnn' encoder for CNNs)")
+        self.model = timm.create_model(model_name, pretrained=False, img_size=img_size, in_chans=in_chans,
+                                       num_classes=0, global_pool="", **timm_kwargs)
+        m = self.model
+        ph, pw = m.patch_embed.patch_size
+        if ph != pw:
+            raise ValueError(f"timm_vit: non-square patches {ph}x{pw} are not supported")
+        check_divisible(img_size, ph, f"timm_vit '{model_name}'")
+        self.is_sam = isinstance(m, _samvit.VisionTransformerSAM)
+        self.in_chans = in_chans
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint, pretrained_bands=pretrained_bands, bands=bands, band_rule=band_rule)
+        depth = len(m.blocks)
+        self.indices = normalize_indices(indices, depth, f"timm_vit '{model_name}'")
+        self.norm = bool(norm)
+        m.prune_intermediate_layers(self.indices, prune_norm=not self.norm, prune_head=True)
+        m.set_grad_checkpointing(grad_checkpointing)
+        width = m.embed_dim
+        if self.is_sam and self.norm and not isinstance(m.neck, nn.Identity):
+            width = m.num_features
+        self.out_channels = [width] * len(self.indices)
+        self.strides = [ph] * len(self.indices)
+        windows = [getattr(b, "window_size", 0) for b in m.blocks] if self.is_sam else []
+        window = max(windows, default=0)
+        self.align = ph * window if window else ph
+
+    def load_checkpoint(self, checkpoint: str | Path | StateDict, pretrained_bands: Sequence[Band] | None = None,
+                        bands: Sequence[Band] | None = None, band_rule: str = "auto") -> None:
+        """Load a timm / original-format checkpoint strictly (classifier, MAE decoder
+        and mask token are dropped), resampling position tables to this scene and
+        adapting the patch embedding's bands (bands.py)."""
+        m = self.model
+        sd = read_state_dict(checkpoint)
+        if any(k.startswith("decoder") for k in sd):
+            # an MAE pretraining checkpoint: drop its decoder (and mask token, which timm's filter would
+            # otherwise take for a DINOv2 checkpoint)
+            sd = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+        if self.is_sam:
+            sd = _samvit.checkpoint_filter_fn(sd, m)  # original SAM 'image_encoder.' layout -> timm
+            own = m.state_dict()
+            if "pos_embed" in sd and m.pos_embed is not None:
+                sd["pos_embed"] = resize_pos_nhwc(sd["pos_embed"], tuple(m.pos_embed.shape[1:3]))
+            for k in list(sd):
+                if k.endswith(("rel_pos_h", "rel_pos_w")) and k in own:
+                    sd[k] = resize_rel_pos(sd[k], own[k].shape[0])
+        else:
+            sd = _vit.checkpoint_filter_fn(sd, m)  # resamples pos_embed to the scene's token grid
+        own = m.state_dict()
+        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(_CHECKPOINT_EXTRAS)}
+        sd = adapt_state_dict(sd, "patch_embed.proj.weight", pretrained_bands, bands, self.in_chans, band_rule,
+                              missing_ok=True)
+        load_strict(m, sd, f"timm_vit {type(m).__name__}", ignore_missing=("head.",))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=self.indices, norm=self.norm, intermediates_only=True)
+
+
+@register_encoder("timm_vit")
+def timm_vit(model_name: str = "vit_base_patch16_224", img_size: int | Sequence[int] = 224,
+             indices: int | Sequence[int] | None = None, **kwargs) -> TimmViTEncoder:
+    """Any timm ``vit_*`` / ``samvit_*`` by name at scene size ``img_size``
+    (random weights, or ``checkpoint=<path or state dict>``); see :class:`TimmViTEncoder`."""
+    return TimmViTEncoder(model_name, img_size, indices, **kwargs)
+
+
+__all__ = ["TimmViTEncoder", "timm_vit"]
