@@ -19,9 +19,11 @@ NO_ERROR = "no error"
 
 
 # --- models used by the cases ---------------------------------------------------------
-class Flatten1(nn.Module):
+class MergeChannelsRows(nn.Module):
     def forward(self, x):
-        return x.flatten(1)  # merges the channels with the sharded rows and columns
+        # (B, C, H, W) -> (B, C*H, W) interleaves the channels with the sharded rows
+        # (x.flatten(1), which keeps (C, H, W) whole in row-major order, is exact)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class Roll(nn.Module):
@@ -79,15 +81,15 @@ def _grid2x2_cases() -> dict[str, tuple[str, str]]:
         model = parallelize(nn.Conv2d(3, 4, 3, padding=1), mesh)
         model(torch.randn(1, 3, 7 if rank == 1 else 6, 6))
 
-    def flatten_sharded():
-        parallelize(Wrapper(Flatten1()), mesh)(torch.randn(1, 3, 6, 6))
+    def merge_rows_sharded():
+        parallelize(Wrapper(MergeChannelsRows()), mesh)(torch.randn(1, 3, 6, 6))
 
     def roll_sharded():
         parallelize(Wrapper(Roll()), mesh)(torch.randn(1, 3, 6, 6))
 
     for name, fn in [("no_output_rows", no_output_rows), ("misaligned", misaligned), ("aligned_ok", aligned_ok),
                      ("channels_mismatch", channels_mismatch), ("row_heights_mismatch", row_heights_mismatch),
-                     ("flatten_sharded", flatten_sharded), ("roll_sharded", roll_sharded)]:
+                     ("merge_rows_sharded", merge_rows_sharded), ("roll_sharded", roll_sharded)]:
         out[name] = _catch(fn)
         dist.barrier()  # a case that left a rank behind would hang here and time out the test
     return out
@@ -185,7 +187,7 @@ def test_mismatched_row_heights(grid2x2, three_ranks):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("case, op", [("flatten_sharded", "flatten"), ("roll_sharded", "roll")])
+@pytest.mark.parametrize("case, op", [("merge_rows_sharded", "reshape"), ("roll_sharded", "roll")])
 def test_unsupported_op_names_module(grid2x2, case, op):
     msg = _same_error_everywhere(grid2x2, case, SPIMUnsupportedError)
     assert "module 'head.1'" in msg and op in msg, msg
