@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import cli as data_cli
 
     data_cli.add_parser(sub)
+    from .train import cli as train_cli
+
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One node, N ranks, through the DeepSpeed launcher.
+#   bash launch/deepspeed_single_node.sh N configs/NAME.yaml [KEY=VALUE ...]
+# GPU: N = GPUs (nccl, one rank per GPU). CPU: N = ranks (gloo); --num_gpus is the rank count there,
+# and each rank gets OMP_NUM_THREADS = cores / N threads unless you set it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+N="${1:?usage: deepspeed_single_node.sh N CONFIG [KEY=VALUE ...]}"
+CONFIG="${2:?usage: deepspeed_single_node.sh N CONFIG [KEY=VALUE ...]}"
+shift 2
+CORES="$(nproc)"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / N > 0 ? CORES / N : 1 ))}"
+PORT="${MASTER_PORT:-$("$ROOT/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+exec "$ROOT/.venv/bin/deepspeed" --num_gpus "$N" --master_port "$PORT" --no_local_rank \
+    --module rest_ds train --config "$CONFIG" "$@"

@@ -1,0 +1,288 @@
+"""Training checkpoints (DeepSpeed, atomic) and exported models (safetensors + JSON).
+
+Checkpoint layout (``<output_dir>/checkpoints/``)::
+
+    latest                   # the tag of the newest complete checkpoint (written last, atomically)
+    zero_to_fp32.py          # DeepSpeed's offline consolidation script (works with 'latest')
+    step_0000050/            # DeepSpeed's files (model states, ZeRO partitions, scheduler) +
+        rest_ds.json         #   our manifest: step, config, classes, statistics (written last)
+        rest_ds_rank{r}.pt   #   per-rank random generator states
+    .partial/                # checkpoints being written
+
+**Atomic writes**: every rank writes into ``.partial/<tag>/``; after a barrier,
+rank 0 writes the manifest, renames the folder to ``<tag>/`` (one ``rename``,
+atomic on POSIX) and then replaces ``latest`` (write + fsync + ``os.replace``).
+A crash at any point leaves either the previous checkpoint as ``latest`` or
+the new one complete; a folder without a manifest is never loaded, and
+``.partial/`` is cleared by the next save. (The checkpoint folder must be on a
+file system all ranks share.)
+
+**Export** (``rest-ds export``): the DeepSpeed checkpoint is consolidated
+(``zero_to_fp32`` for ZeRO 1-3, the model-states file for stage 0) into one
+``.safetensors`` file plus a ``.json`` with the model config, classes,
+normalisation statistics and band names: everything ``rest-ds segment`` needs,
+on any number of ranks. The JSON is written after the weights and records
+their sha256, so a mismatched pair is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "rest_ds.json"
+EXPORT_FORMAT = "rest_ds-model/1"
+CKPT_FORMAT = "rest_ds-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or exported model that cannot be used; the message names the path."""
+
+
+# --- atomic file helpers -------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- training checkpoints ------------------------------------------------------------------------
+def tag_of(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` (folders with a manifest), oldest first."""
+    root = Path(root)
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).is_file():
+            try:
+                out.append((int(p.name[5:]), p))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Path, str, dict]:
+    """``(root, tag, manifest)`` of a checkpoint: ``path`` is a tag folder, or a
+    checkpoints folder (its ``latest``, else its newest complete checkpoint), or a
+    run folder holding ``checkpoints/``. Raises :class:`CheckpointError`."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        root, tag = p.parent, p.name
+    else:
+        if (p / "checkpoints").is_dir() and not (p / "latest").exists():
+            p = p / "checkpoints"
+        if not p.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint folder")
+        tag = None
+        latest = p / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if not (p / tag / MANIFEST).is_file():
+                tag = None  # 'latest' names an incomplete folder: fall back to the newest complete one
+        if tag is None:
+            found = list_checkpoints(p)
+            if not found:
+                raise CheckpointError(f"{path}: no complete checkpoint (a folder step_N/ with {MANIFEST})")
+            tag = found[-1][1].name
+        root = p
+    try:
+        manifest = json.loads((root / tag / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{root / tag / MANIFEST}: unreadable manifest ({e})") from None
+    if manifest.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{root / tag}: not a rest_ds checkpoint (format {manifest.get('format')!r})")
+    return root, tag, manifest
+
+
+def save_checkpoint(engine, root: str | os.PathLike, step: int, manifest: dict, rank_state: dict, *,
+                    rank: int, barrier, keep: int = 2) -> Path:
+    """Atomically save a DeepSpeed checkpoint of ``step`` (every rank calls it).
+
+    ``manifest`` (rank 0's is written) and ``rank_state`` (per rank) are stored
+    next to DeepSpeed's files. Keeps the ``keep`` newest checkpoints."""
+    root = Path(root)
+    partial = root / ".partial"
+    tag = tag_of(step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if (partial / tag).exists():
+            shutil.rmtree(partial / tag)
+        partial.mkdir(exist_ok=True)
+    barrier()
+    engine.save_checkpoint(str(partial), tag=tag, client_state={"rest_ds_step": step}, save_latest=False)
+    atomic_torch_save(rank_state, partial / tag / f"rest_ds_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        atomic_write_json(partial / tag / MANIFEST, {"format": CKPT_FORMAT, "step": step, "tag": tag, **manifest})
+        final = root / tag
+        if final.exists():  # an older run's checkpoint of the same step: replace it
+            shutil.rmtree(final)
+        os.rename(partial / tag, final)
+        _fsync_dir(root)
+        atomic_write_bytes(root / "latest", tag.encode())
+        for f in partial.iterdir():  # DeepSpeed's zero_to_fp32.py & co.: usable next to 'latest'
+            if f.is_file():
+                os.replace(f, root / f.name)
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, root: Path, tag: str, *, rank: int) -> dict | None:
+    """Load DeepSpeed state of ``root/tag`` into ``engine``; returns this rank's
+    ``rank_state`` (None when the checkpoint was written by fewer ranks)."""
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{root / tag}: DeepSpeed could not load the checkpoint")
+    f = root / tag / f"rest_ds_rank{rank}.pt"
+    return torch.load(f, weights_only=False) if f.is_file() else None
+
+
+# --- export ----------------------------------------------------------------------------------------
+def consolidated_state_dict(root: Path, tag: str, manifest: dict) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint, in one process."""
+    stage = int(manifest.get("zero_stage", 0))
+    if stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        import contextlib
+        import io
+        # zero_to_fp32 prints progress on stdout and a progress bar on stderr
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        f = root / tag / "mp_rank_00_model_states.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{root / tag}: no {f.name}")
+        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+            for k, v in sd.items()}
+
+
+def export_model(state_dict: dict[str, torch.Tensor], meta: dict, output: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``output`` (``.safetensors``) and the JSON beside it (same stem);
+    both atomically, the JSON last with the weights' sha256. Returns both paths."""
+    from safetensors.torch import save_file
+
+    out = Path(output)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(out.suffix + ".safetensors") if out.suffix else out.with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": EXPORT_FORMAT})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    js = out.with_suffix(".json")
+    atomic_write_json(js, {"format": EXPORT_FORMAT, "weights": out.name, "sha256": sha256_file(out), **meta})
+    return out, js
+
+
+def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, state_dict)`` of an exported model: a ``.safetensors`` file, its
+    ``.json``, or a folder holding exactly one such pair."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) != 1:
+            raise CheckpointError(f"{path}: expected one .safetensors file in the folder, found {len(found)}")
+        p = found[0]
+    if p.suffix == ".json":
+        js = p
+    else:
+        js = p.with_suffix(".json")
+    if not js.is_file():
+        raise CheckpointError(f"{js}: missing (an exported model is NAME.safetensors + NAME.json; "
+                              f"make one with 'rest-ds export')")
+    try:
+        meta = json.loads(js.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{js}: not valid JSON ({e})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{js}: not a rest_ds exported model (format {meta.get('format')!r})")
+    weights = js.parent / meta.get("weights", js.with_suffix(".safetensors").name)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (named by {js})")
+    if meta.get("sha256") and sha256_file(weights) != meta["sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match {js} (the pair was not written together)")
+    return meta, load_file(str(weights))
+
+
+__all__ = ["CheckpointError", "MANIFEST", "tag_of", "list_checkpoints", "find_checkpoint", "save_checkpoint",
+           "load_checkpoint", "consolidated_state_dict", "export_model", "read_export", "atomic_write_json",
+           "atomic_write_bytes", "sha256_file"]

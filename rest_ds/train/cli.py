@@ -1,0 +1,344 @@
+"""``rest-ds train``, ``rest-ds segment`` and ``rest-ds export``.
+
+Wiring (in ``rest_ds/cli.py``)::
+
+    from .train import cli as train_cli
+    train_cli.add_parser(sub)       # registers train, segment, export
+
+Exit status: 0 success; 1 a failure while running (a rank raised; the message
+names the rank); 2 bad input (config key or value, missing file, unusable
+checkpoint), with one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+TRAIN_DESCRIPTION = """\
+Train a segmentation model on whole scenes (SPIM spatial parallelism inside
+DeepSpeed data parallelism) or, with data.mode=crop, the cropping baseline.
+
+Start it with a launcher; each rank runs this command:
+
+  deepspeed --num_gpus 2 --no_local_rank --module rest_ds train --config configs/NAME.yaml
+  torchrun --nproc_per_node 2 -m rest_ds train --config configs/NAME.yaml
+  srun python -m rest_ds train --config configs/NAME.yaml   (MASTER_ADDR/PORT set; launch/sbatch.sh)
+
+(on CPU the deepspeed launcher's --num_gpus is the number of CPU ranks; see
+launch/). Without a launcher it runs as one rank. gloo on CPU (set
+OMP_NUM_THREADS per rank), nccl on GPU.
+
+KEY=VALUE arguments override config keys (dotted, YAML values), e.g.
+  train.steps=200 optimizer.lr=3e-4 mesh.grid=2x1 deepspeed.zero_stage=3
+Every key is validated: an unknown key or a bad value is named in the error.
+
+Writes into output_dir (default runs/NAME): train_log.csv, eval_log.csv,
+metrics.json, training_curve.png and checkpoints/ (DeepSpeed, atomic; a
+second run with train.resume=auto continues from the latest one)."""
+
+SEGMENT_DESCRIPTION = """\
+Segment a whole scene into a georeferenced GeoTIFF with an exported model.
+
+INPUT is a sample name (nc-landsat7), a scene YAML or a raster file (GeoTIFF,
+...). Each of the P ranks reads and writes only its tile. --mode whole (REST,
+default) runs the model on the whole scene split over the ranks (the same map
+for any P); --mode slide is the cropping baseline (windows of --crop px with
+--overlap px, logits averaged).
+
+P ranks: under a launcher (deepspeed / torchrun / srun, as for train), or
+--nproc P local gloo ranks, else one process.
+
+Output: uint8 class map (input CRS and transform, nodata 255 where the input is
+nodata, colour table, class names in the metadata, tiled and compressed);
+--probs: float32 per-class probabilities; --preview: a PNG of the map."""
+
+EXPORT_DESCRIPTION = """\
+Consolidate a DeepSpeed training checkpoint (any ZeRO stage, any number of
+ranks) into one .safetensors file plus a .json (model config, classes,
+normalisation, bands), the input of 'rest-ds segment' on any number of ranks.
+
+CHECKPOINT is a run folder, its checkpoints/ folder (the latest complete
+checkpoint is used) or one checkpoints/step_N/ folder."""
+
+
+def _one_line(text) -> str:
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def add_parser(subparsers) -> None:
+    """Register ``train``, ``segment`` and ``export`` on ``subparsers``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("train", help="train on whole scenes (or crops) with DeepSpeed and SPIM",
+                              description=TRAIN_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("--config", required=True, type=Path, metavar="YAML", help="training config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    p.add_argument("--print-config", action="store_true", help="print the validated config (defaults filled in) and exit")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("segment", help="segment a whole scene into a georeferenced GeoTIFF",
+                              description=SEGMENT_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, metavar="MODEL",
+                   help="exported model: NAME.safetensors (with NAME.json beside it) or its folder")
+    p.add_argument("--input", required=True, metavar="SCENE", help="sample name, scene YAML or raster file")
+    p.add_argument("--output", required=True, type=Path, metavar="MAP.tif", help="output class map (GeoTIFF)")
+    p.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                   help="whole: REST whole-scene inference (default); slide: sliding-window baseline")
+    p.add_argument("--crop", type=_pos_int, metavar="N", help="slide: window size (default: the training crop size)")
+    p.add_argument("--overlap", type=_nonneg_int, metavar="M", help="slide: window overlap (default: crop/4)")
+    p.add_argument("--probs", type=Path, metavar="PROBS.tif", help="also write per-class probabilities (float32)")
+    p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG preview of the map")
+    p.add_argument("--grid", metavar="PHxPW", help="tile grid of the ranks (default: least halo traffic)")
+    p.add_argument("--stats", choices=("model", "scene"), default="model",
+                   help="normalisation: the training statistics stored with the model (default) or the input "
+                        "scene's own (scanned once, cached)")
+    p.add_argument("--values", choices=("auto", "raw", "ids"), default="auto",
+                   help="pixel values: the classes' raw label values (auto: when integers in 0..254) or ids 0..K-1")
+    p.add_argument("--nproc", type=_pos_int, default=1, metavar="P",
+                   help="without a launcher: run P local gloo ranks (default 1)")
+    p.add_argument("--cache", metavar="DIR", help="sample cache (default: $REST_DS_DATA or ~/.cache/rest_ds)")
+    p.add_argument("--threads", type=_pos_int, metavar="N", help="torch threads per rank (default: $OMP_NUM_THREADS or 1)")
+    p.add_argument("--timeout", type=_pos_int, default=1800, metavar="SECONDS",
+                   help="with --nproc: stop the ranks after this long (default %(default)s)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_segment)
+
+    p = subparsers.add_parser("export", help="consolidate a training checkpoint into safetensors + JSON",
+                              description=EXPORT_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="CHECKPOINT",
+                   help="run folder, checkpoints/ folder or checkpoints/step_N/ folder")
+    p.add_argument("--output", required=True, type=Path, metavar="MODEL.safetensors",
+                   help="output weights (the .json is written beside it)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    p.set_defaults(func=cmd_export)
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 1")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0")
+    return v
+
+
+def _usage_errors():
+    from ..data import DataError
+    from ..spim import SPIMError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    return (ConfigError, DataError, CheckpointError, SPIMError, FileNotFoundError)
+
+
+def _rank_env() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return rank, world
+
+
+def _die(e: BaseException, debug: bool, rank: int, world: int) -> int:
+    """Report a rank's error; in a multi-rank job exit at once (the peers may be
+    blocked in a collective: the launcher stops them, or their collective timeout)."""
+    code = EXIT_USAGE if isinstance(e, _usage_errors()) else EXIT_FAIL
+    if debug:
+        import traceback
+        traceback.print_exc()
+    who = f"rank {rank}: " if world > 1 else ""
+    text = _one_line(e)
+    if world > 1 and _peer_lost(e):
+        text = f"a collective failed: another rank stopped or timed out (its error comes first) [{text[:300]}]"
+    print(f"error: {who}{type(e).__name__}: {text}", file=sys.stderr, flush=True)
+    if world > 1:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective that failed because a peer died or never arrived (gloo/nccl wording)."""
+    t = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in t for k in (
+        "connection closed by peer", "connection reset", "timed out", "timeout", "broken pipe", "nccl error"))
+
+
+# --- train --------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    rank, world = _rank_env()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(_one_line(e)) if world == 1 or rank == 0 else EXIT_USAGE
+    if args.print_config:
+        if rank == 0:
+            print(cfg.to_yaml(), end="")
+        return EXIT_OK
+    try:
+        from .engine import Trainer, init_job
+
+        rank, world = init_job()
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and world == 1:
+            return 130
+        return _die(e, args.debug, rank, world)
+    if rank == 0:
+        ev = summary.get("eval") or {}
+        tail = f", val mIoU {ev['mIoU']:.4f}" if ev.get("mIoU") is not None else ""
+        loss = f", final loss {summary['final_loss']:.4f}" if summary.get("final_loss") is not None else ""
+        ran = summary["steps"] - summary["start_step"]
+        print(f"done: {ran} step(s) ({summary['start_step']}->{summary['steps']}) in {summary['train_seconds']:.1f} s "
+              f"(setup {summary['setup_seconds']:.1f} s){loss}{tail}; output {cfg.out_dir}", flush=True)
+    _finish()
+    return EXIT_OK
+
+
+def _finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+# --- segment ----------------------------------------------------------------------------------------
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .config import parse_grid_text
+
+    grid = None
+    if args.grid:
+        try:
+            grid = parse_grid_text(args.grid)
+        except ValueError as e:
+            return _fail(f"--grid: {e}")
+    if args.overlap is not None and args.crop is not None and args.overlap >= args.crop:
+        return _fail(f"--overlap {args.overlap} must be smaller than --crop {args.crop}")
+    for p in (args.output, args.probs, args.preview):
+        if p is not None and p.is_dir():
+            return _fail(f"{p} is a directory")
+    kwargs = dict(checkpoint=str(args.checkpoint), input=str(args.input), output=str(args.output), mode=args.mode,
+                  crop=args.crop, overlap=args.overlap, probs=str(args.probs) if args.probs else None,
+                  preview=str(args.preview) if args.preview else None, grid=grid, stats=args.stats,
+                  cache=args.cache, values=args.values, threads=args.threads)
+    rank, world = _rank_env()
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if launched and args.nproc > 1:
+        return _fail("--nproc starts local ranks; do not combine it with a launcher")
+    if not launched and args.nproc > 1:
+        from ..spim.spawn import RankError, spawn
+        from .segment import _segment_rank
+
+        # a relative path must mean the same in the ranks, whatever their cwd
+        for k in ("checkpoint", "output", "probs", "preview"):
+            if kwargs[k]:
+                kwargs[k] = os.path.abspath(kwargs[k])
+        if os.path.exists(kwargs["input"]):
+            kwargs["input"] = os.path.abspath(kwargs["input"])
+        try:
+            res = spawn(_segment_rank, args.nproc, kwargs, threads=args.threads or 1, timeout_s=args.timeout)
+        except RankError as e:
+            if args.debug and e.tb:
+                print(e.tb, file=sys.stderr)
+            who = f"rank {e.rank}: " if e.rank >= 0 else ""
+            return _fail(f"{who}{e.exc_type}: {_one_line(e.message)}", EXIT_FAIL)
+        _print_segment(res[0])
+        return EXIT_OK
+    try:
+        from .segment import segment
+
+        if launched:  # torch.distributed only: inference needs no DeepSpeed
+            import torch.distributed as dist
+
+            from ..spim import init_distributed
+            init_distributed()
+            rank, world = dist.get_rank(), dist.get_world_size()
+        res = segment(**kwargs)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and world == 1:
+            return 130
+        return _die(e, args.debug, rank, world)
+    if rank == 0:
+        _print_segment(res)
+    _finish()
+    return EXIT_OK
+
+
+def _print_segment(res: dict) -> None:
+    g = res["grid"]
+    print(f"segment: {res['mode']} on {res['ranks']} rank(s), grid {g[0]}x{g[1]}, {res['shape'][0]}x{res['shape'][1]} px "
+          f"-> {res['output']} [{res['seconds']:.1f} s]", flush=True)
+
+
+# --- export ----------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    try:
+        from .checkpoint import consolidated_state_dict, export_model, find_checkpoint
+        from .engine import quiet_deepspeed
+
+        quiet_deepspeed()
+
+        root, tag, manifest = find_checkpoint(args.checkpoint)
+        sd = consolidated_state_dict(root, tag, manifest)
+        meta = export_meta(manifest)
+        # the weights must fit the model they claim to be
+        from .segment import CheckpointError
+        from .engine import build_model
+
+        model, _ = build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+        res = model.load_state_dict(sd, strict=False)
+        if res.missing_keys or res.unexpected_keys:
+            raise CheckpointError(f"{root / tag}: consolidated weights do not match the model config "
+                                  f"(missing {res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]})")
+        out, js = export_model(sd, meta, args.output)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        return _die(e, args.debug, 0, 1)
+    n = sum(v.numel() for v in sd.values())
+    print(f"export {root / tag} (step {manifest['step']}, ZeRO {manifest.get('zero_stage')}, "
+          f"{manifest.get('world_size')} ranks) -> {out} + {js.name}: {len(sd)} tensors, {n / 1e6:.2f} M values "
+          f"[{time.monotonic() - t0:.1f} s]", flush=True)
+    return EXIT_OK
+
+
+def export_meta(manifest: dict) -> dict:
+    """The JSON fields of an exported model, from a checkpoint manifest."""
+    keys = ("model", "align", "num_classes", "in_chans", "classes", "ignore_index", "band_names", "normalization",
+            "mode", "crop_size", "slide_overlap", "step", "train_scenes")
+    meta = {k: manifest.get(k) for k in keys}
+    meta["trained_with"] = {"zero_stage": manifest.get("zero_stage"), "world_size": manifest.get("world_size"),
+                            "mesh": manifest.get("mesh"), "name": (manifest.get("config") or {}).get("name")}
+    return meta
+
+
+__all__ = ["add_parser", "cmd_train", "cmd_segment", "cmd_export", "export_meta"]

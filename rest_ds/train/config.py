@@ -1,0 +1,496 @@
+"""Training configuration: dataclasses that map one to one onto a YAML file.
+
+``rest-ds train --config configs/NAME.yaml [key=value ...]`` loads the YAML,
+applies the ``key=value`` overrides (dotted keys, YAML values:
+``optimizer.lr=3e-4 mesh.grid=2x1 data.scenes=[a.yaml,b.yaml]``), then
+validates every key: an unknown key or a value of the wrong type or range
+raises :class:`ConfigError` naming the key (``data.mode: 'crops' is not one
+of whole, crop``), with a suggestion for misspelt keys.
+
+Sections (every field has a default except ``data.scenes``)::
+
+    name: nc-rest                  # run name; output_dir defaults to runs/<name>
+    output_dir: null
+    seed: 0
+    model: models/x.yaml           # a model YAML (relative to this file), or a mapping of
+                                   # rest_ds.models.ModelConfig fields, or {from: models/x.yaml,
+                                   # <fields merged over it>}; num_classes and encoder.in_chans
+                                   # default to the scene's
+    data:    {scenes, val_scenes, train_region, val_region, cache, scan, mode, crop_size,
+              crops_per_rank, min_labelled, augment: {flip, rot90, crop, brightness, shift, noise}}
+    mesh:    {sp, grid, attention}
+    deepspeed: {zero_stage, precision, gradient_clipping, gradient_accumulation_steps, config}
+    optimizer: {name, lr, weight_decay, momentum, betas, eps}
+    schedule:  {name, warmup_steps, min_lr_ratio, power}
+    train:   {steps, log_interval, eval_interval, checkpoint_interval, keep_checkpoints, resume,
+              activation_checkpointing, class_weights, label_smoothing, threads, deterministic,
+              progress, eval_slide_overlap}
+
+See ``configs/README.md`` for what each key means.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+try:  # one error type for the whole config, model section included
+    from rest_ds.models.config import ConfigError
+except ImportError:  # pragma: no cover - models package without config support
+    class ConfigError(ValueError):
+        def __init__(self, where: str | None, key: str, message: str):
+            self.where, self.key = where, key
+            super().__init__(f"{where + ': ' if where else ''}{key}: {message}")
+
+
+# --- sections ----------------------------------------------------------------------------------
+@dataclass
+class AugmentSection:
+    """Scene augmentation, identical over an sp group (rest_ds.data.augment).
+    ``crop``: ``[lo, hi]`` side fraction of a random sub-scene, or null."""
+
+    flip: bool = True
+    rot90: bool = True
+    crop: list[float] | None = None
+    brightness: float = 0.0
+    shift: float = 0.0
+    noise: float = 0.0
+
+
+@dataclass
+class DataSection:
+    """``scenes``: sample names (``nc-landsat7``) or scene YAML paths (relative
+    to the config file). ``mode``: ``whole`` trains on whole (augmented)
+    scenes split over the sp ranks; ``crop`` is the cropping baseline: each
+    rank trains on ``crops_per_rank`` random ``crop_size`` crops holding at
+    least ``min_labelled`` labelled pixels (sp = 1, every rank data-parallel)."""
+
+    scenes: list[str] = field(default_factory=list)
+    val_scenes: list[str] | None = None
+    train_region: str | None = "train"
+    val_region: str | None = "val"
+    cache: str | None = None
+    scan: bool = True
+    mode: Literal["whole", "crop"] = "whole"
+    crop_size: int = 128
+    crops_per_rank: int = 4
+    min_labelled: float = 0.05
+    augment: AugmentSection = field(default_factory=AugmentSection)
+
+
+@dataclass
+class MeshSection:
+    """``sp``: ranks per scene (null: all ranks; crop mode: 1). ``grid``:
+    ``auto`` (least halo traffic) or ``PHxPW``. ``attention``: ``auto``,
+    ``ulysses`` or ``allgather``."""
+
+    sp: int | None = None
+    grid: str = "auto"
+    attention: Literal["auto", "ulysses", "allgather"] = "auto"
+
+
+@dataclass
+class DeepSpeedSection:
+    """``zero_stage`` 0-3 over all ``dp x sp`` ranks; ``precision``: fp32 (CPU),
+    bf16 or fp16 (GPU); ``gradient_clipping``: max global norm (0: off);
+    ``config``: further raw DeepSpeed config keys, merged last."""
+
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = 0.0
+    gradient_accumulation_steps: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleSection:
+    """Learning rate multiplier per optimizer step: linear warm-up over
+    ``warmup_steps``, then ``constant``, ``cosine`` or ``poly`` (power
+    ``power``) or ``linear`` decay to ``min_lr_ratio`` at ``train.steps``."""
+
+    name: Literal["constant", "cosine", "poly", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    power: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    """``steps``: optimizer steps. Intervals are in steps (0: never, except a
+    final evaluation and checkpoint at the end when the interval is > 0).
+    ``resume``: ``auto`` (latest checkpoint in the output folder, if any),
+    ``none``, or a checkpoint folder. ``class_weights``: null, ``sqrt_inv``
+    (1/sqrt of the class frequency, normalised to mean 1) or one weight per
+    class. ``threads``: torch threads per rank (null: $OMP_NUM_THREADS or 1)."""
+
+    steps: int = 100
+    log_interval: int = 10
+    eval_interval: int = 50
+    checkpoint_interval: int = 50
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    activation_checkpointing: bool = False
+    class_weights: str | list[float] | None = None
+    label_smoothing: float = 0.0
+    threads: int | None = None
+    deterministic: bool = False
+    progress: bool = True
+    eval_slide_overlap: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    output_dir: str | None = None
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source_file: str | None = field(default=None, metadata={"internal": True})
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def out_dir(self) -> str:
+        return self.output_dir or os.path.join("runs", self.name)
+
+    def grid(self) -> tuple[int, int] | None:
+        """The configured grid, or None for ``auto``."""
+        return None if self.mesh.grid == "auto" else parse_grid_text(self.mesh.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_file", None)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+
+    # -- checks ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Range and consistency checks (types are checked while parsing)."""
+        w = self.source_file
+
+        def need(ok: bool, key: str, msg: str):
+            if not ok:
+                raise ConfigError(w, key, msg)
+
+        need(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        need(len(self.data.scenes) > 0, "data.scenes", "give at least one scene (a sample name or a scene YAML path)")
+        need(self.data.val_scenes is None or len(self.data.val_scenes) > 0, "data.val_scenes",
+             "must be null (the training scenes) or a non-empty list")
+        need(self.data.crop_size >= 1, "data.crop_size", f"must be >= 1, got {self.data.crop_size}")
+        need(self.data.crops_per_rank >= 1, "data.crops_per_rank", f"must be >= 1, got {self.data.crops_per_rank}")
+        need(0.0 <= self.data.min_labelled <= 1.0, "data.min_labelled", f"must be in [0, 1], got {self.data.min_labelled}")
+        a = self.data.augment
+        if a.crop is not None:
+            need(len(a.crop) == 2 and 0 < a.crop[0] <= a.crop[1] <= 1, "data.augment.crop",
+                 f"must be [lo, hi] with 0 < lo <= hi <= 1, got {a.crop}")
+        for k in ("brightness", "shift", "noise"):
+            need(getattr(a, k) >= 0, f"data.augment.{k}", f"must be >= 0, got {getattr(a, k)}")
+        need(self.mesh.sp is None or self.mesh.sp >= 1, "mesh.sp", f"must be >= 1 or null, got {self.mesh.sp}")
+        if self.mesh.grid != "auto":
+            try:
+                g = parse_grid_text(self.mesh.grid)
+            except ValueError as e:
+                raise ConfigError(w, "mesh.grid", str(e)) from None
+            need(self.mesh.sp is None or g[0] * g[1] == self.mesh.sp, "mesh.grid",
+                 f"{self.mesh.grid} has {g[0] * g[1]} tiles but mesh.sp is {self.mesh.sp}")
+        if self.data.mode == "crop":
+            need(self.mesh.sp in (None, 1) and self.mesh.grid in ("auto", "1x1"), "mesh.sp",
+                 "data.mode 'crop' trains on independent crops: sp must be 1 (leave mesh.sp null and mesh.grid auto)")
+        d = self.deepspeed
+        need(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
+        need(d.gradient_clipping >= 0, "deepspeed.gradient_clipping", f"must be >= 0, got {d.gradient_clipping}")
+        need(d.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps",
+             f"must be >= 1, got {d.gradient_accumulation_steps}")
+        reserved = {"optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "gradient_clipping",
+                    "gradient_accumulation_steps", "train_micro_batch_size_per_gpu", "train_batch_size"}
+        for k in d.config:
+            need(k not in reserved, f"deepspeed.config.{k}",
+                 "is set from the other keys of the config (optimizer:, deepspeed.zero_stage, ...)"
+                 if k != "zero_optimization" else "set deepspeed.zero_stage; other ZeRO options are not exposed")
+        o = self.optimizer
+        need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+        need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        need(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas",
+             f"must be two numbers in [0, 1), got {o.betas}")
+        need(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
+        s = self.schedule
+        need(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+        need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+        need(s.power > 0, "schedule.power", f"must be > 0, got {s.power}")
+        t = self.train
+        need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+        for k in ("log_interval", "eval_interval", "checkpoint_interval"):
+            need(getattr(t, k) >= 0, f"train.{k}", f"must be >= 0 (0: never), got {getattr(t, k)}")
+        need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+        need(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null, got {t.threads}")
+        need(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+        if isinstance(t.class_weights, str):
+            need(t.class_weights == "sqrt_inv", "train.class_weights",
+                 f"must be null, 'sqrt_inv' or a list of weights, got {t.class_weights!r}")
+        elif t.class_weights is not None:
+            need(all(x >= 0 for x in t.class_weights) and any(x > 0 for x in t.class_weights),
+                 "train.class_weights", f"weights must be >= 0 and not all 0, got {t.class_weights}")
+        need(t.eval_slide_overlap is None or t.eval_slide_overlap >= 0, "train.eval_slide_overlap",
+             f"must be >= 0 or null, got {t.eval_slide_overlap}")
+        if t.eval_slide_overlap is not None and self.data.mode == "crop":
+            need(t.eval_slide_overlap < self.data.crop_size, "train.eval_slide_overlap",
+                 f"must be smaller than data.crop_size ({self.data.crop_size})")
+        need(isinstance(self.model, dict) and len(self.model) > 0, "model",
+             "give the model: a model YAML path (configs/models/...) or a mapping of ModelConfig fields")
+        try:  # the model section's own keys and values (encoder arguments are checked when it is built)
+            from rest_ds.models.config import ModelConfig
+        except ImportError:  # pragma: no cover
+            return
+        m = _deepcopy(self.model)
+        if m.get("num_classes") is None:
+            m["num_classes"] = 1  # filled in from the scenes
+        ModelConfig.from_dict(m, w)
+
+
+def parse_grid_text(text: str) -> tuple[int, int]:
+    """``'2x3'`` -> ``(2, 3)``; ValueError with a readable message otherwise."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        ph, pw = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"'{text}' is not 'auto' or PHxPW (rows x columns of tiles, e.g. 2x1)") from None
+    if ph < 1 or pw < 1:
+        raise ValueError(f"grid '{text}' needs at least one row and one column")
+    return ph, pw
+
+
+# --- typed parsing -------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp, value, where, key):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if value is None:
+            raise ConfigError(where, key, f"must not be null (expected {' or '.join(map(_type_name, non_none))})")
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(a, value, where, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(where, key, f"expected {' or '.join(map(_type_name, non_none))}, got {value!r}")
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options:
+            close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(where, key, f"{value!r} is not one of {', '.join(map(str, options))}{hint}")
+        return value
+    if tp is Any:
+        return value
+    if value is None:
+        raise ConfigError(where, key, f"must not be null (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        return _parse(tp, value, where, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, key, f"expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(vt, v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(where, key, f"expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(where, key, f"unsupported type {tp}")  # pragma: no cover
+
+
+def _public_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _parse(cls, data, where, key):
+    prefix = f"{key}." if key else ""
+    fields = _public_fields(cls)
+    if not isinstance(data, dict):
+        raise ConfigError(where, key or "config", f"expected a mapping with keys {', '.join(fields)}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    for k in data:
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(where, f"{prefix}{k}",
+                              f"unknown key ({hint}known keys{' of ' + key if key else ''}: {', '.join(fields)})")
+    values = {}
+    for name in fields:
+        if name in data:
+            values[name] = _convert(hints[name], data[name], where, f"{prefix}{name}")
+    return cls(**values)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optimizer.lr=3e-4'`` -> ``(['optimizer', 'lr'], 3e-4)`` (the value is YAML)."""
+    if "=" not in text:
+        raise ConfigError(None, text, "an override must be KEY=VALUE (e.g. optimizer.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(None, text, "an override must be KEY=VALUE with a dotted key (e.g. train.steps=10)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set(d: dict, path: list[str], value, where) -> None:
+    cur = d
+    for i, p in enumerate(path[:-1]):
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(where, ".".join(path[: i + 1]), f"is {nxt!r}, not a section; cannot set {'.'.join(path)}")
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def _resolve(path: str, base: str | None) -> str:
+    p = os.path.expanduser(path)
+    if os.path.isabs(p) or base is None:
+        return p
+    cand = os.path.join(base, p)
+    # a config in configs/ naming configs/models/x.yaml means the repo-relative path too
+    return cand if os.path.exists(cand) or not os.path.exists(p) else p
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict | None = None) -> TrainConfig:
+    """Load a YAML config (or a mapping ``data``), apply overrides, validate.
+
+    Scene and model paths are resolved relative to the config file (a path that
+    exists relative to the working directory is kept as written)."""
+    where = os.fspath(path) if path is not None else None
+    if data is None:
+        if where is None:
+            raise ConfigError(None, "config", "no config given")
+        if not os.path.isfile(where):
+            raise ConfigError(where, "config", "file not found")
+        try:
+            with open(where) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(where, "config", f"not valid YAML ({' '.join(str(e).split())})") from None
+    data = _deepcopy(data)
+    if not isinstance(data, dict):
+        raise ConfigError(where, "config", "must be a mapping of sections (model, data, mesh, ...)")
+    base = os.path.dirname(os.path.abspath(where)) if where else None
+    parsed = [parse_override(o) for o in overrides]
+    # a 'model: file.yaml' reference is expanded first so that model.* overrides apply to it
+    for keys, value in parsed:
+        if keys == ["model"]:
+            data["model"] = value
+    m = data.get("model")
+    if isinstance(m, str) or (isinstance(m, dict) and "from" in m):
+        ref = m if isinstance(m, str) else m["from"]
+        if not isinstance(ref, str):
+            raise ConfigError(where, "model.from", f"expected a model YAML path, got {ref!r}")
+        mpath = _resolve(ref, base)
+        if not os.path.isfile(mpath):
+            raise ConfigError(where, "model", f"model config '{ref}' not found")
+        with open(mpath) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(mpath, "model", "a model config must be a mapping")
+        # 'from: file.yaml' plus keys: the file, with those keys merged over it
+        data["model"] = _merge(loaded, {k: v for k, v in m.items() if k != "from"}) if isinstance(m, dict) else loaded
+    for keys, value in parsed:
+        if keys != ["model"]:
+            _set(data, keys, value, where)
+    cfg = _parse(TrainConfig, data, where, "")
+    cfg.source_file = where
+    if base is not None:
+        cfg.data.scenes = [_scene_ref(s, base) for s in cfg.data.scenes]
+        if cfg.data.val_scenes is not None:
+            cfg.data.val_scenes = [_scene_ref(s, base) for s in cfg.data.val_scenes]
+    cfg.validate()
+    return cfg
+
+
+def _scene_ref(s: str, base: str) -> str:
+    """Sample names stay names; YAML paths become absolute (relative to the config)."""
+    if s.endswith((".yaml", ".yml")) or os.sep in s:
+        return os.path.abspath(_resolve(s, base))
+    return s
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` (mappings recursively, anything else replaced)."""
+    out = _deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else _deepcopy(v)
+    return out
+
+
+def _deepcopy(d):
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+__all__ = ["ConfigError", "TrainConfig", "DataSection", "AugmentSection", "MeshSection", "DeepSpeedSection",
+           "OptimizerSection", "ScheduleSection", "TrainSection", "load_config", "parse_override", "parse_grid_text"]

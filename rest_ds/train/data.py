@@ -1,0 +1,177 @@
+"""What each rank reads in a training job.
+
+* ``whole`` mode: micro-step ``m`` of dp replica ``d`` trains on scene
+  ``(m * dp + d) mod n_scenes``, augmented by the plan drawn from
+  ``(seed, m, scene, d)`` (the same plan on every sp rank of the replica, a
+  different one on every replica); every sp rank reads only its tile of the
+  augmented scene (rest_ds.data.tiles).
+* ``crop`` mode (the cropping baseline; sp = 1): rank ``r`` draws
+  ``crops_per_rank`` square crops from ``(seed, m, r)``, each with at least
+  ``min_labelled`` labelled pixels where possible, and a random rotation/flip.
+
+Both are pure functions of ``(seed, micro-step, rank)``: a resumed job reads
+exactly what the uninterrupted one would have read.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import (AugmentConfig, DataError, DataWarning, Scene, SceneReader, load_sample, plan_augmentation,
+                    prepare_scene, read_tile)
+from ..data.samples import SAMPLES, is_fetched
+from ..spim.tiling import TileLayout, choose_grid
+from .inference import padded_shape, read_padded
+
+
+def resolve_scene(ref: str, cache: str | None = None, fetch: bool = True) -> Scene:
+    """A :class:`Scene` from a sample name (fetched into the cache if ``fetch``),
+    a scene YAML path, or a single raster file (GeoTIFF, ...; no label)."""
+    if ref in SAMPLES:
+        if not fetch and not is_fetched(ref, cache):
+            raise DataError(None, f"sample '{ref}' is not fetched (rank 0 fetches it first)")
+        return load_sample(ref, cache, fetch=fetch)
+    p = Path(ref)
+    if p.suffix.lower() in (".yaml", ".yml"):
+        return Scene.from_yaml(p)
+    if p.is_file():
+        from ..data.scene import Source
+        return Scene(name=p.stem, image=Source(path=str(p.resolve())))
+    if (p / "scene.yaml").is_file():
+        return Scene.from_yaml(p / "scene.yaml")
+    raise DataError(ref, "not a sample name, a scene YAML, or a raster file "
+                         f"(samples: {', '.join(SAMPLES)})")
+
+
+@dataclass
+class OpenScene:
+    reader: SceneReader
+    stats: object            # BandStats
+    summary: object          # SceneSummary or None
+
+    @property
+    def name(self) -> str:
+        return self.reader.scene.name
+
+
+def open_scenes(refs: list[str], *, cache: str | None, expected_bands: int | None, scan: bool,
+                first: bool, barrier) -> list[OpenScene]:
+    """Open every scene: global rank 0 (``first``) fetches samples and writes the
+    statistics caches, then ``barrier()``, then the other ranks open them."""
+    def _open(fetch: bool):
+        out = []
+        for ref in refs:
+            scene = resolve_scene(ref, cache, fetch=fetch)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataWarning)  # datum-only CRS differences: reported by 'data info'
+                reader, summary, stats = prepare_scene(scene, expected_bands=expected_bands, scan=scan,
+                                                       cache_dir=cache)
+            if stats is None:
+                reader.close()
+                raise DataError(scene.source_file, f"scene '{scene.name}': no normalisation statistics (give stats: "
+                                                   f"in the description or set data.scan: true)")
+            out.append(OpenScene(reader, stats, summary))
+        return out
+
+    err = None
+    scenes = None
+    if first:
+        try:
+            scenes = _open(True)
+        except BaseException as e:  # let the others pass the barrier, then fail everywhere
+            err = e
+    barrier()
+    if err is not None:
+        raise err
+    if not first:
+        scenes = _open(False)
+    return scenes
+
+
+def _aug_config(cfg, align: int, grid: tuple[int, int] = (1, 1)) -> AugmentConfig:
+    a = cfg.data.augment
+    # a random sub-scene keeps at least one alignment unit per tile along each axis
+    return AugmentConfig(flip=a.flip, rot90=a.rot90, crop=tuple(a.crop) if a.crop else None,
+                         crop_multiple=align, min_crop=align * max(grid), brightness=a.brightness, shift=a.shift,
+                         noise=a.noise)
+
+
+class WholeSceneData:
+    """Whole-scene micro-batches: this rank's tile of one augmented scene."""
+
+    def __init__(self, scenes: list[OpenScene], cfg, mesh, grid: tuple[int, int], align: int):
+        self.scenes, self.cfg, self.mesh, self.grid, self.align = scenes, cfg, mesh, grid, align
+        self.augment = _aug_config(cfg, align, grid)
+
+    def scene_index(self, micro: int) -> int:
+        return (micro * self.mesh.dp + self.mesh.dp_index) % len(self.scenes)
+
+    def batch(self, micro: int):
+        """``(x 1 x C x h x w, y 1 x h x w int64, layout)`` of micro-step ``micro``:
+        this rank's tile of the augmented scene padded to multiples of ``align``."""
+        sc = self.scenes[self.scene_index(micro)]
+        plan = plan_augmentation(self.augment, sc.reader.shape, seed=self.cfg.seed, epoch=micro,
+                                 scene=sc.name, dp_rank=self.mesh.dp_index)
+        layout = TileLayout.even(*padded_shape(plan.out_shape, self.align), self.grid, self.align)
+        rows, cols = layout.tile(*self.mesh.coord)
+        img, lab, _ = read_padded(sc.reader, rows, cols, plan.out_shape, stats=sc.stats, plan=plan,
+                                  region=self.cfg.data.train_region)
+        return torch.from_numpy(img)[None], torch.from_numpy(lab)[None], layout
+
+
+class CropData:
+    """Crop-mode micro-batches: ``crops_per_rank`` random crops of this rank."""
+
+    def __init__(self, scenes: list[OpenScene], cfg, rank: int, tries: int = 20):
+        self.scenes, self.cfg, self.rank, self.tries = scenes, cfg, rank, tries
+
+    def batch(self, micro: int):
+        """``(x B x C x n x n, y B x n x n int64, None)``; ``n = min(crop_size, H, W)``."""
+        d = self.cfg.data
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed & (2 ** 63 - 1), micro, self.rank, 7]))
+        xs, ys = [], []
+        for _ in range(d.crops_per_rank):
+            sc = self.scenes[int(rng.integers(len(self.scenes)))]
+            _, H, W = sc.reader.shape
+            n = min(d.crop_size, H, W)
+            best = None
+            for _ in range(self.tries):
+                r0, c0 = int(rng.integers(H - n + 1)), int(rng.integers(W - n + 1))
+                tile = read_tile(sc.reader, slice(r0, r0 + n), slice(c0, c0 + n), stats=sc.stats,
+                                 region=d.train_region)
+                frac = float((tile.label != sc.reader.scene.ignore_index).mean())
+                if best is None or frac > best[0]:
+                    best = (frac, tile)
+                if frac >= d.min_labelled:
+                    break
+            tile = best[1]
+            img, lab = tile.image, tile.label
+            k = int(rng.integers(4)) if d.augment.rot90 else 0
+            flip = bool(rng.integers(2)) if d.augment.flip else False
+            img, lab = np.rot90(img, k, axes=(-2, -1)), np.rot90(lab, k, axes=(-2, -1))
+            if flip:
+                img, lab = img[..., ::-1], lab[..., ::-1]
+            xs.append(np.ascontiguousarray(img))
+            ys.append(np.ascontiguousarray(lab))
+        if len({x.shape for x in xs}) > 1:  # scenes smaller than crop_size along different axes
+            raise DataError(None, f"data.crop_size {d.crop_size} is larger than a scene; crops of one batch "
+                                  f"differ in size ({sorted({x.shape[1:] for x in xs})}); use a smaller crop_size")
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), None
+
+
+def scene_tile_layout(shape: tuple[int, ...], grid: tuple[int, int], align: int) -> TileLayout:
+    """The layout of a (``C x``) ``H x W`` scene padded to multiples of ``align`` over ``grid``."""
+    return TileLayout.even(*padded_shape(tuple(shape)[-2:], align), grid, align)
+
+
+def auto_grid(scenes: list[OpenScene], sp: int, align: int) -> tuple[int, int]:
+    """The grid with the least halo traffic on the first (padded) scene (rest_ds.spim.choose_grid)."""
+    H, W = padded_shape(scenes[0].reader.shape[1:], align)
+    return choose_grid(H, W, sp, align)
+
+
+__all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout"]

@@ -1,0 +1,628 @@
+"""The training engine: SPIM spatial parallelism inside DeepSpeed data parallelism.
+
+Every rank builds the same model (same seed), ``parallelize`` s it over its sp
+group and hands it with a torch optimizer to ``deepspeed.initialize``; the
+DeepSpeed data-parallel group is the whole world (``dp x sp`` ranks).
+
+**Gradients (DESIGN.md section 4), the route chosen.** SPIM's loss is the
+whole-scene loss, replicated on the sp ranks; back-propagating it on every
+rank gives each rank ``sp x`` its tile's share of the gradient (comm.py), so
+the *average* over the sp ranks is the exact whole-scene gradient. DeepSpeed's
+plain data-parallel reduction averages over all ``dp x sp`` ranks, which is
+exactly the mean over dp of the whole-scene gradients: the loss is passed to
+``engine.backward`` unscaled, and DeepSpeed's sequence-parallel ``mpu`` route
+is not used (its sp handling differs between ZeRO stages). The same average
+is made by ZeRO 0-3 (all-reduce, or reduce-scatter into the partitions); a
+test checks one step of each stage against one process on the whole scene.
+
+**ZeRO-3** gathers parameters in module hooks; those work unchanged under
+SPIM. Two of its features apply an ``autograd.Function`` to SpatialTensors,
+which would attach the graph to the wrapper and silently detach the tile:
+its backward-ordering hooks on every module output (:func:`zero3_spatial_hooks`
+applies them to the local tile instead) and ``memory_efficient_linear``,
+which replaces ``torch.nn.functional.linear`` process-wide (turned off in
+:func:`deepspeed_config`; :func:`check_functionals` refuses to train if it
+was replaced anyway).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..spim import SpatialMesh, init_distributed, parallelize
+from ..spim.sharding import from_local
+from ..spim.tensor import SpatialTensor, Spec, wrap
+from ..spim.tiling import choose_grid
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import CropData, WholeSceneData, auto_grid, open_scenes, scene_tile_layout
+from .inference import predict_slide, predict_whole, read_padded, slide_windows
+from .metrics import class_weights_from_counts, confusion_matrix, segmentation_loss, segmentation_metrics
+
+
+# --- process set-up ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_threads(n: int | None) -> int:
+    """torch threads of this rank: ``n``, else ``$OMP_NUM_THREADS``, else 1 (ranks share the cores)."""
+    n = n or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def init_job(timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise ``torch.distributed`` from the launcher's environment (deepspeed,
+    torchrun, SLURM; without a launcher: a one-rank job) and DeepSpeed's comm
+    layer on top of it. Returns ``(rank, world_size)``."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        init_distributed(timeout_s=timeout_s)
+    quiet_deepspeed()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every step at INFO; keep warnings and errors."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
+    try:
+        from deepspeed.utils import logger
+        logger.setLevel(logging.WARNING)
+    except Exception:  # pragma: no cover
+        pass
+
+
+# --- model -----------------------------------------------------------------------------------------
+def build_model(model_cfg: dict, *, num_classes: int | None, in_chans: int | None, where: str | None = None):
+    """``(Segmentor, full model config dict)`` from the ``model`` section;
+    ``num_classes`` and ``encoder.in_chans`` default to the scene's."""
+    from ..models.config import ModelConfig, build_segmentor
+
+    d = copy.deepcopy(model_cfg)
+    if d.get("num_classes") is None:
+        d["num_classes"] = num_classes
+    elif num_classes is not None and d["num_classes"] != num_classes:
+        raise ConfigError(where, "model.num_classes", f"is {d['num_classes']} but the scenes have {num_classes} classes")
+    enc = d.get("encoder")
+    if isinstance(enc, dict) and enc.get("in_chans") is None and not enc.get("bands") and in_chans:
+        enc["in_chans"] = in_chans
+    mcfg = ModelConfig.from_dict(d, where)
+    model = build_segmentor(mcfg)
+    return model, mcfg.to_dict()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute encoder blocks in backward (encoders with ``grad_checkpointing``
+    or timm's ``set_grad_checkpointing``)."""
+    enc = getattr(model, "encoder", model)
+    for m in enc.modules():
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = True
+            return
+        if hasattr(m, "set_grad_checkpointing"):
+            m.set_grad_checkpointing(True)
+            return
+    raise ConfigError(None, "train.activation_checkpointing",
+                      f"the encoder ({type(enc).__name__}) has no activation checkpointing switch")
+
+
+class _SpatialAware:
+    """An ``autograd.Function`` class whose ``apply`` acts on a SpatialTensor's tile."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def apply(self, x, *args):
+        if isinstance(x, SpatialTensor):
+            return wrap(self.fn.apply(x._local, *args), x._spec)
+        return self.fn.apply(x, *args)
+
+
+def zero3_spatial_hooks(module) -> int:
+    """Make ZeRO-3's per-module backward hooks act on SpatialTensor tiles; returns
+    the number of hooks adapted (see the module docstring)."""
+    n = 0
+    for m in module.modules():
+        for attr in ("pre_bwd_fn", "post_bwd_fn"):
+            fn = m.__dict__.get(attr)
+            if fn is not None and not isinstance(fn, _SpatialAware):
+                setattr(m, attr, _SpatialAware(fn))
+                n += 1
+    return n
+
+
+def check_functionals() -> None:
+    """Raise if ``torch.nn.functional.linear`` was replaced (DeepSpeed ZeRO-3's
+    ``memory_efficient_linear``): SPIM's rule for it would be bypassed."""
+    import torch.nn.functional as F
+
+    if F.linear is not torch._C._nn.linear:
+        raise RuntimeError(f"torch.nn.functional.linear was replaced by {getattr(F.linear, '__module__', '?')}."
+                           f"{getattr(F.linear, '__name__', '?')} "
+                           f"(DeepSpeed ZeRO-3 memory_efficient_linear?); SPIM would compute wrong gradients. "
+                           f"Do not set zero_optimization.memory_efficient_linear")
+
+
+# --- optimiser and schedule ------------------------------------------------------------------------
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """A torch optimizer (DeepSpeed wraps it; no fused/compiled ops needed).
+    Weight decay on weights of rank >= 2 only (not on norms and biases)."""
+    o = cfg.optimizer
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps (config.ScheduleSection)."""
+    s, total = cfg.schedule, cfg.train.steps
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.name == "constant":
+        return 1.0
+    span = max(1, total - s.warmup_steps)
+    t = min(1.0, max(0.0, (step - s.warmup_steps) / span))
+    if s.name == "cosine":
+        f = 0.5 * (1 + math.cos(math.pi * t))
+    elif s.name == "poly":
+        f = (1 - t) ** s.power
+    else:
+        f = 1 - t
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * f
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
+    d = cfg.deepspeed
+    if d.precision != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(cfg.source_file, "deepspeed.precision",
+                          f"{d.precision} needs a GPU; on CPU use fp32")
+    out = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": d.gradient_accumulation_steps,
+        # memory_efficient_linear would replace torch.nn.functional.linear process-wide by an
+        # autograd.Function that SPIM's tensor subclass cannot see into (the tile would be detached)
+        "zero_optimization": {"stage": d.zero_stage, **({"memory_efficient_linear": False} if d.zero_stage == 3 else {})},
+        "zero_allow_untested_optimizer": True,   # a plain torch optimizer; ZeRO partitions its state
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if d.gradient_clipping > 0:
+        out["gradient_clipping"] = d.gradient_clipping
+    if d.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif d.precision == "fp16":
+        out["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    out.update(copy.deepcopy(d.config))
+    return out
+
+
+# --- the trainer -------------------------------------------------------------------------------------
+class Trainer:
+    """One training job; every rank constructs it and calls :meth:`fit`.
+
+    Rank 0 prints one line per ``log_interval`` (and a progress bar on a
+    terminal), writes ``train_log.csv``, ``eval_log.csv``, ``metrics.json`` and
+    ``training_curve.png`` into the output folder; checkpoints go to
+    ``<output>/checkpoints/`` (checkpoint.py)."""
+
+    def __init__(self, cfg: TrainConfig, *, log=None):
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is0 = self.rank == 0
+        self._log = log or (lambda m: print(m, flush=True))
+        self.out = Path(cfg.out_dir)
+        self.threads = set_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if self.is0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        d = cfg.data
+        t0 = time.monotonic()
+        self.train_scenes = open_scenes(d.scenes, cache=d.cache, expected_bands=None, scan=d.scan, first=self.is0,
+                                        barrier=dist.barrier)
+        self.val_scenes = (self.train_scenes if d.val_scenes is None else
+                           open_scenes(d.val_scenes, cache=d.cache, expected_bands=None, scan=d.scan,
+                                       first=self.is0, barrier=dist.barrier))
+        first = self.train_scenes[0].reader
+        self.num_classes, self.in_chans = first.num_classes, first.shape[0]
+        self.class_names = first.scene.class_names
+        self.ignore_index = first.scene.ignore_index
+        for sc in self.train_scenes + self.val_scenes:
+            r = sc.reader
+            if r.shape[0] != self.in_chans or r.scene.class_names != self.class_names:
+                raise ConfigError(cfg.source_file, "data.scenes",
+                                  f"scene '{sc.name}' has {r.shape[0]} bands and classes {r.scene.class_names}; "
+                                  f"'{self.train_scenes[0].name}' has {self.in_chans} and {self.class_names}")
+            if r.label is None:
+                raise ConfigError(cfg.source_file, "data.scenes", f"scene '{sc.name}' has no label")
+
+        torch.manual_seed(cfg.seed)
+        self.model, self.model_cfg = build_model(cfg.model, num_classes=self.num_classes, in_chans=self.in_chans,
+                                                 where=cfg.source_file)
+        self.align = int(getattr(self.model, "align", None) or 1)
+        want = getattr(self.model.encoder, "in_chans", None) or self.model_cfg["encoder"].get("in_chans")
+        if want is not None and int(want) != self.in_chans:
+            raise ConfigError(cfg.source_file, "model.encoder.in_chans",
+                              f"the model takes {want} bands but scene '{self.train_scenes[0].name}' has "
+                              f"{self.in_chans}; set model.encoder.in_chans (or bands) to match")
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+
+        if d.mode == "crop":
+            self.mesh = SpatialMesh.build(sp=1)
+            self.grid = (1, 1)
+            self.data = CropData(self.train_scenes, cfg, self.rank)
+            micro = d.crops_per_rank
+        else:
+            sp = cfg.mesh.sp or self.world
+            self.grid = cfg.grid() or auto_grid(self.train_scenes, sp, self.align)
+            self.mesh = SpatialMesh.build(sp=sp, grid=self.grid)
+            self.data = WholeSceneData(self.train_scenes, cfg, self.mesh, self.grid, self.align)
+            micro = 1
+            if self.mesh.sp > 1:
+                parallelize(self.model, self.mesh, align=self.align, attention=cfg.mesh.attention, rng_seed=cfg.seed)
+
+        counts = None
+        if cfg.train.class_weights == "sqrt_inv":
+            if any(sc.summary is None for sc in self.train_scenes):
+                raise ConfigError(cfg.source_file, "train.class_weights", "'sqrt_inv' needs class counts (data.scan: true)")
+            counts = np.sum([sc.summary.class_counts for sc in self.train_scenes], axis=0)
+        w = class_weights_from_counts(counts, cfg.train.class_weights, self.num_classes)
+        self.class_weight = torch.tensor(w, dtype=torch.float32) if w is not None else None
+        self.aux_weight = float(getattr(self.model, "aux_weight", 0.0)) if getattr(self.model, "aux_head", None) else 0.0
+
+        opt = make_optimizer(self.model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched,
+                                                                 config=deepspeed_config(cfg, micro))
+        if cfg.deepspeed.zero_stage == 3:
+            zero3_spatial_hooks(self.engine.module)
+        check_functionals()
+        self.device = self.engine.device  # cpu, or this rank's GPU (collectives: nccl needs GPU tensors)
+        if self.class_weight is not None:
+            self.class_weight = self.class_weight.to(self.device)
+        self.start_step = 0
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.last_metrics: dict | None = None
+        self.setup_s = time.monotonic() - t0
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        """Run the micro-steps of optimizer step ``step``; returns the loss averaged
+        over the micro-steps and the dp replicas (the same on every rank)."""
+        cfg = self.cfg
+        gas = cfg.deepspeed.gradient_accumulation_steps
+        self.engine.train()
+        dev = self.device
+        total = torch.zeros(1, dtype=torch.float64, device=dev)
+        for i in range(gas):
+            x, y, layout = self.data.batch(step * gas + i)
+            x, y = x.to(dev), y.to(dev)
+            labelled = torch.tensor([float((y != self.ignore_index).sum())], dtype=torch.float64, device=dev)
+            if self.mesh.sp > 1:
+                x = from_local(x, self.mesh, layout=layout)
+                y = SpatialTensor(y, Spec(self.mesh, (1, 2), layout.rows, layout.cols))
+                dist.all_reduce(labelled, group=self.mesh.sp_group)
+            out = self.engine(x)
+            if labelled.item() == 0:  # no training label in this (augmented) scene: a zero-gradient step
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                loss = (first * 0).sum()
+            else:
+                loss = segmentation_loss(out, y, aux_weight=self.aux_weight, ignore_index=self.ignore_index,
+                                         weight=self.class_weight, label_smoothing=cfg.train.label_smoothing)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().double()
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total.item() / (gas * self.world))
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Metrics on the validation region of the validation scenes: the confusion
+        matrix of every rank's tile, summed over sp and dp (one all-reduce)."""
+        cfg = self.cfg
+        K = self.num_classes
+        conf = np.zeros((K, K), dtype=np.int64)
+        self.engine.eval()
+        try:
+            if cfg.data.mode == "crop":
+                conf += self._eval_slide()
+            else:
+                conf += self._eval_whole()
+        finally:
+            self.engine.train()
+        t = torch.from_numpy(conf).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return segmentation_metrics(t.cpu().numpy(), self.class_names)
+
+    def _eval_whole(self) -> np.ndarray:
+        K, mesh = self.num_classes, self.mesh
+        conf = np.zeros((K, K), dtype=np.int64)
+        n = len(self.val_scenes)
+        mine = [i for i in range(n) if i % mesh.dp == mesh.dp_index]
+        for r in range(math.ceil(n / mesh.dp)):  # equal forward counts on every rank (ZeRO-3 gathers)
+            pad = r >= len(mine)
+            sc = self.val_scenes[0 if pad else mine[r]]
+            hw = sc.reader.shape[1:]
+            layout = scene_tile_layout(hw, self.grid, self.align)
+            rows, cols = layout.tile(*mesh.coord)
+            img, lab, _ = read_padded(sc.reader, rows, cols, hw, stats=sc.stats, region=self.cfg.data.val_region)
+            logits = predict_whole(self.engine, mesh, layout, torch.from_numpy(img)[None].to(self.device))
+            if not pad:
+                conf += confusion_matrix(logits.argmax(1)[0], lab, K, self.ignore_index)
+        return conf
+
+    def _eval_slide(self) -> np.ndarray:
+        cfg, K = self.cfg, self.num_classes
+        crop = cfg.data.crop_size
+        overlap = cfg.train.eval_slide_overlap if cfg.train.eval_slide_overlap is not None else crop // 4
+        conf = np.zeros((K, K), dtype=np.int64)
+        for sc in self.val_scenes:  # every scene over all ranks: each rank its tile's windows
+            _, H, W = sc.reader.shape
+            grid = choose_grid(H, W, self.world, 1)
+            layout = scene_tile_layout((H, W), grid, 1)
+            rows, cols = layout.tile(*divmod(self.rank, grid[1]))
+            wins = [w for w in slide_windows(H, W, crop, crop - overlap)
+                    if w[0] < rows.stop and w[1] > rows.start and w[2] < cols.stop and w[3] > cols.start]
+            need = torch.tensor([len(wins)], device=self.device)
+            if self.world > 1:
+                dist.all_reduce(need, op=dist.ReduceOp.MAX)
+            logits, _ = predict_slide(self.engine, sc.reader, sc.stats, rows, cols, crop=crop, overlap=overlap,
+                                      align=self.align, num_classes=K, min_forwards=int(need.item()),
+                                      device=self.device)
+            _, lab, _ = read_padded(sc.reader, rows, cols, (H, W), stats=sc.stats, region=cfg.data.val_region)
+            conf += confusion_matrix(logits.argmax(0), lab, K, self.ignore_index)
+        return conf
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        cfg, first = self.cfg, self.train_scenes[0]
+        sc = first.reader.scene
+        return {
+            "config": cfg.to_dict(),
+            "model": self.model_cfg,
+            "align": self.align,
+            "zero_stage": cfg.deepspeed.zero_stage,
+            "world_size": self.world,
+            "mesh": {"dp": self.mesh.dp, "sp": self.mesh.sp, "grid": list(self.grid)},
+            "mode": cfg.data.mode,
+            "crop_size": cfg.data.crop_size,
+            "slide_overlap": (cfg.train.eval_slide_overlap if cfg.train.eval_slide_overlap is not None
+                              else cfg.data.crop_size // 4),
+            "in_chans": self.in_chans,
+            "num_classes": self.num_classes,
+            "classes": [{"value": c.value, "name": c.name, "color": list(col)}
+                        for c, col in zip(sc.classes, sc.class_colors)],
+            "ignore_index": self.ignore_index,
+            "band_names": list(sc.band_names) if sc.band_names else None,
+            "normalization": {"mean": list(first.stats.mean), "std": list(first.stats.std),
+                              "scene": first.name},
+            "train_scenes": [s.name for s in self.train_scenes],
+        }
+
+    def _rank_state(self) -> dict:
+        spim_rng = getattr(self.model, "_spim_rng", None)
+        return {"torch_rng": torch.get_rng_state(),
+                "spim_rng": getattr(spim_rng, "_cpu", None) if spim_rng is not None else None}
+
+    def save(self, step: int) -> Path:
+        return ckpt.save_checkpoint(self.engine, self.out / "checkpoints", step, self.manifest(), self._rank_state(),
+                                    rank=self.rank, barrier=dist.barrier, keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self) -> int:
+        """Load the checkpoint ``train.resume`` names; returns the step to start from."""
+        r = self.cfg.train.resume
+        if r == "none":
+            return 0
+        where = self.out / "checkpoints" if r == "auto" else Path(r)
+        try:
+            root, tag, manifest = ckpt.find_checkpoint(where)
+        except ckpt.CheckpointError:
+            if r == "auto":
+                return 0
+            raise
+        if manifest.get("world_size") != self.world or manifest.get("zero_stage") != self.cfg.deepspeed.zero_stage:
+            raise ckpt.CheckpointError(
+                f"{root / tag}: written by {manifest.get('world_size')} ranks with ZeRO stage "
+                f"{manifest.get('zero_stage')}; this job has {self.world} ranks and stage "
+                f"{self.cfg.deepspeed.zero_stage}. Resume with the same, or export it ('rest-ds export') and "
+                f"start a new run from the exported weights")
+        state = ckpt.load_checkpoint(self.engine, root, tag, rank=self.rank)
+        if state is not None:
+            torch.set_rng_state(state["torch_rng"])
+            spim_rng = getattr(self.model, "_spim_rng", None)
+            if spim_rng is not None and state.get("spim_rng") is not None:
+                spim_rng._cpu = state["spim_rng"]
+        if self.cfg.deepspeed.zero_stage == 3:
+            zero3_spatial_hooks(self.engine.module)
+        return int(manifest["step"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        start = self.start_step = self.resume()
+        self.tb = None
+        if self.is0:
+            self._log(self.describe(start))
+            self._init_logs(start)
+            try:  # TensorBoard only when installed
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start + 1)
+            except Exception:
+                self.tb = None
+        bar = None
+        if self.is0 and t.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, leave=False)
+        t_loop = time.monotonic()
+        t_last, n_last = t_loop, 0
+        for step in range(start, t.steps):
+            loss = self.train_step(step)
+            done = step + 1
+            lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else cfg.optimizer.lr
+            row = {"step": done, "loss": loss, "lr": lr, "seconds": time.monotonic() - t_loop}
+            self.history.append(row)
+            n_last += 1
+            if self.is0:
+                self._append_csv("train_log.csv", row)
+                if self.tb is not None:
+                    self.tb.add_scalar("train/loss", loss, done)
+                    self.tb.add_scalar("train/lr", lr, done)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if t.log_interval and (done % t.log_interval == 0 or done == t.steps):
+                    dt = (time.monotonic() - t_last) / max(n_last, 1)
+                    self._print(bar, f"step {done}/{t.steps}  loss {loss:.4f}  lr {lr:.2e}  {dt:.2f} s/step")
+                    t_last, n_last = time.monotonic(), 0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {done}: the loss is {loss}; lower optimizer.lr or check the data")
+            if t.eval_interval and (done % t.eval_interval == 0 or done == t.steps):
+                te = time.monotonic()
+                m = self.evaluate()
+                self.last_metrics = {"step": done, **m}
+                erow = {"step": done, "mIoU": m["mIoU"], "OA": m["OA"], "mF1": m["mF1"], "kappa": m["kappa"],
+                        **{f"IoU_{k}": v["IoU"] for k, v in m["per_class"].items()}}
+                self.eval_history.append(erow)
+                if self.is0:
+                    self._append_csv("eval_log.csv", erow)
+                    if self.tb is not None:
+                        for k in ("mIoU", "OA", "mF1", "kappa"):
+                            self.tb.add_scalar(f"val/{k}", m[k], done)
+                    self._print(bar, f"eval step {done}: mIoU {m['mIoU']:.4f}  OA {m['OA']:.4f}  mF1 {m['mF1']:.4f}  "
+                                     f"kappa {m['kappa']:.4f}  [{time.monotonic() - te:.1f} s]")
+                t_last, n_last = time.monotonic(), 0  # evaluation/saving time is not step time
+            if t.checkpoint_interval and (done % t.checkpoint_interval == 0 or done == t.steps):
+                path = self.save(done)
+                if self.is0:
+                    self._print(bar, f"checkpoint {path}")
+                t_last, n_last = time.monotonic(), 0  # evaluation/saving time is not step time
+        if bar is not None:
+            bar.close()
+        elapsed = time.monotonic() - t_loop
+        summary = {"steps": t.steps, "start_step": start, "train_seconds": elapsed, "setup_seconds": self.setup_s,
+                   "final_loss": self.history[-1]["loss"] if self.history else None, "eval": self.last_metrics}
+        if self.is0:
+            ckpt.atomic_write_json(self.out / "metrics.json", summary)
+            self._plot()
+            if self.tb is not None:
+                self.tb.close()
+        dist.barrier()
+        return summary
+
+    # -- logging ------------------------------------------------------------------------------------
+    def describe(self, start: int) -> str:
+        cfg = self.cfg
+        sc = self.train_scenes[0].reader
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: partitioned
+        mode = (f"whole scenes, sp={self.mesh.sp} grid {self.grid[0]}x{self.grid[1]}, dp={self.mesh.dp}"
+                if cfg.data.mode == "whole" else
+                f"crops {cfg.data.crop_size}px x {cfg.data.crops_per_rank}/rank, dp={self.mesh.dp}")
+        return (f"train {cfg.name}: {self.world} rank(s) ({dist.get_backend()}, {self.threads} thread(s) each), {mode}; "
+                f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}; model {self.model_cfg['encoder']['name']}"
+                f" + {self.model_cfg['decoder']['name']} ({n / 1e6:.2f} M params, align {self.align}); "
+                f"scene {self.train_scenes[0].name} {sc.shape[0]}x{sc.shape[1]}x{sc.shape[2]}; "
+                f"steps {start}->{cfg.train.steps}; output {self.out}")
+
+    def _print(self, bar, msg: str) -> None:
+        if bar is not None:
+            bar.write(msg)
+        else:
+            self._log(msg)
+
+    def _init_logs(self, start: int) -> None:
+        """Keep the log rows up to ``start`` (a resumed run rewrites the steps after it)."""
+        for name in ("train_log.csv", "eval_log.csv"):
+            p = self.out / name
+            if not p.is_file():
+                continue
+            if start == 0:
+                p.unlink()
+                continue
+            with open(p, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+            with open(p, "w", newline="") as f:
+                if rows:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(rows)
+
+    def _append_csv(self, name: str, row: dict) -> None:
+        p = self.out / name
+        new = not p.is_file() or p.stat().st_size == 0
+        with open(p, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:  # pragma: no cover
+            return
+        rows = _read_csv(self.out / "train_log.csv")
+        evals = _read_csv(self.out / "eval_log.csv")
+        if not rows:
+            return
+        fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
+        ax[0, 0].plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
+        ax[0, 0].set_xlabel("step")
+        ax[0, 0].set_ylabel("training loss")
+        ax[0, 0].set_yscale("log")
+        if evals:
+            ax[0, 1].plot([int(r["step"]) for r in evals], [float(r["mIoU"]) for r in evals], "o-")
+            ax[0, 1].set_xlabel("step")
+            ax[0, 1].set_ylabel(f"mIoU ({self.cfg.data.val_region or 'all'} region)")
+        fig.suptitle(self.cfg.name)
+        fig.tight_layout()
+        fig.savefig(self.out / "training_curve.png", dpi=100)
+        plt.close(fig)
+
+
+def _read_csv(p: Path) -> list[dict]:
+    if not p.is_file():
+        return []
+    with open(p, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+__all__ = ["Trainer", "init_job", "build_model", "make_optimizer", "lr_factor", "deepspeed_config",
+           "zero3_spatial_hooks", "check_functionals", "set_threads", "enable_activation_checkpointing", "quiet_deepspeed"]

@@ -1,0 +1,276 @@
+"""``rest-ds segment``: whole-scene inference into a georeferenced GeoTIFF on P ranks.
+
+Every rank loads the exported model (checkpoint.py), reads only its tile of
+the (padded) scene, computes its tile of the class map and writes only that
+window of the output GeoTIFF; no rank holds the whole map.
+
+* ``mode='whole'`` (REST): the model is parallelized over the P ranks, so each
+  tile's logits are the whole-scene logits (DESIGN.md section 2).
+* ``mode='slide'`` (the cropping baseline): each rank averages the logits of
+  the ``crop x crop`` windows overlapping its tile (inference.py); bit-identical
+  for any P.
+
+Output: single-band ``uint8`` GeoTIFF with the input's CRS and transform,
+tiled (256 x 256) and DEFLATE-compressed, a colour table from the class
+colours, class names as band metadata (``class_<value>=<name>``), nodata 255
+on every pixel whose input is nodata. Pixel values are the classes' raw label
+values when they are integers in 0..254 (``values='auto'``; e.g. 1..7 for
+nc-landsat7, as in its ``strata.tif``), else the class ids 0..K-1. Optional:
+per-class probabilities (float32, one band per class, nodata NaN) and a PNG
+preview of the map.
+
+Writing: rank 0 creates the file, then the ranks write their windows one
+after the other (a GeoTIFF cannot be written by several processes at once);
+the output folder must be shared by all ranks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import SceneReader
+from ..data.stats import BandStats
+from ..spim import SpatialMesh, parallelize
+from ..spim.tiling import TileLayout, choose_grid
+from .checkpoint import CheckpointError, read_export
+from .inference import padded_shape, predict_slide, predict_whole, read_padded
+
+NODATA = 255
+
+
+def load_exported_model(path: str | os.PathLike):
+    """``(model in eval mode, meta)`` from an exported model (``rest-ds export``)."""
+    from .engine import build_model
+
+    meta, sd = read_export(path)
+    model, _ = build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not match the model config (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
+    model.eval()
+    return model, meta
+
+
+def class_values(meta: dict, values: str = "auto") -> np.ndarray:
+    """The pixel value written for each class id (see the module docstring)."""
+    K = int(meta["num_classes"])
+    raw = [c.get("value") for c in meta.get("classes") or []]
+    ok = len(raw) == K and all(isinstance(v, (int, float)) and float(v).is_integer() and 0 <= v < NODATA
+                               for v in raw)
+    if values == "raw" and not ok:
+        raise CheckpointError("--values raw: the classes' raw values are not integers in 0..254")
+    if values == "ids" or (values == "auto" and not ok):
+        return np.arange(K, dtype=np.uint8)
+    return np.asarray([int(v) for v in raw], dtype=np.uint8)
+
+
+def _ctx():
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, (lambda: None)
+
+
+def _open_input(ref: str, meta: dict, cache: str | None, rank: int, barrier) -> SceneReader:
+    from .data import resolve_scene
+
+    err = None
+    scene = None
+    if rank == 0:
+        try:
+            scene = resolve_scene(ref, cache, fetch=True)
+        except BaseException as e:
+            err = e
+    barrier()
+    if err is not None:
+        raise err
+    if rank != 0:
+        scene = resolve_scene(ref, cache, fetch=False)
+    import warnings
+
+    from ..data import DataWarning
+
+    with warnings.catch_warnings():  # datum-only CRS differences of the label: 'rest-ds data info' reports them
+        warnings.simplefilter("ignore", DataWarning)
+        return SceneReader(scene, expected_bands=int(meta["in_chans"]))
+
+
+def _stats(reader: SceneReader, meta: dict, which: str, cache, rank: int, barrier) -> BandStats:
+    if which == "model":
+        n = meta["normalization"]
+        return BandStats(tuple(n["mean"]), tuple(n["std"]), "model")
+    from ..data import prepare_scene
+
+    err, out = None, None
+    for turn in (0, 1):  # rank 0 scans and caches first
+        if (rank == 0) == (turn == 0):
+            try:
+                r, _, out = prepare_scene(reader.scene, expected_bands=reader.shape[0], cache_dir=cache)
+                r.close()
+            except BaseException as e:
+                err = e
+        barrier()
+    if err is not None:
+        raise err
+    return out
+
+
+def _profile(reader: SceneReader, count: int, dtype: str, nodata) -> dict:
+    _, H, W = reader.shape
+    block = 256
+    prof = {"driver": "GTiff", "width": W, "height": H, "count": count, "dtype": dtype, "nodata": nodata,
+            "compress": "deflate", "tiled": True, "blockxsize": block, "blockysize": block, "BIGTIFF": "IF_SAFER"}
+    if reader.crs is not None:
+        prof["crs"] = reader.crs
+    if reader.transform is not None:
+        prof["transform"] = reader.transform
+    return prof
+
+
+def write_windows(path: Path, profile: dict, window: tuple[slice, slice], data: np.ndarray | None, *, rank: int,
+                  world: int, barrier, colormap: dict | None = None, tags: dict | None = None,
+                  band_tags: dict | None = None) -> None:
+    """Rank 0 creates ``path``; then rank by rank each writes ``data`` (``bands x h x w``)
+    into its ``window`` (every rank calls this)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    tmp = path.with_name(f".{path.name}.partial")
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(tmp, "w", **profile) as dst:
+            if colormap is not None:
+                dst.write_colormap(1, colormap)
+            if tags:
+                dst.update_tags(**tags)
+            for b, t in (band_tags or {}).items():
+                dst.update_tags(b, **t)
+    barrier()
+    for r in range(world):
+        if r == rank and data is not None:
+            rows, cols = window
+            with rasterio.open(tmp, "r+") as dst:
+                dst.write(data, window=Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start))
+        barrier()
+    if rank == 0:
+        os.replace(tmp, path)  # a crash never leaves a half-written map under the final name
+    barrier()
+
+
+def preview_png(map_path: Path, png: Path, max_side: int = 1024) -> None:
+    """A colour PNG of a class map (decimated to ``max_side``; nodata transparent)."""
+    import rasterio
+    from PIL import Image
+
+    with rasterio.open(map_path) as src:
+        f = max(1, math.ceil(max(src.height, src.width) / max_side))
+        a = src.read(1, out_shape=(math.ceil(src.height / f), math.ceil(src.width / f)))
+        cmap = src.colormap(1)
+    rgba = np.zeros(a.shape + (4,), np.uint8)
+    for v, c in cmap.items():
+        if v != NODATA:
+            rgba[a == v] = c
+    rgba[a == NODATA] = 0
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgba, "RGBA").save(png)
+
+
+def segment(checkpoint: str, input: str, output: str, *, mode: str = "whole", crop: int | None = None,
+            overlap: int | None = None, probs: str | None = None, preview: str | None = None,
+            grid: tuple[int, int] | None = None, stats: str = "model", cache: str | None = None,
+            values: str = "auto", threads: int | None = None, log=None) -> dict:
+    """Segment the scene ``input`` (sample name, scene YAML or raster) into
+    ``output``; call on every rank of a job (or in one process). Returns a
+    summary (the same on every rank)."""
+    from .engine import set_threads
+
+    t0 = time.monotonic()
+    rank, world, barrier = _ctx()
+    set_threads(threads)
+    model, meta = load_exported_model(checkpoint)
+    # a GPU per rank under nccl (or a single process on a GPU machine); gloo ranks compute on the CPU
+    gpu = torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend() == "nccl")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0) if gpu else None
+    if device is not None:
+        model.to(device)
+    K, align = int(meta["num_classes"]), int(meta.get("align") or 1)
+    reader = _open_input(input, meta, cache, rank, barrier)
+    try:
+        st = _stats(reader, meta, stats, cache, rank, barrier)
+        C, H, W = reader.shape
+        with torch.no_grad():
+            if mode == "whole":
+                Hp, Wp = padded_shape((H, W), align)
+                g = grid or choose_grid(Hp, Wp, world, align)
+                layout = TileLayout.even(Hp, Wp, g, align)
+                mesh = SpatialMesh.build(sp=world, grid=g) if world > 1 else SpatialMesh.single()
+                if world > 1:
+                    parallelize(model, mesh, align=align)
+                rows, cols = layout.tile(*mesh.coord)
+                img, _, valid = read_padded(reader, rows, cols, (H, W), stats=st, with_label=False)
+                x = torch.from_numpy(img)[None]
+                logits = predict_whole(model, mesh, layout, x if device is None else x.to(device))[0].cpu()
+            elif mode == "slide":
+                crop = crop or int(meta.get("crop_size") or 128)
+                overlap = overlap if overlap is not None else int(meta.get("slide_overlap") or crop // 4)
+                g = grid or choose_grid(H, W, world, 1)
+                layout = TileLayout.even(H, W, g, 1)
+                rows, cols = layout.tile(*divmod(rank, g[1]))
+                logits, _ = predict_slide(model, reader, st, rows, cols, crop=crop, overlap=overlap, align=align,
+                                          num_classes=K, progress=rank == 0 and sys.stderr.isatty(), device=device)
+                _, _, valid = read_padded(reader, rows, cols, (H, W), stats=st, with_label=False)
+            else:
+                raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
+        if g[0] * g[1] != world:
+            raise ValueError(f"grid {g[0]}x{g[1]} has {g[0] * g[1]} tiles but the job has {world} ranks")
+        r1, c1 = min(rows.stop, H), min(cols.stop, W)
+        h, w = r1 - rows.start, c1 - cols.start
+        logits = logits[:, :h, :w].float()
+        valid = valid[:h, :w]
+        vals = class_values(meta, values)
+        pred = vals[logits.argmax(0).numpy()]
+        pred[~valid] = NODATA
+        window = (slice(rows.start, r1), slice(cols.start, c1))
+        classes = meta.get("classes") or [{"name": str(k), "color": None} for k in range(K)]
+        cmap = {int(vals[k]): tuple(int(v) for v in (classes[k].get("color") or (128, 128, 128))) + (255,)
+                for k in range(K)}
+        cmap[NODATA] = (0, 0, 0, 0)
+        out = Path(output)
+        write_windows(out, _profile(reader, 1, "uint8", NODATA), window, pred[None], rank=rank, world=world,
+                      barrier=barrier, colormap=cmap,
+                      tags={"rest_ds_mode": mode, "rest_ds_model": str(checkpoint)},
+                      band_tags={1: {f"class_{int(vals[k])}": classes[k]["name"] for k in range(K)}})
+        if probs:
+            p = torch.softmax(logits, 0).numpy().astype(np.float32)
+            p[:, ~valid] = np.nan
+            write_windows(Path(probs), _profile(reader, K, "float32", float("nan")), window, p, rank=rank,
+                          world=world, barrier=barrier,
+                          band_tags={k + 1: {"class": classes[k]["name"]} for k in range(K)})
+        if preview and rank == 0:
+            preview_png(out, Path(preview))
+        barrier()
+        counts = np.bincount(pred[valid].astype(np.int64), minlength=256)[vals].tolist() if valid.any() else [0] * K
+    finally:
+        reader.close()
+    summary = {"output": str(output), "mode": mode, "ranks": world, "grid": list(g), "shape": [H, W],
+               "tile": [[rows.start, r1], [cols.start, c1]], "seconds": time.monotonic() - t0,
+               "rank_class_counts": counts}
+    if log is not None and rank == 0:
+        log(f"segment {input} -> {output}: {mode}, {world} rank(s), grid {g[0]}x{g[1]}, {H}x{W} px "
+            f"[{summary['seconds']:.1f} s]")
+    return summary
+
+
+def _segment_rank(kwargs: dict) -> dict:
+    """Entry point of a locally spawned rank (rest_ds.spim.spawn)."""
+    return segment(**kwargs)
+
+
+__all__ = ["segment", "load_exported_model", "class_values", "write_windows", "preview_png", "NODATA"]

@@ -1,0 +1,262 @@
+"""Training data, config validation and metrics (single process, fast).
+
+Also holds the small synthetic scene and the tiny model/config that the other
+tests/test_train_*.py files use (``make_scene``, ``tiny_config``): a 4-band
+float32 GeoTIFF whose classes are learnable from the band values, a nodata
+corner, a 3-class label GeoTIFF and train/val regions. SYNTHETIC data, made for
+tests only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+TINY_MODEL = {  # a small Prithvi-style ViT + UPerNet with GroupNorm
+    "encoder": {"name": "prithvi_vit",
+                "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "indices": [0, 1]}},
+    "decoder": {"name": "upernet", "channels": 16, "norm": "gn", "dropout": 0.0, "kwargs": {"pool_scales": [1, 2]}},
+}
+CLASSES = [{"value": 1, "name": "water", "color": "#1f78b4"}, {"value": 2, "name": "field", "color": "#ffff73"},
+           {"value": 3, "name": "forest", "color": "#33782c"}]
+NODATA = -9999.0
+EPSG = 32119
+TRANSFORM = (30.0, 0.0, 600000.0, 0.0, -30.0, 200000.0)
+
+
+def make_scene(folder: Path, height: int = 64, width: int = 88, bands: int = 4, seed: int = 0, *,
+               stats: bool = False, nan_at: tuple[int, int] | None = None) -> Path:
+    """Write ``image.tif``, ``label.tif`` and ``scene.yaml`` into ``folder``;
+    returns the YAML path. ``nan_at``: a NaN in band 0 at that pixel (a corrupt
+    file; only the rank reading it notices when the scene is not scanned)."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cls = ((np.sin(xx / 9.0) + np.cos(yy / 7.0) + 0.3 * rng.standard_normal((height, width))) > 0.4).astype(int)
+    cls += (np.hypot(yy - height * 0.6, xx - width * 0.65) < height * 0.25).astype(int) * 2
+    cls = np.clip(cls, 0, 2)
+    means = rng.uniform(-1, 1, size=(3, bands)) * 3
+    img = (means[cls].transpose(2, 0, 1) + 0.5 * rng.standard_normal((bands, height, width))).astype(np.float32)
+    img = img * 100 + 1000
+    corner = (yy + xx) < 10                       # nodata triangle
+    img[:, corner] = NODATA
+    if nan_at is not None:
+        img[0, nan_at[0], nan_at[1]] = np.nan
+    label = (cls + 1).astype(np.uint8)
+    label[:3, -5:] = 0                              # unlabeled
+    prof = {"driver": "GTiff", "width": width, "height": height, "transform": Affine(*TRANSFORM),
+            "crs": f"EPSG:{EPSG}"}
+    with rasterio.open(folder / "image.tif", "w", count=bands, dtype="float32", nodata=NODATA, **prof) as dst:
+        dst.write(img)
+    with rasterio.open(folder / "label.tif", "w", count=1, dtype="uint8", nodata=255, **prof) as dst:
+        dst.write(label[None])
+    desc = {"name": f"synthetic-{seed}", "image": {"path": "image.tif"}, "label": {"path": "label.tif", "unlabeled": [0]},
+            "classes": CLASSES, "band_names": [f"b{i}" for i in range(bands)],
+            "regions": {"train": {"windows": [[0, height, 0, width * 5 // 8]]},
+                        "val": {"windows": [[0, height, width * 5 // 8, width]]}}}
+    if stats:
+        ok = img[:, ~corner & ~np.isnan(img).any(0)]
+        desc["stats"] = {"mean": [float(v) for v in ok.mean(1)], "std": [float(v) for v in ok.std(1)]}
+    path = folder / "scene.yaml"
+    path.write_text(yaml.safe_dump(desc, sort_keys=False))
+    return path
+
+
+def tiny_config(scene: Path, out: Path, **over) -> dict:
+    """A config mapping for a few fast steps on the synthetic scene."""
+    cfg = {
+        "name": "tiny", "output_dir": str(out), "seed": 0, "model": TINY_MODEL,
+        "data": {"scenes": [str(scene)], "augment": {"flip": True, "rot90": True}},
+        "deepspeed": {"zero_stage": 2},
+        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "train": {"steps": 4, "log_interval": 1, "eval_interval": 2, "checkpoint_interval": 2, "progress": False},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        cfg.setdefault(sec, {})[key] = v
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# --- config validation --------------------------------------------------------------------------
+@pytest.fixture()
+def scene(tmp_path):
+    return make_scene(tmp_path / "scene")
+
+
+def _load(tmp_path, cfg, overrides=()):
+    from rest_ds.train.config import load_config
+
+    return load_config(write_config(tmp_path / "c.yaml", cfg), overrides)
+
+
+def test_config_defaults_and_overrides(tmp_path, scene):
+    cfg = _load(tmp_path, tiny_config(scene, tmp_path / "run"),
+                ["optimizer.lr=1e-4", "mesh.grid=2x1", "deepspeed.zero_stage=3", "model.decoder.channels=8",
+                 "data.augment.crop=[0.5, 1.0]"])
+    assert cfg.optimizer.lr == 1e-4 and isinstance(cfg.optimizer.lr, float)   # '1e-4' is a YAML string
+    assert cfg.grid() == (2, 1) and cfg.deepspeed.zero_stage == 3
+    assert cfg.model["decoder"]["channels"] == 8
+    assert cfg.data.augment.crop == [0.5, 1.0]
+    assert cfg.train.steps == 4 and cfg.schedule.name == "cosine"
+    assert cfg.data.scenes == [str(scene)]
+    again = _load(tmp_path, cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override, key, words", [
+    (["data.scens=[a]"], "data.scens", "did you mean 'scenes'"),
+    (["trian.steps=3"], "trian", "did you mean 'train'"),
+    (["data.mode=crops"], "data.mode", "not one of whole, crop"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "0, 1, 2 or 3"),
+    (["train.steps=0"], "train.steps", ">= 1"),
+    (["train.steps=ten"], "train.steps", "expected an integer"),
+    (["optimizer.lr=-1"], "optimizer.lr", "> 0"),
+    (["mesh.grid=2by1"], "mesh.grid", "PHxPW"),
+    (["mesh.sp=3", "mesh.grid=2x1"], "mesh.grid", "mesh.sp is 3"),
+    (["data.mode=crop", "mesh.sp=2"], "mesh.sp", "sp must be 1"),
+    (["deepspeed.config={zero_optimization: {stage: 1}}"], "deepspeed.config.zero_optimization", "zero_stage"),
+    (["model.decoder.norm=batch"], "model.decoder.norm", "bn, gn, ln, none"),
+    (["model.decoder.colour=1"], "model.decoder.colour", "unknown key"),
+    (["train.class_weights=inverse"], "train.class_weights", "sqrt_inv"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas", "two numbers"),
+    (["train.steps"], "train.steps", "KEY=VALUE"),
+])
+def test_bad_config_is_named(tmp_path, scene, override, key, words):
+    from rest_ds.train.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, tiny_config(scene, tmp_path / "run"), override)
+    msg = str(e.value)
+    assert key in msg and words in msg, msg
+
+
+def test_model_yaml_reference_and_missing_file(tmp_path, scene):
+    from rest_ds.train.config import ConfigError
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(TINY_MODEL))
+    cfg = _load(tmp_path, {**tiny_config(scene, tmp_path / "run"), "model": "m.yaml"}, ["model.decoder.channels=12"])
+    assert cfg.model["encoder"]["name"] == "prithvi_vit" and cfg.model["decoder"]["channels"] == 12
+    with pytest.raises(ConfigError, match="model config 'nope.yaml' not found"):
+        _load(tmp_path, {**tiny_config(scene, tmp_path / "run"), "model": "nope.yaml"})
+
+
+def test_cli_names_bad_key(tmp_path, scene, capsys):
+    from rest_ds.cli import main
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(scene, tmp_path / "run"))
+    assert main(["train", "--config", str(cfg), "optimizer.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.lrr" in err and "did you mean 'lr'" in err and "Traceback" not in err
+    assert main(["train", "--config", str(cfg), "--print-config", "train.steps=7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+
+
+# --- metrics -------------------------------------------------------------------------------------
+def test_confusion_and_metrics_against_definitions():
+    from rest_ds.train.metrics import confusion_matrix, segmentation_metrics
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 4, size=(50, 60))
+    t[rng.random(t.shape) < 0.1] = -100
+    p = np.where(rng.random(t.shape) < 0.7, t, rng.integers(0, 4, size=t.shape))
+    p[t == -100] = 3
+    conf = confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), 4)
+    keep = t != -100
+    assert conf.sum() == keep.sum()
+    for a in range(4):
+        for b in range(4):
+            assert conf[a, b] == ((t == a) & (p == b)).sum()
+    m = segmentation_metrics(conf, ["a", "b", "c", "d"])
+    ious, f1s = [], []
+    for c in range(4):
+        tp = ((t == c) & (p == c)).sum()
+        fp = ((t != c) & keep & (p == c)).sum()
+        fn = ((t == c) & (p != c)).sum()
+        ious.append(tp / (tp + fp + fn))
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+        assert m["per_class"]["abcd"[c]]["IoU"] == pytest.approx(ious[-1])
+    assert m["mIoU"] == pytest.approx(np.mean(ious))
+    assert m["mF1"] == pytest.approx(np.mean(f1s))
+    oa = (p[keep] == t[keep]).mean()
+    assert m["OA"] == pytest.approx(oa)
+    pe = sum((t[keep] == c).mean() * (p[keep] == c).mean() for c in range(4))
+    assert m["kappa"] == pytest.approx((oa - pe) / (1 - pe))
+    json.dumps(m)
+
+
+def test_metrics_absent_class_not_averaged():
+    from rest_ds.train.metrics import segmentation_metrics
+
+    conf = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    m = segmentation_metrics(conf)
+    assert m["per_class"]["2"]["IoU"] is None
+    assert m["mIoU"] == pytest.approx(np.mean([5 / 8, 3 / 6]))
+
+
+# --- data ----------------------------------------------------------------------------------------
+def test_whole_scene_tiles_assemble_to_the_padded_scene(tmp_path, scene):
+    """Each rank's training tile is the matching slice of the padded augmented scene."""
+    from rest_ds.data import open_scene, prepare_scene
+    from rest_ds.spim.mesh import SpatialMesh
+    from rest_ds.train.config import load_config
+    from rest_ds.train.data import OpenScene, WholeSceneData
+
+    cfg = load_config(data=tiny_config(scene, tmp_path / "run"))
+    reader, summary, stats = prepare_scene(scene)
+    sc = OpenScene(reader, stats, summary)
+    align, grid = 8, (2, 3)
+    whole = WholeSceneData([sc], cfg, SpatialMesh.single(), (1, 1), align)
+    for micro in range(3):
+        X, Y, L = whole.batch(micro)
+        assert X.shape[-2] % align == 0 and X.shape[-1] % align == 0
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                mesh = SpatialMesh(1, 6, grid, r * grid[1] + c, None, None, tuple(range(6)))
+                x, y, layout = WholeSceneData([sc], cfg, mesh, grid, align).batch(micro)
+                rows, cols = layout.tile(r, c)
+                assert torch.equal(x[0], X[0][:, rows, cols]) and torch.equal(y[0], Y[0][rows, cols])
+        assert (Y == -100).any() and (Y >= 0).any()
+    reader.close()
+
+
+# --- shipped configs ------------------------------------------------------------------------------
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    from rest_ds.train.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.data.scenes and cfg.model["encoder"]["name"]
+
+
+def test_main_job_configs_share_model_and_budget():
+    """REST and the cropping baseline: same model, optimiser, schedule and steps; the crop
+    batch holds as many pixels as a rank's tile of the (padded) whole scene."""
+    from rest_ds.train.config import load_config
+    from rest_ds.train.engine import build_model
+    from rest_ds.train.inference import padded_shape
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    rest, crop = load_config(root / "nc_landsat7_rest.yaml"), load_config(root / "nc_landsat7_crop.yaml")
+    assert rest.model == crop.model and rest.optimizer == crop.optimizer and rest.schedule == crop.schedule
+    assert rest.train.steps == crop.train.steps and rest.deepspeed == crop.deepspeed
+    assert rest.data.mode == "whole" and crop.data.mode == "crop"
+    model, _ = build_model(rest.model, num_classes=7, in_chans=6)
+    H, W = padded_shape((443, 489), model.align)                 # nc-landsat7, 2 ranks
+    assert crop.data.crops_per_rank * crop.data.crop_size ** 2 == H * W // 2

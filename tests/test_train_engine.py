@@ -1,0 +1,166 @@
+"""DeepSpeed + SPIM: optimizer steps on sp=2 ranks equal the same steps in one process.
+
+The route (rest_ds/train/engine.py): SPIM's replicated whole-scene loss is
+back-propagated unscaled on every rank and DeepSpeed averages the gradients
+over all ranks. Checked for ZeRO stages 0-3 on uneven tiles of both grid
+orientations (fp32): SGD (one step: the update is the gradient), SGD with
+momentum and weight decay and AdamW (two steps: the partitioned optimizer
+state), and with activation checkpointing of the ViT blocks. Per step, the
+full gradient DeepSpeed holds after ``backward`` (``safe_get_full_grad``,
+before the step) is compared with the reference
+gradient, and after the last step every parameter, as
+``max|a - b| / max|b|`` per tensor. The reference is the unmodified model on
+the whole scene in one process (``torch.optim`` on it).
+
+(fp64 is not checked: DeepSpeed's stage 0 refuses float64 gradients and ZeRO
+1-3 keep fp32 master weights.)
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rest_ds.spim.spawn import spawn
+
+K = 3
+SHAPE = (1, 4, 44, 58)          # uneven tiles: rows (0, 24, 44) / cols (0, 32, 58) at align 8
+TINY_MODEL = {  # a small Prithvi-style ViT + UPerNet, GroupNorm (well conditioned at batch 1)
+    "encoder": {"name": "prithvi_vit",
+                "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "indices": [0, 1]}},
+    "decoder": {"name": "upernet", "channels": 16, "norm": "gn", "dropout": 0.0, "kwargs": {"pool_scales": [1, 2]}},
+}
+# (ZeRO stage, grid, optimizer, steps, activation checkpointing)
+CASES = [
+    (0, (1, 2), "sgd", 1, False),
+    (1, (1, 2), "sgd", 1, False),
+    (2, (2, 1), "sgd", 1, False),
+    (3, (1, 2), "sgd", 1, False),
+    (1, (2, 1), "momentum", 2, False),
+    (2, (1, 2), "adamw", 2, False),
+    (3, (2, 1), "adamw", 2, False),
+    (2, (1, 2), "sgd", 1, True),
+]
+TOL = 1e-5
+
+
+def _optimizer(name, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.5)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.01)
+    # eps well above the gradient noise: Adam's update of a near-zero gradient is otherwise its sign
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, eps=1e-3)
+
+
+def _params(engine, stage):
+    import deepspeed
+
+    ps = list(engine.module.named_parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters([p for _, p in ps]):
+            return {n: p.detach().clone() for n, p in ps}
+    return {n: p.detach().clone() for n, p in ps}
+
+
+def _case(stage, grid, opt_name, steps, act_ckpt):
+    import deepspeed
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from deepspeed.utils import safe_get_full_grad
+
+    from rest_ds.spim import SpatialMesh, from_local, parallelize
+    from rest_ds.spim.tensor import SpatialTensor, Spec
+    from rest_ds.spim.tiling import TileLayout
+    from rest_ds.spim.verify import rel_error
+    from rest_ds.train.engine import (build_model, check_functionals, enable_activation_checkpointing,
+                                      zero3_spatial_hooks)
+    from rest_ds.train.metrics import pixel_loss
+
+    mesh = SpatialMesh.build(grid=grid)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(SHAPE, generator=gen)
+    y = torch.randint(0, K, (SHAPE[0],) + SHAPE[2:], generator=gen)
+    y[torch.rand(y.shape, generator=gen) < 0.3] = -100           # unlabelled pixels
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, num_classes=K, in_chans=SHAPE[1])[0]
+    ref = copy.deepcopy(model)
+    if act_ckpt:  # blocks recomputed in backward, SPIM collectives included
+        enable_activation_checkpointing(model)
+    layout = TileLayout.even(SHAPE[2], SHAPE[3], grid, model.align)
+    rows, cols = layout.tile(*mesh.coord)
+    parallelize(model, mesh, align=model.align)
+    zero = {"stage": stage, **({"memory_efficient_linear": False} if stage == 3 else {})}
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(opt_name, model.parameters()), config=cfg)
+    if stage == 3:
+        zero3_spatial_hooks(engine.module)
+    check_functionals()
+    xs = from_local(x[..., rows, cols].contiguous(), mesh, layout=layout)
+    ys = SpatialTensor(y[..., rows, cols].contiguous(), Spec(mesh, (1, 2), layout.rows, layout.cols))
+    losses, grads = [], []
+    for _ in range(steps):
+        loss = pixel_loss(engine(xs), ys)
+        engine.backward(loss)
+        grads.append({n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+        engine.step()
+        losses.append(float(loss))
+    after = _params(engine, stage)
+    out = None
+    if dist.get_rank() == 0:
+        before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        ropt = _optimizer(opt_name, ref.parameters())
+        gerr, rlosses = {}, []
+        for s in range(steps):
+            ropt.zero_grad()
+            rl = F.cross_entropy(ref(x), y, ignore_index=-100)
+            rl.backward()
+            for n, q in ref.named_parameters():
+                gerr[f"step {s + 1} grad {n}"] = rel_error(grads[s][n], q.grad)
+            ropt.step()
+            rlosses.append(float(rl))
+        perr = {n: rel_error(after[n], q.detach()) for n, q in ref.named_parameters()}
+        gw, pw = max(gerr, key=gerr.get), max(perr, key=perr.get)
+        out = {"grad_error": gerr[gw], "grad_worst": gw, "param_error": perr[pw], "param_worst": pw,
+               "loss_error": max(abs(a - b) / abs(b) for a, b in zip(losses, rlosses)),
+               "checked": len(perr),
+               "unchanged": [n for n in perr if torch.equal(after[n], before[n])],
+               "zero_grads": [n for n, g in grads[0].items() if not bool(g.abs().max() > 0)],
+               "tile_sizes": (tuple(b - a for a, b in zip(layout.rows, layout.rows[1:])),
+                              tuple(b - a for a, b in zip(layout.cols, layout.cols[1:])))}
+    box = [out]
+    dist.broadcast_object_list(box, src=0)
+    engine.destroy()
+    return box[0]
+
+
+def _all_cases(cases):
+    import deepspeed
+
+    from rest_ds.train.engine import quiet_deepspeed
+
+    quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.use_deterministic_algorithms(True)
+    return {c: _case(*c) for c in cases}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return spawn(_all_cases, 2, CASES, timeout_s=900)[0]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"zero{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}" + ("-actckpt" if c[4] else ""))
+def test_deepspeed_step_equals_single_process(results, case):
+    r = results[case]
+    print(f"{case}: grad error {r['grad_error']:.2e} ({r['grad_worst']}), param error {r['param_error']:.2e} "
+          f"({r['param_worst']}), loss error {r['loss_error']:.2e}, tile sizes {r['tile_sizes']}")
+    split = r["tile_sizes"][0] if case[1][0] > 1 else r["tile_sizes"][1]
+    assert len(set(split)) > 1, "the tiles should be uneven"
+    assert r["checked"] == 47 and not r["unchanged"] and not r["zero_grads"], (r["unchanged"], r["zero_grads"])
+    assert r["grad_error"] <= TOL, f"{r['grad_worst']}: {r['grad_error']:.3e}"
+    assert r["param_error"] <= TOL, f"{r['param_worst']}: {r['param_error']:.3e}"
+    assert r["loss_error"] <= TOL

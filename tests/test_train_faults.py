@@ -1,0 +1,138 @@
+"""Faults: a rank that raises ends the whole job with its message (no hang);
+a crash during a checkpoint or export write never leaves something that loads.
+
+The failing rank is real: the scene's image holds a NaN in one pixel of rank
+1's tile and is not scanned up front (``data.scan: false``, statistics given),
+so only rank 1 notices, when it reads its tile of the first batch; rank 0 is
+then waiting in a collective.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_data import make_scene, tiny_config, write_config
+from tests.test_train_launcher import BIN, ROOT, free_port, launch
+
+
+def _bad_scene_config(d: Path) -> Path:
+    scene = make_scene(d / "scene", stats=True, nan_at=(20, 80))   # column 80: rank 1's tile of a 1x2 grid
+    cfg = tiny_config(scene, d / "run")
+    cfg["data"]["scan"] = False
+    cfg["mesh"] = {"grid": "1x2"}
+    return write_config(d / "bad.yaml", cfg)
+
+
+@pytest.mark.timeout(600)
+def test_failing_rank_ends_the_launcher_job(tmp_path):
+    cfg = _bad_scene_config(tmp_path)
+    p, secs = launch(["train", "--config", str(cfg)], tmp_path, timeout=500,
+                     env={"REST_DS_COLLECTIVE_TIMEOUT": "120"})
+    print(f"launcher fault run: rc {p.returncode} in {secs:.1f} s")
+    assert p.returncode != 0
+    err = p.stderr
+    assert "error: rank 1: DataError" in err and "NaN at band 0, pixel (row 20, col 80)" in err, err[-3000:]
+    # rank 0 is stopped by the launcher, or first sees its collective fail: then it says so
+    assert "rank 0:" not in err or "another rank stopped" in err
+    assert "done:" not in p.stdout
+
+
+@pytest.mark.timeout(600)
+def test_failing_rank_without_launcher_ends_within_collective_timeout(tmp_path):
+    """srun-style start (each rank from the environment, nobody watching): the
+    waiting rank's collective fails or times out, it reports and exits."""
+    cfg = _bad_scene_config(tmp_path)
+    port = str(free_port())
+    timeout = 60
+    procs = []
+    t0 = time.monotonic()
+    for r in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(r), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "REST_DS_COLLECTIVE_TIMEOUT": str(timeout)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "rest_ds", "train", "--config", str(cfg)], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=500) for p in procs]
+    secs = time.monotonic() - t0
+    print(f"no-launcher fault run: rc {[p.returncode for p in procs]} in {secs:.1f} s")
+    assert procs[1].returncode != 0 and "error: rank 1: DataError" in outs[1][1], outs[1][1][-3000:]
+    assert procs[0].returncode != 0 and "error: rank 0:" in outs[0][1], outs[0][1][-3000:]
+    assert "another rank stopped or timed out" in outs[0][1]
+    # start-up (imports, DeepSpeed set-up) plus at most the collective timeout, not a hang
+    assert secs < 400
+
+
+# --- atomic checkpoints ------------------------------------------------------------------------------
+class _FakeEngine:
+    """Writes files as DeepSpeed would; ``fail`` raises in the middle of a save."""
+
+    def __init__(self):
+        self.fail = False
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+        if self.fail:
+            raise OSError("disk full (simulated crash mid-save)")
+        (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"y" * 100)
+        (Path(save_dir) / "zero_to_fp32.py").write_text("# script")
+
+
+def _save(engine, root, step):
+    from rest_ds.train.checkpoint import save_checkpoint
+
+    return save_checkpoint(engine, root, step, {"world_size": 1, "zero_stage": 2}, {"torch_rng": torch.get_rng_state()},
+                           rank=0, barrier=lambda: None, keep=2)
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    from rest_ds.train.checkpoint import find_checkpoint, list_checkpoints
+
+    root = tmp_path / "checkpoints"
+    eng = _FakeEngine()
+    _save(eng, root, 2)
+    eng.fail = True
+    with pytest.raises(OSError, match="simulated crash"):
+        _save(eng, root, 4)
+    assert (root / ".partial" / "step_0000004").is_dir()            # the half-written one
+    assert [s for s, _ in list_checkpoints(root)] == [2]
+    _, tag, man = find_checkpoint(root)
+    assert tag == "step_0000002" and man["step"] == 2
+    # a crash after the rename but before 'latest' was replaced: 'latest' still names step 2
+    eng.fail = False
+    _save(eng, root, 4)
+    assert not (root / ".partial" / "step_0000004").exists() and (root / "zero_to_fp32.py").is_file()
+    _, tag, _ = find_checkpoint(root)
+    assert tag == "step_0000004"
+    # a folder without a manifest is never loaded, even when 'latest' names it
+    (root / "step_0000006").mkdir()
+    (root / "latest").write_text("step_0000006")
+    _, tag, _ = find_checkpoint(root)
+    assert tag == "step_0000004"
+    _save(eng, root, 8)
+    assert [s for s, _ in list_checkpoints(root)] == [4, 8]                # keep=2
+
+
+def test_export_pair_is_checked(tmp_path):
+    from rest_ds.train.checkpoint import CheckpointError, export_model, read_export
+
+    sd = {"w": torch.randn(3, 4), "b": torch.zeros(3)}
+    out, js = export_model(sd, {"num_classes": 3}, tmp_path / "m.safetensors")
+    meta, back = read_export(out)
+    assert meta["num_classes"] == 3 and torch.equal(back["w"], sd["w"])
+    assert not list(tmp_path.glob(".*tmp"))
+    export_model({"w": torch.ones(3, 4), "b": torch.zeros(3)}, {"num_classes": 3}, tmp_path / "other.safetensors")
+    os.replace(tmp_path / "other.safetensors", out)                          # weights of another export
+    with pytest.raises(CheckpointError, match="sha256 does not match"):
+        read_export(out)
+    js.unlink()
+    with pytest.raises(CheckpointError, match="m.json: missing"):
+        read_export(out)

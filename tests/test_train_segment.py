@@ -1,0 +1,136 @@
+"""`rest-ds segment` on a small GeoTIFF the test writes (SYNTHETIC data).
+
+The model is the tiny ViT + UPerNet, fitted for a few steps in one process so
+its logits are decisive, then exported (safetensors + JSON). The input is the
+bare GeoTIFF (no scene description). Checked: CRS, transform, nodata (input
+nodata pixels -> 255), colour table, tiling and compression; the map is equal
+for P = 1, 2, 3 ranks in whole-scene mode and in sliding-window mode.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_train_data import CLASSES, EPSG, NODATA, TINY_MODEL, TRANSFORM, make_scene
+
+
+@pytest.fixture(scope="module")
+def model_and_scene(tmp_path_factory):
+    import torch.nn.functional as F
+
+    from rest_ds.data import prepare_scene
+    from rest_ds.train.checkpoint import export_model
+    from rest_ds.train.engine import build_model
+    from rest_ds.train.inference import padded_shape, read_padded
+
+    d = tmp_path_factory.mktemp("segment")
+    scene = make_scene(d / "scene", height=61, width=101)          # not multiples of the alignment
+    reader, _, stats = prepare_scene(scene)
+    torch.manual_seed(0)
+    model, mcfg = build_model(TINY_MODEL, num_classes=3, in_chans=4)
+    H, W = reader.shape[1:]
+    Hp, Wp = padded_shape((H, W), model.align)
+    img, lab, _ = read_padded(reader, slice(0, Hp), slice(0, Wp), (H, W), stats=stats, region="train")
+    reader.close()
+    x, y = torch.from_numpy(img)[None], torch.from_numpy(lab)[None]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(25):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, ignore_index=-100).backward()
+        opt.step()
+    meta = {"model": mcfg, "align": model.align, "num_classes": 3, "in_chans": 4,
+            "classes": [{"value": c["value"], "name": c["name"], "color": [int(c["color"][i:i + 2], 16)
+                                                                          for i in (1, 3, 5)]} for c in CLASSES],
+            "ignore_index": -100, "band_names": None, "crop_size": 32, "slide_overlap": 8,
+            "normalization": {"mean": list(stats.mean), "std": list(stats.std)}}
+    out, _ = export_model(model.state_dict(), meta, d / "model" / "tiny.safetensors")
+    return {"dir": d, "model": out, "image": d / "scene" / "image.tif"}
+
+
+def _segment(m, name, P, *extra):
+    from rest_ds.cli import main
+
+    out = m["dir"] / f"{name}.tif"
+    rc = main(["segment", "--checkpoint", str(m["model"]), "--input", str(m["image"]), "--output", str(out),
+               "--nproc", str(P), *extra])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole_maps(model_and_scene):
+    m = model_and_scene
+    outs = {1: _segment(m, "whole1", 1, "--preview", str(m["dir"] / "whole1.png")),
+            2: _segment(m, "whole2", 2, "--probs", str(m["dir"] / "probs2.tif")),
+            3: _segment(m, "whole3", 3)}
+    return outs
+
+
+@pytest.mark.timeout(600)
+def test_geotiff_keeps_georeferencing_and_nodata(model_and_scene, whole_maps):
+    import rasterio
+
+    with rasterio.open(model_and_scene["image"]) as src:
+        crs, transform = src.crs, src.transform
+        invalid = (src.read() == NODATA).any(0)
+    with rasterio.open(whole_maps[2]) as dst:
+        assert dst.crs == crs and dst.crs.to_epsg() == EPSG
+        assert tuple(dst.transform)[:6] == pytest.approx(TRANSFORM) and dst.transform == transform
+        assert dst.nodata == 255 and dst.dtypes[0] == "uint8" and dst.count == 1
+        assert dst.profile["tiled"] and dst.compression.name.lower() == "deflate"
+        cmap = dst.colormap(1)
+        assert cmap[1][:3] == (0x1f, 0x78, 0xb4) and cmap[3][:3] == (0x33, 0x78, 0x2c)
+        assert dst.tags(1)["class_2"] == "field"
+        a = dst.read(1)
+    assert invalid.any() and (a[invalid] == 255).all() and (a[~invalid] != 255).all()
+    assert set(np.unique(a[~invalid])) <= {1, 2, 3} and len(np.unique(a[~invalid])) >= 2
+    with rasterio.open(model_and_scene["dir"] / "probs2.tif") as p:
+        probs = p.read()
+        assert p.count == 3 and p.crs == crs
+    assert np.isnan(probs[:, invalid]).all()
+    assert np.allclose(probs[:, ~invalid].sum(0), 1, atol=1e-5)
+    assert (model_and_scene["dir"] / "whole1.png").stat().st_size > 100
+
+
+@pytest.mark.timeout(600)
+def test_whole_scene_map_is_the_same_for_any_rank_count(whole_maps):
+    import rasterio
+
+    maps = {P: rasterio.open(p).read(1) for P, p in whole_maps.items()}
+    assert np.array_equal(maps[1], maps[2]) and np.array_equal(maps[1], maps[3])
+
+
+@pytest.mark.timeout(600)
+def test_sliding_window_map_is_the_same_for_any_rank_count(model_and_scene, whole_maps):
+    import rasterio
+
+    m = model_and_scene
+    maps = {P: rasterio.open(_segment(m, f"slide{P}", P, "--mode", "slide")).read(1) for P in (1, 3)}
+    assert np.array_equal(maps[1], maps[3])
+    whole = rasterio.open(whole_maps[1]).read(1)
+    assert np.array_equal(maps[1] == 255, whole == 255)
+    assert not np.array_equal(maps[1], whole)        # windows of 32 px see less context: a different map
+
+
+def test_segment_errors_are_named(model_and_scene, tmp_path, capsys):
+    from rest_ds.cli import main
+
+    m = model_and_scene
+    rc = main(["segment", "--checkpoint", str(tmp_path / "none.safetensors"), "--input", str(m["image"]),
+               "--output", str(tmp_path / "o.tif")])
+    assert rc == 2 and "none.json: missing" in capsys.readouterr().err
+    import rasterio
+    with rasterio.open(m["image"]) as src:
+        prof = src.profile
+        data = src.read()[:3]
+    prof.update(count=3)
+    with rasterio.open(tmp_path / "three.tif", "w", **prof) as dst:
+        dst.write(data)
+    rc = main(["segment", "--checkpoint", str(m["model"]), "--input", str(tmp_path / "three.tif"),
+               "--output", str(tmp_path / "o.tif")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has 3 bands but the model expects 4" in err
