@@ -11,23 +11,38 @@ on one ``3 x size x size`` scene, batch 1:
     after (median of ``--repeats`` runs each, the slower rank counts);
 (c) peak memory per rank at sp=2 (1x2) and sp=4 (2x2) vs one process on the
     whole scene (plain model, and the same through SPIM's rules on a 1x1 grid,
-    which isolates what the rules themselves keep alive): every configuration runs in fresh processes; the peak is the
-    resident-set high-water mark (``VmHWM``, reset through
-    ``/proc/self/clear_refs`` after imports and model construction) minus the
-    resident set at that point, so it counts what forward+backward allocates.
+    which isolates what the rules themselves keep alive), as ratios against
+    the targets (sp=2 <= 0.6 and sp=4 <= 0.35 of the plain process). Every
+    configuration runs in fresh processes; the peak is the resident-set
+    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` after
+    imports and model construction) minus the resident set at that point, so
+    it counts what the first forward+backward allocates.
+
+    The resident set depends on the C allocator as much as on the tensors:
+    glibc's malloc raises its mmap threshold at run time (up to 32 MiB) after
+    large blocks are freed, and from then on serves tensors below it from a
+    heap that keeps freed holes resident. So every configuration is measured
+    twice (``--malloc both``): with glibc's defaults, and with a fixed 128 KiB
+    mmap threshold (``mallopt(M_MMAP_THRESHOLD)`` in each rank, which also
+    turns the dynamic adjustment off), where tensors come from and go back to
+    the kernel and the peak is what the computation holds.
 
 The UPerNet runs in training mode (BatchNorm with whole-scene statistics over
 the sp group), except the BatchNorms of the PPM branches: with batch 1 the
 1x1-bin branch has one value per channel, which training-mode BatchNorm rejects
 on one device as well, so those run in eval mode in every configuration.
 
-Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3]``. Prints a
-table and one JSON line (prefixed ``JSON``).
+Times (b) are taken with glibc's default allocator settings.
+
+Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3] [--malloc both]``.
+Prints a table and one JSON line (prefixed ``JSON``).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -48,6 +63,9 @@ from rest_ds.spim.spawn import spawn  # noqa: E402
 ALIGN = 32
 BANDS = 3
 DTYPE_BYTES = 4
+TARGETS = {"sp2": 0.6, "sp4": 0.35}  # per-rank peak / peak of one plain process on the whole scene
+MALLOC_MODES = {"default": "glibc default", "mmap": "fixed 128 KiB mmap threshold"}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 # --- models ------------------------------------------------------------------
@@ -118,6 +136,14 @@ def _reset_peak() -> bool:
         return False
 
 
+def _set_malloc(mode: str) -> bool:
+    """Allocator settings of this rank (before it allocates tensors); see (c)."""
+    if mode == "default":
+        return True
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+
+
 def _fwd_bwd(model, x):
     y = model(x)
     y.sum().backward()
@@ -130,9 +156,10 @@ def _barrier(mesh):
 
 
 def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, stack_layers: int,
-              time_it: bool, spim: bool = True) -> dict:
+              time_it: bool, spim: bool = True, malloc: str = "default") -> dict:
     """One rank of a sharded run. With grid (1, 1): the whole scene in one
     process, through SPIM's rules (``spim``) or as the plain model."""
+    malloc_ok = _set_malloc(malloc)
     mesh = SpatialMesh.build(grid=grid)
     model = build(name, stack_channels, stack_layers)
     plain = copy.deepcopy(model)
@@ -145,7 +172,7 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
         inp = x
     tile_shape = tuple(inp._local.shape) if spim else tuple(x.shape)
     del x
-    out = {"rank": mesh.rank, "tile": tile_shape}
+    out = {"rank": mesh.rank, "tile": tile_shape, "malloc_ok": malloc_ok}
 
     # (c) peak memory of the first forward+backward
     _barrier(mesh)
@@ -182,9 +209,19 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
     return out
 
 
-def _run(name, grid, args, time_it, spim=True) -> list[dict]:
+def _run(name, grid, args, time_it, spim=True, malloc="default") -> list[dict]:
     return spawn(_rank_job, grid[0] * grid[1], name, grid, args.size, args.repeats, args.stack_channels,
-                 args.stack_layers, time_it, spim, timeout_s=3600, collective_timeout_s=1800)
+                 args.stack_layers, time_it, spim, malloc, timeout_s=3600, collective_timeout_s=1800)
+
+
+def _memory(r1, r1s, r2, r4) -> dict:
+    m = {"sp1": r1[0]["peak_mib"], "sp1_spim": r1s[0]["peak_mib"], "sp2": max(r["peak_mib"] for r in r2),
+         "sp4": max(r["peak_mib"] for r in r4)}
+    ratio = {k: m[k] / m["sp1"] for k in ("sp1_spim", "sp2", "sp4")}
+    runs = r1 + r1s + r2 + r4
+    return {"peak_mib_per_rank": m, "ratio_vs_plain": ratio,
+            "meets_target": {k: ratio[k] <= t for k, t in TARGETS.items()},
+            "peak_exact": all(r["peak_exact"] for r in runs), "malloc_applied": all(r["malloc_ok"] for r in runs)}
 
 
 def main(argv=None) -> dict:
@@ -194,27 +231,36 @@ def main(argv=None) -> dict:
     p.add_argument("--stack-channels", type=int, default=32)
     p.add_argument("--stack-layers", type=int, default=4)
     p.add_argument("--models", default="conv_stack,resnet18_upernet")
+    p.add_argument("--malloc", choices=("both", "default", "mmap"), default="both",
+                   help="allocator settings for the memory runs (see (c)); timings always use the default")
     args = p.parse_args(argv)
+    modes = ["default", "mmap"] if args.malloc == "both" else [args.malloc]
     results: dict = {"size": args.size, "batch": 1, "bands": BANDS, "repeats": args.repeats,
-                     "stack": {"channels": args.stack_channels, "layers": args.stack_layers}, "models": {}}
+                     "stack": {"channels": args.stack_channels, "layers": args.stack_layers},
+                     "targets": TARGETS, "models": {}}
     rows_out = []
     for name in args.models.split(","):
-        res: dict = {}
-        # (a)+(b): 1x2 grid, timed; then (c): whole scene in one process, 2x2 grid
+        res: dict = {"memory": {}}
+        # (a)+(b): 1x2 grid, timed, and the plain model on the whole scene, timed (default allocator);
+        # (c): those two plus SPIM on a 1x1 grid and a 2x2 grid, per allocator setting
         r2 = _run(name, (1, 2), args, True)
-        r1 = _run(name, (1, 1), args, True, spim=False)
-        r1s = _run(name, (1, 1), args, False)
-        r4 = _run(name, (2, 2), args, False)
+        r1t = _run(name, (1, 1), args, True, spim=False)
+        for mode in modes:
+            if mode == "default":  # the timed runs measured this setting's memory too
+                r1, r2m = r1t, r2
+            else:
+                r1 = _run(name, (1, 1), args, False, spim=False, malloc=mode)
+                r2m = _run(name, (1, 2), args, False, malloc=mode)
+            r1s = _run(name, (1, 1), args, False, malloc=mode)
+            r4 = _run(name, (2, 2), args, False, malloc=mode)
+            res["memory"][mode] = _memory(r1, r1s, r2m, r4)
         sharded = max(statistics.median(r["sharded_s"]) for r in r2)
         plain = max(statistics.median(r["plain_tile_s"]) for r in r2)
-        whole = statistics.median(r1[0]["sharded_s"])  # (1, 1): the plain model on the whole scene
+        whole = statistics.median(r1t[0]["sharded_s"])  # (1, 1): the plain model on the whole scene
         res["time_s"] = {"sp2_sharded": sharded, "sp2_plain_tile": plain, "overhead_ratio": sharded / plain,
                          "sp1_whole_scene": whole, "speedup_vs_whole": whole / sharded}
-        res["peak_mib_per_rank"] = {"sp1": r1[0]["peak_mib"], "sp1_spim": r1s[0]["peak_mib"], "sp2": max(r["peak_mib"] for r in r2),
-                                    "sp4": max(r["peak_mib"] for r in r4)}
-        res["peak_exact"] = all(r["peak_exact"] for r in r1 + r1s + r2 + r4)
+        res["comm_bytes_sp4_rank0"] = r4[0]["comm"]  # the allocator does not change what is sent
         res["comm_bytes_sp2_rank0"] = r2[0]["comm"]
-        res["comm_bytes_sp4_rank0"] = r4[0]["comm"]
         if name == "conv_stack":
             cins = stack_in_channels(args.stack_channels, args.stack_layers)
             lay = TileLayout.even(args.size, args.size, (1, 2), ALIGN)
@@ -239,7 +285,7 @@ def main(argv=None) -> dict:
     print(f"\nSPIM core benchmark: scene {BANDS} x {args.size} x {args.size}, batch 1, gloo CPU, "
           f"1 thread per rank, median of {args.repeats}")
     for name, res in rows_out:
-        t, m = res["time_s"], res["peak_mib_per_rank"]
+        t = res["time_s"]
         print(f"\n[{name}]")
         if "halo_bytes" in res:
             print(f"  {'halo bytes (all ranks)':<28}{'measured':>14}{'analytic':>14}")
@@ -249,9 +295,17 @@ def main(argv=None) -> dict:
         print(f"  fwd+bwd time: sp=2 sharded {t['sp2_sharded']:.3f} s | same layers on a plain local tile "
               f"{t['sp2_plain_tile']:.3f} s | ratio {t['overhead_ratio']:.2f} | one process, whole scene "
               f"{t['sp1_whole_scene']:.3f} s")
-        print(f"  peak memory per rank (MiB): sp=1 {m['sp1']:.0f} (plain) | sp=1 through SPIM {m['sp1_spim']:.0f} | "
-              f"sp=2 {m['sp2']:.0f} | sp=4 {m['sp4']:.0f}"
-              f"{'' if res['peak_exact'] else '  (ru_maxrss fallback, not reset)'}")
+        print("  peak memory per rank, first forward+backward (MiB; ratio = per-rank peak / plain sp=1 peak)")
+        print(f"  {'allocator':<30}{'plain sp=1':>11}{'SPIM sp=1':>11}{'SPIM sp=2':>11}{'SPIM sp=4':>11}"
+              f"{'sp=2 ratio (<= %.2f)' % TARGETS['sp2']:>24}{'sp=4 ratio (<= %.2f)' % TARGETS['sp4']:>24}")
+        for mode, mem in res["memory"].items():
+            m, r, ok = mem["peak_mib_per_rank"], mem["ratio_vs_plain"], mem["meets_target"]
+            note = "" if mem["peak_exact"] else "  (ru_maxrss fallback, not reset)"
+            if not mem["malloc_applied"]:
+                note += "  (mallopt failed: glibc defaults)"
+            print(f"  {MALLOC_MODES[mode]:<30}{m['sp1']:>11.0f}{m['sp1_spim']:>11.0f}{m['sp2']:>11.0f}{m['sp4']:>11.0f}"
+                  f"{'%.3f %s' % (r['sp2'], 'ok' if ok['sp2'] else 'MISSED'):>24}"
+                  f"{'%.3f %s' % (r['sp4'], 'ok' if ok['sp4'] else 'MISSED'):>24}{note}")
     print("JSON " + json.dumps(results, sort_keys=True))
     if any(not r.get("halo_match", True) for r in results["models"].values()):
         raise SystemExit("measured halo bytes differ from the analytic volume")

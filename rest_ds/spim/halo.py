@@ -114,14 +114,31 @@ def _exchange(send_items, recv_items, mesh, kind_bytes_phase):
             req.wait()
 
 
-def assemble(pieces: dict, dims) -> torch.Tensor:
-    """Cat the pieces (keyed by (rows, cols)) into the extended tensor, row band by row band."""
-    keys = sorted(pieces, key=lambda k: (k[0][0], k[1][0]))
-    bands = []
-    for rr in sorted({k[0] for k in keys}):
-        row = [pieces[k] for k in keys if k[0] == rr]
-        bands.append(torch.cat(row, dim=dims[1]) if len(row) > 1 else row[0])
-    return torch.cat(bands, dim=dims[0]) if len(bands) > 1 else bands[0]
+def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0) -> torch.Tensor:
+    """The window from its pieces (keyed by global (rows, cols)), with ``pads``
+    = (left, right, top, bottom) elements of ``fill`` added at the scene border.
+
+    One allocation of the final window (no intermediate bands or padded copy);
+    a lone piece without padding is returned as is (a view of the tile)."""
+    keys = list(pieces)
+    if len(keys) == 1 and not any(pads):
+        return pieces[keys[0]]
+    r0, c0 = min(k[0][0] for k in keys), min(k[1][0] for k in keys)
+    r1, c1 = max(k[0][1] for k in keys), max(k[1][1] for k in keys)
+    left, right, top, bottom = pads
+    ref = pieces[keys[0]]
+    shape = list(ref.shape)
+    shape[dims[0]], shape[dims[1]] = top + (r1 - r0) + bottom, left + (c1 - c0) + right
+    out = ref.new_empty(shape)
+    # only the scene-border strips get the fill; the pieces cover the rest
+    for d, lo, hi, n in ((dims[0], top, bottom, shape[dims[0]]), (dims[1], left, right, shape[dims[1]])):
+        if lo:
+            out.narrow(d, 0, lo).fill_(fill)
+        if hi:
+            out.narrow(d, n - hi, hi).fill_(fill)
+    for (rr, cc), t in pieces.items():
+        out.narrow(dims[0], top + rr[0] - r0, rr[1] - rr[0]).narrow(dims[1], left + cc[0] - c0, cc[1] - cc[0]).copy_(t)
+    return out
 
 
 def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
@@ -141,9 +158,14 @@ def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
     return pieces
 
 
-def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape) -> torch.Tensor:
+def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape, reuse: bool = False) -> torch.Tensor:
     """Backward of :func:`fetch` + assembly: ``g`` is the gradient of the window;
-    halo parts go back to their owners, which add them to their tile gradient."""
+    halo parts go back to their owners, which add them to their tile gradient.
+
+    ``reuse``: ``g`` is a buffer the caller owns and no longer needs; when the
+    window holds the whole tile, the tile gradient is then a view of ``g`` (the
+    returned halo gradients are added into it in place) instead of a new
+    tile-size tensor."""
     base = (plan.ext[0][0], plan.ext[1][0])
     sends = [(src, _slice(g, dims, base, rr, cc).contiguous()) for src, rr, cc in plan.recv]
     recvs = []
@@ -152,9 +174,15 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape)
         shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
         recvs.append((dst, g.new_empty(shape), rr, cc))
     _exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
-    gx = g.new_zeros(x_shape)
-    if plan.own is not None:
-        _slice(gx, dims, plan.origin, *plan.own).add_(_slice(g, dims, base, *plan.own))
+    del sends
+    whole = ((plan.origin[0], plan.origin[0] + x_shape[dims[0]]), (plan.origin[1], plan.origin[1] + x_shape[dims[1]]))
+    if reuse and plan.own == whole:
+        # the sent halo parts lie outside the own tile, so writing into it is safe
+        gx = _slice(g, dims, base, *plan.own)
+    else:
+        gx = g.new_zeros(x_shape)
+        if plan.own is not None:
+            _slice(gx, dims, plan.origin, *plan.own).add_(_slice(g, dims, base, *plan.own))
     for _, buf, rr, cc in recvs:
         _slice(gx, dims, plan.origin, rr, cc).add_(buf)
     return gx
@@ -164,7 +192,7 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, plan, dims):
         ctx.mesh, ctx.plan, ctx.dims, ctx.shape = mesh, plan, dims, x.shape
-        return assemble(fetch(x, mesh, plan, dims), dims).contiguous()
+        return assemble(fetch(x, mesh, plan, dims), dims).contiguous()  # a lone piece is a view of x
 
     @staticmethod
     def backward(ctx, g):

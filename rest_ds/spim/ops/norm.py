@@ -6,8 +6,10 @@ all-reduce over the sp group gives the global sum, and the variance is a second
 pass over the squared deviations from the global mean (two passes, not
 E[x^2] - E[x]^2, so fp32 keeps its accuracy). The statistics are then
 replicated, every rank normalises its own tile, and running statistics are
-updated identically on every rank. The backward all-reduces the two sums of
-the fused normalisation backward (see :class:`_Normalize`). Norms over non-sharded dims (LayerNorm over
+updated identically on every rank. Normalisation and affine transform are one
+autograd op that saves only its input and the statistics, as torch's native
+kernels do; its backward all-reduces the two sums of the fused normalisation
+backward (see :class:`_NormAffine`). Norms over non-sharded dims (LayerNorm over
 channels after a permute, as in ConvNeXt) and batch norm in eval mode are local.
 """
 from __future__ import annotations
@@ -48,47 +50,117 @@ def _stat_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-class _Normalize(torch.autograd.Function):
-    """``x_hat = (t - mean) / sqrt(var + eps)``, mean and biased var over ``dims``
-    of the whole scene (``count`` elements in all); also returns the replicated
-    mean and sum of squared deviations (not differentiable, for running stats).
+def _chunked(t: torch.Tensor, dims: tuple[int, ...]):
+    """Split ``t`` along its largest kept (non-reduced) dim into about 8 pieces:
+    per-piece temporaries then stay a fraction of the activation. Yields
+    (dim, start, length), or (None, 0, 0) once when there is nothing to split."""
+    kept = [i for i in range(t.dim()) if i not in dims and t.shape[i] > 1]
+    if not kept:
+        yield None, 0, 0
+        return
+    k = max(kept, key=lambda i: t.shape[i])
+    step = -(-t.shape[k] // 8)
+    for s in range(0, t.shape[k], step):
+        yield k, s, min(step, t.shape[k] - s)
 
-    The backward is the fused formula of torch's native kernels,
-    ``invstd * (g - mean(g) - x_hat * mean(g * x_hat))`` with whole-scene means
-    (one all-reduce of both sums, like SyncBatchNorm), rather than autograd
-    through the statistics, whose analytically zero terms only add rounding noise."""
+
+def _piece(t: torch.Tensor, k, s: int, n: int) -> torch.Tensor:
+    return t if k is None or t.shape[k] == 1 else t.narrow(k, s, n)
+
+
+def _sum_of(fn, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``fn(piece).sum(dims, keepdim=True)`` in fp64 over ``t``'s pieces (see
+    :func:`_chunked`), concatenated: the sum of an elementwise expression
+    without an activation-size temporary."""
+    parts, cat_dim = [], None
+    for k, s, n in _chunked(t, dims):
+        cat_dim = k
+        parts.append(fn(k, s, n).sum(dims, keepdim=True, dtype=torch.float64))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
+
+
+class _NormAffine(torch.autograd.Function):
+    """``y = (t - mean) * invstd * weight + bias``, mean and biased var over
+    ``dims`` of the whole scene (``count`` elements over all sp tiles), as one
+    op. ``x`` is this rank's tile in the statistics layout; ``t`` is ``x`` in
+    the statistics dtype ``sdt``; ``weight``/``bias`` (or None) broadcast
+    against ``x``. Also returns the replicated mean (``sdt``) and sum of squared
+    deviations (fp64), with kept dims, not differentiable (running stats).
+
+    Memory: like torch's native kernels it saves its input plus per-group
+    statistics; no normalised copy is kept and no activation-size temporary
+    is made beyond the output (sums over elementwise expressions run over
+    slices). The backward recomputes ``x_hat`` and applies the fused formula
+    ``invstd * (gh - mean(gh) - x_hat * mean(gh * x_hat))`` with ``gh = g * weight``
+    and whole-scene means (one all-reduce of both sums, like SyncBatchNorm)."""
 
     @staticmethod
-    def forward(ctx, t, dims, count, eps, mesh):
+    def forward(ctx, x, weight, bias, dims, count, eps, mesh, sdt):
+        t = x.to(sdt)
         # sums accumulate in fp64 (as torch's CPU batch norm does): the statistics
-        # of a whole scene are sums of millions of values
-        mean = (all_reduce_(t.sum(dims, keepdim=True, dtype=torch.float64), mesh) / count).to(t.dtype)
-        d = t - mean
-        ssd = all_reduce_((d * d).sum(dims, keepdim=True, dtype=torch.float64), mesh)
-        invstd = (1.0 / torch.sqrt(ssd / count + eps)).to(t.dtype)
-        x_hat = d * invstd
-        ctx.save_for_backward(x_hat, invstd)
-        ctx.dims, ctx.count, ctx.mesh = dims, count, mesh
+        # of a whole scene are sums of millions of values; two passes (global
+        # mean, then squared deviations from it) keep fp32 accurate
+        mean = (all_reduce_(t.sum(dims, keepdim=True, dtype=torch.float64), mesh) / count).to(sdt)
+        ssd = all_reduce_(_sum_of(lambda k, s, n: (_piece(t, k, s, n) - _piece(mean, k, s, n)).square_(), t, dims),
+                          mesh)
+        invstd = (1.0 / torch.sqrt(ssd / count + eps)).to(sdt)
+        y = (t - mean).mul_(invstd)
+        del t
+        if weight is not None:
+            y.mul_(weight.to(sdt))
+        if bias is not None:
+            y.add_(bias.to(sdt))
+        ctx.save_for_backward(x, mean, invstd, weight)
+        pshape = weight.shape if weight is not None else (bias.shape if bias is not None else x.shape)
+        ctx.cfg = (dims, count, mesh, sdt, bias is not None, pshape, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(mean, ssd)
-        return x_hat, mean, ssd
+        return y.to(x.dtype), mean, ssd
 
     @staticmethod
     def backward(ctx, g, _g_mean, _g_ssd):
-        x_hat, invstd = ctx.saved_tensors
-        dims, n = ctx.dims, ctx.count
-        sums = torch.stack([g.sum(dims, keepdim=True, dtype=torch.float64),
-                            (g * x_hat).sum(dims, keepdim=True, dtype=torch.float64)])
-        all_reduce_(sums, ctx.mesh)  # g is this tile's part of the scene's gradient
-        mean_g, mean_gx = (sums[0] / n).to(g.dtype), (sums[1] / n).to(g.dtype)
-        return (g - mean_g - x_hat * mean_gx) * invstd, None, None, None, None
+        x, mean, invstd, weight = ctx.saved_tensors
+        dims, n, mesh, sdt, has_bias, pshape, bias_dtype = ctx.cfg
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = g.to(sdt)
+        x_hat = (x.to(sdt) - mean).mul_(invstd)
+        # weight/bias gradients sum over the dims where they broadcast (this
+        # tile's part: convention P, the sum over sp ranks is the gradient)
+        wdims = tuple(i for i in range(x.dim()) if pshape[i] == 1)
+        w_flat = weight is None or all(weight.shape[i] == 1 for i in dims)  # one weight per statistics group
+        gw = gb = gx = None
+
+        def dot(a, k, s, m):
+            return _piece(a, k, s, m) * _piece(x_hat, k, s, m)
+
+        if need_w and weight is not None:
+            gw = _sum_of(lambda k, s, m: dot(g, k, s, m), g, wdims)
+        if need_b and has_bias:
+            gb = g.sum(wdims, keepdim=True, dtype=torch.float64)
+        if need_x:
+            gh = g if w_flat else g * weight.to(sdt)
+            s1 = gb if (gb is not None and wdims == dims and gh is g) else gh.sum(dims, keepdim=True,
+                                                                                   dtype=torch.float64)
+            s2 = gw if (gw is not None and wdims == dims and gh is g) else _sum_of(
+                lambda k, s, m: dot(gh, k, s, m), gh, dims)
+            sums = all_reduce_(torch.stack([s1, s2]), mesh)  # gh is this tile's part of the scene's gradient
+            scale = invstd if (weight is None or not w_flat) else invstd * weight.to(sdt)
+            gx = x_hat.mul_(-(sums[1] / n).to(sdt)).add_(gh).sub_((sums[0] / n).to(sdt)).mul_(scale)
+            gx = gx.to(x.dtype)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        if gb is not None:
+            gb = gb.to(bias_dtype)
+        return gx, gw, gb, None, None, None, None, None
 
 
-def normalize(t: torch.Tensor, dims: tuple[int, ...], count: int, eps: float, mesh):
-    """(x_hat, mean, ssd): ``t`` normalised over ``dims`` of the whole scene
-    (``count`` elements over all sp tiles); the mean (``t.dtype``) and the sum of
-    squared deviations (fp64), both with kept dims, are replicated.
-    Differentiable in ``t``."""
-    return _Normalize.apply(t, tuple(dims), int(count), float(eps), mesh)
+def norm_affine(x: torch.Tensor, weight, bias, dims: tuple[int, ...], count: int, eps: float, mesh):
+    """(y, mean, ssd): ``x`` normalised over ``dims`` of the whole scene
+    (``count`` elements over all sp tiles), times ``weight`` plus ``bias`` (None
+    or tensors broadcasting against ``x``), in ``x.dtype``; the mean and the
+    fp64 sum of squared deviations, both with kept dims, are replicated.
+    Statistics and arithmetic run in fp32 for reduced-precision inputs.
+    Differentiable in ``x``, ``weight`` and ``bias``."""
+    return _NormAffine.apply(x, weight, bias, tuple(dims), int(count), float(eps), mesh, _stat_dtype(x))
 
 
 def _check_channel_layout(x: SpatialTensor, op: str) -> None:
@@ -101,13 +173,8 @@ def _check_channel_layout(x: SpatialTensor, op: str) -> None:
             f"of the global shape {tuple(x.shape)}")
 
 
-def _affine(y: torch.Tensor, weight, bias) -> torch.Tensor:
-    shape = [1, y.shape[1]] + [1] * (y.dim() - 2)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+def _param_view(p, shape):
+    return None if p is None else p.reshape(shape)
 
 
 @register(F.batch_norm)
@@ -128,8 +195,8 @@ def _batch_norm(func, args, kwargs):
     F._verify_batch_size(x.shape)  # same ValueError as on one device, from the global shape
     dims = (0,) + tuple(range(2, x.dim()))
     count = x.numel() // x.shape[1]
-    y, mean, ssd = normalize(loc.to(_stat_dtype(loc)), dims, count, a["eps"], spec.mesh)
-    y = _affine(y, w, b).to(loc.dtype)
+    shape = [1, loc.shape[1]] + [1] * (loc.dim() - 2)
+    y, mean, ssd = norm_affine(loc, _param_view(w, shape), _param_view(b, shape), dims, count, a["eps"], spec.mesh)
     momentum = a["momentum"] if a["momentum"] is not None else 0.0
     with torch.no_grad():
         if rm is not None:
@@ -139,17 +206,20 @@ def _batch_norm(func, args, kwargs):
     return wrap(y, spec)
 
 
-def _group_stats_norm(x: SpatialTensor, groups: int, eps: float, op: str):
-    """Normalise per (sample, group) over the group's channels and the whole scene.
-    Returns (normalised local tile, group mean (B, G), unbiased group var (B, G))."""
+def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, op: str):
+    """Normalise per (sample, group) over the group's channels and the whole
+    scene, then apply the per-channel ``weight``/``bias`` (or None).
+    Returns (local result, group mean (B, G), unbiased group var (B, G))."""
     _check_channel_layout(x, op)
     loc = x._local
     B, C = loc.shape[0], loc.shape[1]
     if C % groups:
         raise SPIMError(f"{context.where()}: {op}: {C} channels are not divisible by num_groups={groups}")
-    t = loc.to(_stat_dtype(loc)).reshape(B, groups, C // groups, -1)
+    t = loc.reshape(B, groups, C // groups, -1)
     count = (C // groups) * (x.numel() // (x.shape[0] * C))
-    y, mean, ssd = normalize(t, (2, 3), count, eps, x._spec.mesh)
+    shape = (1, groups, C // groups, 1)
+    y, mean, ssd = norm_affine(t, _param_view(weight, shape), _param_view(bias, shape), (2, 3), count, eps,
+                               x._spec.mesh)
     y = y.reshape(loc.shape)
     unbiased = ssd / (count - 1) if count > 1 else torch.full_like(ssd, float("nan"))
     return y, mean.reshape(B, groups), unbiased.reshape(B, groups)
@@ -166,8 +236,8 @@ def _group_norm(func, args, kwargs):
     G = int(a["num_groups"])
     if x.dim() >= 2 and G > 0 and x.shape[1] % G == 0:
         F._verify_batch_size([x.shape[0] * x.shape[1] // G, G] + list(x.shape[2:]))
-    y, _, _ = _group_stats_norm(x, G, a["eps"], "group_norm")
-    return wrap(_affine(y, w, b).to(x.dtype), x._spec)
+    y, _, _ = _group_stats_norm(x, G, w, b, a["eps"], "group_norm")
+    return wrap(y, x._spec)
 
 
 @register(F.instance_norm)
@@ -185,7 +255,7 @@ def _instance_norm(func, args, kwargs):
     if not a["use_input_stats"]:
         return wrap(F.instance_norm(x._local, rm, rv, w, b, False, a["momentum"], a["eps"]), x._spec)
     F._verify_spatial_size(x.shape)
-    y, mean, var = _group_stats_norm(x, x.shape[1], a["eps"], "instance_norm")
+    y, mean, var = _group_stats_norm(x, x.shape[1], w, b, a["eps"], "instance_norm")
     m = a["momentum"] if a["momentum"] is not None else 0.0
     with torch.no_grad():
         # torch runs batch norm on (1, B*C, ...) with the running stats repeated B
@@ -194,7 +264,7 @@ def _instance_norm(func, args, kwargs):
             rm.copy_(((1 - m) * rm.unsqueeze(0) + m * mean.to(rm.dtype)).mean(0))
         if rv is not None:
             rv.copy_(((1 - m) * rv.unsqueeze(0) + m * var.to(rv.dtype)).mean(0))
-    return wrap(_affine(y, w, b).to(x.dtype), x._spec)
+    return wrap(y, x._spec)
 
 
 def _last_dims_norm(func, args, kwargs, op, names, defaults):

@@ -191,8 +191,11 @@ def _apply(t: torch.Tensor, dim: int, idx: torch.Tensor, w: torch.Tensor | None)
     view[dim] = -1
     out = None
     for k in range(idx.shape[0]):
-        term = t.index_select(dim, idx[k]) * w[k].to(t.dtype).view(view)
-        out = term if out is None else out + term
+        # in place: neither index_select nor a product with a constant saves its
+        # output, so at most one tap's term exists besides the result
+        term = t.index_select(dim, idx[k]).mul_(w[k].to(t.dtype).view(view))
+        out = term if out is None else out.add_(term)
+        del term
     return out
 
 

@@ -10,6 +10,11 @@ gives the same partition as the padded conv (a residual add lines up).
 Each rank fetches exactly its window ``[o0 s - p, (o1 - 1) s - p + ke)`` through
 the halo exchange, pads only where that window leaves the *scene*, and runs the
 op locally with zero padding. Local output count is then exactly ``o1 - o0``.
+
+Memory: the window (tile + halos + scene padding) is a transient. Convs keep
+the tile and the received halos for backward and rebuild the window there;
+pooling keeps what torch keeps (max: the argmax indices; average: nothing).
+With one rank (sp = 1) the tile is the scene and torch's own op runs.
 """
 from __future__ import annotations
 
@@ -112,20 +117,40 @@ def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pa
     return ext, out_spec, ranges
 
 
+def _rebuild(x: torch.Tensor, halos, plan, dims, pads) -> torch.Tensor:
+    """The padded window again, from the saved tile and received halos."""
+    pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
+    if plan.own is not None:
+        pieces[plan.own] = _slice_own(x, plan, dims)
+    return assemble(pieces, dims, pads)
+
+
+def _slice_own(x: torch.Tensor, plan, dims) -> torch.Tensor:
+    (r0, r1), (c0, c1) = plan.own
+    return x.narrow(dims[0], r0 - plan.origin[0], r1 - r0).narrow(dims[1], c0 - plan.origin[1], c1 - c0)
+
+
+def _window_grad(gi: torch.Tensor, mesh, plan, dims, pads, x_shape) -> torch.Tensor:
+    """Tile gradient from the gradient ``gi`` of the padded window (a buffer of ours)."""
+    l, r, t, b = pads
+    gi = gi.narrow(dims[0], t, gi.shape[dims[0]] - t - b).narrow(dims[1], l, gi.shape[dims[1]] - l - r)
+    return return_grads(gi, mesh, plan, dims, x_shape, reuse=True)
+
+
 class _HaloConv2d(torch.autograd.Function):
     """conv2d over the halo-extended tile that does not keep the extended copy:
     it saves the tile (usually alive anyway as the previous op's output) and the
-    small received halos, and rebuilds the window in backward. Peak memory per
-    rank then stays that of a plain conv on the tile."""
+    small received halos, and rebuilds the window in backward. The backward
+    computes the weight gradient from the rebuilt window, frees it, and only
+    then the window gradient (a transposed conv of the output gradient), which
+    becomes the tile gradient in place. Peak memory per rank then stays that of
+    a plain conv on the tile."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mesh, plan, pads, stride, dilation, groups):
         dims = (x.dim() - 2, x.dim() - 1)
         pieces = fetch(x, mesh, plan, dims)
-        ext = assemble(pieces, dims)
-        if any(pads):
-            ext = F.pad(ext, pads)
-        out = F.conv2d(ext, weight, bias, stride, 0, dilation, groups)
+        out = F.conv2d(assemble(pieces, dims, pads), weight, bias, stride, 0, dilation, groups)
         halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
         ctx.save_for_backward(x, weight, *halos)
         ctx.cfg = (mesh, plan, pads, stride, dilation, groups, bias is not None, dims)
@@ -135,24 +160,70 @@ class _HaloConv2d(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, *halos = ctx.saved_tensors
         mesh, plan, pads, stride, dilation, groups, has_bias, dims = ctx.cfg
-        pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
-        if plan.own is not None:
-            base = plan.origin
-            pieces[plan.own] = x.narrow(dims[0], plan.own[0][0] - base[0], plan.own[0][1] - plan.own[0][0]).narrow(
-                dims[1], plan.own[1][0] - base[1], plan.own[1][1] - plan.own[1][0])
-        ext = assemble(pieces, dims)
-        if any(pads):
-            ext = F.pad(ext, pads)
-        need_x = ctx.needs_input_grad[0]
-        gi, gw, gb = torch.ops.aten.convolution_backward(
-            g.contiguous(), ext, weight, [weight.shape[0]] if has_bias else None, list(stride), [0, 0],
-            list(dilation), False, [0, 0], groups, [need_x, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
-        gx = None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = has_bias and ctx.needs_input_grad[2]
+        g = g.contiguous()
+        gw = gb = gx = None
+        if need_w or need_b:
+            ext = _rebuild(x, halos, plan, dims, pads)
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                g, ext, weight, [weight.shape[0]] if has_bias else None, list(stride), [0, 0], list(dilation),
+                False, [0, 0], groups, [False, need_w, need_b])
+            del ext
         if need_x:
-            l, r, t, b = pads
-            gi = gi[..., t:gi.shape[-2] - b, l:gi.shape[-1] - r]
-            gx = return_grads(gi, mesh, plan, dims, x.shape)
+            # the window is exactly (o - 1) s + d (k - 1) + 1 long per axis: no output padding
+            gi = F.conv_transpose2d(g, weight, None, stride, 0, 0, groups, dilation)
+            gx = _window_grad(gi, mesh, plan, dims, pads, x.shape)
         return gx, gw, gb, None, None, None, None, None, None
+
+
+class _HaloMaxPool2d(torch.autograd.Function):
+    """max_pool2d over the halo-extended tile (-inf at the scene border) that
+    saves only the argmax indices, as torch does, and neither the window nor
+    the tile: the backward scatters the output gradient into a window-size
+    buffer, which becomes the tile gradient in place."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, plan, pads, kernel, stride, dilation):
+        dims = (x.dim() - 2, x.dim() - 1)
+        ext = assemble(fetch(x, mesh, plan, dims), dims, pads, float("-inf"))
+        out, idx = torch.ops.aten.max_pool2d_with_indices(ext, list(kernel), list(stride), [0, 0], list(dilation),
+                                                          False)
+        ctx.save_for_backward(idx)
+        ctx.cfg = (mesh, plan, pads, dims, tuple(ext.shape), x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        mesh, plan, pads, dims, ext_shape, x_shape = ctx.cfg
+        # indices are flat positions in each (N, C) plane of the window
+        gi = g.new_zeros(ext_shape)
+        gi.flatten(-2).scatter_add_(-1, idx.flatten(-2), g.reshape(idx.shape).flatten(-2))
+        return _window_grad(gi, mesh, plan, dims, pads, x_shape), None, None, None, None, None, None
+
+
+class _HaloSumPool2d(torch.autograd.Function):
+    """Window sums (avg_pool2d with divisor 1) over the halo-extended tile (zeros
+    at the scene border); saves nothing: the backward spreads each output
+    gradient over its window (a transposed depthwise conv with a ones kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, plan, pads, kernel, stride):
+        dims = (x.dim() - 2, x.dim() - 1)
+        ext = assemble(fetch(x, mesh, plan, dims), dims, pads)
+        out = F.avg_pool2d(ext, kernel, stride, 0, False, True, 1)
+        ctx.cfg = (mesh, plan, pads, dims, x.shape, kernel, stride)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        mesh, plan, pads, dims, x_shape, kernel, stride = ctx.cfg
+        c = g.shape[-3]
+        ones = g.new_ones((c, 1) + tuple(kernel))
+        # the window is exactly (o - 1) s + k long per axis: no output padding
+        gi = F.conv_transpose2d(g, ones, None, stride, 0, 0, c, 1)
+        return _window_grad(gi, mesh, plan, dims, pads, x_shape), None, None, None, None, None
 
 
 @register(F.conv2d)
@@ -182,9 +253,11 @@ def _conv2d(func, args, kwargs):
     if min(n_out) < 1:
         raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
     plan, pads, spec, _ = window_plan(x, "conv2d", ke, s, pb, n_out)
-    if x.mesh.sp == 1 or isinstance(a.get("bias"), SpatialTensor):
+    if isinstance(a.get("bias"), SpatialTensor):
         ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out)
         return wrap(F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1)), spec)
+    if x.mesh.sp == 1:  # the tile is the scene: torch's own conv, its padding included
+        return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
     out = _HaloConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, pads, s, d, a.get("groups", 1))
     return wrap(out, spec)
 
@@ -205,8 +278,10 @@ def _max_pool2d(func, args, kwargs):
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], d[0], ceil), pool_out(W, k[1], s[1], p[1], d[1], ceil))
     ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
-    ext, spec, _ = windowed(x, "max_pool2d", ke, s, p, n_out, pad_value=float("-inf"))
-    return wrap(F.max_pool2d(ext, k, s, 0, d, False), spec)
+    plan, pads, spec, _ = window_plan(x, "max_pool2d", ke, s, p, n_out)
+    if x.mesh.sp == 1:  # the tile is the scene: torch's own pooling
+        return wrap(F.max_pool2d(x._local, k, s, p, d, ceil), spec)
+    return wrap(_HaloMaxPool2d.apply(x._local, x.mesh, plan, pads, k, s, d), spec)
 
 
 def _avg_divisor(o0, o1, n, k, s, p, include_pad, device, dtype):
@@ -234,12 +309,16 @@ def _avg_pool2d(func, args, kwargs):
     check_pool_padding(k, p, "avg_pool2d")
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], 1, ceil), pool_out(W, k[1], s[1], p[1], 1, ceil))
-    ext, spec, ((r0, r1), (c0, c1)) = windowed(x, "avg_pool2d", k, s, p, n_out)
-    total = F.avg_pool2d(ext, k, s, 0, False, True, 1)
+    plan, pads, spec, ((r0, r1), (c0, c1)) = window_plan(x, "avg_pool2d", k, s, p, n_out)
+    loc = x._local
+    if x.mesh.sp == 1:  # the tile is the scene: torch's own pooling
+        return wrap(F.avg_pool2d(loc, k, s, p, ceil, include_pad, a.get("divisor_override")), spec)
+    # window sums, then torch's divisor for each global output position
+    total = _HaloSumPool2d.apply(loc, x.mesh, plan, pads, k, s)
     if a.get("divisor_override"):
         return wrap(total / a["divisor_override"], spec)
-    dh = _avg_divisor(r0, r1, H, k[0], s[0], p[0], include_pad, ext.device, ext.dtype)
-    dw = _avg_divisor(c0, c1, W, k[1], s[1], p[1], include_pad, ext.device, ext.dtype)
+    dh = _avg_divisor(r0, r1, H, k[0], s[0], p[0], include_pad, loc.device, loc.dtype)
+    dw = _avg_divisor(c0, c1, W, k[1], s[1], p[1], include_pad, loc.device, loc.dtype)
     return wrap(total / (dh[:, None] * dw[None, :]), spec)
 
 
