@@ -55,10 +55,13 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rest_ds.models.zoo import resnet18_upernet  # noqa: E402
 from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard  # noqa: E402
 from rest_ds.spim.spawn import spawn  # noqa: E402
+
+from memory import reset_peak, rss_kib  # noqa: E402
 
 ALIGN = 32
 BANDS = 3
@@ -122,20 +125,6 @@ def analytic_halo_bytes(rows, cols, batch: int, in_channels: list[int], halo: in
 
 # --- measurement helpers -----------------------------------------------------
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _set_malloc(mode: str) -> bool:
     """Allocator settings of this rank (before it allocates tensors); see (c)."""
     if mode == "default":
@@ -176,13 +165,13 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
 
     # (c) peak memory of the first forward+backward
     _barrier(mesh)
-    exact = _reset_peak()
-    base = _rss_kib("VmRSS") if exact else _rss_kib("VmHWM")
+    exact = reset_peak()
+    base = rss_kib("VmRSS") if exact else rss_kib("VmHWM")
     comm_stats().reset()
     t0 = time.perf_counter()
     _fwd_bwd(model, inp)
     out["first_s"] = time.perf_counter() - t0
-    out["peak_mib"] = (_rss_kib("VmHWM") - base) / 1024
+    out["peak_mib"] = (rss_kib("VmHWM") - base) / 1024
     out["peak_exact"] = exact
     out["comm"] = {f"{k}/{p}": v for (k, p), v in comm_stats().by_phase.items()}
 
