@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from . import __version__
+from .cli_args import nonneg_float, positive_int
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
@@ -71,26 +72,6 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     if min(shape) < 1:
         raise argparse.ArgumentTypeError(f"input shape '{text}' must be positive in every dim")
     return shape  # type: ignore[return-value]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be >= 1")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0")
-    return v
 
 
 def human_bytes(n: float) -> str:
@@ -143,10 +124,10 @@ def _add_verify(sub) -> None:
     p.add_argument("--train", action="store_true",
                    help="train mode (batch statistics in BatchNorm, dropout active) and compare the "
                         "parameters and buffers after one SGD step")
-    p.add_argument("--tol", type=_nonneg_float, default=1e-5,
+    p.add_argument("--tol", type=nonneg_float, default=1e-5,
                    help="largest relative error that passes (default: %(default)g)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the input and the loss (default: %(default)s)")
-    p.add_argument("--align", type=_positive_int, default=1, metavar="A",
+    p.add_argument("--align", type=positive_int, default=1, metavar="A",
                    help="tile borders on multiples of A input pixels; use the network's total stride "
                         "(e.g. 32 for ResNet + UPerNet) (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -156,7 +137,7 @@ def _add_verify(sub) -> None:
                    help="also run the one-process model in float64 and print, per check, how far the fp32 "
                         "one-process result itself is from it (fp32 rounding alone); needs --dtype float32")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
-    p.add_argument("--timeout", type=_positive_int, default=600, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_int, default=600, metavar="SECONDS",
                    help="kill the ranks after this many seconds (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of a failing rank")
     p.set_defaults(func=cmd_verify)

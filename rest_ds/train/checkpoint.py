@@ -26,7 +26,6 @@ their sha256, so a mismatched pair is refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..data.samples import sha256_file
 
 MANIFEST = "rest_ds.json"
 EXPORT_FORMAT = "rest_ds-model/1"
@@ -96,14 +97,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         except OSError:
             pass
         raise
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- training checkpoints ------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_args import nonneg_int, positive_int
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 TRAIN_DESCRIPTION = """\
@@ -95,8 +97,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, type=Path, metavar="MAP.tif", help="output class map (GeoTIFF)")
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole: REST whole-scene inference (default); slide: sliding-window baseline")
-    p.add_argument("--crop", type=_pos_int, metavar="N", help="slide: window size (default: the training crop size)")
-    p.add_argument("--overlap", type=_nonneg_int, metavar="M", help="slide: window overlap (default: crop/4)")
+    p.add_argument("--crop", type=positive_int, metavar="N", help="slide: window size (default: the training crop size)")
+    p.add_argument("--overlap", type=nonneg_int, metavar="M", help="slide: window overlap (default: crop/4)")
     p.add_argument("--probs", type=Path, metavar="PROBS.tif", help="also write per-class probabilities (float32)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG preview of the map")
     p.add_argument("--grid", metavar="PHxPW", help="tile grid of the ranks (default: least halo traffic)")
@@ -105,11 +107,11 @@ def add_parser(subparsers) -> None:
                         "scene's own (scanned once, cached)")
     p.add_argument("--values", choices=("auto", "raw", "ids"), default="auto",
                    help="pixel values: the classes' raw label values (auto: when integers in 0..254) or ids 0..K-1")
-    p.add_argument("--nproc", type=_pos_int, default=1, metavar="P",
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="P",
                    help="without a launcher: run P local gloo ranks (default 1)")
     p.add_argument("--cache", metavar="DIR", help="sample cache (default: $REST_DS_DATA or ~/.cache/rest_ds)")
-    p.add_argument("--threads", type=_pos_int, metavar="N", help="torch threads per rank (default: $OMP_NUM_THREADS or 1)")
-    p.add_argument("--timeout", type=_pos_int, default=1800, metavar="SECONDS",
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads per rank (default: $OMP_NUM_THREADS or 1)")
+    p.add_argument("--timeout", type=positive_int, default=1800, metavar="SECONDS",
                    help="with --nproc: stop the ranks after this long (default %(default)s)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -123,26 +125,6 @@ def add_parser(subparsers) -> None:
                    help="output weights (the .json is written beside it)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=cmd_export)
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' must be >= 1")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0")
-    return v
 
 
 def _usage_errors():
