@@ -136,6 +136,9 @@ def _add_verify(sub) -> None:
     p.add_argument("--noise-floor", action="store_true",
                    help="also run the one-process model in float64 and print, per check, how far the fp32 "
                         "one-process result itself is from it (fp32 rounding alone); needs --dtype float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where model and input live (default: %(default)s); with cuda all ranks share the "
+                        "current GPU and gloo stages what they send through host memory, TF32 off")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument("--timeout", type=positive_int, default=600, metavar="SECONDS",
                    help="kill the ranks after this many seconds (default: %(default)s)")
@@ -184,6 +187,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.json is not None and args.json.is_dir():
         return _fail(f"--json {args.json} is a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: torch sees no CUDA device on this machine")
     B, C, H, W = args.input_shape
     ph, pw = args.grid
     try:
@@ -191,14 +196,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except SPIMError as e:
         return _fail(_one_line(e))
 
-    print(f"verify {args.target}: input {B}x{C}x{H}x{W}, grid {ph}x{pw} ({ph * pw} gloo ranks), "
+    print(f"verify {args.target}: input {B}x{C}x{H}x{W}, grid {ph}x{pw} ({ph * pw} gloo ranks on {args.device}), "
           f"{'train' if args.train else 'eval'} mode, tile rows {list(layout.rows)} cols {list(layout.cols)}",
           flush=True)
     t0 = time.monotonic()
     try:
         report = verify(target, (B, C, H, W), (ph, pw), train=args.train, seed=args.seed, align=args.align,
                         timeout_s=args.timeout, dtype=getattr(torch, args.dtype),
-                        noise_floor=args.noise_floor and args.dtype == "float32")
+                        noise_floor=args.noise_floor and args.dtype == "float32", device=args.device)
     except RankError as e:
         if args.debug and e.tb:
             print(e.tb, file=sys.stderr)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .comm import _STATS, _phase
+from .comm import _STATS, _phase, to_wire, wire_buffer
 from .errors import SPIMError
 from .mesh import SpatialMesh
 from .tokens import full_from_tiles
@@ -31,11 +31,12 @@ from .tokens import full_from_tiles
 def _a2a(flat_chunks: list[torch.Tensor], recv_numels: list[int], mesh: SpatialMesh) -> list[torch.Tensor]:
     """all_to_all_single on flat chunks: chunk j goes to sp rank j; returns the chunks received."""
     send = torch.cat([c.reshape(-1) for c in flat_chunks])
-    recv = send.new_empty(sum(recv_numels))
+    g = mesh.sp_group
+    recv = wire_buffer(send, (sum(recv_numels),), g)
     sent_away = sum(c.numel() for j, c in enumerate(flat_chunks) if j != mesh.sp_index)
     _STATS.record("all_to_all", sent_away * send.element_size(), _phase())
-    dist.all_to_all_single(recv, send, recv_numels, [c.numel() for c in flat_chunks], group=mesh.sp_group)
-    return list(recv.split(recv_numels))
+    dist.all_to_all_single(recv, to_wire(send, g), recv_numels, [c.numel() for c in flat_chunks], group=g)
+    return list(recv.to(send.device).split(recv_numels))
 
 
 def _seq_to_heads(x: torch.Tensor, counts: list[int], mesh: SpatialMesh) -> torch.Tensor:

@@ -15,6 +15,11 @@ Accounting: every collective records the bytes *this rank sends*, per kind, by
 the standard algorithm volumes: halo and point-to-point = exact payload;
 all_reduce = 2 (P-1)/P n (ring); all_gather = (P-1) n_local; all_to_all =
 (P-1)/P n; broadcast = n on the root.
+
+Device: gloo moves host memory only, so a CUDA tensor that crosses a gloo group
+is staged through a host copy (:func:`to_wire` / :func:`from_wire`). That lets
+several ranks share one GPU on gloo, e.g. to verify a model on a one-GPU
+workstation; NCCL groups move device memory directly.
 """
 from __future__ import annotations
 
@@ -56,6 +61,39 @@ class CommStats:
 
 _STATS = CommStats()
 
+# tests set this to stage CPU tensors too, so the copy paths run without a GPU
+_FORCE_STAGING = False
+_GLOO_GROUPS: dict = {}
+
+
+def _staged(t: torch.Tensor, group) -> bool:
+    if _FORCE_STAGING:
+        return True
+    if t.device.type == "cpu":
+        return False
+    key = id(group)
+    if key not in _GLOO_GROUPS:
+        _GLOO_GROUPS[key] = dist.get_backend(group) == "gloo"
+    return _GLOO_GROUPS[key]
+
+
+def to_wire(t: torch.Tensor, group) -> torch.Tensor:
+    """``t`` as the backend of ``group`` can send it: a host copy for a device
+    tensor on gloo, else ``t`` itself."""
+    return t.to("cpu", copy=True) if _staged(t, group) else t
+
+
+def wire_buffer(like: torch.Tensor, shape, group) -> torch.Tensor:
+    """An empty receive buffer for ``group``'s backend (host memory on gloo)."""
+    return torch.empty(shape, dtype=like.dtype, device="cpu") if _staged(like, group) else like.new_empty(shape)
+
+
+def from_wire(buf: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """Copy a received buffer into ``into`` unless it already is ``into``."""
+    if buf is not into:
+        into.copy_(buf)
+    return into
+
 
 def comm_stats() -> CommStats:
     """The process-wide accounting object (reset it with ``.reset()``)."""
@@ -81,7 +119,9 @@ def all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: 
     """In-place all-reduce over the sp group, no autograd. Returns ``t``."""
     if mesh.sp > 1:
         _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
-        dist.all_reduce(t, op=op, group=mesh.sp_group)
+        w = to_wire(t, mesh.sp_group)
+        dist.all_reduce(w, op=op, group=mesh.sp_group)
+        from_wire(w, t)
     return t
 
 
@@ -110,17 +150,19 @@ def all_gather_padded(t: torch.Tensor, mesh: SpatialMesh) -> list[torch.Tensor]:
     if mesh.sp == 1:
         return [t]
     t = t.contiguous()
-    shape = torch.tensor(list(t.shape), dtype=torch.int64, device=t.device)
+    g = mesh.sp_group
+    shape = to_wire(torch.tensor(list(t.shape), dtype=torch.int64, device=t.device), g)
     shapes = [torch.empty_like(shape) for _ in range(mesh.sp)]
-    dist.all_gather(shapes, shape, group=mesh.sp_group)
+    dist.all_gather(shapes, shape, group=g)
     shapes = [tuple(int(v) for v in s.tolist()) for s in shapes]
     numel = max(int(torch.Size(s).numel()) for s in shapes)
     flat = torch.zeros(numel, dtype=t.dtype, device=t.device)
     flat[: t.numel()] = t.reshape(-1)
+    flat = to_wire(flat, g)
     bufs = [torch.empty_like(flat) for _ in range(mesh.sp)]
     _STATS.record("all_gather", (mesh.sp - 1) * _nbytes(flat), _phase())
-    dist.all_gather(bufs, flat, group=mesh.sp_group)
-    return [b[: torch.Size(s).numel()].view(s) for b, s in zip(bufs, shapes)]
+    dist.all_gather(bufs, flat, group=g)
+    return [b[: torch.Size(s).numel()].view(s).to(t.device) for b, s in zip(bufs, shapes)]
 
 
 def all_gather_object(obj, mesh: SpatialMesh) -> list:
@@ -136,5 +178,7 @@ def broadcast_(t: torch.Tensor, mesh: SpatialMesh, src_index: int = 0) -> torch.
     if mesh.sp > 1:
         if mesh.sp_index == src_index:
             _STATS.record("broadcast", _nbytes(t), _phase())
-        dist.broadcast(t, src=mesh.sp_ranks[src_index], group=mesh.sp_group)
+        w = to_wire(t, mesh.sp_group)
+        dist.broadcast(w, src=mesh.sp_ranks[src_index], group=mesh.sp_group)
+        from_wire(w, t)
     return t

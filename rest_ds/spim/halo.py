@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import _STATS, _phase
+from .comm import _STATS, _phase, from_wire, to_wire, wire_buffer
 from .errors import SPIMError
 from .mesh import SpatialMesh
 from .tiling import Partition
@@ -103,15 +103,19 @@ class _Plan:
 
 def _exchange(send_items, recv_items, mesh, kind_bytes_phase):
     """Batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)]."""
-    ops = []
+    ops, g = [], mesh.sp_group
     for dst, t in send_items:
         _STATS.record("halo", t.numel() * t.element_size(), kind_bytes_phase)
-        ops.append(dist.P2POp(dist.isend, t, dst, group=mesh.sp_group))
+        ops.append(dist.P2POp(dist.isend, to_wire(t, g), dst, group=g))
+    wires = []
     for src, buf in recv_items:
-        ops.append(dist.P2POp(dist.irecv, buf, src, group=mesh.sp_group))
+        wires.append(wire_buffer(buf, buf.shape, g))
+        ops.append(dist.P2POp(dist.irecv, wires[-1], src, group=g))
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
+    for (_, buf), w in zip(recv_items, wires):
+        from_wire(w, buf)
 
 
 def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import context
-from .comm import _STATS, _phase
+from .comm import _STATS, _phase, from_wire, to_wire
 from .errors import SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .rng import SharedRNG
@@ -156,7 +156,9 @@ def average_gradients(model: nn.Module, mesh: SpatialMesh | None = None) -> None
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     _STATS.record("all_reduce", 2 * (mesh.sp - 1) / mesh.sp * flat.numel() * flat.element_size(), _phase())
-    dist.all_reduce(flat, group=mesh.sp_group)
+    wire = to_wire(flat, mesh.sp_group)
+    dist.all_reduce(wire, group=mesh.sp_group)
+    from_wire(wire, flat)
     flat /= mesh.sp
     off = 0
     for g in grads:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .comm import comm_stats
+from .comm import comm_stats, from_wire, to_wire
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .parallelize import average_gradients, parallelize
@@ -103,7 +103,7 @@ def _loss(outs, seed):
     total = 0.0
     for o in outs:
         if o.is_floating_point() and o.requires_grad:
-            g = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+            g = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
             total = total + (o * g).sum()
     return total
 
@@ -136,24 +136,33 @@ def _buffer_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
 def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: SpatialMesh,
                     layout: TileLayout | None = None, train: bool = False, step: bool = False,
                     seed: int = 0, align: int = 1, lr: float = 0.1, dtype: torch.dtype | None = None,
-                    noise_floor: bool = False) -> VerifyReport:
+                    noise_floor: bool = False, device: str | torch.device = "cpu") -> VerifyReport:
     """Run on every rank of the sp group; returns the same report on every rank.
 
     ``x`` is the whole input, identical on every rank. The reference runs on sp
     rank 0 only. ``dtype`` casts model and input (e.g. ``torch.float64`` to
     check the algorithm free of fp32 rounding). ``noise_floor`` also runs the
-    reference in float64 and reports how far the fp32 reference itself is from it."""
-    torch.use_deterministic_algorithms(True)
+    reference in float64 and reports how far the fp32 reference itself is from it.
+    ``device`` runs model and input there (``"cuda"``: this rank's current GPU;
+    TF32 is switched off so fp32 means fp32). Several ranks may share one GPU: a
+    gloo group stages what it sends through host memory."""
+    device = torch.device(device)
+    # CUDA has no deterministic kernel for some backward ops (upsampling,
+    # adaptive pooling); there run-to-run noise stays far below the tolerances
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     layout = layout or TileLayout.even(x.shape[-2], x.shape[-1], mesh.grid, align)
     torch.manual_seed(seed)
-    model = factory()
+    model = factory().to(device)
+    x = x.to(device)
     if dtype is not None:
         model = model.to(dtype)
         x = x.to(dtype)
     with torch.no_grad():  # identical weights on every rank, whatever the factory did
         for t in list(model.parameters()) + list(model.buffers()):
-            if mesh.sp > 1:
-                dist.broadcast(t.data, src=mesh.sp_ranks[0], group=mesh.sp_group)
+            _broadcast_quietly(t.data, mesh)
     ref = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double().train(train) if noise_floor and mesh.sp_index == 0 else None
     model.train(train)
@@ -174,9 +183,10 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     average_gradients(model, mesh)
     gx = xs.grad
     if gx is not None and mesh.sp > 1:
-        gx = gx.clone()
-        dist.all_reduce(gx, group=mesh.sp_group)
-        gx /= mesh.sp
+        wire = to_wire(gx, mesh.sp_group)
+        wire = wire.clone() if wire is gx else wire
+        dist.all_reduce(wire, group=mesh.sp_group)
+        gx = wire.to(gx.device) / mesh.sp
     if step:
         _sgd_step(model, lr)
     report.comm_bytes = dict(comm_stats().bytes)
@@ -207,6 +217,14 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     return report
 
 
+def _broadcast_quietly(t: torch.Tensor, mesh: SpatialMesh) -> None:
+    """Broadcast from sp rank 0, not counted in the report's traffic."""
+    if mesh.sp > 1:
+        wire = to_wire(t, mesh.sp_group)
+        dist.broadcast(wire, src=mesh.sp_ranks[0], group=mesh.sp_group)
+        from_wire(wire, t)
+
+
 def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
     """Errors of the fp32 single-process run (already done: ``ref``, ``rout``,
     ``xr``) against the same model in float64."""
@@ -227,14 +245,14 @@ def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
     return floor
 
 
-def _verify_rank(target, input_shape, grid, train, seed, align, rows, cols, dtype, noise_floor):
+def _verify_rank(target, input_shape, grid, train, seed, align, rows, cols, dtype, noise_floor, device):
     factory = load_factory(target) if isinstance(target, str) else target
     mesh = SpatialMesh.build(grid=grid)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(input_shape, generator=gen)
     layout = TileLayout(rows, cols) if rows else None
     report = compare_sharded(factory, x, mesh, layout, train=train, step=train, seed=seed, align=align,
-                             dtype=dtype, noise_floor=noise_floor)
+                             dtype=dtype, noise_floor=noise_floor, device=device)
     if mesh.sp > 1 and noise_floor:
         box = [report.noise_floor]
         dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
@@ -244,14 +262,16 @@ def _verify_rank(target, input_shape, grid, train, seed, align, rows, cols, dtyp
 
 def verify(target: str | Callable[[], nn.Module], input_shape: tuple[int, ...], grid: tuple[int, int],
            train: bool = False, seed: int = 0, align: int = 1, layout: TileLayout | None = None,
-           timeout_s: float = 600.0, dtype: torch.dtype | None = None, noise_floor: bool = False) -> VerifyReport:
+           timeout_s: float = 600.0, dtype: torch.dtype | None = None, noise_floor: bool = False,
+           device: str = "cpu") -> VerifyReport:
     """Spawn ``grid[0] * grid[1]`` gloo ranks and compare sharded vs one process.
 
     ``target`` is a factory or a ``module:factory`` / ``file.py:factory`` string;
-    ``dtype`` and ``noise_floor`` as in :func:`compare_sharded`."""
+    ``dtype``, ``noise_floor`` and ``device`` as in :func:`compare_sharded`
+    (with ``"cuda"`` all ranks share the current GPU)."""
     from .spawn import spawn
 
     rows, cols = (layout.rows, layout.cols) if layout else ((), ())
     reports = spawn(_verify_rank, grid[0] * grid[1], target, tuple(input_shape), tuple(grid), train, seed,
-                    align, rows, cols, dtype, noise_floor, timeout_s=timeout_s)
+                    align, rows, cols, dtype, noise_floor, device, timeout_s=timeout_s)
     return reports[0]
