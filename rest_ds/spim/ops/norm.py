@@ -9,7 +9,8 @@ replicated, every rank normalises its own tile, and running statistics are
 updated identically on every rank. Normalisation and affine transform are one
 autograd op that saves only its input and the statistics, as torch's native
 kernels do; its backward all-reduces the two sums of the fused normalisation
-backward (see :class:`_NormAffine`). Norms over non-sharded dims (LayerNorm over
+backward (see :class:`_NormAffine`); batch norm of fp32/fp64 maps runs on
+torch's native kernels (:class:`_BatchNormScene`). Norms over non-sharded dims (LayerNorm over
 channels after a permute, as in ConvNeXt) and batch norm in eval mode are local.
 """
 from __future__ import annotations
@@ -153,6 +154,55 @@ class _NormAffine(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+class _BatchNormScene(torch.autograd.Function):
+    """Training-mode batch norm of an (N, C, ...) tile with whole-scene
+    statistics, on torch's native kernels (the fast path of ``F.batch_norm``
+    for fp32/fp64 inputs; same contract as :func:`norm_affine` with
+    per-channel ``weight``/``bias`` of shape (C,) or None).
+
+    Forward: per-tile mean and biased variance (``torch.batch_norm_update_stats``,
+    one pass), combined over the sp group in fp64 by Chan's parallel formula
+    (global mean, then ``sum_i M2_i + n_i (m_i - mean)^2``: no E[x^2] - E[x]^2
+    cancellation), and the native eval-mode kernel with those statistics, which
+    is the training-mode formula. Backward: the native eval-mode backward gives
+    ``g * weight * invstd`` and this tile's sums of ``g`` and ``g * x_hat`` in
+    one pass; one all-reduce of the two sums, then the whole-scene correction
+    ``- weight * invstd * (S_g + x_hat S_gx) / N``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, count, eps, mesh):
+        n_local = x.numel() // x.shape[1]
+        mean_l, var_l = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean_l, var_l = mean_l.double(), var_l.double()
+        mean = all_reduce_(mean_l * n_local, mesh) / count
+        ssd = all_reduce_(var_l * n_local + n_local * (mean_l - mean).square(), mesh)
+        mean_x, var_x = mean.to(x.dtype), (ssd / count).to(x.dtype)
+        y = F.batch_norm(x, mean_x, var_x, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean_x, var_x)
+        ctx.cfg = (count, eps, mesh, bias is not None)
+        ctx.mark_non_differentiable(mean, ssd)
+        return y, mean, ssd
+
+    @staticmethod
+    def backward(ctx, g, _g_mean, _g_ssd):
+        x, weight, mean_x, var_x = ctx.saved_tensors
+        count, eps, mesh, has_bias = ctx.cfg
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g.contiguous(), x, weight, mean_x, var_x, None, None, False, eps, [need_x, True, True])
+        # gw, gb: this tile's sums of g * x_hat and g (convention P)
+        if need_x:
+            shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+            sums = all_reduce_(torch.stack([gb, gw]).double(), mesh)
+            invstd = torch.rsqrt(var_x.double() + eps)
+            scale = invstd if weight is None else invstd * weight.double()
+            c_g = (scale * sums[0] / count).to(x.dtype).view(shape)
+            c_x = (scale * invstd * sums[1] / count).to(x.dtype).view(shape)
+            gx.sub_((x - mean_x.view(shape)).mul_(c_x).add_(c_g))
+        return (gx if need_x else None, gw if (need_w and weight is not None) else None,
+                gb if (need_b and has_bias) else None, None, None, None)
+
+
 def norm_affine(x: torch.Tensor, weight, bias, dims: tuple[int, ...], count: int, eps: float, mesh):
     """(y, mean, ssd): ``x`` normalised over ``dims`` of the whole scene
     (``count`` elements over all sp tiles), times ``weight`` plus ``bias`` (None
@@ -196,7 +246,11 @@ def _batch_norm(func, args, kwargs):
     dims = (0,) + tuple(range(2, x.dim()))
     count = x.numel() // x.shape[1]
     shape = [1, loc.shape[1]] + [1] * (loc.dim() - 2)
-    y, mean, ssd = norm_affine(loc, _param_view(w, shape), _param_view(b, shape), dims, count, a["eps"], spec.mesh)
+    if loc.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == loc.dtype for p in (w, b)):
+        y, mean, ssd = _BatchNormScene.apply(loc, w, b, count, float(a["eps"]), spec.mesh)
+    else:  # reduced precision (fp32 statistics) or mixed dtypes: the generic fused op
+        y, mean, ssd = norm_affine(loc, _param_view(w, shape), _param_view(b, shape), dims, count, a["eps"],
+                                   spec.mesh)
     momentum = a["momentum"] if a["momentum"] is not None else 0.0
     with torch.no_grad():
         if rm is not None:
