@@ -222,8 +222,9 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default="conv_stack,resnet18_upernet")
     p.add_argument("--malloc", choices=("both", "default", "mmap"), default="both",
                    help="allocator settings for the memory runs (see (c)); timings always use the default")
+    p.add_argument("--skip-memory", action="store_true", help="only (a) and (b): no sp=4 or extra allocator runs")
     args = p.parse_args(argv)
-    modes = ["default", "mmap"] if args.malloc == "both" else [args.malloc]
+    modes = [] if args.skip_memory else ["default", "mmap"] if args.malloc == "both" else [args.malloc]
     results: dict = {"size": args.size, "batch": 1, "bands": BANDS, "repeats": args.repeats,
                      "stack": {"channels": args.stack_channels, "layers": args.stack_layers},
                      "targets": TARGETS, "models": {}}
@@ -248,7 +249,6 @@ def main(argv=None) -> dict:
         whole = statistics.median(r1t[0]["sharded_s"])  # (1, 1): the plain model on the whole scene
         res["time_s"] = {"sp2_sharded": sharded, "sp2_plain_tile": plain, "overhead_ratio": sharded / plain,
                          "sp1_whole_scene": whole, "speedup_vs_whole": whole / sharded}
-        res["comm_bytes_sp4_rank0"] = r4[0]["comm"]  # the allocator does not change what is sent
         res["comm_bytes_sp2_rank0"] = r2[0]["comm"]
         if name == "conv_stack":
             cins = stack_in_channels(args.stack_channels, args.stack_layers)
@@ -258,15 +258,18 @@ def main(argv=None) -> dict:
             # the scene input does not require grad: no halo gradient for the first conv
             analytic_f = analytic_halo_bytes(lay.rows, lay.cols, 1, cins)
             analytic_b = analytic_halo_bytes(lay.rows, lay.cols, 1, cins[1:])
-            lay4 = TileLayout.even(args.size, args.size, (2, 2), ALIGN)
             res["halo_bytes"] = {
                 "sp2_forward": {"measured": measured_f, "analytic": analytic_f},
                 "sp2_backward": {"measured": measured_b, "analytic": analytic_b},
-                "sp4_forward": {"measured": sum(r["comm"].get("halo/forward", 0) for r in r4),
-                                "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins)},
-                "sp4_backward": {"measured": sum(r["comm"].get("halo/backward", 0) for r in r4),
-                                 "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins[1:])},
             }
+            if modes:  # r4: the last 2x2 run (the allocator does not change what is sent)
+                lay4 = TileLayout.even(args.size, args.size, (2, 2), ALIGN)
+                res["halo_bytes"].update({
+                    "sp4_forward": {"measured": sum(r["comm"].get("halo/forward", 0) for r in r4),
+                                    "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins)},
+                    "sp4_backward": {"measured": sum(r["comm"].get("halo/backward", 0) for r in r4),
+                                     "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins[1:])},
+                })
             res["halo_match"] = all(v["measured"] == v["analytic"] for v in res["halo_bytes"].values())
         results["models"][name] = res
         rows_out.append((name, res))
@@ -284,6 +287,8 @@ def main(argv=None) -> dict:
         print(f"  fwd+bwd time: sp=2 sharded {t['sp2_sharded']:.3f} s | same layers on a plain local tile "
               f"{t['sp2_plain_tile']:.3f} s | ratio {t['overhead_ratio']:.2f} | one process, whole scene "
               f"{t['sp1_whole_scene']:.3f} s")
+        if not res["memory"]:
+            continue
         print("  peak memory per rank, first forward+backward (MiB; ratio = per-rank peak / plain sp=1 peak)")
         print(f"  {'allocator':<30}{'plain sp=1':>11}{'SPIM sp=1':>11}{'SPIM sp=2':>11}{'SPIM sp=4':>11}"
               f"{'sp=2 ratio (<= %.2f)' % TARGETS['sp2']:>24}{'sp=4 ratio (<= %.2f)' % TARGETS['sp4']:>24}")
