@@ -31,6 +31,31 @@ class Roll(nn.Module):
         return torch.roll(x, shifts=1, dims=3)
 
 
+class _Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class CustomFunction(nn.Module):
+    def forward(self, x):
+        return _Double.apply(x)
+
+
+class ReentrantCheckpoint(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.conv, x, use_reentrant=True)
+
+
 class Wrapper(nn.Module):
     def __init__(self, tail: nn.Module):
         super().__init__()
@@ -87,9 +112,16 @@ def _grid2x2_cases() -> dict[str, tuple[str, str]]:
     def roll_sharded():
         parallelize(Wrapper(Roll()), mesh)(torch.randn(1, 3, 6, 6))
 
+    def custom_function():
+        parallelize(Wrapper(CustomFunction()), mesh)(torch.randn(1, 3, 6, 6))
+
+    def reentrant_checkpoint():
+        parallelize(Wrapper(ReentrantCheckpoint()), mesh)(torch.randn(1, 3, 6, 6, requires_grad=True))
+
     for name, fn in [("no_output_rows", no_output_rows), ("misaligned", misaligned), ("aligned_ok", aligned_ok),
                      ("channels_mismatch", channels_mismatch), ("row_heights_mismatch", row_heights_mismatch),
-                     ("merge_rows_sharded", merge_rows_sharded), ("roll_sharded", roll_sharded)]:
+                     ("merge_rows_sharded", merge_rows_sharded), ("roll_sharded", roll_sharded),
+                     ("custom_function", custom_function), ("reentrant_checkpoint", reentrant_checkpoint)]:
         out[name] = _catch(fn)
         dist.barrier()  # a case that left a rank behind would hang here and time out the test
     return out
@@ -191,6 +223,15 @@ def test_mismatched_row_heights(grid2x2, three_ranks):
 def test_unsupported_op_names_module(grid2x2, case, op):
     msg = _same_error_everywhere(grid2x2, case, SPIMUnsupportedError)
     assert "module 'head.1'" in msg and op in msg, msg
+
+
+@pytest.mark.timeout(600)
+def test_custom_autograd_function_is_refused_by_name(grid2x2):
+    # applied to a SpatialTensor it would run on the wrapper and detach the tile's graph
+    msg = _same_error_everywhere(grid2x2, "custom_function", SPIMUnsupportedError)
+    assert "module 'head.1'" in msg and "autograd.Function" in msg and "_Double" in msg, msg
+    msg = _same_error_everywhere(grid2x2, "reentrant_checkpoint", SPIMUnsupportedError)
+    assert "CheckpointFunction" in msg and "use_reentrant=False" in msg, msg
 
 
 @pytest.mark.timeout(600)

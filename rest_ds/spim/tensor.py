@@ -305,3 +305,39 @@ def _backward(func, args, kwargs):
 def _requires_grad_(func, args, kwargs):
     args[0]._local.requires_grad_(*args[1:], **kwargs)
     return args[0]
+
+
+# --- custom autograd Functions ------------------------------------------------
+# ``torch.autograd.Function.apply`` does not dispatch through
+# ``__torch_function__``: a user's Function applied to a SpatialTensor would run
+# its forward on the wrapper (under no_grad) and return a result detached from
+# the tile's graph, so every gradient before it would silently be missing. SPIM
+# cannot know what such a Function computes, so it refuses by name, on every
+# rank alike (the check depends only on the arguments' types).
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def _any_spatial(obj) -> bool:
+    if isinstance(obj, SpatialTensor):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_any_spatial(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_any_spatial(o) for o in obj.values())
+    return False
+
+
+def _guarded_apply(cls, *args, **kwargs):
+    if _any_spatial(args) or _any_spatial(kwargs):
+        hint = (" (reentrant activation checkpointing: use torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False), which SPIM replays exactly)" if cls.__name__ == "CheckpointFunction" else "")
+        raise context.unsupported(
+            f"torch.autograd.Function {cls.__module__}.{cls.__qualname__}",
+            "a custom autograd.Function on a spatially sharded tensor would be detached from the tile's "
+            "autograd graph; apply it to the tile (x.to_local(), rewrapped with rest_ds.spim.from_local) "
+            f"if it acts per pixel, or write it with torch ops{hint}")
+    return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
+
+
+if torch.autograd.Function.__dict__.get("apply") is _FUNCTION_APPLY:
+    torch.autograd.Function.apply = classmethod(_guarded_apply)
