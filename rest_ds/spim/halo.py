@@ -101,7 +101,7 @@ class _Plan:
                     self.send.append((mesh.rank_at(i, j), rr, cc))
 
 
-def _exchange(send_items, recv_items, mesh, kind_bytes_phase):
+def exchange(send_items, recv_items, mesh, kind_bytes_phase):
     """Batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)]."""
     ops, g = [], mesh.sp_group
     for dst, t in send_items:
@@ -156,7 +156,7 @@ def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
         buf = x.new_empty(shape)
         pieces[(rr, cc)] = buf
         recvs.append((src, buf))
-    _exchange(sends, recvs, mesh, "forward")
+    exchange(sends, recvs, mesh, "forward")
     if plan.own is not None:
         pieces[plan.own] = _slice(x, dims, plan.origin, *plan.own)
     return pieces
@@ -177,7 +177,7 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
         shape = list(g.shape)
         shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
         recvs.append((dst, g.new_empty(shape), rr, cc))
-    _exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+    exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
     del sends
     whole = ((plan.origin[0], plan.origin[0] + x_shape[dims[0]]), (plan.origin[1], plan.origin[1] + x_shape[dims[1]]))
     if reuse and plan.own == whole:

@@ -11,9 +11,17 @@ Each rank fetches exactly its window ``[o0 s - p, (o1 - 1) s - p + ke)`` through
 the halo exchange, pads only where that window leaves the *scene*, and runs the
 op locally with zero padding. Local output count is then exactly ``o1 - o0``.
 
+Convs whose window starts at most ``p`` before the tile and ends at most ``p``
+after it (every "same" conv and the usual strided ones) run on the tile with
+torch's own zero padding ``p`` and recompute only the output strips that read
+a neighbour's halo (:class:`_BorderConv2d`): no window-size copy, and the
+tile's backward is torch's fused one. Other convs run on the assembled window
+(:class:`_HaloConv2d`).
+
 Memory: the window (tile + halos + scene padding) is a transient. Convs keep
-the tile and the received halos for backward and rebuild the window there;
-pooling keeps what torch keeps (max: the argmax indices; average: nothing).
+the tile and the received halos for backward (and rebuild the window there
+when they need it); pooling keeps what torch keeps (max: the argmax indices;
+average: nothing).
 With one rank (sp = 1) the tile is the scene and torch's own op runs.
 """
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import assemble, fetch, halo_exchange, make_plan, return_grads
+from ..halo import assemble, exchange, fetch, halo_exchange, make_plan, return_grads
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -177,6 +185,147 @@ class _HaloConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
+def _region(pieces: dict, dims, rows: tuple[int, int], cols: tuple[int, int], skip=None) -> torch.Tensor:
+    """Global rows x cols of the window from its pieces ({(rows, cols): tensor});
+    zeros where no piece lies (the scene border) and for the piece keyed ``skip``."""
+    ref = next(iter(pieces.values()))
+    shape = list(ref.shape)
+    shape[dims[0]], shape[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
+    out = ref.new_zeros(shape)
+    for key, t in pieces.items():
+        (r0, r1), (c0, c1) = key
+        a, b = max(rows[0], r0), min(rows[1], r1)
+        c, e = max(cols[0], c0), min(cols[1], c1)
+        if key == skip or a >= b or c >= e:
+            continue
+        out.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c).copy_(
+            t.narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c))
+    return out
+
+
+class _BorderGeometry:
+    """Where a conv over the zero-padded tile (torch's own padding) differs from
+    the conv over the halo-extended window: the output strips whose inputs reach
+    into a neighbour's halo. Per axis: window start ``lo``, stride, kernel
+    extent, output count ``n``; ``first``/``last`` = output indices [0, first)
+    and [last, n) read the halo before / after the tile (empty without a
+    neighbour on that side). Strips: the top and bottom ones span all columns,
+    the left and right ones the rows in between, so each output is in at most one."""
+
+    def __init__(self, plan, x_shape, dims, lo, s, ke, n, pad):
+        self.lo, self.s, self.ke, self.n, self.pad = lo, s, ke, n, pad
+        t0 = plan.origin
+        t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
+        before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
+        after = [any(rc[a][1] > t1[a] for _, *rc in plan.recv) for a in (0, 1)]
+        self.first = [min(n[a], -(-(t0[a] - lo[a]) // s[a])) if before[a] else 0 for a in (0, 1)]
+        self.last = [max(self.first[a], (t1[a] - lo[a] - ke[a]) // s[a] + 1) if after[a] else n[a] for a in (0, 1)]
+
+    def strips(self):
+        """(output rows, output cols) of each strip, as [start, end) pairs."""
+        (nr, nc), (fr, fc), (lr, lc) = self.n, self.first, self.last
+        out = [((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))]
+        return [(r, c) for r, c in out if r[1] > r[0] and c[1] > c[0]]
+
+    def inputs(self, out_rows, out_cols):
+        """Global input rows and cols that outputs [rows) x [cols) read."""
+        return tuple((self.lo[a] + o[0] * self.s[a], self.lo[a] + (o[1] - 1) * self.s[a] + self.ke[a])
+                     for a, o in enumerate((out_rows, out_cols)))
+
+
+class _BorderConv2d(torch.autograd.Function):
+    """conv2d of a tile with torch's own zero padding, then the border strips
+    that read neighbours' halos recomputed from small windows. Used where the
+    padded tile's outputs line up with the tile's share of the global output
+    (see :func:`_border_geometry`): no window-size copy in forward or
+    backward, and one fused native backward for the tile. Saves the tile and
+    the received halos, like :class:`_HaloConv2d`.
+
+    Backward: the native backward of the padded-tile conv gives the tile
+    gradient, the bias gradient and the weight gradient with zeros in place of
+    the halos; per strip, one backward over its window with the tile zeroed
+    adds the halos' share of the weight gradient and gives the halos'
+    gradients, which go back to their owners."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mesh, plan, geo, stride, dilation, groups):
+        dims = (x.dim() - 2, x.dim() - 1)
+        pieces = fetch(x, mesh, plan, dims)
+        out = F.conv2d(x, weight, bias, stride, geo.pad, dilation, groups)
+        for orows, ocols in geo.strips():
+            region = _region(pieces, dims, *geo.inputs(orows, ocols))
+            out.narrow(dims[0], orows[0], orows[1] - orows[0]).narrow(dims[1], ocols[0], ocols[1] - ocols[0]).copy_(
+                F.conv2d(region, weight, bias, stride, 0, dilation, groups))
+        halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
+        ctx.save_for_backward(x, weight, *halos)
+        ctx.cfg = (mesh, plan, geo, stride, dilation, groups, bias is not None, dims)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, *halos = ctx.saved_tensors
+        mesh, plan, geo, stride, dilation, groups, has_bias, dims = ctx.cfg
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = has_bias and ctx.needs_input_grad[2]
+        g = g.contiguous()
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(geo.pad), list(dilation),
+            False, [0, 0], groups, [need_x, need_w, need_b])
+        own = ((plan.origin[0], plan.origin[0] + x.shape[dims[0]]), (plan.origin[1], plan.origin[1] + x.shape[dims[1]]))
+        pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
+        pieces[own] = x
+        halo_grads = {(rr, cc): torch.zeros_like(h) for (_, rr, cc), h in zip(plan.recv, halos)} if need_x else {}
+        for orows, ocols in geo.strips():
+            if not (need_x or need_w):
+                break
+            rows, cols = geo.inputs(orows, ocols)
+            gs = g.narrow(dims[0], orows[0], orows[1] - orows[0]).narrow(dims[1], ocols[0], ocols[1] - ocols[0])
+            # the window with the tile zeroed: the weight gradient the padded-tile conv missed
+            halo_only = _region(pieces, dims, rows, cols, skip=own)
+            gi, gw_strip, _ = torch.ops.aten.convolution_backward(
+                gs.contiguous(), halo_only, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0],
+                groups, [need_x, need_w, False])
+            del halo_only
+            if need_w:
+                gw.add_(gw_strip)
+            for (r0, r1), (c0, c1) in halo_grads:
+                a, b, c, e = max(rows[0], r0), min(rows[1], r1), max(cols[0], c0), min(cols[1], c1)
+                if a < b and c < e:
+                    halo_grads[((r0, r1), (c0, c1))].narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c).add_(
+                        gi.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c))
+        if need_x:
+            recvs = []
+            for dst, rr, cc in plan.send:
+                shape = list(x.shape)
+                shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
+                recvs.append((dst, gx.new_empty(shape), rr, cc))
+            exchange([(src, halo_grads[(rr, cc)]) for src, rr, cc in plan.recv],
+                     [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+            for _, buf, rr, cc in recvs:
+                gx.narrow(dims[0], rr[0] - plan.origin[0], rr[1] - rr[0]).narrow(
+                    dims[1], cc[0] - plan.origin[1], cc[1] - cc[0]).add_(buf)
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _border_geometry(plan, x_shape, dims, need, out_ranges, ke, s):
+    """A :class:`_BorderGeometry` when the conv can run as :class:`_BorderConv2d`:
+    per axis the window starts at or before the tile (``pad = tile start - window
+    start`` >= 0), reaches at most ``pad`` beyond its end, and the padded tile
+    has exactly this rank's outputs. Else None."""
+    pad, lo, n = [], [], []
+    for a in (0, 1):
+        t0, h = plan.origin[a], x_shape[dims[a]]
+        w0, w1 = need[a]
+        n_out = out_ranges[a][1] - out_ranges[a][0]
+        p = t0 - w0
+        if p < 0 or w1 - (t0 + h) > p or (h + 2 * p - ke[a]) // s[a] + 1 != n_out:
+            return None
+        pad.append(p)
+        lo.append(w0)
+        n.append(n_out)
+    return _BorderGeometry(plan, x_shape, dims, tuple(lo), tuple(s), tuple(ke), tuple(n), tuple(pad))
+
+
 class _HaloMaxPool2d(torch.autograd.Function):
     """max_pool2d over the halo-extended tile (-inf at the scene border) that
     saves only the argmax indices, as torch does, and neither the window nor
@@ -252,13 +401,19 @@ def _conv2d(func, args, kwargs):
     n_out = (conv_out(H, ke[0], s[0], pt[0]), conv_out(W, ke[1], s[1], pt[1]))
     if min(n_out) < 1:
         raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
-    plan, pads, spec, _ = window_plan(x, "conv2d", ke, s, pb, n_out)
+    plan, pads, spec, ranges = window_plan(x, "conv2d", ke, s, pb, n_out)
     if isinstance(a.get("bias"), SpatialTensor):
         ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out)
         return wrap(F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1)), spec)
     if x.mesh.sp == 1:  # the tile is the scene: torch's own conv, its padding included
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
-    out = _HaloConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, pads, s, d, a.get("groups", 1))
+    r, c = x.mesh.coord
+    need = (needs(spec.rows, ke[0], s[0], pb[0])[r], needs(spec.cols, ke[1], s[1], pb[1])[c])
+    geo = _border_geometry(plan, x._local.shape, (x.dim() - 2, x.dim() - 1), need, ranges, ke, s)
+    if geo is not None:
+        out = _BorderConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, geo, s, d, a.get("groups", 1))
+    else:
+        out = _HaloConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, pads, s, d, a.get("groups", 1))
     return wrap(out, spec)
 
 
