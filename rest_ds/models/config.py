@@ -39,26 +39,17 @@ import dataclasses
 import importlib
 import inspect
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
+from ..config_schema import ConfigError, parse_dataclass
 from . import decoders as _decoders  # noqa: F401  (registers the decoders)
 from .decoders import NORMS
 from .necks import NECKS, build_neck
 from .registry import DECODERS, ENCODERS, build_decoder, build_encoder
 from .segmentor import Segmentor
-
-
-class ConfigError(ValueError):
-    """A model config that cannot be used; the message names the key."""
-
-    def __init__(self, where: str | None, key: str, message: str):
-        self.where, self.key = where, key
-        super().__init__(f"{where + ': ' if where else ''}{key}: {message}")
 
 
 @dataclass
@@ -124,7 +115,7 @@ class ModelConfig:
     # -- (de)serialisation -----------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, where: str | None = None) -> "ModelConfig":
-        cfg = _parse(cls, data, where, "model")
+        cfg = parse_dataclass(cls, data, where, "model")
         cfg.validate(where)
         return cfg
 
@@ -185,92 +176,6 @@ class ModelConfig:
                                   reserved=("in_channels", "strides", "num_classes"), explicit=given, extra=d.kwargs)
         if self.aux_head is not None and self.aux_head.weight < 0:
             raise ConfigError(where, "model.aux_head.weight", f"must be >= 0, got {self.aux_head.weight}")
-
-
-# --- typed parsing -------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(tp, value, where, key):
-    """``value`` as type ``tp`` (int, float, str, bool, Any, list[...], dict[str, ...],
-    Optional, dataclass), or :class:`ConfigError`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        if value is None:
-            raise ConfigError(where, key, f"must not be null (expected {' or '.join(map(_type_name, non_none))})")
-        errors = []
-        for a in non_none:  # first alternative that accepts the value
-            try:
-                return _convert(a, value, where, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            where, key, f"expected {' or '.join(map(_type_name, non_none))}, got {value!r}")
-    if tp is Any:
-        return value
-    if value is None:
-        raise ConfigError(where, key, f"must not be null (expected {_type_name(tp)})")
-    if dataclasses.is_dataclass(tp):
-        return _parse(tp, value, where, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(where, key, f"expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(where, key, f"expected a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(where, key, f"keys must be strings, got {k!r}")
-            out[k] = _convert(vt, v, where, f"{key}.{k}")
-        return out
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(where, key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(where, key, f"expected a string, got {value!r}")
-        return value
-    raise ConfigError(where, key, f"unsupported type {tp}")
-
-
-def _parse(cls, data, where, key):
-    if isinstance(data, cls):
-        data = dataclasses.asdict(data)
-    if not isinstance(data, dict):
-        keys = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ConfigError(where, key, f"expected a mapping with keys {keys}, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ConfigError(where, f"{key}.{unknown[0]}",
-                          f"unknown key (known keys of {key}: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        if name in data:
-            values[name] = _convert(hints[name], data[name], where, f"{key}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(where, f"{key}.{name}", "missing required key")
-    return cls(**values)
 
 
 def _signature_params(fn) -> tuple[set[str], bool]:

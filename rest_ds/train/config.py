@@ -31,22 +31,13 @@ See ``configs/README.md`` for what each key means.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-try:  # one error type for the whole config, model section included
-    from rest_ds.models.config import ConfigError
-except ImportError:  # pragma: no cover - models package without config support
-    class ConfigError(ValueError):
-        def __init__(self, where: str | None, key: str, message: str):
-            self.where, self.key = where, key
-            super().__init__(f"{where + ': ' if where else ''}{key}: {message}")
+from ..config_schema import ConfigError, parse_dataclass
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -284,101 +275,6 @@ def parse_grid_text(text: str) -> tuple[int, int]:
     return ph, pw
 
 
-# --- typed parsing -------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(tp, value, where, key):
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        if value is None:
-            raise ConfigError(where, key, f"must not be null (expected {' or '.join(map(_type_name, non_none))})")
-        errors = []
-        for a in non_none:
-            try:
-                return _convert(a, value, where, key)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(where, key, f"expected {' or '.join(map(_type_name, non_none))}, got {value!r}")
-    if origin is Literal:
-        options = typing.get_args(tp)
-        if value not in options:
-            close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(where, key, f"{value!r} is not one of {', '.join(map(str, options))}{hint}")
-        return value
-    if tp is Any:
-        return value
-    if value is None:
-        raise ConfigError(where, key, f"must not be null (expected {_type_name(tp)})")
-    if dataclasses.is_dataclass(tp):
-        return _parse(tp, value, where, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(where, key, f"expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(where, key, f"expected a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        return {str(k): _convert(vt, v, where, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(where, key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(where, key, f"expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(where, key, f"unsupported type {tp}")  # pragma: no cover
-
-
-def _public_fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-def _parse(cls, data, where, key):
-    prefix = f"{key}." if key else ""
-    fields = _public_fields(cls)
-    if not isinstance(data, dict):
-        raise ConfigError(where, key or "config", f"expected a mapping with keys {', '.join(fields)}, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    for k in data:
-        if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(where, f"{prefix}{k}",
-                              f"unknown key ({hint}known keys{' of ' + key if key else ''}: {', '.join(fields)})")
-    values = {}
-    for name in fields:
-        if name in data:
-            values[name] = _convert(hints[name], data[name], where, f"{prefix}{name}")
-    return cls(**values)
-
-
 # --- loading ---------------------------------------------------------------------------------------
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'optimizer.lr=3e-4'`` -> ``(['optimizer', 'lr'], 3e-4)`` (the value is YAML)."""
@@ -459,7 +355,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for keys, value in parsed:
         if keys != ["model"]:
             _set(data, keys, value, where)
-    cfg = _parse(TrainConfig, data, where, "")
+    cfg = parse_dataclass(TrainConfig, data, where, "")
     cfg.source_file = where
     if base is not None:
         cfg.data.scenes = [_scene_ref(s, base) for s in cfg.data.scenes]
