@@ -33,8 +33,9 @@ import torch
 from rest_ds.models import Segmentor, UPerHead, convnext_nano_upernet, resnet18_upernet, tiny_cnn_upernet
 from rest_ds.models.decoders import PPM
 from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
-from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
+
+from .harness import run_grid
 
 ALIGN = 32
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -73,9 +74,9 @@ def scene(batch: int, hw: tuple[int, int], dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _run_grid(grid, rows, cols):
+def _run_grid(grid):
     mesh = SpatialMesh.build(grid=grid)
-    layout = TileLayout(rows, cols)
+    layout = LAYOUTS[grid]
     reports = {}
     for name, (factory, dtype, batch) in CASES.items():
         reports[name] = compare_sharded(factory, scene(batch, layout.shape, dtype), mesh, layout, train=True,
@@ -85,10 +86,7 @@ def _run_grid(grid, rows, cols):
 
 @pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
 def grid_reports(request):
-    grid = request.param
-    layout = LAYOUTS[grid]
-    reports = spawn(_run_grid, grid[0] * grid[1], grid, layout.rows, layout.cols, timeout_s=900)
-    return grid, reports[0]
+    return request.param, run_grid(_run_grid, request.param)
 
 
 def _expected_names(factory) -> set[str]:
