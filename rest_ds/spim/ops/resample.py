@@ -15,7 +15,9 @@ A rank then needs the input window ``[min idx, max idx + 1)`` of its output
 range; since every rank can compute every grid row's window from the global
 tap vectors, the halo exchange knows who needs what. The taps are applied with
 ``index_select`` and weights, so autograd gives the backward (halo gradients go
-back through the exchange).
+back through the exchange). Bilinear upsampling by powers of two (FPN, UPerNet)
+runs torch's own kernel on the window instead, which computes the same taps
+(:func:`_native_factors`).
 
 Output partition: the partition of a sharded tensor of the same global size
 seen earlier in this forward (``context.layout_for``), so an upsampled map lines
@@ -234,6 +236,24 @@ def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_ou
     return out_part, _needs(out_part, idx)
 
 
+def _native_factors(mode: str, ac: bool, n_in, out_hw, scales) -> tuple[int, int] | None:
+    """Per-axis upsampling factors ``k`` (powers of two) when torch's own bilinear
+    kernel, run on a rank's window, computes exactly the global taps: the
+    source coordinate ``(o + 0.5) / k - 0.5`` is then exact in floating point,
+    so window output ``o - k * start`` has the same two taps and weights as
+    global output ``o`` (shifted by ``start``), and clamping happens only at
+    the scene border (the window holds every tap of the rank's outputs)."""
+    if mode != "bilinear" or ac:
+        return None
+    ks = []
+    for n, o, s in zip(n_in, out_hw, scales):
+        k = o // n
+        if o % n or k < 2 or k & (k - 1) or (s is not None and s != k):
+            return None
+        ks.append(k)
+    return tuple(ks)
+
+
 def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Spec | None,
               n_in: tuple[int, int]) -> SpatialTensor:
     """Sharded result of resampling: ``x_local`` is this rank's tile (``in_spec``)
@@ -251,8 +271,18 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
     else:
         window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate")
         base = (need_r[r][0], need_c[c][0])
+    ranges = ((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))
+    ks = _native_factors(mode, ac, n_in, out_hw, scales) if in_spec is not None else None
+    if ks is not None and all(0 <= o0 - k * b and o1 - k * b <= k * window.shape[2 + a]
+                              for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base))):
+        with torch._C.DisableTorchFunction():  # a plain window: no routing of replicated inputs
+            y = F.interpolate(window, scale_factor=(float(ks[0]), float(ks[1])), mode="bilinear",
+                              align_corners=False)
+        for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base)):
+            y = y.narrow(2 + a, o0 - k * b, o1 - o0)
+        return wrap(y, Spec(mesh, (2, 3), rows, cols))
     y = window
-    for axis, (o0, o1) in enumerate(((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))):
+    for axis, (o0, o1) in enumerate(ranges):
         idx, w = taps[axis]
         y = _apply(y, 2 + axis, idx[:, o0:o1] - base[axis], None if w is None else w[:, o0:o1])
     return wrap(y, Spec(mesh, (2, 3), rows, cols))
