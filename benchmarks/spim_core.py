@@ -7,8 +7,9 @@ on one ``3 x size x size`` scene, batch 1:
     (``comm_stats().by_phase``), against the volume computed from the tile
     geometry alone; they must match exactly;
 (b) sharded forward+backward time on 2 ranks vs the same layers run plainly (no
-    SPIM) on a tensor of the local tile's size, in the same processes right
-    after (median of ``--repeats`` runs each, the slower rank counts);
+    SPIM) on a tensor of the local tile's size, in the same processes,
+    interleaved with them (median of ``--repeats`` runs each; each run ends
+    with a barrier, so the slower rank counts);
 (c) peak memory per rank at sp=2 (1x2) and sp=4 (2x2) vs one process on the
     whole scene (plain model, and the same through SPIM's rules on a 1x1 grid,
     which isolates what the rules themselves keep alive), as ratios against
@@ -176,25 +177,22 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
     out["comm"] = {f"{k}/{p}": v for (k, p), v in comm_stats().by_phase.items()}
 
     if time_it:
-        times = []
-        for _ in range(repeats):
-            _barrier(mesh)
-            t0 = time.perf_counter()
-            _fwd_bwd(model, inp)
-            times.append(time.perf_counter() - t0)
-        out["sharded_s"] = times
-        if mesh.sp == 1:
-            return out
-        # the same layers, plainly, on a tensor of this rank's tile size
-        tile = torch.randn(tile_shape, generator=torch.Generator().manual_seed(1))
-        _fwd_bwd(plain, tile)
-        times = []
-        for _ in range(repeats):
-            _barrier(mesh)
-            t0 = time.perf_counter()
+        # sharded runs interleaved with the same layers run plainly on a tensor of
+        # this rank's tile size, so that drifts of the machine hit both alike
+        runs = [("sharded_s", model, inp)]
+        if mesh.sp > 1:
+            tile = torch.randn(tile_shape, generator=torch.Generator().manual_seed(1))
             _fwd_bwd(plain, tile)
-            times.append(time.perf_counter() - t0)
-        out["plain_tile_s"] = times
+            runs.append(("plain_tile_s", plain, tile))
+        for key, _, _ in runs:
+            out[key] = []
+        for _ in range(repeats):
+            for key, mod, x_run in runs:
+                _barrier(mesh)
+                t0 = time.perf_counter()
+                _fwd_bwd(mod, x_run)
+                _barrier(mesh)
+                out[key].append(time.perf_counter() - t0)
     return out
 
 
