@@ -165,6 +165,19 @@ def all_gather_padded(t: torch.Tensor, mesh: SpatialMesh) -> list[torch.Tensor]:
     return [b[: torch.Size(s).numel()].view(s).to(t.device) for b, s in zip(bufs, shapes)]
 
 
+def all_gather_equal(t: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
+    """``(sp, *t.shape)``: every sp rank's ``t`` (the same shape on all ranks),
+    in sp order; one collective, no autograd."""
+    if mesh.sp == 1:
+        return t.unsqueeze(0)
+    g = mesh.sp_group
+    w = to_wire(t.contiguous(), g)
+    parts = [torch.empty_like(w) for _ in range(mesh.sp)]
+    _STATS.record("all_gather", (mesh.sp - 1) * _nbytes(w), _phase())
+    dist.all_gather(parts, w, group=g)
+    return torch.stack(parts).to(t.device)
+
+
 def all_gather_object(obj, mesh: SpatialMesh) -> list:
     if mesh.sp == 1:
         return [obj]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
-from ..comm import all_reduce_
+from ..comm import all_gather_equal, all_reduce_
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, register, wrap
 
@@ -161,10 +161,10 @@ class _BatchNormScene(torch.autograd.Function):
     per-channel ``weight``/``bias`` of shape (C,) or None).
 
     Forward: per-tile mean and biased variance (``torch.batch_norm_update_stats``,
-    one pass), combined over the sp group in fp64 by Chan's parallel formula
-    (global mean, then ``sum_i M2_i + n_i (m_i - mean)^2``: no E[x^2] - E[x]^2
-    cancellation), and the native eval-mode kernel with those statistics, which
-    is the training-mode formula. Backward: the native eval-mode backward gives
+    one pass), gathered from the sp group in one collective and combined in fp64
+    by Chan's parallel formula (global mean, then ``sum_i M2_i + n_i (m_i -
+    mean)^2``: no E[x^2] - E[x]^2 cancellation), and the native eval-mode kernel
+    with those statistics, which is the training-mode formula. Backward: the native eval-mode backward gives
     ``g * weight * invstd`` and this tile's sums of ``g`` and ``g * x_hat`` in
     one pass; one all-reduce of the two sums, then the whole-scene correction
     ``- weight * invstd * (S_g + x_hat S_gx) / N``."""
@@ -173,9 +173,11 @@ class _BatchNormScene(torch.autograd.Function):
     def forward(ctx, x, weight, bias, count, eps, mesh):
         n_local = x.numel() // x.shape[1]
         mean_l, var_l = torch.batch_norm_update_stats(x, None, None, 0.0)
-        mean_l, var_l = mean_l.double(), var_l.double()
-        mean = all_reduce_(mean_l * n_local, mesh) / count
-        ssd = all_reduce_(var_l * n_local + n_local * (mean_l - mean).square(), mesh)
+        # one collective: every tile's (count, mean, M2), combined identically on every rank
+        n_i, m_i, v_i = all_gather_equal(
+            torch.stack([torch.full_like(mean_l, n_local), mean_l, var_l]).double(), mesh).unbind(1)
+        mean = (n_i * m_i).sum(0) / count
+        ssd = (n_i * (v_i + (m_i - mean).square())).sum(0)
         mean_x, var_x = mean.to(x.dtype), (ssd / count).to(x.dtype)
         y = F.batch_norm(x, mean_x, var_x, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(x, weight, mean_x, var_x)
