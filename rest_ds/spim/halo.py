@@ -101,8 +101,10 @@ class _Plan:
                     self.send.append((mesh.rank_at(i, j), rr, cc))
 
 
-def exchange(send_items, recv_items, mesh, kind_bytes_phase):
-    """Batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)]."""
+def start_exchange(send_items, recv_items, mesh, kind_bytes_phase):
+    """Post batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)].
+    Returns ``wait()``, which completes it (the buffers hold the data after it);
+    work done in between overlaps the transfer."""
     ops, g = [], mesh.sp_group
     for dst, t in send_items:
         _STATS.record("halo", t.numel() * t.element_size(), kind_bytes_phase)
@@ -111,11 +113,21 @@ def exchange(send_items, recv_items, mesh, kind_bytes_phase):
     for src, buf in recv_items:
         wires.append(wire_buffer(buf, buf.shape, g))
         ops.append(dist.P2POp(dist.irecv, wires[-1], src, group=g))
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
+    reqs = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait():
+        for req in reqs:
             req.wait()
-    for (_, buf), w in zip(recv_items, wires):
-        from_wire(w, buf)
+        del ops[:]  # the sent tensors may go now
+        for (_, buf), w in zip(recv_items, wires):
+            from_wire(w, buf)
+
+    return wait
+
+
+def exchange(send_items, recv_items, mesh, kind_bytes_phase):
+    """Batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)]."""
+    start_exchange(send_items, recv_items, mesh, kind_bytes_phase)()
 
 
 def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0) -> torch.Tensor:
@@ -148,6 +160,14 @@ def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0),
 def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
     """Send my pieces to the neighbours that need them, receive theirs.
     Returns {(rows, cols): tensor} covering this rank's window (own piece included)."""
+    pieces, wait = start_fetch(x, mesh, plan, dims)
+    wait()
+    return pieces
+
+
+def start_fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims):
+    """:func:`fetch`, posted: returns (pieces, wait); the received pieces hold
+    their data once ``wait()`` has returned."""
     sends = [(dst, _slice(x, dims, plan.origin, rr, cc).contiguous()) for dst, rr, cc in plan.send]
     pieces, recvs = {}, []
     for src, rr, cc in plan.recv:
@@ -156,10 +176,10 @@ def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
         buf = x.new_empty(shape)
         pieces[(rr, cc)] = buf
         recvs.append((src, buf))
-    exchange(sends, recvs, mesh, "forward")
+    wait = start_exchange(sends, recvs, mesh, "forward")
     if plan.own is not None:
         pieces[plan.own] = _slice(x, dims, plan.origin, *plan.own)
-    return pieces
+    return pieces, wait
 
 
 def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape, reuse: bool = False) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import assemble, exchange, fetch, halo_exchange, make_plan, return_grads
+from ..halo import assemble, fetch, halo_exchange, make_plan, return_grads, start_exchange, start_fetch
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -250,8 +250,9 @@ class _BorderConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mesh, plan, geo, stride, dilation, groups):
         dims = (x.dim() - 2, x.dim() - 1)
-        pieces = fetch(x, mesh, plan, dims)
-        out = F.conv2d(x, weight, bias, stride, geo.pad, dilation, groups)
+        pieces, wait = start_fetch(x, mesh, plan, dims)
+        out = F.conv2d(x, weight, bias, stride, geo.pad, dilation, groups)  # overlaps the halo transfer
+        wait()
         for orows, ocols in geo.strips():
             region = _region(pieces, dims, *geo.inputs(orows, ocols))
             out.narrow(dims[0], orows[0], orows[1] - orows[0]).narrow(dims[1], ocols[0], ocols[1] - ocols[0]).copy_(
@@ -268,13 +269,11 @@ class _BorderConv2d(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = has_bias and ctx.needs_input_grad[2]
         g = g.contiguous()
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(geo.pad), list(dilation),
-            False, [0, 0], groups, [need_x, need_w, need_b])
         own = ((plan.origin[0], plan.origin[0] + x.shape[dims[0]]), (plan.origin[1], plan.origin[1] + x.shape[dims[1]]))
         pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
         pieces[own] = x
         halo_grads = {(rr, cc): torch.zeros_like(h) for (_, rr, cc), h in zip(plan.recv, halos)} if need_x else {}
+        gw_strips = []
         for orows, ocols in geo.strips():
             if not (need_x or need_w):
                 break
@@ -287,20 +286,27 @@ class _BorderConv2d(torch.autograd.Function):
                 groups, [need_x, need_w, False])
             del halo_only
             if need_w:
-                gw.add_(gw_strip)
+                gw_strips.append(gw_strip)
             for (r0, r1), (c0, c1) in halo_grads:
                 a, b, c, e = max(rows[0], r0), min(rows[1], r1), max(cols[0], c0), min(cols[1], c1)
                 if a < b and c < e:
                     halo_grads[((r0, r1), (c0, c1))].narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c).add_(
                         gi.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c))
-        if need_x:
-            recvs = []
+        recvs, wait = [], None
+        if need_x:  # the halos' gradients travel while the tile's backward runs
             for dst, rr, cc in plan.send:
                 shape = list(x.shape)
                 shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
-                recvs.append((dst, gx.new_empty(shape), rr, cc))
-            exchange([(src, halo_grads[(rr, cc)]) for src, rr, cc in plan.recv],
-                     [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+                recvs.append((dst, x.new_empty(shape), rr, cc))
+            wait = start_exchange([(src, halo_grads[(rr, cc)]) for src, rr, cc in plan.recv],
+                                  [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(geo.pad), list(dilation),
+            False, [0, 0], groups, [need_x, need_w, need_b])
+        for gw_strip in gw_strips:
+            gw.add_(gw_strip)
+        if need_x:
+            wait()
             for _, buf, rr, cc in recvs:
                 gx.narrow(dims[0], rr[0] - plan.origin[0], rr[1] - rr[0]).narrow(
                     dims[1], cc[0] - plan.origin[1], cc[1] - cc[0]).add_(buf)
