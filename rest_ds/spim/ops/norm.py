@@ -10,8 +10,9 @@ updated identically on every rank. Normalisation and affine transform are one
 autograd op that saves only its input and the statistics, as torch's native
 kernels do; its backward all-reduces the two sums of the fused normalisation
 backward (see :class:`_NormAffine`); batch norm of fp32/fp64 maps runs on
-torch's native kernels (:class:`_BatchNormScene`). Norms over non-sharded dims (LayerNorm over
-channels after a permute, as in ConvNeXt) and batch norm in eval mode are local.
+torch's native kernels (:class:`_BatchNormScene`). Norms over non-sharded dims
+(LayerNorm over channels after a permute, as in ConvNeXt) and batch norm in
+eval mode are local.
 """
 from __future__ import annotations
 
@@ -162,11 +163,13 @@ class _BatchNormScene(torch.autograd.Function):
 
     Forward: per-tile mean and biased variance (``torch.batch_norm_update_stats``,
     one pass), gathered from the sp group in one collective and combined in fp64
-    by Chan's parallel formula (global mean, then ``sum_i M2_i + n_i (m_i -
-    mean)^2``: no E[x^2] - E[x]^2 cancellation), and the native eval-mode kernel
-    with those statistics, which is the training-mode formula. Backward: the native eval-mode backward gives
-    ``g * weight * invstd`` and this tile's sums of ``g`` and ``g * x_hat`` in
-    one pass; one all-reduce of the two sums, then the whole-scene correction
+    by Chan's parallel formula (global mean, then ``sum_i n_i (v_i + (m_i -
+    mean)^2)``: no E[x^2] - E[x]^2 cancellation), and the native eval-mode
+    kernel with those statistics, which is the training-mode formula.
+
+    Backward: the native eval-mode backward gives ``g * weight * invstd`` and
+    this tile's sums of ``g`` and ``g * x_hat`` in one pass; one all-reduce of
+    the two sums, then the whole-scene correction
     ``- weight * invstd * (S_g + x_hat S_gx) / N``."""
 
     @staticmethod
