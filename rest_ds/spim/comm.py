@@ -63,18 +63,10 @@ _STATS = CommStats()
 
 # tests set this to stage CPU tensors too, so the copy paths run without a GPU
 _FORCE_STAGING = False
-_GLOO_GROUPS: dict = {}
 
 
 def _staged(t: torch.Tensor, group) -> bool:
-    if _FORCE_STAGING:
-        return True
-    if t.device.type == "cpu":
-        return False
-    key = id(group)
-    if key not in _GLOO_GROUPS:
-        _GLOO_GROUPS[key] = dist.get_backend(group) == "gloo"
-    return _GLOO_GROUPS[key]
+    return _FORCE_STAGING or (t.device.type != "cpu" and dist.get_backend(group) == "gloo")
 
 
 def to_wire(t: torch.Tensor, group) -> torch.Tensor:
@@ -115,10 +107,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
-    """In-place all-reduce over the sp group, no autograd. Returns ``t``."""
+def all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: str = "all_reduce",
+                record: bool = True) -> torch.Tensor:
+    """In-place all-reduce over the sp group, no autograd. Returns ``t``.
+    ``record=False``: not counted (checks around a measured run)."""
     if mesh.sp > 1:
-        _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
+        if record:
+            _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
         w = to_wire(t, mesh.sp_group)
         dist.all_reduce(w, op=op, group=mesh.sp_group)
         from_wire(w, t)
@@ -186,10 +181,10 @@ def all_gather_object(obj, mesh: SpatialMesh) -> list:
     return out
 
 
-def broadcast_(t: torch.Tensor, mesh: SpatialMesh, src_index: int = 0) -> torch.Tensor:
-    """Broadcast in place from sp rank ``src_index`` to its sp group."""
+def broadcast_(t: torch.Tensor, mesh: SpatialMesh, src_index: int = 0, record: bool = True) -> torch.Tensor:
+    """Broadcast in place from sp rank ``src_index`` to its sp group (``record`` as in :func:`all_reduce_`)."""
     if mesh.sp > 1:
-        if mesh.sp_index == src_index:
+        if record and mesh.sp_index == src_index:
             _STATS.record("broadcast", _nbytes(t), _phase())
         w = to_wire(t, mesh.sp_group)
         dist.broadcast(w, src=mesh.sp_ranks[src_index], group=mesh.sp_group)

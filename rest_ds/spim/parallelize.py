@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import context
-from .comm import _STATS, _phase, from_wire, to_wire
+from .comm import all_reduce_
 from .errors import SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .rng import SharedRNG
@@ -154,11 +154,7 @@ def average_gradients(model: nn.Module, mesh: SpatialMesh | None = None) -> None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    _STATS.record("all_reduce", 2 * (mesh.sp - 1) / mesh.sp * flat.numel() * flat.element_size(), _phase())
-    wire = to_wire(flat, mesh.sp_group)
-    dist.all_reduce(wire, group=mesh.sp_group)
-    from_wire(wire, flat)
+    flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]), mesh)
     flat /= mesh.sp
     off = 0
     for g in grads:

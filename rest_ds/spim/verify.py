@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .comm import comm_stats, from_wire, to_wire
+from .comm import all_reduce_, broadcast_, comm_stats
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .parallelize import average_gradients, parallelize
@@ -162,7 +162,7 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
         x = x.to(dtype)
     with torch.no_grad():  # identical weights on every rank, whatever the factory did
         for t in list(model.parameters()) + list(model.buffers()):
-            _broadcast_quietly(t.data, mesh)
+            broadcast_(t.data, mesh, record=False)
     ref = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double().train(train) if noise_floor and mesh.sp_index == 0 else None
     model.train(train)
@@ -183,10 +183,7 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     average_gradients(model, mesh)
     gx = xs.grad
     if gx is not None and mesh.sp > 1:
-        wire = to_wire(gx, mesh.sp_group)
-        wire = wire.clone() if wire is gx else wire
-        dist.all_reduce(wire, group=mesh.sp_group)
-        gx = wire.to(gx.device) / mesh.sp
+        gx = all_reduce_(gx.clone(), mesh, record=False) / mesh.sp
     if step:
         _sgd_step(model, lr)
     report.comm_bytes = dict(comm_stats().bytes)
@@ -215,14 +212,6 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
         dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
         report.errors = box[0]
     return report
-
-
-def _broadcast_quietly(t: torch.Tensor, mesh: SpatialMesh) -> None:
-    """Broadcast from sp rank 0, not counted in the report's traffic."""
-    if mesh.sp > 1:
-        wire = to_wire(t, mesh.sp_group)
-        dist.broadcast(wire, src=mesh.sp_ranks[0], group=mesh.sp_group)
-        from_wire(wire, t)
 
 
 def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
