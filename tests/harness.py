@@ -8,7 +8,11 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Callable
 
+import torch
+
+from rest_ds.spim import SpatialMesh
 from rest_ds.spim.spawn import spawn
+from rest_ds.spim.verify import compare_sharded
 
 
 @lru_cache(maxsize=None)
@@ -24,3 +28,22 @@ def check_report(errors: dict, refused: str | None, tol: float, what: str) -> No
     assert errors, f"{what}: no quantity was compared"
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"{what}: {bad}"
+
+
+def offset_scene(batch: int, channels: int, hw: tuple[int, int], dtype) -> torch.Tensor:
+    """A seeded random scene with a per-sample, per-channel offset (so that
+    whole-scene statistics differ from per-tile ones)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((batch, channels, *hw), generator=g) + 2 * torch.randn((batch, channels, 1, 1), generator=g)
+    return x.to(dtype)
+
+
+def train_step_reports(grid: tuple[int, int], cases: dict, layouts: dict, channels: int, seed: int,
+                       align: int) -> dict:
+    """Rank body: one compare_sharded train step per case ``name -> (factory,
+    dtype, batch)`` on ``layouts[grid]``; returns ``name -> VerifyReport``."""
+    mesh = SpatialMesh.build(grid=grid)
+    layout = layouts[grid]
+    return {name: compare_sharded(factory, offset_scene(batch, channels, layout.shape, dtype), mesh, layout,
+                                  train=True, step=True, seed=seed, align=align)
+            for name, (factory, dtype, batch) in cases.items()}

@@ -37,10 +37,9 @@ from rest_ds.models import (AuxHeadConfig, ConfigError, DecoderConfig, EncoderCo
 from rest_ds.models.config import import_encoders
 from rest_ds.models.decoders import PPM, UPerHead
 from rest_ds.models.registry import DECODERS, ENCODERS, register_encoder
-from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
-from rest_ds.spim.verify import compare_sharded
+from rest_ds.spim import TileLayout, check_aligned
 
-from .harness import run_grid
+from .harness import offset_scene, run_grid, train_step_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 ALIGN = 32
@@ -128,20 +127,8 @@ LAYOUTS = {
 }
 
 
-def scene(batch: int, hw: tuple[int, int], dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn((batch, IN_CHANS, *hw), generator=g) + 2 * torch.randn((batch, IN_CHANS, 1, 1), generator=g)
-    return x.to(dtype)
-
-
 def _run_grid(grid):
-    mesh = SpatialMesh.build(grid=grid)
-    layout = LAYOUTS[grid]
-    reports = {}
-    for name, (factory, dtype, batch) in CASES.items():
-        reports[name] = compare_sharded(factory, scene(batch, layout.shape, dtype), mesh, layout, train=True,
-                                        step=True, seed=5, align=ALIGN)
-    return reports
+    return train_step_reports(grid, CASES, LAYOUTS, IN_CHANS, seed=5, align=ALIGN)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
@@ -153,7 +140,7 @@ def _expected_names(factory, dtype) -> set[str]:
     """Every output, the input grad, and every parameter that gets a gradient on one
     process (levels a head does not read get none), stepped parameter and buffer."""
     model = factory().train()
-    x = scene(2, (64, 64), dtype).requires_grad_(True)
+    x = offset_scene(2, IN_CHANS, (64, 64), dtype).requires_grad_(True)
     out = model(x)
     outs = out if isinstance(out, tuple) else (out,)
     sum(o.sum() for o in outs).backward()

@@ -32,10 +32,9 @@ import torch
 
 from rest_ds.models import Segmentor, UPerHead, convnext_nano_upernet, resnet18_upernet, tiny_cnn_upernet
 from rest_ds.models.decoders import PPM
-from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
-from rest_ds.spim.verify import compare_sharded
+from rest_ds.spim import TileLayout, check_aligned
 
-from .harness import run_grid
+from .harness import run_grid, train_step_reports
 
 ALIGN = 32
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -68,20 +67,8 @@ LAYOUTS = {
 }
 
 
-def scene(batch: int, hw: tuple[int, int], dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn((batch, 3, *hw), generator=g) + 2 * torch.randn((batch, 3, 1, 1), generator=g)
-    return x.to(dtype)
-
-
 def _run_grid(grid):
-    mesh = SpatialMesh.build(grid=grid)
-    layout = LAYOUTS[grid]
-    reports = {}
-    for name, (factory, dtype, batch) in CASES.items():
-        reports[name] = compare_sharded(factory, scene(batch, layout.shape, dtype), mesh, layout, train=True,
-                                        step=True, seed=3, align=ALIGN)
-    return reports
+    return train_step_reports(grid, CASES, LAYOUTS, 3, seed=3, align=ALIGN)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
