@@ -34,16 +34,21 @@ def _ids_of(raw: np.ndarray, values: list[float], nodata: int = 255) -> np.ndarr
     return out
 
 
-def evaluate_maps(scene_ref: str, maps: dict[str, str], regions: list[str], cache: str | None = None) -> dict:
-    import rasterio
-
+def _open_scene_quietly(scene_ref: str, cache: str | None):
+    """A reader of a cached scene; its data warnings were shown when it was trained on."""
     from ..data import DataWarning, open_scene
     from .data import resolve_scene
 
     scene = resolve_scene(scene_ref, cache, fetch=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        reader = open_scene(scene)
+        return open_scene(scene)
+
+
+def evaluate_maps(scene_ref: str, maps: dict[str, str], regions: list[str], cache: str | None = None) -> dict:
+    import rasterio
+
+    reader = _open_scene_quietly(scene_ref, cache)
     with reader:
         _, H, W = reader.shape
         rows, cols = slice(0, H), slice(0, W)
@@ -54,7 +59,7 @@ def evaluate_maps(scene_ref: str, maps: dict[str, str], regions: list[str], cach
         names = reader.scene.class_names
         values = [c.value for c in reader.scene.classes]
         K = len(names)
-    out = {"scene": scene.name, "classes": names, "regions": {}, "maps": {}}
+    out = {"scene": reader.scene.name, "classes": names, "regions": {}, "maps": {}}
     for r, m in masks.items():
         out["regions"][r] = int(((label != reader.scene.ignore_index) & m).sum())
     for name, path in maps.items():
@@ -80,13 +85,7 @@ def comparison_png(scene_ref: str, maps: dict[str, str], png: str | Path, titles
     import matplotlib.pyplot as plt
     import rasterio
 
-    from ..data import DataWarning, open_scene
-    from .data import resolve_scene
-
-    scene = resolve_scene(scene_ref, cache, fetch=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        reader = open_scene(scene)
+    reader = _open_scene_quietly(scene_ref, cache)
     with reader:
         C, H, W = reader.shape
         f = max(1, math.ceil(max(H, W) / max_side))
