@@ -170,7 +170,7 @@ class _BatchNormScene(torch.autograd.Function):
     Backward: the native eval-mode backward gives ``g * weight * invstd`` and
     this tile's sums of ``g`` and ``g * x_hat`` in one pass; one all-reduce of
     the two sums, then the whole-scene correction
-    ``- weight * invstd * (S_g + x_hat S_gx) / N``."""
+    ``- weight * invstd * (S_g + x_hat S_gx) / N`` in two more passes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, count, eps, mesh):
@@ -201,9 +201,11 @@ class _BatchNormScene(torch.autograd.Function):
             sums = all_reduce_(torch.stack([gb, gw]).double(), mesh)
             invstd = torch.rsqrt(var_x.double() + eps)
             scale = invstd if weight is None else invstd * weight.double()
-            c_g = (scale * sums[0] / count).to(x.dtype).view(shape)
-            c_x = (scale * invstd * sums[1] / count).to(x.dtype).view(shape)
-            gx.sub_((x - mean_x.view(shape)).mul_(c_x).add_(c_g))
+            c_g = scale * sums[0] / count
+            c_x = scale * invstd * sums[1] / count
+            # - c_x (x - mean) - c_g as x * alpha + beta, the form of torch's own batch
+            # norm kernels: two passes over gx, no temporary
+            gx.addcmul_(x, (-c_x).to(x.dtype).view(shape)).sub_((c_g - c_x * mean_x.double()).to(x.dtype).view(shape))
         return (gx if need_x else None, gw if (need_w and weight is not None) else None,
                 gb if (need_b and has_bias) else None, None, None, None)
 

@@ -13,10 +13,10 @@ op locally with zero padding. Local output count is then exactly ``o1 - o0``.
 
 Convs whose window starts at most ``p`` before the tile and ends at most ``p``
 after it (every "same" conv and the usual strided ones) run on the tile with
-torch's own zero padding ``p`` and recompute only the output strips that read
-a neighbour's halo (:class:`_BorderConv2d`): no window-size copy, and the
-tile's backward is torch's fused one. Other convs run on the assembled window
-(:class:`_HaloConv2d`).
+torch's own zero padding ``p``, plus one small conv per received halo piece
+over just the outputs and kernel taps that read it (:class:`_BorderConv2d`; the
+conv is linear in its input): no window-size copy, and the tile's backward is
+torch's fused one. Other convs run on the assembled window (:class:`_HaloConv2d`).
 
 Memory: the window (tile + halos + scene padding) is a transient. Convs keep
 the tile and the received halos for backward (and rebuild the window there
@@ -27,6 +27,7 @@ With one rank (sp = 1) the tile is the scene and torch's own op runs.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -185,67 +186,113 @@ class _HaloConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def _region(pieces: dict, dims, rows: tuple[int, int], cols: tuple[int, int], skip=None) -> torch.Tensor:
-    """Global rows x cols of the window from its pieces ({(rows, cols): tensor});
-    zeros where no piece lies (the scene border) and for the piece keyed ``skip``."""
-    ref = next(iter(pieces.values()))
-    shape = list(ref.shape)
-    shape[dims[0]], shape[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
-    out = ref.new_zeros(shape)
-    for key, t in pieces.items():
-        (r0, r1), (c0, c1) = key
-        a, b = max(rows[0], r0), min(rows[1], r1)
-        c, e = max(cols[0], c0), min(cols[1], c1)
-        if key == skip or a >= b or c >= e:
-            continue
-        out.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c).copy_(
-            t.narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c))
-    return out
+class _PieceTerm(NamedTuple):
+    """What one received halo piece adds to the padded-tile conv: ``key`` is the
+    piece's global (rows, cols); the outputs ``out`` (local [start, end) per
+    axis) read it through the kernel taps ``taps`` ([start, end) per axis);
+    ``pads`` (left, right, top, bottom; negative crops) turn the piece into the
+    input region those taps read, zeros elsewhere."""
+    key: tuple
+    out: tuple
+    taps: tuple
+    pads: tuple
+
+
+def _axis_term(a: int, b: int, lo: int, s: int, k: int, d: int, n: int):
+    """Along one axis, for a piece of global inputs [a, b): the local outputs
+    [o0, o1) whose windows (output o reads ``lo + o s + j d``, tap j < k) touch
+    it, the taps [j0, j1) that do for some of them, and the region's zero pads
+    before and after the piece. None when no tap reads the piece."""
+    o0, o1 = max(0, -(-(a - lo - (k - 1) * d) // s)), min(n, (b - 1 - lo) // s + 1)
+    if o0 >= o1:
+        return None
+    j0, j1 = max(0, -(-(a - lo - (o1 - 1) * s) // d)), min(k, (b - 1 - lo - o0 * s) // d + 1)
+    if j0 >= j1:
+        return None
+    start, end = lo + o0 * s + j0 * d, lo + (o1 - 1) * s + (j1 - 1) * d + 1
+    return (o0, o1), (j0, j1), (a - start, end - b)
 
 
 class _BorderGeometry:
-    """Where a conv over the zero-padded tile (torch's own padding) differs from
-    the conv over the halo-extended window: the output strips whose inputs reach
-    into a neighbour's halo. Per axis: window start ``lo``, stride, kernel
-    extent, output count ``n``; ``first``/``last`` = output indices [0, first)
-    and [last, n) read the halo before / after the tile (empty without a
-    neighbour on that side). Strips: the top and bottom ones span all columns,
-    the left and right ones the rows in between, so each output is in at most one."""
+    """How a conv over the halo-extended window splits into the conv over the
+    zero-padded tile (torch's own padding) plus one small term per received
+    halo piece: the conv is linear in its input, and the window is the padded
+    tile plus each piece alone (zeros elsewhere). A piece's term needs only
+    the outputs that read it and, of the kernel, only the taps that reach it
+    (one kernel column for the side piece of a 3x3 conv).
 
-    def __init__(self, plan, x_shape, dims, lo, s, ke, n, pad):
-        self.lo, self.s, self.ke, self.n, self.pad = lo, s, ke, n, pad
-        t0 = plan.origin
-        t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
-        before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
-        after = [any(rc[a][1] > t1[a] for _, *rc in plan.recv) for a in (0, 1)]
-        self.first = [min(n[a], -(-(t0[a] - lo[a]) // s[a])) if before[a] else 0 for a in (0, 1)]
-        self.last = [max(self.first[a], (t1[a] - lo[a] - ke[a]) // s[a] + 1) if after[a] else n[a] for a in (0, 1)]
+    Per axis: window start ``lo`` (global input read by local output 0, tap
+    0), stride ``s``, kernel size ``k``, dilation ``d``, local output count
+    ``n``, and the tile's own zero padding ``pad``."""
 
-    def strips(self):
-        """(output rows, output cols) of each strip, as [start, end) pairs."""
-        (nr, nc), (fr, fc), (lr, lc) = self.n, self.first, self.last
-        out = [((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))]
-        return [(r, c) for r, c in out if r[1] > r[0] and c[1] > c[0]]
+    def __init__(self, plan, lo, s, k, d, n, pad):
+        self.pad = pad
+        self.terms = []
+        for _, rr, cc in plan.recv:
+            axes = [_axis_term(*r, lo[a], s[a], k[a], d[a], n[a]) for a, r in enumerate((rr, cc))]
+            if None not in axes:
+                (orow, trow, prow), (ocol, tcol, pcol) = axes
+                self.terms.append(_PieceTerm((rr, cc), (orow, ocol), (trow, tcol), pcol + prow))
 
-    def inputs(self, out_rows, out_cols):
-        """Global input rows and cols that outputs [rows) x [cols) read."""
-        return tuple((self.lo[a] + o[0] * self.s[a], self.lo[a] + (o[1] - 1) * self.s[a] + self.ke[a])
-                     for a, o in enumerate((out_rows, out_cols)))
+
+def _out_view(t: torch.Tensor, dims, out) -> torch.Tensor:
+    (r0, r1), (c0, c1) = out
+    return t.narrow(dims[0], r0, r1 - r0).narrow(dims[1], c0, c1 - c0)
+
+
+def _taps(weight: torch.Tensor, taps) -> torch.Tensor:
+    (r0, r1), (c0, c1) = taps
+    return weight[..., r0:r1, c0:c1]
+
+
+def _thin_axis(region: torch.Tensor, w: torch.Tensor) -> int | None:
+    """The axis (0 rows, 1 cols) along which a piece's region and taps are one
+    element (so its term has one output there), or None."""
+    for a in (0, 1):
+        if region.shape[2 + a] == 1 and w.shape[2 + a] == 1:
+            return a
+    return None
+
+
+def _term_conv(region, w, stride, dilation, groups) -> torch.Tensor:
+    """conv2d of a piece's region by its taps. A region one element thin (the
+    side piece of a "same" conv) runs as conv1d along its length, which oneDNN
+    runs 2-4x faster than the equivalent thin conv2d."""
+    a = _thin_axis(region, w)
+    if a is None:
+        return F.conv2d(region, w, None, stride, 0, dilation, groups)
+    b = 1 - a
+    return F.conv1d(region.squeeze(2 + a), w.squeeze(2 + a), None, stride[b], 0, dilation[b], groups).unsqueeze(2 + a)
+
+
+def _term_conv_backward(g, region, w, stride, dilation, groups, mask):
+    """(region gradient, taps' weight gradient) of :func:`_term_conv`; ``g`` is
+    the gradient of its output, ``mask`` says which of the two to compute."""
+    a = _thin_axis(region, w)
+    if a is None:
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            g.contiguous(), region, w, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups, mask + [False])
+        return gi, gw
+    b = 1 - a
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        g.squeeze(2 + a).contiguous(), region.squeeze(2 + a), w.squeeze(2 + a), None, [stride[b]], [0],
+        [dilation[b]], False, [0], groups, mask + [False])
+    return (None if gi is None else gi.unsqueeze(2 + a)), (None if gw is None else gw.unsqueeze(2 + a))
 
 
 class _BorderConv2d(torch.autograd.Function):
-    """conv2d of a tile with torch's own zero padding, then the border strips
-    that read neighbours' halos recomputed from small windows. Used where the
-    padded tile's outputs line up with the tile's share of the global output
-    (see :func:`_border_geometry`): no window-size copy in forward or
-    backward, and one fused native backward for the tile. Saves the tile and
-    the received halos, like :class:`_HaloConv2d`.
+    """conv2d of a tile with torch's own zero padding, plus the terms of the
+    received halo pieces (see :class:`_BorderGeometry`). Used where the padded
+    tile's outputs line up with the tile's share of the global output (see
+    :func:`_border_geometry`): no window-size copy in forward or backward, one
+    fused native backward for the tile, and per piece a conv that costs what
+    its few outputs and kernel taps cost. Saves the tile and the received
+    halos, like :class:`_HaloConv2d`.
 
     Backward: the native backward of the padded-tile conv gives the tile
-    gradient, the bias gradient and the weight gradient with zeros in place of
-    the halos; per strip, one backward over its window with the tile zeroed
-    adds the halos' share of the weight gradient and gives the halos'
-    gradients, which go back to their owners."""
+    gradient, the bias gradient and the weight gradient of the tile's part;
+    each piece's term gives its taps' share of the weight gradient and the
+    piece's gradient, which goes back to its owner."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mesh, plan, geo, stride, dilation, groups):
@@ -253,10 +300,9 @@ class _BorderConv2d(torch.autograd.Function):
         pieces, wait = start_fetch(x, mesh, plan, dims)
         out = F.conv2d(x, weight, bias, stride, geo.pad, dilation, groups)  # overlaps the halo transfer
         wait()
-        for orows, ocols in geo.strips():
-            region = _region(pieces, dims, *geo.inputs(orows, ocols))
-            out.narrow(dims[0], orows[0], orows[1] - orows[0]).narrow(dims[1], ocols[0], ocols[1] - ocols[0]).copy_(
-                F.conv2d(region, weight, bias, stride, 0, dilation, groups))
+        for t in geo.terms:
+            _out_view(out, dims, t.out).add_(
+                _term_conv(F.pad(pieces[t.key], t.pads), _taps(weight, t.taps), stride, dilation, groups))
         halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
         ctx.save_for_backward(x, weight, *halos)
         ctx.cfg = (mesh, plan, geo, stride, dilation, groups, bias is not None, dims)
@@ -269,42 +315,29 @@ class _BorderConv2d(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = has_bias and ctx.needs_input_grad[2]
         g = g.contiguous()
-        own = ((plan.origin[0], plan.origin[0] + x.shape[dims[0]]), (plan.origin[1], plan.origin[1] + x.shape[dims[1]]))
         pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
-        pieces[own] = x
-        halo_grads = {(rr, cc): torch.zeros_like(h) for (_, rr, cc), h in zip(plan.recv, halos)} if need_x else {}
-        gw_strips = []
-        for orows, ocols in geo.strips():
-            if not (need_x or need_w):
-                break
-            rows, cols = geo.inputs(orows, ocols)
-            gs = g.narrow(dims[0], orows[0], orows[1] - orows[0]).narrow(dims[1], ocols[0], ocols[1] - ocols[0])
-            # the window with the tile zeroed: the weight gradient the padded-tile conv missed
-            halo_only = _region(pieces, dims, rows, cols, skip=own)
-            gi, gw_strip, _ = torch.ops.aten.convolution_backward(
-                gs.contiguous(), halo_only, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0],
-                groups, [need_x, need_w, False])
-            del halo_only
+        halo_grads, gw_terms = {}, []
+        for t in geo.terms if (need_x or need_w) else ():
+            gi, gw_t = _term_conv_backward(_out_view(g, dims, t.out), F.pad(pieces[t.key], t.pads),
+                                           _taps(weight, t.taps), stride, dilation, groups, [need_x, need_w])
             if need_w:
-                gw_strips.append(gw_strip)
-            for (r0, r1), (c0, c1) in halo_grads:
-                a, b, c, e = max(rows[0], r0), min(rows[1], r1), max(cols[0], c0), min(cols[1], c1)
-                if a < b and c < e:
-                    halo_grads[((r0, r1), (c0, c1))].narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c).add_(
-                        gi.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c))
+                gw_terms.append((t.taps, gw_t))
+            if need_x:  # the region's gradient, cropped (or zero-extended) back to the piece
+                halo_grads[t.key] = F.pad(gi, tuple(-p for p in t.pads)).contiguous()
         recvs, wait = [], None
         if need_x:  # the halos' gradients travel while the tile's backward runs
             for dst, rr, cc in plan.send:
                 shape = list(x.shape)
                 shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
                 recvs.append((dst, x.new_empty(shape), rr, cc))
-            wait = start_exchange([(src, halo_grads[(rr, cc)]) for src, rr, cc in plan.recv],
-                                  [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+            sends = [(src, halo_grads[(rr, cc)] if (rr, cc) in halo_grads else torch.zeros_like(pieces[(rr, cc)]))
+                     for src, rr, cc in plan.recv]
+            wait = start_exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
         gx, gw, gb = torch.ops.aten.convolution_backward(
             g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(geo.pad), list(dilation),
             False, [0, 0], groups, [need_x, need_w, need_b])
-        for gw_strip in gw_strips:
-            gw.add_(gw_strip)
+        for taps, gw_t in gw_terms:
+            _taps(gw, taps).add_(gw_t)
         if need_x:
             wait()
             for _, buf, rr, cc in recvs:
@@ -313,7 +346,7 @@ class _BorderConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def _border_geometry(plan, x_shape, dims, need, out_ranges, ke, s):
+def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
     """A :class:`_BorderGeometry` when the conv can run as :class:`_BorderConv2d`:
     per axis the window starts at or before the tile (``pad = tile start - window
     start`` >= 0), reaches at most ``pad`` beyond its end, and the padded tile
@@ -324,12 +357,13 @@ def _border_geometry(plan, x_shape, dims, need, out_ranges, ke, s):
         w0, w1 = need[a]
         n_out = out_ranges[a][1] - out_ranges[a][0]
         p = t0 - w0
-        if p < 0 or w1 - (t0 + h) > p or (h + 2 * p - ke[a]) // s[a] + 1 != n_out:
+        ke = d[a] * (k[a] - 1) + 1
+        if p < 0 or w1 - (t0 + h) > p or (h + 2 * p - ke) // s[a] + 1 != n_out:
             return None
         pad.append(p)
         lo.append(w0)
         n.append(n_out)
-    return _BorderGeometry(plan, x_shape, dims, tuple(lo), tuple(s), tuple(ke), tuple(n), tuple(pad))
+    return _BorderGeometry(plan, tuple(lo), tuple(s), tuple(k), tuple(d), tuple(n), tuple(pad))
 
 
 class _HaloMaxPool2d(torch.autograd.Function):
@@ -415,7 +449,7 @@ def _conv2d(func, args, kwargs):
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
     r, c = x.mesh.coord
     need = (needs(spec.rows, ke[0], s[0], pb[0])[r], needs(spec.cols, ke[1], s[1], pb[1])[c])
-    geo = _border_geometry(plan, x._local.shape, (x.dim() - 2, x.dim() - 1), need, ranges, ke, s)
+    geo = _border_geometry(plan, x._local.shape, (x.dim() - 2, x.dim() - 1), need, ranges, k, d, s)
     if geo is not None:
         out = _BorderConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, geo, s, d, a.get("groups", 1))
     else:
