@@ -17,7 +17,8 @@ def _norm_dims(dims, ndim):
 
 def shard(x: torch.Tensor, mesh: SpatialMesh, layout: TileLayout | None = None,
           dims: tuple[int, int] = (-2, -1), align: int = 1) -> SpatialTensor:
-    """This rank's tile of a whole tensor ``x`` that every sp rank holds.
+    """This rank's tile of a whole tensor ``x`` that every sp rank holds (a
+    contiguous copy).
 
     ``layout`` defaults to the even aligned split of ``x``'s ``dims`` over the
     mesh grid. Differentiable: the gradient reaching ``x`` is this tile's part
@@ -31,7 +32,10 @@ def shard(x: torch.Tensor, mesh: SpatialMesh, layout: TileLayout | None = None,
     if layout.grid != mesh.grid:
         raise SPIMError(f"layout grid {layout.grid} does not match the mesh grid {mesh.grid}")
     rs, cs = layout.tile(*mesh.coord)
-    loc = x.narrow(dims[0], rs.start, rs.stop - rs.start).narrow(dims[1], cs.start, cs.stop - cs.start)
+    # a contiguous copy, as a tile read by its own rank would be: the ops of a
+    # whole network on a strided view of the scene run slower (oneDNN convs copy
+    # or take slower paths)
+    loc = x.narrow(dims[0], rs.start, rs.stop - rs.start).narrow(dims[1], cs.start, cs.stop - cs.start).contiguous()
     return SpatialTensor(loc, Spec(mesh, dims, layout.rows, layout.cols))
 
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import assemble, fetch, halo_exchange, make_plan, return_grads, start_exchange, start_fetch
+from ..halo import (assemble, exchange, fetch, halo_exchange, make_plan, return_grads, start_exchange,
+                    start_fetch)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -346,24 +347,141 @@ class _BorderConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
-    """A :class:`_BorderGeometry` when the conv can run as :class:`_BorderConv2d`:
-    per axis the window starts at or before the tile (``pad = tile start - window
-    start`` >= 0), reaches at most ``pad`` beyond its end, and the padded tile
-    has exactly this rank's outputs. Else None."""
+def _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s):
+    """Per axis (pad, window start, output count) when the op run on the tile
+    with torch's own symmetric padding ``pad`` has exactly this rank's outputs:
+    the window starts at or before the tile (``pad = tile start - window start``
+    >= 0) and reaches at most ``pad`` beyond its end. Else None."""
     pad, lo, n = [], [], []
     for a in (0, 1):
         t0, h = plan.origin[a], x_shape[dims[a]]
         w0, w1 = need[a]
         n_out = out_ranges[a][1] - out_ranges[a][0]
         p = t0 - w0
-        ke = d[a] * (k[a] - 1) + 1
-        if p < 0 or w1 - (t0 + h) > p or (h + 2 * p - ke) // s[a] + 1 != n_out:
+        if p < 0 or w1 - (t0 + h) > p or (h + 2 * p - ke[a]) // s[a] + 1 != n_out:
             return None
         pad.append(p)
         lo.append(w0)
         n.append(n_out)
-    return _BorderGeometry(plan, tuple(lo), tuple(s), tuple(k), tuple(d), tuple(n), tuple(pad))
+    return tuple(pad), tuple(lo), tuple(n)
+
+
+def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
+    """A :class:`_BorderGeometry` when the conv can run as :class:`_BorderConv2d`
+    (see :func:`_padded_fit`), else None."""
+    ke = tuple(d[a] * (k[a] - 1) + 1 for a in (0, 1))
+    fit = _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s)
+    if fit is None:
+        return None
+    pad, lo, n = fit
+    return _BorderGeometry(plan, lo, tuple(s), tuple(k), tuple(d), n, pad)
+
+
+def _window_part(pieces: dict, dims, rows, cols, fill: float) -> torch.Tensor:
+    """Global rows x cols of a window from its pieces ({(rows, cols): tensor}),
+    ``fill`` where no piece lies (the scene border)."""
+    ref = next(iter(pieces.values()))
+    out = ref.new_full(_box_shape(ref.shape, dims, (rows, cols)), fill)
+    for key, t in pieces.items():
+        box = _overlap(key, rows, cols)
+        if box is not None:
+            _box_view(out, dims, box, (rows[0], cols[0])).copy_(_box_view(t, dims, box, (key[0][0], key[1][0])))
+    return out
+
+
+def _overlap(key, rows, cols):
+    (r0, r1), (c0, c1) = key
+    a, b, c, e = max(rows[0], r0), min(rows[1], r1), max(cols[0], c0), min(cols[1], c1)
+    return ((a, b), (c, e)) if a < b and c < e else None
+
+
+def _box_shape(shape, dims, box) -> list[int]:
+    out = list(shape)
+    out[dims[0]], out[dims[1]] = box[0][1] - box[0][0], box[1][1] - box[1][0]
+    return out
+
+
+def _box_view(t: torch.Tensor, dims, box, origin) -> torch.Tensor:
+    (a, b), (c, e) = box
+    return t.narrow(dims[0], a - origin[0], b - a).narrow(dims[1], c - origin[1], e - c)
+
+
+def _halo_strips(plan, x_shape, dims, lo, s, ke, n):
+    """The outputs of an op over the padded tile that read a neighbour's halo,
+    as strips ``(out rows, out cols, in rows, in cols)`` (local outputs, global
+    inputs, [start, end) pairs): per axis, outputs [0, first) read the halo
+    before the tile and [last, n) the one after it (none without a neighbour on
+    that side); the top and bottom strips span all columns, the left and right
+    ones the rows in between, so each output lies in at most one."""
+    t0 = plan.origin
+    t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
+    before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
+    after = [any(rc[a][1] > t1[a] for _, *rc in plan.recv) for a in (0, 1)]
+    first = [min(n[a], -(-(t0[a] - lo[a]) // s[a])) if before[a] else 0 for a in (0, 1)]
+    last = [max(first[a], (t1[a] - lo[a] - ke[a]) // s[a] + 1) if after[a] else n[a] for a in (0, 1)]
+    (nr, nc), (fr, fc), (lr, lc) = n, first, last
+    out = []
+    for orows, ocols in (((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))):
+        if orows[1] > orows[0] and ocols[1] > ocols[0]:
+            ins = tuple((lo[a] + o[0] * s[a], lo[a] + (o[1] - 1) * s[a] + ke[a]) for a, o in enumerate((orows, ocols)))
+            out.append((orows, ocols) + ins)
+    return out
+
+
+class _BorderMaxPool2d(torch.autograd.Function):
+    """max_pool2d of a tile with torch's own padding (-inf), then the output
+    strips that read a neighbour's halo recomputed over their whole windows
+    (assembled from the tile and the received halos), so that ties resolve in
+    the same scan order as on one device. Saves only argmax indices, as torch
+    does: the tile's for its outputs, each strip's for its window."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, plan, strips, kernel, stride, pad, dilation):
+        dims = (x.dim() - 2, x.dim() - 1)
+        pieces, wait = start_fetch(x, mesh, plan, dims)
+        out, idx = torch.ops.aten.max_pool2d_with_indices(x, list(kernel), list(stride), list(pad), list(dilation),
+                                                          False)
+        wait()
+        strip_idx, shapes = [], []
+        for orows, ocols, irows, icols in strips:
+            region = _window_part(pieces, dims, irows, icols, float("-inf"))
+            o, i = torch.ops.aten.max_pool2d_with_indices(region, list(kernel), list(stride), [0, 0], list(dilation),
+                                                          False)
+            _out_view(out, dims, (orows, ocols)).copy_(o)
+            strip_idx.append(i)
+            shapes.append(tuple(region.shape))
+        ctx.save_for_backward(idx, *strip_idx)
+        ctx.cfg = (mesh, plan, strips, shapes, dims, x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, *strip_idx = ctx.saved_tensors
+        mesh, plan, strips, shapes, dims, x_shape = ctx.cfg
+        g = g.contiguous()
+        g_tile = g.clone()
+        for orows, ocols, _, _ in strips:
+            _out_view(g_tile, dims, (orows, ocols)).zero_()
+        # indices are flat positions in each (N, C) plane of the tile or strip window
+        gx = g.new_zeros(x_shape)
+        gx.flatten(-2).scatter_add_(-1, idx.flatten(-2), g_tile.flatten(-2))
+        del g_tile
+        own = ((plan.origin[0], plan.origin[0] + x_shape[dims[0]]), (plan.origin[1], plan.origin[1] + x_shape[dims[1]]))
+        halo_grads = {(rr, cc): g.new_zeros(_box_shape(x_shape, dims, (rr, cc))) for _, rr, cc in plan.recv}
+        targets = [(own, gx, plan.origin)] + [(key, t, (key[0][0], key[1][0])) for key, t in halo_grads.items()]
+        for (orows, ocols, irows, icols), i, shape in zip(strips, strip_idx, shapes):
+            rg = g.new_zeros(shape)
+            rg.flatten(-2).scatter_add_(-1, i.flatten(-2), _out_view(g, dims, (orows, ocols)).contiguous().flatten(-2))
+            for key, target, origin in targets:
+                box = _overlap(key, irows, icols)
+                if box is not None:
+                    _box_view(target, dims, box, origin).add_(_box_view(rg, dims, box, (irows[0], icols[0])))
+        recvs = [(dst, g.new_empty(_box_shape(x_shape, dims, (rr, cc))), rr, cc) for dst, rr, cc in plan.send]
+        exchange([(src, halo_grads[(rr, cc)]) for src, rr, cc in plan.recv], [(r, b) for r, b, _, _ in recvs], mesh,
+                 "backward")
+        for _, buf, rr, cc in recvs:
+            _box_view(gx, dims, (rr, cc), plan.origin).add_(buf)
+        return gx, None, None, None, None, None, None, None
 
 
 class _HaloMaxPool2d(torch.autograd.Function):
@@ -473,9 +591,17 @@ def _max_pool2d(func, args, kwargs):
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], d[0], ceil), pool_out(W, k[1], s[1], p[1], d[1], ceil))
     ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
-    plan, pads, spec, _ = window_plan(x, "max_pool2d", ke, s, p, n_out)
+    plan, pads, spec, ranges = window_plan(x, "max_pool2d", ke, s, p, n_out)
     if x.mesh.sp == 1:  # the tile is the scene: torch's own pooling
         return wrap(F.max_pool2d(x._local, k, s, p, d, ceil), spec)
+    r, c = x.mesh.coord
+    need = (needs(spec.rows, ke[0], s[0], p[0])[r], needs(spec.cols, ke[1], s[1], p[1])[c])
+    dims = (x.dim() - 2, x.dim() - 1)
+    fit = None if ceil else _padded_fit(plan, x._local.shape, dims, need, ranges, ke, s)
+    if fit is not None and all(fit[0][a] <= k[a] // 2 for a in (0, 1)):  # torch's padding rule on the tile
+        pad, lo, n = fit
+        strips = _halo_strips(plan, x._local.shape, dims, lo, s, ke, n)
+        return wrap(_BorderMaxPool2d.apply(x._local, x.mesh, plan, strips, k, s, pad, d), spec)
     return wrap(_HaloMaxPool2d.apply(x._local, x.mesh, plan, pads, k, s, d), spec)
 
 
