@@ -212,6 +212,62 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
     return gx
 
 
+def _box(key, rows: Range, cols: Range):
+    """The part of piece ``key`` = (rows, cols) inside rows x cols, or None."""
+    r, c = _inter(key[0], rows), _inter(key[1], cols)
+    return None if r is None or c is None else (r, c)
+
+
+def _box_shape(shape, dims, rows: Range, cols: Range) -> list[int]:
+    out = list(shape)
+    out[dims[0]], out[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
+    return out
+
+
+def window_part(pieces: dict, dims, rows: Range, cols: Range, fill: float = 0.0) -> torch.Tensor:
+    """Global rows x cols of a window from its pieces ({(rows, cols): tensor},
+    e.g. from :func:`start_fetch`), ``fill`` where no piece lies (the scene border)."""
+    ref = next(iter(pieces.values()))
+    out = ref.new_full(_box_shape(ref.shape, dims, rows, cols), fill)
+    for key, t in pieces.items():
+        box = _box(key, rows, cols)
+        if box is not None:
+            _slice(out, dims, (rows[0], cols[0]), *box).copy_(_slice(t, dims, (key[0][0], key[1][0]), *box))
+    return out
+
+
+class WindowGrads:
+    """A tile's gradient from the gradients of windows over it (global boxes
+    that may reach into the halos of ``plan``): :meth:`add` puts the tile's part
+    into ``gx`` (this rank's tile gradient, written in place) and gathers the
+    halos' parts per piece; :meth:`finish` sends those back to their owners and
+    adds what the neighbours send for this tile."""
+
+    def __init__(self, gx: torch.Tensor, plan: _Plan, dims):
+        self.gx, self.plan, self.dims = gx, plan, dims
+        o = plan.origin
+        self.own = ((o[0], o[0] + gx.shape[dims[0]]), (o[1], o[1] + gx.shape[dims[1]]))
+        self.halos = {(rr, cc): gx.new_zeros(_box_shape(gx.shape, dims, rr, cc)) for _, rr, cc in plan.recv}
+
+    def add(self, g: torch.Tensor, rows: Range, cols: Range) -> None:
+        """Add ``g``, the gradient of the window rows x cols."""
+        targets = [(self.own, self.gx, self.plan.origin)]
+        targets += [(key, t, (key[0][0], key[1][0])) for key, t in self.halos.items()]
+        for key, target, origin in targets:
+            box = _box(key, rows, cols)
+            if box is not None:
+                _slice(target, self.dims, origin, *box).add_(_slice(g, self.dims, (rows[0], cols[0]), *box))
+
+    def finish(self, mesh: SpatialMesh) -> torch.Tensor:
+        recvs = [(dst, self.gx.new_empty(_box_shape(self.gx.shape, self.dims, rr, cc)), rr, cc)
+                 for dst, rr, cc in self.plan.send]
+        exchange([(src, self.halos[(rr, cc)]) for src, rr, cc in self.plan.recv], [(r, b) for r, b, _, _ in recvs],
+                 mesh, "backward")
+        for _, buf, rr, cc in recvs:
+            _slice(self.gx, self.dims, self.plan.origin, rr, cc).add_(buf)
+        return self.gx
+
+
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, plan, dims):

@@ -16,8 +16,9 @@ range; since every rank can compute every grid row's window from the global
 tap vectors, the halo exchange knows who needs what. The taps are applied with
 ``index_select`` and weights, so autograd gives the backward (halo gradients go
 back through the exchange). Bilinear upsampling by powers of two (FPN, UPerNet)
-runs torch's own kernel on the window instead, which computes the same taps
-(:func:`_native_factors`).
+runs torch's own kernel instead, which computes the same taps
+(:func:`_native_factors`): on the tile, with the strips next to a neighbour
+recomputed from small windows (:class:`_BorderUpsample`), or on the window.
 
 Output partition: the partition of a sharded tensor of the same global size
 seen earlier in this forward (``context.layout_for``), so an upsampled map lines
@@ -47,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import check_needs, halo_exchange
+from ..halo import WindowGrads, check_needs, halo_exchange, make_plan, start_fetch, window_part
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 from .norm import bind_args
@@ -254,6 +255,91 @@ def _native_factors(mode: str, ac: bool, n_in, out_hw, scales) -> tuple[int, int
     return tuple(ks)
 
 
+def _upsample_strips(plan, x_shape, ks, global_hw):
+    """The outputs of a ``ks`` upsampling of the tile that read a neighbour's
+    halo, the ``k // 2`` next to each side with a neighbour, as strips ``(out
+    rows, out cols, in rows, in cols)`` (local outputs, global inputs clipped to
+    the scene, [start, end) pairs); top and bottom strips span all columns, the
+    left and right ones the rows in between."""
+    t0 = plan.origin
+    n_in = (x_shape[2], x_shape[3])
+    before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
+    after = [any(rc[a][1] > t0[a] + n_in[a] for _, *rc in plan.recv) for a in (0, 1)]
+    n = [ks[a] * n_in[a] for a in (0, 1)]
+    first = [ks[a] // 2 if before[a] else 0 for a in (0, 1)]
+    last = [n[a] - ks[a] // 2 if after[a] else n[a] for a in (0, 1)]
+
+    def window(a, o0, o1):  # global inputs of local outputs [o0, o1): floor of (o + 0.5) / k - 0.5, and + 1
+        k, g0 = ks[a], ks[a] * t0[a]
+        return (max(0, (2 * (g0 + o0) + 1 - k) // (2 * k)),
+                min(global_hw[a], (2 * (g0 + o1 - 1) + 1 - k) // (2 * k) + 2))
+
+    (nr, nc), (fr, fc), (lr, lc) = n, first, last
+    out = []
+    for orows, ocols in (((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))):
+        if orows[1] > orows[0] and ocols[1] > ocols[0]:
+            out.append((orows, ocols, window(0, *orows), window(1, *ocols)))
+    return out
+
+
+class _BorderUpsample(torch.autograd.Function):
+    """Bilinear upsampling by powers of two ``ks`` (align_corners False) of a
+    tile whose outputs are ``k`` times its inputs on each axis: torch's kernel
+    on the tile is exact except in the ``k // 2`` outputs next to a side with a
+    neighbour (where torch clamps at the tile's edge and the scene goes on);
+    those strips are recomputed by the same kernel on small windows that hold
+    the neighbour's halo (a window gives the global taps: see
+    :func:`_native_factors`). No window-size copy; the output is contiguous.
+    Saves nothing: the backward is torch's on the tile plus the strips' own."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, plan, strips, ks):
+        dims = (2, 3)
+        pieces, wait = start_fetch(x, mesh, plan, dims)
+        scales = [float(k) for k in ks]
+        out_hw = [ks[0] * x.shape[2], ks[1] * x.shape[3]]
+        y = torch.ops.aten.upsample_bilinear2d(x, out_hw, False, *scales)
+        wait()
+        for orows, ocols, irows, icols in strips:
+            region = window_part(pieces, dims, irows, icols, 0.0)
+            yr = torch.ops.aten.upsample_bilinear2d(region, [ks[0] * region.shape[2], ks[1] * region.shape[3]], False,
+                                                    *scales)
+            _strip_view(y, orows, ocols).copy_(_strip_view(yr, *_region_outputs(plan, ks, orows, ocols, irows, icols)))
+        ctx.cfg = (mesh, plan, strips, ks, tuple(x.shape), out_hw)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        mesh, plan, strips, ks, x_shape, out_hw = ctx.cfg
+        scales = [float(k) for k in ks]
+        g = g.contiguous()
+        g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
+        for orows, ocols, _, _ in strips:
+            _strip_view(g_tile, orows, ocols).zero_()
+        gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
+        del g_tile
+        grads = WindowGrads(gx, plan, (2, 3))
+        for orows, ocols, irows, icols in strips:
+            in_shape = list(x_shape[:2]) + [irows[1] - irows[0], icols[1] - icols[0]]
+            region_out = [ks[0] * in_shape[2], ks[1] * in_shape[3]]
+            gr = g.new_zeros(in_shape[:2] + region_out)
+            _strip_view(gr, *_region_outputs(plan, ks, orows, ocols, irows, icols)).copy_(_strip_view(g, orows, ocols))
+            grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
+                             irows, icols)
+        return grads.finish(mesh), None, None, None, None
+
+
+def _strip_view(t: torch.Tensor, rows, cols) -> torch.Tensor:
+    return t.narrow(2, rows[0], rows[1] - rows[0]).narrow(3, cols[0], cols[1] - cols[0])
+
+
+def _region_outputs(plan, ks, orows, ocols, irows, icols):
+    """A strip's outputs in the output of its region's upsampling (which starts
+    at global output ``k * region start``)."""
+    return tuple((o[0] + ks[a] * (plan.origin[a] - i[0]), o[1] + ks[a] * (plan.origin[a] - i[0]))
+                 for a, (o, i) in enumerate(((orows, irows), (ocols, icols))))
+
+
 def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Spec | None,
               n_in: tuple[int, int]) -> SpatialTensor:
     """Sharded result of resampling: ``x_local`` is this rank's tile (``in_spec``)
@@ -266,13 +352,18 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
         taps.append((idx, w))
     (rows, need_r), (cols, need_c) = plans
     r, c = mesh.coord
+    ranges = ((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))
+    ks = _native_factors(mode, ac, n_in, out_hw, scales) if in_spec is not None else None
+    if ks is not None and mesh.sp > 1 and ranges == tuple((k * p[i], k * p[i + 1]) for k, p, i in
+                                                           zip(ks, (in_spec.rows, in_spec.cols), (r, c))):
+        plan = make_plan(mesh, in_spec.rows, in_spec.cols, need_r, need_c, "interpolate")
+        strips = _upsample_strips(plan, x_local.shape, ks, n_in)
+        return wrap(_BorderUpsample.apply(x_local, mesh, plan, strips, ks), Spec(mesh, (2, 3), rows, cols))
     if in_spec is None:
         window, base = x_local, (0, 0)
     else:
         window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate")
         base = (need_r[r][0], need_c[c][0])
-    ranges = ((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))
-    ks = _native_factors(mode, ac, n_in, out_hw, scales) if in_spec is not None else None
     if ks is not None and all(0 <= o0 - k * b and o1 - k * b <= k * window.shape[2 + a]
                               for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base))):
         with torch._C.DisableTorchFunction():  # a plain window: no routing of replicated inputs

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import (assemble, exchange, fetch, halo_exchange, make_plan, return_grads, start_exchange,
-                    start_fetch)
+from ..halo import (WindowGrads, assemble, fetch, halo_exchange, make_plan, return_grads, start_exchange, start_fetch,
+                    window_part)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -377,35 +377,6 @@ def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
     return _BorderGeometry(plan, lo, tuple(s), tuple(k), tuple(d), n, pad)
 
 
-def _window_part(pieces: dict, dims, rows, cols, fill: float) -> torch.Tensor:
-    """Global rows x cols of a window from its pieces ({(rows, cols): tensor}),
-    ``fill`` where no piece lies (the scene border)."""
-    ref = next(iter(pieces.values()))
-    out = ref.new_full(_box_shape(ref.shape, dims, (rows, cols)), fill)
-    for key, t in pieces.items():
-        box = _overlap(key, rows, cols)
-        if box is not None:
-            _box_view(out, dims, box, (rows[0], cols[0])).copy_(_box_view(t, dims, box, (key[0][0], key[1][0])))
-    return out
-
-
-def _overlap(key, rows, cols):
-    (r0, r1), (c0, c1) = key
-    a, b, c, e = max(rows[0], r0), min(rows[1], r1), max(cols[0], c0), min(cols[1], c1)
-    return ((a, b), (c, e)) if a < b and c < e else None
-
-
-def _box_shape(shape, dims, box) -> list[int]:
-    out = list(shape)
-    out[dims[0]], out[dims[1]] = box[0][1] - box[0][0], box[1][1] - box[1][0]
-    return out
-
-
-def _box_view(t: torch.Tensor, dims, box, origin) -> torch.Tensor:
-    (a, b), (c, e) = box
-    return t.narrow(dims[0], a - origin[0], b - a).narrow(dims[1], c - origin[1], e - c)
-
-
 def _halo_strips(plan, x_shape, dims, lo, s, ke, n):
     """The outputs of an op over the padded tile that read a neighbour's halo,
     as strips ``(out rows, out cols, in rows, in cols)`` (local outputs, global
@@ -444,7 +415,7 @@ class _BorderMaxPool2d(torch.autograd.Function):
         wait()
         strip_idx, shapes = [], []
         for orows, ocols, irows, icols in strips:
-            region = _window_part(pieces, dims, irows, icols, float("-inf"))
+            region = window_part(pieces, dims, irows, icols, float("-inf"))
             o, i = torch.ops.aten.max_pool2d_with_indices(region, list(kernel), list(stride), [0, 0], list(dilation),
                                                           False)
             _out_view(out, dims, (orows, ocols)).copy_(o)
@@ -466,21 +437,12 @@ class _BorderMaxPool2d(torch.autograd.Function):
         gx = g.new_zeros(x_shape)
         gx.flatten(-2).scatter_add_(-1, idx.flatten(-2), g_tile.flatten(-2))
         del g_tile
-        own = ((plan.origin[0], plan.origin[0] + x_shape[dims[0]]), (plan.origin[1], plan.origin[1] + x_shape[dims[1]]))
-        halo_grads = {(rr, cc): g.new_zeros(_box_shape(x_shape, dims, (rr, cc))) for _, rr, cc in plan.recv}
-        targets = [(own, gx, plan.origin)] + [(key, t, (key[0][0], key[1][0])) for key, t in halo_grads.items()]
+        grads = WindowGrads(gx, plan, dims)
         for (orows, ocols, irows, icols), i, shape in zip(strips, strip_idx, shapes):
             rg = g.new_zeros(shape)
             rg.flatten(-2).scatter_add_(-1, i.flatten(-2), _out_view(g, dims, (orows, ocols)).contiguous().flatten(-2))
-            for key, target, origin in targets:
-                box = _overlap(key, irows, icols)
-                if box is not None:
-                    _box_view(target, dims, box, origin).add_(_box_view(rg, dims, box, (irows[0], icols[0])))
-        recvs = [(dst, g.new_empty(_box_shape(x_shape, dims, (rr, cc))), rr, cc) for dst, rr, cc in plan.send]
-        exchange([(src, halo_grads[(rr, cc)]) for src, rr, cc in plan.recv], [(r, b) for r, b, _, _ in recvs], mesh,
-                 "backward")
-        for _, buf, rr, cc in recvs:
-            _box_view(gx, dims, (rr, cc), plan.origin).add_(buf)
+            grads.add(rg, irows, icols)
+        gx = grads.finish(mesh)
         return gx, None, None, None, None, None, None, None
 
 
