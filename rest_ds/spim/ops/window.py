@@ -13,10 +13,10 @@ op locally with zero padding. Local output count is then exactly ``o1 - o0``.
 
 Convs whose window starts at most ``p`` before the tile and ends at most ``p``
 after it (every "same" conv and the usual strided ones) run on the tile with
-torch's own zero padding ``p``, plus one small conv per received halo piece
-over just the outputs and kernel taps that read it (:class:`_BorderConv2d`; the
-conv is linear in its input): no window-size copy, and the tile's backward is
-torch's fused one. Other convs run on the assembled window (:class:`_HaloConv2d`).
+torch's own zero padding ``p`` and recompute only the output strips that read
+a neighbour's halo (:class:`_BorderConv2d`): no window-size copy, and the
+tile's backward is torch's fused one. Other convs run on the assembled window
+(:class:`_HaloConv2d`).
 
 Memory: the window (tile + halos + scene padding) is a transient. Convs keep
 the tile and the received halos for backward (and rebuild the window there
@@ -187,6 +187,24 @@ class _HaloConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
+def _region(pieces: dict, dims, rows: tuple[int, int], cols: tuple[int, int], skip=None) -> torch.Tensor:
+    """Global rows x cols of the window from its pieces ({(rows, cols): tensor});
+    zeros where no piece lies (the scene border) and for the piece keyed ``skip``."""
+    ref = next(iter(pieces.values()))
+    shape = list(ref.shape)
+    shape[dims[0]], shape[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
+    out = ref.new_zeros(shape)
+    for key, t in pieces.items():
+        (r0, r1), (c0, c1) = key
+        a, b = max(rows[0], r0), min(rows[1], r1)
+        c, e = max(cols[0], c0), min(cols[1], c1)
+        if key == skip or a >= b or c >= e:
+            continue
+        out.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c).copy_(
+            t.narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c))
+    return out
+
+
 class _PieceTerm(NamedTuple):
     """What one received halo piece adds to the padded-tile conv: ``key`` is the
     piece's global (rows, cols); the outputs ``out`` (local [start, end) per
@@ -215,19 +233,23 @@ def _axis_term(a: int, b: int, lo: int, s: int, k: int, d: int, n: int):
 
 
 class _BorderGeometry:
-    """How a conv over the halo-extended window splits into the conv over the
-    zero-padded tile (torch's own padding) plus one small term per received
-    halo piece: the conv is linear in its input, and the window is the padded
-    tile plus each piece alone (zeros elsewhere). A piece's term needs only
-    the outputs that read it and, of the kernel, only the taps that reach it
-    (one kernel column for the side piece of a 3x3 conv).
+    """Where a conv over the zero-padded tile (torch's own padding) differs from
+    the conv over the halo-extended window: the output strips whose inputs reach
+    into a neighbour's halo. Per axis: window start ``lo``, stride, kernel
+    extent, output count ``n``; ``first``/``last`` = output indices [0, first)
+    and [last, n) read the halo before / after the tile (empty without a
+    neighbour on that side). Strips: the top and bottom ones span all columns,
+    the left and right ones the rows in between, so each output is in at most one."""
 
-    Per axis: window start ``lo`` (global input read by local output 0, tap
-    0), stride ``s``, kernel size ``k``, dilation ``d``, local output count
-    ``n``, and the tile's own zero padding ``pad``."""
-
-    def __init__(self, plan, lo, s, k, d, n, pad):
-        self.pad = pad
+    def __init__(self, plan, x_shape, dims, lo, s, k, d, n, pad):
+        ke = tuple(d[a] * (k[a] - 1) + 1 for a in (0, 1))
+        self.lo, self.s, self.ke, self.n, self.pad = lo, s, ke, n, pad
+        t0 = plan.origin
+        t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
+        before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
+        after = [any(rc[a][1] > t1[a] for _, *rc in plan.recv) for a in (0, 1)]
+        self.first = [min(n[a], -(-(t0[a] - lo[a]) // s[a])) if before[a] else 0 for a in (0, 1)]
+        self.last = [max(self.first[a], (t1[a] - lo[a] - ke[a]) // s[a] + 1) if after[a] else n[a] for a in (0, 1)]
         self.terms = []
         for _, rr, cc in plan.recv:
             axes = [_axis_term(*r, lo[a], s[a], k[a], d[a], n[a]) for a, r in enumerate((rr, cc))]
@@ -235,10 +257,16 @@ class _BorderGeometry:
                 (orow, trow, prow), (ocol, tcol, pcol) = axes
                 self.terms.append(_PieceTerm((rr, cc), (orow, ocol), (trow, tcol), pcol + prow))
 
+    def strips(self):
+        """(output rows, output cols) of each strip, as [start, end) pairs."""
+        (nr, nc), (fr, fc), (lr, lc) = self.n, self.first, self.last
+        out = [((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))]
+        return [(r, c) for r, c in out if r[1] > r[0] and c[1] > c[0]]
 
-def _out_view(t: torch.Tensor, dims, out) -> torch.Tensor:
-    (r0, r1), (c0, c1) = out
-    return t.narrow(dims[0], r0, r1 - r0).narrow(dims[1], c0, c1 - c0)
+    def inputs(self, out_rows, out_cols):
+        """Global input rows and cols that outputs [rows) x [cols) read."""
+        return tuple((self.lo[a] + o[0] * self.s[a], self.lo[a] + (o[1] - 1) * self.s[a] + self.ke[a])
+                     for a, o in enumerate((out_rows, out_cols)))
 
 
 def _taps(weight: torch.Tensor, taps) -> torch.Tensor:
@@ -253,17 +281,6 @@ def _thin_axis(region: torch.Tensor, w: torch.Tensor) -> int | None:
         if region.shape[2 + a] == 1 and w.shape[2 + a] == 1:
             return a
     return None
-
-
-def _term_conv(region, w, stride, dilation, groups) -> torch.Tensor:
-    """conv2d of a piece's region by its taps. A region one element thin (the
-    side piece of a "same" conv) runs as conv1d along its length, which oneDNN
-    runs 2-4x faster than the equivalent thin conv2d."""
-    a = _thin_axis(region, w)
-    if a is None:
-        return F.conv2d(region, w, None, stride, 0, dilation, groups)
-    b = 1 - a
-    return F.conv1d(region.squeeze(2 + a), w.squeeze(2 + a), None, stride[b], 0, dilation[b], groups).unsqueeze(2 + a)
 
 
 def _term_conv_backward(g, region, w, stride, dilation, groups, mask):
@@ -282,18 +299,18 @@ def _term_conv_backward(g, region, w, stride, dilation, groups, mask):
 
 
 class _BorderConv2d(torch.autograd.Function):
-    """conv2d of a tile with torch's own zero padding, plus the terms of the
-    received halo pieces (see :class:`_BorderGeometry`). Used where the padded
-    tile's outputs line up with the tile's share of the global output (see
-    :func:`_border_geometry`): no window-size copy in forward or backward, one
-    fused native backward for the tile, and per piece a conv that costs what
-    its few outputs and kernel taps cost. Saves the tile and the received
-    halos, like :class:`_HaloConv2d`.
+    """conv2d of a tile with torch's own zero padding, then the border strips
+    that read neighbours' halos recomputed from small windows. Used where the
+    padded tile's outputs line up with the tile's share of the global output
+    (see :func:`_border_geometry`): no window-size copy in forward or
+    backward, and one fused native backward for the tile. Saves the tile and
+    the received halos, like :class:`_HaloConv2d`.
 
     Backward: the native backward of the padded-tile conv gives the tile
-    gradient, the bias gradient and the weight gradient of the tile's part;
-    each piece's term gives its taps' share of the weight gradient and the
-    piece's gradient, which goes back to its owner."""
+    gradient, the bias gradient and the weight gradient with zeros in place of
+    the halos; per strip, one backward over its window with the tile zeroed
+    adds the halos' share of the weight gradient and gives the halos'
+    gradients, which go back to their owners."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mesh, plan, geo, stride, dilation, groups):
@@ -301,9 +318,10 @@ class _BorderConv2d(torch.autograd.Function):
         pieces, wait = start_fetch(x, mesh, plan, dims)
         out = F.conv2d(x, weight, bias, stride, geo.pad, dilation, groups)  # overlaps the halo transfer
         wait()
-        for t in geo.terms:
-            _out_view(out, dims, t.out).add_(
-                _term_conv(F.pad(pieces[t.key], t.pads), _taps(weight, t.taps), stride, dilation, groups))
+        for orows, ocols in geo.strips():
+            region = _region(pieces, dims, *geo.inputs(orows, ocols))
+            out.narrow(dims[0], orows[0], orows[1] - orows[0]).narrow(dims[1], ocols[0], ocols[1] - ocols[0]).copy_(
+                F.conv2d(region, weight, bias, stride, 0, dilation, groups))
         halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
         ctx.save_for_backward(x, weight, *halos)
         ctx.cfg = (mesh, plan, geo, stride, dilation, groups, bias is not None, dims)
@@ -374,7 +392,12 @@ def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
     if fit is None:
         return None
     pad, lo, n = fit
-    return _BorderGeometry(plan, lo, tuple(s), tuple(k), tuple(d), n, pad)
+    return _BorderGeometry(plan, x_shape, dims, lo, tuple(s), tuple(k), tuple(d), n, pad)
+
+
+def _out_view(t: torch.Tensor, dims, out) -> torch.Tensor:
+    (r0, r1), (c0, c1) = out
+    return t.narrow(dims[0], r0, r1 - r0).narrow(dims[1], c0, c1 - c0)
 
 
 def _halo_strips(plan, x_shape, dims, lo, s, ke, n):
