@@ -187,24 +187,6 @@ class _HaloConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def _region(pieces: dict, dims, rows: tuple[int, int], cols: tuple[int, int], skip=None) -> torch.Tensor:
-    """Global rows x cols of the window from its pieces ({(rows, cols): tensor});
-    zeros where no piece lies (the scene border) and for the piece keyed ``skip``."""
-    ref = next(iter(pieces.values()))
-    shape = list(ref.shape)
-    shape[dims[0]], shape[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
-    out = ref.new_zeros(shape)
-    for key, t in pieces.items():
-        (r0, r1), (c0, c1) = key
-        a, b = max(rows[0], r0), min(rows[1], r1)
-        c, e = max(cols[0], c0), min(cols[1], c1)
-        if key == skip or a >= b or c >= e:
-            continue
-        out.narrow(dims[0], a - rows[0], b - a).narrow(dims[1], c - cols[0], e - c).copy_(
-            t.narrow(dims[0], a - r0, b - a).narrow(dims[1], c - c0, e - c))
-    return out
-
-
 class _PieceTerm(NamedTuple):
     """What one received halo piece adds to the padded-tile conv: ``key`` is the
     piece's global (rows, cols); the outputs ``out`` (local [start, end) per
@@ -233,40 +215,29 @@ def _axis_term(a: int, b: int, lo: int, s: int, k: int, d: int, n: int):
 
 
 class _BorderGeometry:
-    """Where a conv over the zero-padded tile (torch's own padding) differs from
-    the conv over the halo-extended window: the output strips whose inputs reach
-    into a neighbour's halo. Per axis: window start ``lo``, stride, kernel
-    extent, output count ``n``; ``first``/``last`` = output indices [0, first)
-    and [last, n) read the halo before / after the tile (empty without a
-    neighbour on that side). Strips: the top and bottom ones span all columns,
-    the left and right ones the rows in between, so each output is in at most one."""
+    """How a conv over the halo-extended window differs from the conv over the
+    tile with torch's own zero padding ``pad``. Per axis: window start ``lo``
+    (global input read by local output 0, tap 0), stride ``s``, kernel size
+    ``k``, dilation ``d``, local output count ``n``.
+
+    ``strips``: the outputs that read a neighbour's halo (see
+    :func:`_halo_strips`), which the forward recomputes over their windows.
+    ``terms``: for the backward, one :class:`_PieceTerm` per received piece;
+    the conv is linear in its input and the window is the padded tile plus
+    each piece alone (zeros elsewhere), so a piece's share of the gradients
+    needs only the outputs that read it and the kernel taps that reach it
+    (one kernel column for the side piece of a 3x3 conv)."""
 
     def __init__(self, plan, x_shape, dims, lo, s, k, d, n, pad):
         ke = tuple(d[a] * (k[a] - 1) + 1 for a in (0, 1))
-        self.lo, self.s, self.ke, self.n, self.pad = lo, s, ke, n, pad
-        t0 = plan.origin
-        t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
-        before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
-        after = [any(rc[a][1] > t1[a] for _, *rc in plan.recv) for a in (0, 1)]
-        self.first = [min(n[a], -(-(t0[a] - lo[a]) // s[a])) if before[a] else 0 for a in (0, 1)]
-        self.last = [max(self.first[a], (t1[a] - lo[a] - ke[a]) // s[a] + 1) if after[a] else n[a] for a in (0, 1)]
+        self.pad = pad
+        self.strips = _halo_strips(plan, x_shape, dims, lo, s, ke, n)
         self.terms = []
         for _, rr, cc in plan.recv:
             axes = [_axis_term(*r, lo[a], s[a], k[a], d[a], n[a]) for a, r in enumerate((rr, cc))]
             if None not in axes:
                 (orow, trow, prow), (ocol, tcol, pcol) = axes
                 self.terms.append(_PieceTerm((rr, cc), (orow, ocol), (trow, tcol), pcol + prow))
-
-    def strips(self):
-        """(output rows, output cols) of each strip, as [start, end) pairs."""
-        (nr, nc), (fr, fc), (lr, lc) = self.n, self.first, self.last
-        out = [((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))]
-        return [(r, c) for r, c in out if r[1] > r[0] and c[1] > c[0]]
-
-    def inputs(self, out_rows, out_cols):
-        """Global input rows and cols that outputs [rows) x [cols) read."""
-        return tuple((self.lo[a] + o[0] * self.s[a], self.lo[a] + (o[1] - 1) * self.s[a] + self.ke[a])
-                     for a, o in enumerate((out_rows, out_cols)))
 
 
 def _taps(weight: torch.Tensor, taps) -> torch.Tensor:
@@ -284,8 +255,11 @@ def _thin_axis(region: torch.Tensor, w: torch.Tensor) -> int | None:
 
 
 def _term_conv_backward(g, region, w, stride, dilation, groups, mask):
-    """(region gradient, taps' weight gradient) of :func:`_term_conv`; ``g`` is
-    the gradient of its output, ``mask`` says which of the two to compute."""
+    """(region gradient, taps' weight gradient) of a piece's term, the conv of
+    its ``region`` by its taps ``w``; ``g`` is the gradient of the term's
+    outputs, ``mask`` says which of the two to compute. A region one element
+    thin (the side piece of a "same" conv) runs as conv1d along its length,
+    which oneDNN runs 2-4x faster than the equivalent thin conv2d."""
     a = _thin_axis(region, w)
     if a is None:
         gi, gw, _ = torch.ops.aten.convolution_backward(
@@ -320,17 +294,18 @@ def _strip_conv(region, weight, bias, stride, dilation, groups) -> torch.Tensor:
 
 class _BorderConv2d(torch.autograd.Function):
     """conv2d of a tile with torch's own zero padding, then the border strips
-    that read neighbours' halos recomputed from small windows. Used where the
-    padded tile's outputs line up with the tile's share of the global output
-    (see :func:`_border_geometry`): no window-size copy in forward or
-    backward, and one fused native backward for the tile. Saves the tile and
-    the received halos, like :class:`_HaloConv2d`.
+    that read neighbours' halos recomputed over their windows (each output one
+    sum over its whole window, as on one device). Used where the padded tile's
+    outputs line up with the tile's share of the global output (see
+    :func:`_border_geometry`): no window-size copy in forward or backward, and
+    one fused native backward for the tile. Saves the tile and the received
+    halos, like :class:`_HaloConv2d`.
 
     Backward: the native backward of the padded-tile conv gives the tile
     gradient, the bias gradient and the weight gradient with zeros in place of
-    the halos; per strip, one backward over its window with the tile zeroed
-    adds the halos' share of the weight gradient and gives the halos'
-    gradients, which go back to their owners."""
+    the halos; each piece's term (:class:`_BorderGeometry`) adds its taps'
+    share of the weight gradient and gives the piece's gradient, which goes
+    back to its owner."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mesh, plan, geo, stride, dilation, groups):
@@ -338,8 +313,8 @@ class _BorderConv2d(torch.autograd.Function):
         pieces, wait = start_fetch(x, mesh, plan, dims)
         out = F.conv2d(x, weight, bias, stride, geo.pad, dilation, groups)  # overlaps the halo transfer
         wait()
-        for orows, ocols in geo.strips():
-            region = _region(pieces, dims, *geo.inputs(orows, ocols))
+        for orows, ocols, irows, icols in geo.strips:
+            region = window_part(pieces, dims, irows, icols)
             _out_view(out, dims, (orows, ocols)).copy_(_strip_conv(region, weight, bias, stride, dilation, groups))
         halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
         ctx.save_for_backward(x, weight, *halos)
