@@ -268,6 +268,29 @@ class WindowGrads:
         return self.gx
 
 
+def box_view(t: torch.Tensor, dims, rows: Range, cols: Range) -> torch.Tensor:
+    """Local rows x cols of ``t`` (``dims`` its row and column dims), a view."""
+    return _slice(t, dims, (0, 0), rows, cols)
+
+
+def border_strips(plan: _Plan, tile_shape, dims, n, first, last_from_end):
+    """The outputs of an op over a tile that read a neighbour's halo, as strips
+    (local output rows, local output cols) of [start, end) pairs. ``n``: output
+    count per axis; per axis the first ``first[a]`` outputs read the halo
+    before the tile and the last ``last_from_end[a]`` the one after it, where
+    there is a neighbour on that side (per ``plan``). The top and bottom strips
+    span all columns, the left and right ones the rows in between, so each
+    output lies in at most one."""
+    t0 = plan.origin
+    t1 = (t0[0] + tile_shape[dims[0]], t0[1] + tile_shape[dims[1]])
+    f = [min(n[a], first[a]) if any(rc[a][0] < t0[a] for _, *rc in plan.recv) else 0 for a in (0, 1)]
+    last = [max(f[a], n[a] - last_from_end[a]) if any(rc[a][1] > t1[a] for _, *rc in plan.recv) else n[a]
+            for a in (0, 1)]
+    (nr, nc), (fr, fc), (lr, lc) = n, f, last
+    out = (((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc)))
+    return [(r, c) for r, c in out if r[1] > r[0] and c[1] > c[0]]
+
+
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, plan, dims):

@@ -48,7 +48,8 @@ from torch.overrides import TorchFunctionMode
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import WindowGrads, check_needs, halo_exchange, make_plan, start_fetch, window_part
+from ..halo import (WindowGrads, border_strips, box_view, check_needs, halo_exchange, make_plan, start_fetch,
+                    window_part)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 from .norm import bind_args
@@ -256,30 +257,18 @@ def _native_factors(mode: str, ac: bool, n_in, out_hw, scales) -> tuple[int, int
 
 
 def _upsample_strips(plan, x_shape, ks, global_hw):
-    """The outputs of a ``ks`` upsampling of the tile that read a neighbour's
-    halo, the ``k // 2`` next to each side with a neighbour, as strips ``(out
-    rows, out cols, in rows, in cols)`` (local outputs, global inputs clipped to
-    the scene, [start, end) pairs); top and bottom strips span all columns, the
-    left and right ones the rows in between."""
-    t0 = plan.origin
-    n_in = (x_shape[2], x_shape[3])
-    before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
-    after = [any(rc[a][1] > t0[a] + n_in[a] for _, *rc in plan.recv) for a in (0, 1)]
-    n = [ks[a] * n_in[a] for a in (0, 1)]
-    first = [ks[a] // 2 if before[a] else 0 for a in (0, 1)]
-    last = [n[a] - ks[a] // 2 if after[a] else n[a] for a in (0, 1)]
-
+    """:func:`halo.border_strips` of a ``ks`` upsampling of the tile (the ``k //
+    2`` outputs next to each side with a neighbour), each as ``(out rows, out
+    cols, in rows, in cols)`` with the global inputs it reads, clipped to the scene."""
     def window(a, o0, o1):  # global inputs of local outputs [o0, o1): floor of (o + 0.5) / k - 0.5, and + 1
-        k, g0 = ks[a], ks[a] * t0[a]
+        k, g0 = ks[a], ks[a] * plan.origin[a]
         return (max(0, (2 * (g0 + o0) + 1 - k) // (2 * k)),
                 min(global_hw[a], (2 * (g0 + o1 - 1) + 1 - k) // (2 * k) + 2))
 
-    (nr, nc), (fr, fc), (lr, lc) = n, first, last
-    out = []
-    for orows, ocols in (((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))):
-        if orows[1] > orows[0] and ocols[1] > ocols[0]:
-            out.append((orows, ocols, window(0, *orows), window(1, *ocols)))
-    return out
+    n = [ks[a] * x_shape[2 + a] for a in (0, 1)]
+    half = [k // 2 for k in ks]
+    return [(orows, ocols, window(0, *orows), window(1, *ocols))
+            for orows, ocols in border_strips(plan, x_shape, (2, 3), n, half, half)]
 
 
 class _BorderUpsample(torch.autograd.Function):
@@ -304,7 +293,8 @@ class _BorderUpsample(torch.autograd.Function):
             region = window_part(pieces, dims, irows, icols, 0.0)
             yr = torch.ops.aten.upsample_bilinear2d(region, [ks[0] * region.shape[2], ks[1] * region.shape[3]], False,
                                                     *scales)
-            _strip_view(y, orows, ocols).copy_(_strip_view(yr, *_region_outputs(plan, ks, orows, ocols, irows, icols)))
+            strip = _region_outputs(plan, ks, orows, ocols, irows, icols)
+            box_view(y, (2, 3), orows, ocols).copy_(box_view(yr, (2, 3), *strip))
         ctx.cfg = (mesh, plan, strips, ks, tuple(x.shape), out_hw)
         return y
 
@@ -315,7 +305,7 @@ class _BorderUpsample(torch.autograd.Function):
         g = g.contiguous()
         g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
         for orows, ocols, _, _ in strips:
-            _strip_view(g_tile, orows, ocols).zero_()
+            box_view(g_tile, (2, 3), orows, ocols).zero_()
         gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
         del g_tile
         grads = WindowGrads(gx, plan, (2, 3))
@@ -323,14 +313,11 @@ class _BorderUpsample(torch.autograd.Function):
             in_shape = list(x_shape[:2]) + [irows[1] - irows[0], icols[1] - icols[0]]
             region_out = [ks[0] * in_shape[2], ks[1] * in_shape[3]]
             gr = g.new_zeros(in_shape[:2] + region_out)
-            _strip_view(gr, *_region_outputs(plan, ks, orows, ocols, irows, icols)).copy_(_strip_view(g, orows, ocols))
+            strip = _region_outputs(plan, ks, orows, ocols, irows, icols)
+            box_view(gr, (2, 3), *strip).copy_(box_view(g, (2, 3), orows, ocols))
             grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
                              irows, icols)
         return grads.finish(mesh), None, None, None, None
-
-
-def _strip_view(t: torch.Tensor, rows, cols) -> torch.Tensor:
-    return t.narrow(2, rows[0], rows[1] - rows[0]).narrow(3, cols[0], cols[1] - cols[0])
 
 
 def _region_outputs(plan, ks, orows, ocols, irows, icols):

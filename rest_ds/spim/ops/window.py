@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import (WindowGrads, assemble, fetch, halo_exchange, make_plan, return_grads, start_exchange, start_fetch,
-                    window_part)
+from ..halo import (WindowGrads, assemble, border_strips, box_view, fetch, halo_exchange, make_plan, return_grads,
+                    start_exchange, start_fetch, window_part)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -315,7 +315,7 @@ class _BorderConv2d(torch.autograd.Function):
         wait()
         for orows, ocols, irows, icols in geo.strips:
             region = window_part(pieces, dims, irows, icols)
-            _out_view(out, dims, (orows, ocols)).copy_(_strip_conv(region, weight, bias, stride, dilation, groups))
+            box_view(out, dims, orows, ocols).copy_(_strip_conv(region, weight, bias, stride, dilation, groups))
         halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
         ctx.save_for_backward(x, weight, *halos)
         ctx.cfg = (mesh, plan, geo, stride, dilation, groups, bias is not None, dims)
@@ -331,7 +331,7 @@ class _BorderConv2d(torch.autograd.Function):
         pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
         halo_grads, gw_terms = {}, []
         for t in geo.terms if (need_x or need_w) else ():
-            gi, gw_t = _term_conv_backward(_out_view(g, dims, t.out), F.pad(pieces[t.key], t.pads),
+            gi, gw_t = _term_conv_backward(box_view(g, dims, *t.out), F.pad(pieces[t.key], t.pads),
                                            _taps(weight, t.taps), stride, dilation, groups, [need_x, need_w])
             if need_w:
                 gw_terms.append((t.taps, gw_t))
@@ -389,31 +389,17 @@ def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
     return _BorderGeometry(plan, x_shape, dims, lo, tuple(s), tuple(k), tuple(d), n, pad)
 
 
-def _out_view(t: torch.Tensor, dims, out) -> torch.Tensor:
-    (r0, r1), (c0, c1) = out
-    return t.narrow(dims[0], r0, r1 - r0).narrow(dims[1], c0, c1 - c0)
-
-
 def _halo_strips(plan, x_shape, dims, lo, s, ke, n):
-    """The outputs of an op over the padded tile that read a neighbour's halo,
-    as strips ``(out rows, out cols, in rows, in cols)`` (local outputs, global
-    inputs, [start, end) pairs): per axis, outputs [0, first) read the halo
-    before the tile and [last, n) the one after it (none without a neighbour on
-    that side); the top and bottom strips span all columns, the left and right
-    ones the rows in between, so each output lies in at most one."""
+    """:func:`halo.border_strips` of an op over the padded tile (window start
+    ``lo``, stride ``s``, kernel extent ``ke``, ``n`` outputs per axis), each as
+    ``(out rows, out cols, in rows, in cols)`` with the global inputs it reads."""
     t0 = plan.origin
     t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
-    before = [any(rc[a][0] < t0[a] for _, *rc in plan.recv) for a in (0, 1)]
-    after = [any(rc[a][1] > t1[a] for _, *rc in plan.recv) for a in (0, 1)]
-    first = [min(n[a], -(-(t0[a] - lo[a]) // s[a])) if before[a] else 0 for a in (0, 1)]
-    last = [max(first[a], (t1[a] - lo[a] - ke[a]) // s[a] + 1) if after[a] else n[a] for a in (0, 1)]
-    (nr, nc), (fr, fc), (lr, lc) = n, first, last
-    out = []
-    for orows, ocols in (((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc))):
-        if orows[1] > orows[0] and ocols[1] > ocols[0]:
-            ins = tuple((lo[a] + o[0] * s[a], lo[a] + (o[1] - 1) * s[a] + ke[a]) for a, o in enumerate((orows, ocols)))
-            out.append((orows, ocols) + ins)
-    return out
+    first = [-(-(t0[a] - lo[a]) // s[a]) for a in (0, 1)]
+    from_end = [n[a] - ((t1[a] - lo[a] - ke[a]) // s[a] + 1) for a in (0, 1)]
+    return [(orows, ocols) + tuple((lo[a] + o[0] * s[a], lo[a] + (o[1] - 1) * s[a] + ke[a])
+                                   for a, o in enumerate((orows, ocols)))
+            for orows, ocols in border_strips(plan, x_shape, dims, n, first, from_end)]
 
 
 class _BorderMaxPool2d(torch.autograd.Function):
@@ -435,7 +421,7 @@ class _BorderMaxPool2d(torch.autograd.Function):
             region = window_part(pieces, dims, irows, icols, float("-inf"))
             o, i = torch.ops.aten.max_pool2d_with_indices(region, list(kernel), list(stride), [0, 0], list(dilation),
                                                           False)
-            _out_view(out, dims, (orows, ocols)).copy_(o)
+            box_view(out, dims, orows, ocols).copy_(o)
             strip_idx.append(i)
             shapes.append(tuple(region.shape))
         ctx.save_for_backward(idx, *strip_idx)
@@ -449,7 +435,7 @@ class _BorderMaxPool2d(torch.autograd.Function):
         g = g.contiguous()
         g_tile = g.clone()
         for orows, ocols, _, _ in strips:
-            _out_view(g_tile, dims, (orows, ocols)).zero_()
+            box_view(g_tile, dims, orows, ocols).zero_()
         # indices are flat positions in each (N, C) plane of the tile or strip window
         gx = g.new_zeros(x_shape)
         gx.flatten(-2).scatter_add_(-1, idx.flatten(-2), g_tile.flatten(-2))
@@ -457,7 +443,7 @@ class _BorderMaxPool2d(torch.autograd.Function):
         grads = WindowGrads(gx, plan, dims)
         for (orows, ocols, irows, icols), i, shape in zip(strips, strip_idx, shapes):
             rg = g.new_zeros(shape)
-            rg.flatten(-2).scatter_add_(-1, i.flatten(-2), _out_view(g, dims, (orows, ocols)).contiguous().flatten(-2))
+            rg.flatten(-2).scatter_add_(-1, i.flatten(-2), box_view(g, dims, orows, ocols).contiguous().flatten(-2))
             grads.add(rg, irows, icols)
         gx = grads.finish(mesh)
         return gx, None, None, None, None, None, None, None
