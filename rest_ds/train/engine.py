@@ -79,7 +79,26 @@ def init_job(timeout_s: float | None = None) -> tuple[int, int]:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    _unlink_deepspeed_shm()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one host, ``LOCAL_SIZE`` == world)
+    maps a ~66 MiB ``/dev/shm`` file per rank and never unlinks it: every CPU
+    job would leave them behind, filling the RAM-backed /dev/shm. Once every
+    rank has mapped its peers' files (they do so inside ``init_distributed``,
+    before the barrier), each rank unlinks its own; the mappings stay valid."""
+    world = dist.get_world_size()
+    if os.environ.get("LOCAL_SIZE") != str(world) or torch.cuda.is_available():
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def quiet_deepspeed() -> None:
