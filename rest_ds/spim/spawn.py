@@ -94,9 +94,11 @@ def spawn(fn: Callable, world: int, *args, threads: int = 1, timeout_s: float = 
             try:
                 rank, status, payload = q.get(timeout=1.0)
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None) and r not in results]
+                # nothing queued for a second: a rank that has exited without a result never will report
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
                 if dead:
-                    raise RankError(dead[0], "ProcessDied", f"exit code {procs[dead[0]].exitcode}", "")
+                    raise RankError(dead[0], "ProcessDied", f"exited with code {procs[dead[0]].exitcode} "
+                                    "without reporting a result", "")
                 if time.monotonic() > deadline:
                     raise RankError(-1, "Timeout", f"ranks {sorted(set(range(world)) - set(results))} "
                                     f"did not finish within {timeout_s:.0f} s", "")
