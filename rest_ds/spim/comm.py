@@ -16,6 +16,10 @@ the standard algorithm volumes: halo and point-to-point = exact payload;
 all_reduce = 2 (P-1)/P n (ring); all_gather = (P-1) n_local; all_to_all =
 (P-1)/P n; broadcast = n on the root.
 
+Transport: ranks of an sp group on one host exchange CPU tensors through a
+shared-memory segment (:mod:`.shm`, ``mesh.shm``), everything else goes
+through ``torch.distributed``; the accounting is the same either way.
+
 Device: gloo moves host memory only, so a CUDA tensor that crosses a gloo group
 is staged through a host copy (:func:`to_wire` / :func:`from_wire`). That lets
 several ranks share one GPU on gloo, e.g. to verify a model on a one-GPU
@@ -115,9 +119,40 @@ def all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: 
         if record:
             _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
         w = to_wire(t, mesh.sp_group)
-        dist.all_reduce(w, op=op, group=mesh.sp_group)
+        ch, name = mesh.shm, _SHM_OPS.get(op)
+        if ch is not None and name is not None and w.device.type == "cpu" and ch.fits_collective(w):
+            ch.all_reduce_(w, name)
+        else:
+            dist.all_reduce(w, op=op, group=mesh.sp_group)
         from_wire(w, t)
     return t
+
+
+_SHM_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
+
+
+def start_all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: str = "all_reduce"):
+    """:func:`all_reduce_` posted: returns ``wait()``, which completes it and
+    returns ``t`` (reduced in place); work done in between overlaps the peers'
+    arrival. ``t`` must not change before ``wait()``."""
+    if mesh.sp == 1:
+        return lambda: t
+    _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
+    w = to_wire(t, mesh.sp_group)
+    ch, name = mesh.shm, _SHM_OPS.get(op)
+    if ch is not None and name is not None and w.device.type == "cpu" and ch.fits_collective(w):
+        shm_wait = ch.start_all_reduce_(w, name)
+
+        def wait():
+            shm_wait()
+            return from_wire(w, t)
+    else:
+        work = dist.all_reduce(w, op=op, group=mesh.sp_group, async_op=True)
+
+        def wait():
+            work.wait()
+            return from_wire(w, t)
+    return wait
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -167,8 +202,11 @@ def all_gather_equal(t: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
         return t.unsqueeze(0)
     g = mesh.sp_group
     w = to_wire(t.contiguous(), g)
-    parts = [torch.empty_like(w) for _ in range(mesh.sp)]
     _STATS.record("all_gather", (mesh.sp - 1) * _nbytes(w), _phase())
+    ch = mesh.shm
+    if ch is not None and w.device.type == "cpu" and ch.fits_collective(w):
+        return ch.all_gather(w).to(t.device)
+    parts = [torch.empty_like(w) for _ in range(mesh.sp)]
     dist.all_gather(parts, w, group=g)
     return torch.stack(parts).to(t.device)
 

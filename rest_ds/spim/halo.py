@@ -102,24 +102,38 @@ class _Plan:
 
 
 def start_exchange(send_items, recv_items, mesh, kind_bytes_phase):
-    """Post batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)].
-    Returns ``wait()``, which completes it (the buffers hold the data after it);
-    work done in between overlaps the transfer."""
-    ops, g = [], mesh.sp_group
+    """Post batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)];
+    the tensors may be strided views. Returns ``wait()``, which completes it
+    (the buffers hold the data after it, the sent tensors may change after it);
+    work done in between overlaps the transfer.
+
+    A pair of grid neighbours on one host goes through the shared-memory
+    channel (CPU tensors), anything else through gloo/NCCL point-to-point."""
+    ops, g, ch, me = [], mesh.sp_group, mesh.shm, mesh.rank
+    shm_sends, shm_recvs = [], []
     for dst, t in send_items:
         _STATS.record("halo", t.numel() * t.element_size(), kind_bytes_phase)
-        ops.append(dist.P2POp(dist.isend, to_wire(t, g), dst, group=g))
+        if ch is not None and t.device.type == "cpu" and ch.has_mailbox(me, dst):
+            shm_sends.append((dst, t))
+        else:
+            ops.append(dist.P2POp(dist.isend, to_wire(t.contiguous(), g), dst, group=g))
     wires = []
     for src, buf in recv_items:
-        wires.append(wire_buffer(buf, buf.shape, g))
-        ops.append(dist.P2POp(dist.irecv, wires[-1], src, group=g))
+        if ch is not None and buf.device.type == "cpu" and ch.has_mailbox(src, me):
+            shm_recvs.append((src, buf))
+            continue
+        wires.append((buf, wire_buffer(buf, buf.shape, g)))
+        ops.append(dist.P2POp(dist.irecv, wires[-1][1], src, group=g))
     reqs = dist.batch_isend_irecv(ops) if ops else []
+    finish = ch.start_exchange(shm_sends, shm_recvs) if shm_sends or shm_recvs else None
 
     def wait():
+        if finish is not None:
+            finish()
         for req in reqs:
             req.wait()
         del ops[:]  # the sent tensors may go now
-        for (_, buf), w in zip(recv_items, wires):
+        for buf, w in wires:
             from_wire(w, buf)
 
     return wait
@@ -168,7 +182,7 @@ def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
 def start_fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims):
     """:func:`fetch`, posted: returns (pieces, wait); the received pieces hold
     their data once ``wait()`` has returned."""
-    sends = [(dst, _slice(x, dims, plan.origin, rr, cc).contiguous()) for dst, rr, cc in plan.send]
+    sends = [(dst, _slice(x, dims, plan.origin, rr, cc)) for dst, rr, cc in plan.send]
     pieces, recvs = {}, []
     for src, rr, cc in plan.recv:
         shape = list(x.shape)
@@ -191,7 +205,7 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
     returned halo gradients are added into it in place) instead of a new
     tile-size tensor."""
     base = (plan.ext[0][0], plan.ext[1][0])
-    sends = [(src, _slice(g, dims, base, rr, cc).contiguous()) for src, rr, cc in plan.recv]
+    sends = [(src, _slice(g, dims, base, rr, cc)) for src, rr, cc in plan.recv]
     recvs = []
     for dst, rr, cc in plan.send:
         shape = list(g.shape)

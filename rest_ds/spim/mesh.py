@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .errors import SPIMError
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("REST_DS_COLLECTIVE_TIMEOUT", "300"))
+_timeout_s = DEFAULT_TIMEOUT_S  # what init_distributed was given (the shared-memory waits use it too)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
@@ -35,7 +36,9 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    global _timeout_s
+    _timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+    timeout = datetime.timedelta(seconds=_timeout_s)
     dist.init_process_group(backend=backend, timeout=timeout)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -48,7 +51,9 @@ class SpatialMesh:
     ``sp_group`` is the process group of this rank's scene (None when sp == 1),
     ``dp_group`` that of the ranks holding the same tile position of different
     scenes (None when dp == 1). ``sp_ranks[i]`` is the global rank of grid cell
-    ``i`` of this rank's sp group."""
+    ``i`` of this rank's sp group. ``shm`` is the sp group's shared-memory
+    channel (:mod:`.shm`) when its ranks share a host and the backend is gloo,
+    else None (gloo carries everything)."""
 
     dp: int
     sp: int
@@ -57,6 +62,7 @@ class SpatialMesh:
     sp_group: object | None = field(compare=False, repr=False)
     dp_group: object | None = field(compare=False, repr=False)
     sp_ranks: tuple[int, ...] = ()
+    shm: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -120,4 +126,9 @@ class SpatialMesh:
             g = dist.new_group(ranks) if dp > 1 and sp > 1 else (dist.group.WORLD if dp > 1 else None)
             if rank in ranks:
                 dp_group = g
-        return cls(dp, sp, grid, rank, sp_group, dp_group, sp_ranks)
+        shm = None
+        if sp > 1 and dist.get_backend(sp_group) == "gloo":
+            from .shm import open_channel
+
+            shm = open_channel(sp_group, rank % sp, sp_ranks, grid, _timeout_s)
+        return cls(dp, sp, grid, rank, sp_group, dp_group, sp_ranks, shm)

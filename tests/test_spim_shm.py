@@ -1,0 +1,185 @@
+"""The shared-memory transport between the sp ranks of one host (rest_ds.spim.shm):
+what it delivers equals what was sent (any size, strided views, through both
+slots and in chunks), collectives agree bitwise on every rank and with the
+arithmetic, the gloo fallbacks take over where they must, and a waiting rank
+raises instead of hanging when a peer is gone."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rest_ds.spim import SpatialMesh, TileLayout
+from rest_ds.spim.comm import all_gather_equal, all_reduce_, start_all_reduce_
+from rest_ds.spim.halo import start_exchange
+from rest_ds.spim.spawn import RankError, spawn
+from rest_ds.spim.verify import compare_sharded
+
+
+def _message(src: int, dst: int, rnd: int, numel: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * src + 100 * dst + rnd)
+    return torch.randn(numel, generator=g, dtype=torch.float64)
+
+
+def _exchange_rank(grid, sizes, shm_env):
+    os.environ["REST_DS_SHM"] = shm_env
+    mesh = SpatialMesh.build(grid=grid)
+    me = mesh.rank
+    peers = [p for p in range(mesh.sp) if p != me]
+    bad = []
+    for rnd, numel in enumerate(sizes):
+        # strided views on the way out: every other element of a longer tensor
+        sends = [(p, _message(me, p, rnd, 2 * numel)[::2]) for p in peers]
+        recvs = [(p, torch.empty(numel, dtype=torch.float64)) for p in peers]
+        start_exchange(sends, recvs, mesh, "forward")()
+        for p, buf in recvs:
+            if not torch.equal(buf, _message(p, me, rnd, 2 * numel)[::2]):
+                bad.append((rnd, p))
+    mailboxes = {p: mesh.shm.has_mailbox(me, p) for p in peers} if mesh.shm is not None else None
+    return {"bad": bad, "shm": mesh.shm is not None, "mailboxes": mailboxes,
+            "slot_bytes": mesh.shm.layout.slot_bytes if mesh.shm is not None else None}
+
+
+@pytest.mark.timeout(300)
+def test_point_to_point_any_size_between_neighbours():
+    # sizes from one element to several slots (chunked, both slots in flight)
+    sizes = [1, 7, 4096, 32768, 32769, 200_000, 3]
+    out = spawn(_exchange_rank, 4, (2, 2), sizes, "1")
+    for o in out:
+        assert o["shm"] and all(o["mailboxes"].values())
+        assert 200_000 * 8 > 2 * o["slot_bytes"]  # the big message needs more than both slots
+        assert o["bad"] == []
+
+
+@pytest.mark.timeout(300)
+def test_non_neighbours_fall_back_to_gloo():
+    # on a 1x3 grid ranks 0 and 2 are not neighbours: no mailbox, gloo carries it
+    out = spawn(_exchange_rank, 3, (1, 3), [5, 70_000], "1")
+    assert out[0]["mailboxes"] == {1: True, 2: False}
+    assert out[2]["mailboxes"] == {0: False, 1: True}
+    assert all(o["bad"] == [] for o in out)
+
+
+@pytest.mark.timeout(300)
+def test_disabled_by_environment_uses_gloo():
+    out = spawn(_exchange_rank, 2, (1, 2), [3, 100_000], "0")
+    assert [o["shm"] for o in out] == [False, False]
+    assert all(o["bad"] == [] for o in out)
+
+
+def _collective_rank():
+    mesh = SpatialMesh.build(grid=(1, 3))
+    r = mesh.rank
+    out = {}
+    gens = [torch.Generator().manual_seed(7 + k) for k in range(3)]
+    parts = [torch.randn(3, 5, generator=g, dtype=torch.float32) for g in gens]
+    for op in ("SUM", "MAX", "MIN"):
+        t = parts[r].clone()
+        all_reduce_(t, mesh, getattr(dist.ReduceOp, op))
+        out[op] = t
+    # posted all-reduce, with another collective started before its wait()
+    a = parts[r].double().clone()
+    wait = start_all_reduce_(a, mesh)
+    out["gather"] = all_gather_equal(torch.full((4,), float(r)), mesh)
+    out["posted"] = wait()
+    # bigger than a collective slot: gloo
+    big = torch.full((100_000,), float(r + 1))
+    out["big"] = all_reduce_(big, mesh)[:3].clone()
+    out["shm"] = mesh.shm is not None
+    out["files"] = glob.glob("/dev/shm/rest_ds_spim_*")
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_collectives_exact_and_identical_on_all_ranks():
+    out = spawn(_collective_rank, 3)
+    gens = [torch.Generator().manual_seed(7 + k) for k in range(3)]
+    parts = [torch.randn(3, 5, generator=g, dtype=torch.float32) for g in gens]
+    want = {"SUM": parts[0] + parts[1] + parts[2], "MAX": torch.stack(parts).amax(0), "MIN": torch.stack(parts).amin(0)}
+    for o in out:
+        assert o["shm"]
+        assert o["files"] == []  # the segment's name is gone as soon as every rank mapped it
+        for op, w in want.items():
+            assert torch.equal(o[op], out[0][op])  # the same bits on every rank
+            torch.testing.assert_close(o[op], w, rtol=1e-6, atol=1e-6)
+        assert torch.equal(o["gather"], torch.arange(3.0)[:, None].expand(3, 4))
+        torch.testing.assert_close(o["posted"], sum(p.double() for p in parts))
+        assert torch.equal(o["big"], torch.full((3,), 6.0))
+
+
+def _waiting_rank(mode):
+    mesh = SpatialMesh.build(grid=(1, 2))
+    if mesh.rank == 1:
+        time.sleep(4 if mode == "exited" else 8)  # never arrives in time
+        return None
+    if mode == "exited":
+        # the peer's process as the channel sees it: one that has exited
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        mesh.shm.pids = (os.getpid(), gone.pid)
+    t0 = time.monotonic()
+    try:
+        all_reduce_(torch.ones(4), mesh)
+        return {"type": None}
+    except Exception as e:  # noqa: BLE001 - the test looks at what was raised
+        return {"type": type(e).__name__, "msg": str(e), "after_s": time.monotonic() - t0}
+
+
+@pytest.mark.timeout(120)
+def test_waiting_rank_raises_when_its_peer_exited():
+    r0 = spawn(_waiting_rank, 2, "exited", timeout_s=60)[0]
+    assert r0["type"] == "SPIMError" and "has exited" in r0["msg"], r0
+    assert r0["after_s"] < 3.0
+
+
+@pytest.mark.timeout(120)
+def test_waiting_rank_times_out_with_a_message():
+    r0 = spawn(_waiting_rank, 2, "stalled", timeout_s=60, collective_timeout_s=2.0)[0]
+    assert r0["type"] == "SPIMError" and "timeout" in r0["msg"], r0
+    assert 1.5 < r0["after_s"] < 6.0
+
+
+def _exiting_rank():
+    SpatialMesh.build(grid=(1, 2))
+    if dist.get_rank() == 1:
+        os._exit(0)
+    time.sleep(30)
+
+
+@pytest.mark.timeout(120)
+def test_spawn_reports_a_rank_that_exits_without_a_result():
+    t0 = time.monotonic()
+    with pytest.raises(RankError) as info:
+        spawn(_exiting_rank, 2, timeout_s=60)
+    assert info.value.rank == 1 and info.value.exc_type == "ProcessDied"
+    assert time.monotonic() - t0 < 20
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                         nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6),
+                         nn.Upsample(scale_factor=2, mode="bilinear"))
+
+
+def _model_rank(shm_env):
+    os.environ["REST_DS_SHM"] = shm_env
+    mesh = SpatialMesh.build(grid=(2, 2))
+    x = torch.randn(2, 3, 22, 26, generator=torch.Generator().manual_seed(3))
+    rep = compare_sharded(_model, x, mesh, TileLayout((0, 10, 22), (0, 14, 26)), train=True, step=True)
+    return {"shm": mesh.shm is not None, "errors": rep.errors, "refused": rep.refused}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("shm_env", ["1", "0"], ids=["shm", "gloo"])
+def test_model_exact_over_either_transport(shm_env):
+    out = spawn(_model_rank, 4, shm_env)
+    for o in out:
+        assert o["shm"] == (shm_env == "1")
+        assert o["refused"] is None
+        assert o["errors"] and max(o["errors"].values()) <= 1e-5, {k: v for k, v in o["errors"].items() if v > 1e-5}
