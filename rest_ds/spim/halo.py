@@ -252,34 +252,45 @@ def window_part(pieces: dict, dims, rows: Range, cols: Range, fill: float = 0.0)
 
 class WindowGrads:
     """A tile's gradient from the gradients of windows over it (global boxes
-    that may reach into the halos of ``plan``): :meth:`add` puts the tile's part
-    into ``gx`` (this rank's tile gradient, written in place) and gathers the
-    halos' parts per piece; :meth:`finish` sends those back to their owners and
-    adds what the neighbours send for this tile."""
+    that may reach into the halos of ``plan``). :meth:`add` splits a window's
+    gradient into the tile's part (kept) and the halos' parts (gathered per
+    piece); :meth:`send` posts the halos' parts to their owners, so that they
+    travel while the caller computes the rest of the tile gradient;
+    :meth:`finish` adds the kept parts and what the neighbours sent for this
+    tile into that gradient."""
 
-    def __init__(self, gx: torch.Tensor, plan: _Plan, dims):
-        self.gx, self.plan, self.dims = gx, plan, dims
+    def __init__(self, like: torch.Tensor, tile_shape, plan: _Plan, dims):
+        self.like, self.shape, self.plan, self.dims = like, list(tile_shape), plan, dims
         o = plan.origin
-        self.own = ((o[0], o[0] + gx.shape[dims[0]]), (o[1], o[1] + gx.shape[dims[1]]))
-        self.halos = {(rr, cc): gx.new_zeros(_box_shape(gx.shape, dims, rr, cc)) for _, rr, cc in plan.recv}
+        self.own = ((o[0], o[0] + tile_shape[dims[0]]), (o[1], o[1] + tile_shape[dims[1]]))
+        self.halos = {(rr, cc): like.new_zeros(_box_shape(tile_shape, dims, rr, cc)) for _, rr, cc in plan.recv}
+        self.kept = []  # (box, gradient part) for the tile
+        self.recvs, self.wait = [], None
 
     def add(self, g: torch.Tensor, rows: Range, cols: Range) -> None:
-        """Add ``g``, the gradient of the window rows x cols."""
-        targets = [(self.own, self.gx, self.plan.origin)]
-        targets += [(key, t, (key[0][0], key[1][0])) for key, t in self.halos.items()]
-        for key, target, origin in targets:
+        """Add ``g``, the gradient of the window rows x cols (kept by reference until :meth:`finish`)."""
+        box = _box(self.own, rows, cols)
+        if box is not None:
+            self.kept.append((box, _slice(g, self.dims, (rows[0], cols[0]), *box)))
+        for key, t in self.halos.items():
             box = _box(key, rows, cols)
             if box is not None:
-                _slice(target, self.dims, origin, *box).add_(_slice(g, self.dims, (rows[0], cols[0]), *box))
+                _slice(t, self.dims, (key[0][0], key[1][0]), *box).add_(_slice(g, self.dims, (rows[0], cols[0]), *box))
 
-    def finish(self, mesh: SpatialMesh) -> torch.Tensor:
-        recvs = [(dst, self.gx.new_empty(_box_shape(self.gx.shape, self.dims, rr, cc)), rr, cc)
-                 for dst, rr, cc in self.plan.send]
-        exchange([(src, self.halos[(rr, cc)]) for src, rr, cc in self.plan.recv], [(r, b) for r, b, _, _ in recvs],
-                 mesh, "backward")
-        for _, buf, rr, cc in recvs:
-            _slice(self.gx, self.dims, self.plan.origin, rr, cc).add_(buf)
-        return self.gx
+    def send(self, mesh: SpatialMesh) -> None:
+        self.recvs = [(dst, self.like.new_empty(_box_shape(self.shape, self.dims, rr, cc)), rr, cc)
+                      for dst, rr, cc in self.plan.send]
+        self.wait = start_exchange([(src, self.halos[(rr, cc)]) for src, rr, cc in self.plan.recv],
+                                   [(r, b) for r, b, _, _ in self.recvs], mesh, "backward")
+
+    def finish(self, gx: torch.Tensor) -> torch.Tensor:
+        """``gx``: the rest of this rank's tile gradient, written in place and returned."""
+        for box, part in self.kept:
+            _slice(gx, self.dims, self.plan.origin, *box).add_(part)
+        self.wait()
+        for _, buf, rr, cc in self.recvs:
+            _slice(gx, self.dims, self.plan.origin, rr, cc).add_(buf)
+        return gx
 
 
 def box_view(t: torch.Tensor, dims, rows: Range, cols: Range) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import context
-from ..comm import all_gather_equal, all_reduce_
+from ..comm import all_gather_equal, all_reduce_, start_all_reduce_
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, register, wrap
 
@@ -167,9 +167,9 @@ class _BatchNormScene(torch.autograd.Function):
     mean)^2)``: no E[x^2] - E[x]^2 cancellation), and the native eval-mode
     kernel with those statistics, which is the training-mode formula.
 
-    Backward: the native eval-mode backward gives ``g * weight * invstd`` and
-    this tile's sums of ``g`` and ``g * x_hat`` in one pass; one all-reduce of
-    the two sums, then the whole-scene correction
+    Backward: the native eval-mode backward gives this tile's sums of ``g`` and
+    ``g * x_hat`` in one pass; their all-reduce is posted and overlaps the pass
+    ``g * weight * invstd``; then the whole-scene correction
     ``- weight * invstd * (S_g + x_hat S_gx) / N`` in two more passes."""
 
     @staticmethod
@@ -193,14 +193,17 @@ class _BatchNormScene(torch.autograd.Function):
         x, weight, mean_x, var_x = ctx.saved_tensors
         count, eps, mesh, has_bias = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g.contiguous(), x, weight, mean_x, var_x, None, None, False, eps, [need_x, True, True])
-        # gw, gb: this tile's sums of g * x_hat and g (convention P)
+        # this tile's sums of g * x_hat and g (convention P), one pass
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g.contiguous(), x, weight, mean_x, var_x, None, None, False, eps, [False, True, True])
         if need_x:
             shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-            sums = all_reduce_(torch.stack([gb, gw]).double(), mesh)
+            # the sums travel while this tile's g * weight * invstd is computed
+            wait = start_all_reduce_(torch.stack([gb, gw]).double(), mesh)
             invstd = torch.rsqrt(var_x.double() + eps)
             scale = invstd if weight is None else invstd * weight.double()
+            gx = g * scale.to(x.dtype).view(shape)
+            sums = wait()
             c_g = scale * sums[0] / count
             c_x = scale * invstd * sums[1] / count
             # - c_x (x - mean) - c_g as x * alpha + beta, the form of torch's own batch

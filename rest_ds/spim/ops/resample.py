@@ -303,12 +303,8 @@ class _BorderUpsample(torch.autograd.Function):
         mesh, plan, strips, ks, x_shape, out_hw = ctx.cfg
         scales = [float(k) for k in ks]
         g = g.contiguous()
-        g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
-        for orows, ocols, _, _ in strips:
-            box_view(g_tile, (2, 3), orows, ocols).zero_()
-        gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
-        del g_tile
-        grads = WindowGrads(gx, plan, (2, 3))
+        # the strips first, so that the halos' gradients travel during the tile's backward
+        grads = WindowGrads(g, x_shape, plan, (2, 3))
         for orows, ocols, irows, icols in strips:
             in_shape = list(x_shape[:2]) + [irows[1] - irows[0], icols[1] - icols[0]]
             region_out = [ks[0] * in_shape[2], ks[1] * in_shape[3]]
@@ -316,8 +312,14 @@ class _BorderUpsample(torch.autograd.Function):
             strip = _region_outputs(plan, ks, orows, ocols, irows, icols)
             box_view(gr, (2, 3), *strip).copy_(box_view(g, (2, 3), orows, ocols))
             grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
-                             irows, icols)
-        return grads.finish(mesh), None, None, None, None
+                      irows, icols)
+        grads.send(mesh)
+        g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
+        for orows, ocols, _, _ in strips:
+            box_view(g_tile, (2, 3), orows, ocols).zero_()
+        gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
+        del g_tile
+        return grads.finish(gx), None, None, None, None
 
 
 def _region_outputs(plan, ks, orows, ocols, irows, icols):

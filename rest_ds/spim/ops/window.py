@@ -433,6 +433,13 @@ class _BorderMaxPool2d(torch.autograd.Function):
         idx, *strip_idx = ctx.saved_tensors
         mesh, plan, strips, shapes, dims, x_shape = ctx.cfg
         g = g.contiguous()
+        # the strips first, so that the halos' gradients travel during the tile's scatter
+        grads = WindowGrads(g, x_shape, plan, dims)
+        for (orows, ocols, irows, icols), i, shape in zip(strips, strip_idx, shapes):
+            rg = g.new_zeros(shape)
+            rg.flatten(-2).scatter_add_(-1, i.flatten(-2), box_view(g, dims, orows, ocols).contiguous().flatten(-2))
+            grads.add(rg, irows, icols)
+        grads.send(mesh)
         g_tile = g.clone()
         for orows, ocols, _, _ in strips:
             box_view(g_tile, dims, orows, ocols).zero_()
@@ -440,12 +447,7 @@ class _BorderMaxPool2d(torch.autograd.Function):
         gx = g.new_zeros(x_shape)
         gx.flatten(-2).scatter_add_(-1, idx.flatten(-2), g_tile.flatten(-2))
         del g_tile
-        grads = WindowGrads(gx, plan, dims)
-        for (orows, ocols, irows, icols), i, shape in zip(strips, strip_idx, shapes):
-            rg = g.new_zeros(shape)
-            rg.flatten(-2).scatter_add_(-1, i.flatten(-2), box_view(g, dims, orows, ocols).contiguous().flatten(-2))
-            grads.add(rg, irows, icols)
-        gx = grads.finish(mesh)
+        gx = grads.finish(gx)
         return gx, None, None, None, None, None, None, None
 
 
