@@ -33,7 +33,10 @@ the sp group), except the BatchNorms of the PPM branches: with batch 1 the
 1x1-bin branch has one value per channel, which training-mode BatchNorm rejects
 on one device as well, so those run in eval mode in every configuration.
 
-Times (b) are taken with glibc's default allocator settings.
+Times (b) are taken with glibc's default allocator settings. The sp ranks talk
+through SPIM's shared-memory transport (``--transport shm``, what a job on one
+host uses) or over gloo alone (``--transport gloo``); bytes are counted the
+same either way.
 
 Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3] [--malloc both]``.
 Prints a table and one JSON line (prefixed ``JSON``).
@@ -146,10 +149,11 @@ def _barrier(mesh):
 
 
 def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, stack_layers: int,
-              time_it: bool, spim: bool = True, malloc: str = "default") -> dict:
+              time_it: bool, spim: bool = True, malloc: str = "default", transport: str = "shm") -> dict:
     """One rank of a sharded run. With grid (1, 1): the whole scene in one
     process, through SPIM's rules (``spim``) or as the plain model."""
     malloc_ok = _set_malloc(malloc)
+    os.environ["REST_DS_SHM"] = "1" if transport == "shm" else "0"
     mesh = SpatialMesh.build(grid=grid)
     model = build(name, stack_channels, stack_layers)
     plain = copy.deepcopy(model)
@@ -162,7 +166,8 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
         inp = x
     tile_shape = tuple(inp._local.shape) if spim else tuple(x.shape)
     del x
-    out = {"rank": mesh.rank, "tile": tile_shape, "malloc_ok": malloc_ok}
+    out = {"rank": mesh.rank, "tile": tile_shape, "malloc_ok": malloc_ok,
+           "transport": "shm" if mesh.shm is not None else "gloo"}
 
     # (c) peak memory of the first forward+backward
     _barrier(mesh)
@@ -198,7 +203,7 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
 
 def _run(name, grid, args, time_it, spim=True, malloc="default") -> list[dict]:
     return spawn(_rank_job, grid[0] * grid[1], name, grid, args.size, args.repeats, args.stack_channels,
-                 args.stack_layers, time_it, spim, malloc, timeout_s=3600, collective_timeout_s=1800)
+                 args.stack_layers, time_it, spim, malloc, args.transport, timeout_s=3600, collective_timeout_s=1800)
 
 
 def _memory(r1, r1s, r2, r4) -> dict:
@@ -221,6 +226,8 @@ def main(argv=None) -> dict:
     p.add_argument("--malloc", choices=("both", "default", "mmap"), default="both",
                    help="allocator settings for the memory runs (see (c)); timings always use the default")
     p.add_argument("--skip-memory", action="store_true", help="only (a) and (b): no sp=4 or extra allocator runs")
+    p.add_argument("--transport", choices=("shm", "gloo"), default="shm",
+                   help="how the sp ranks talk: shared memory where they can (the default), or gloo only")
     args = p.parse_args(argv)
     modes = [] if args.skip_memory else ["default", "mmap"] if args.malloc == "both" else [args.malloc]
     results: dict = {"size": args.size, "batch": 1, "bands": BANDS, "repeats": args.repeats,
@@ -248,6 +255,7 @@ def main(argv=None) -> dict:
         res["time_s"] = {"sp2_sharded": sharded, "sp2_plain_tile": plain, "overhead_ratio": sharded / plain,
                          "sp1_whole_scene": whole, "speedup_vs_whole": whole / sharded}
         res["comm_bytes_sp2_rank0"] = r2[0]["comm"]
+        res["transport_sp2"] = r2[0]["transport"]
         if name == "conv_stack":
             cins = stack_in_channels(args.stack_channels, args.stack_layers)
             lay = TileLayout.even(args.size, args.size, (1, 2), ALIGN)
@@ -284,7 +292,7 @@ def main(argv=None) -> dict:
             print(f"  match: {res['halo_match']}")
         print(f"  fwd+bwd time: sp=2 sharded {t['sp2_sharded']:.3f} s | same layers on a plain local tile "
               f"{t['sp2_plain_tile']:.3f} s | ratio {t['overhead_ratio']:.2f} | one process, whole scene "
-              f"{t['sp1_whole_scene']:.3f} s")
+              f"{t['sp1_whole_scene']:.3f} s (sp ranks talk over {res['transport_sp2']})")
         if not res["memory"]:
             continue
         print("  peak memory per rank, first forward+backward (MiB; ratio = per-rank peak / plain sp=1 peak)")
