@@ -167,7 +167,7 @@ class _BatchNormScene(torch.autograd.Function):
     mean)^2)``: no E[x^2] - E[x]^2 cancellation), and the native eval-mode
     kernel with those statistics, which is the training-mode formula.
 
-    Backward: the native eval-mode backward gives this tile's sums of ``g`` and
+    Backward: the native backward gives this tile's sums of ``g`` and
     ``g * x_hat`` in one pass; their all-reduce is posted and overlaps the pass
     ``g * weight * invstd``; then the whole-scene correction
     ``- weight * invstd * (S_g + x_hat S_gx) / N`` in two more passes."""
@@ -193,14 +193,16 @@ class _BatchNormScene(torch.autograd.Function):
         x, weight, mean_x, var_x = ctx.saved_tensors
         count, eps, mesh, has_bias = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # this tile's sums of g * x_hat and g (convention P), one pass
+        invstd = torch.rsqrt(var_x.double() + eps)
+        # this tile's sums of g * x_hat and g (convention P), one pass. The training-mode
+        # form with the whole-scene statistics as the saved ones: CUDA's eval-mode
+        # backward asserts when grad_input is not asked for
         _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g.contiguous(), x, weight, mean_x, var_x, None, None, False, eps, [False, True, True])
+            g.contiguous(), x, weight, None, None, mean_x, invstd.to(x.dtype), True, eps, [False, True, True])
         if need_x:
             shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
             # the sums travel while this tile's g * weight * invstd is computed
             wait = start_all_reduce_(torch.stack([gb, gw]).double(), mesh)
-            invstd = torch.rsqrt(var_x.double() + eps)
             scale = invstd if weight is None else invstd * weight.double()
             gx = g * scale.to(x.dtype).view(shape)
             sums = wait()
