@@ -115,43 +115,32 @@ def all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: 
                 record: bool = True) -> torch.Tensor:
     """In-place all-reduce over the sp group, no autograd. Returns ``t``.
     ``record=False``: not counted (checks around a measured run)."""
-    if mesh.sp > 1:
-        if record:
-            _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
-        w = to_wire(t, mesh.sp_group)
-        ch, name = mesh.shm, _SHM_OPS.get(op)
-        if ch is not None and name is not None and w.device.type == "cpu" and ch.fits_collective(w):
-            ch.all_reduce_(w, name)
-        else:
-            dist.all_reduce(w, op=op, group=mesh.sp_group)
-        from_wire(w, t)
-    return t
+    return start_all_reduce_(t, mesh, op, kind, record)()
 
 
 _SHM_OPS = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
 
 
-def start_all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: str = "all_reduce"):
+def start_all_reduce_(t: torch.Tensor, mesh: SpatialMesh, op=dist.ReduceOp.SUM, kind: str = "all_reduce",
+                      record: bool = True):
     """:func:`all_reduce_` posted: returns ``wait()``, which completes it and
     returns ``t`` (reduced in place); work done in between overlaps the peers'
     arrival. ``t`` must not change before ``wait()``."""
     if mesh.sp == 1:
         return lambda: t
-    _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
+    if record:
+        _STATS.record(kind, 2 * (mesh.sp - 1) / mesh.sp * _nbytes(t), _phase())
     w = to_wire(t, mesh.sp_group)
     ch, name = mesh.shm, _SHM_OPS.get(op)
     if ch is not None and name is not None and w.device.type == "cpu" and ch.fits_collective(w):
-        shm_wait = ch.start_all_reduce_(w, name)
-
-        def wait():
-            shm_wait()
-            return from_wire(w, t)
+        done = ch.start_all_reduce_(w, name)
     else:
-        work = dist.all_reduce(w, op=op, group=mesh.sp_group, async_op=True)
+        done = dist.all_reduce(w, op=op, group=mesh.sp_group, async_op=True).wait
 
-        def wait():
-            work.wait()
-            return from_wire(w, t)
+    def wait() -> torch.Tensor:
+        done()
+        return from_wire(w, t)
+
     return wait
 
 

@@ -315,14 +315,11 @@ class ShmChannel:
                 raise ValueError(f"shared-memory all_reduce: unsupported op {op!r}")
         return t
 
-    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place; every rank adds the parts in sp order, so all get the same bits."""
-        return self._reduce(t, self._gather_parts(t, f"all_reduce({op})"), op)
-
     def start_all_reduce_(self, t: torch.Tensor, op: str = "sum"):
-        """:meth:`all_reduce_` posted: publishes ``t`` now and returns ``wait()``,
-        which reduces into ``t`` and returns it. A collective started before
-        ``wait()`` completes this one first."""
+        """All-reduce of ``t`` in place, posted: publishes ``t`` now and returns
+        ``wait()``, which reduces into ``t`` and returns it. Every rank adds the
+        parts in sp order, so all get the same bits. A collective started
+        before ``wait()`` completes this one first."""
         n = self._publish(t)
         done = []
 
