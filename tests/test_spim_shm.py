@@ -116,7 +116,7 @@ def test_collectives_exact_and_identical_on_all_ranks():
 def _waiting_rank(mode):
     mesh = SpatialMesh.build(grid=(1, 2))
     if mesh.rank == 1:
-        time.sleep(4 if mode == "exited" else 8)  # never arrives in time
+        time.sleep(4 if mode == "exited" else 12)  # never arrives in time
         return None
     if mode == "exited":
         # the peer's process as the channel sees it: one that has exited
@@ -140,9 +140,10 @@ def test_waiting_rank_raises_when_its_peer_exited():
 
 @pytest.mark.timeout(120)
 def test_waiting_rank_times_out_with_a_message():
-    r0 = spawn(_waiting_rank, 2, "stalled", timeout_s=60, collective_timeout_s=2.0)[0]
+    # 4 s: long enough for the ranks to start and meet on a loaded machine
+    r0 = spawn(_waiting_rank, 2, "stalled", timeout_s=60, collective_timeout_s=4.0)[0]
     assert r0["type"] == "SPIMError" and "timeout" in r0["msg"], r0
-    assert 1.5 < r0["after_s"] < 6.0
+    assert 3.5 < r0["after_s"] < 10.0
 
 
 def _exiting_rank():
