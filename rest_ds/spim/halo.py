@@ -67,6 +67,18 @@ def _slice(t: torch.Tensor, dims, base: tuple[int, int], rows: Range, cols: Rang
     return t.narrow(dims[0], rows[0] - base[0], rows[1] - rows[0]).narrow(dims[1], cols[0] - base[1], cols[1] - cols[0])
 
 
+def _box(key, rows: Range, cols: Range):
+    """The part of piece ``key`` = (rows, cols) inside rows x cols, or None."""
+    r, c = _inter(key[0], rows), _inter(key[1], cols)
+    return None if r is None or c is None else (r, c)
+
+
+def _box_shape(shape, dims, rows: Range, cols: Range) -> list[int]:
+    out = list(shape)
+    out[dims[0]], out[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
+    return out
+
+
 class _Plan:
     """Who sends what to whom for one exchange on this rank (global ranges)."""
 
@@ -146,29 +158,16 @@ def exchange(send_items, recv_items, mesh, kind_bytes_phase):
 
 def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0) -> torch.Tensor:
     """The window from its pieces (keyed by global (rows, cols)), with ``pads``
-    = (left, right, top, bottom) elements of ``fill`` added at the scene border.
-
-    One allocation of the final window (no intermediate bands or padded copy);
-    a lone piece without padding is returned as is (a view of the tile)."""
+    = (left, right, top, bottom) elements of ``fill`` added at the scene border
+    (:func:`window_part` of the pieces' box so extended); a lone piece without
+    padding is returned as is (a view of the tile)."""
     keys = list(pieces)
     if len(keys) == 1 and not any(pads):
         return pieces[keys[0]]
-    r0, c0 = min(k[0][0] for k in keys), min(k[1][0] for k in keys)
-    r1, c1 = max(k[0][1] for k in keys), max(k[1][1] for k in keys)
     left, right, top, bottom = pads
-    ref = pieces[keys[0]]
-    shape = list(ref.shape)
-    shape[dims[0]], shape[dims[1]] = top + (r1 - r0) + bottom, left + (c1 - c0) + right
-    out = ref.new_empty(shape)
-    # only the scene-border strips get the fill; the pieces cover the rest
-    for d, lo, hi, n in ((dims[0], top, bottom, shape[dims[0]]), (dims[1], left, right, shape[dims[1]])):
-        if lo:
-            out.narrow(d, 0, lo).fill_(fill)
-        if hi:
-            out.narrow(d, n - hi, hi).fill_(fill)
-    for (rr, cc), t in pieces.items():
-        out.narrow(dims[0], top + rr[0] - r0, rr[1] - rr[0]).narrow(dims[1], left + cc[0] - c0, cc[1] - cc[0]).copy_(t)
-    return out
+    rows = (min(k[0][0] for k in keys) - top, max(k[0][1] for k in keys) + bottom)
+    cols = (min(k[1][0] for k in keys) - left, max(k[1][1] for k in keys) + right)
+    return window_part(pieces, dims, rows, cols, fill)
 
 
 def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
@@ -185,9 +184,7 @@ def start_fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims):
     sends = [(dst, _slice(x, dims, plan.origin, rr, cc)) for dst, rr, cc in plan.send]
     pieces, recvs = {}, []
     for src, rr, cc in plan.recv:
-        shape = list(x.shape)
-        shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
-        buf = x.new_empty(shape)
+        buf = x.new_empty(_box_shape(x.shape, dims, rr, cc))
         pieces[(rr, cc)] = buf
         recvs.append((src, buf))
     wait = start_exchange(sends, recvs, mesh, "forward")
@@ -206,11 +203,7 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
     tile-size tensor."""
     base = (plan.ext[0][0], plan.ext[1][0])
     sends = [(src, _slice(g, dims, base, rr, cc)) for src, rr, cc in plan.recv]
-    recvs = []
-    for dst, rr, cc in plan.send:
-        shape = list(g.shape)
-        shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
-        recvs.append((dst, g.new_empty(shape), rr, cc))
+    recvs = [(dst, g.new_empty(_box_shape(g.shape, dims, rr, cc)), rr, cc) for dst, rr, cc in plan.send]
     exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
     del sends
     whole = ((plan.origin[0], plan.origin[0] + x_shape[dims[0]]), (plan.origin[1], plan.origin[1] + x_shape[dims[1]]))
@@ -226,27 +219,24 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
     return gx
 
 
-def _box(key, rows: Range, cols: Range):
-    """The part of piece ``key`` = (rows, cols) inside rows x cols, or None."""
-    r, c = _inter(key[0], rows), _inter(key[1], cols)
-    return None if r is None or c is None else (r, c)
-
-
-def _box_shape(shape, dims, rows: Range, cols: Range) -> list[int]:
-    out = list(shape)
-    out[dims[0]], out[dims[1]] = rows[1] - rows[0], cols[1] - cols[0]
-    return out
-
-
 def window_part(pieces: dict, dims, rows: Range, cols: Range, fill: float = 0.0) -> torch.Tensor:
     """Global rows x cols of a window from its pieces ({(rows, cols): tensor},
-    e.g. from :func:`start_fetch`), ``fill`` where no piece lies (the scene border)."""
+    e.g. from :func:`start_fetch`, which tile the window's part inside the
+    scene), ``fill`` where no piece lies (the scene border). One allocation;
+    only the bands outside the pieces are filled."""
     ref = next(iter(pieces.values()))
-    out = ref.new_full(_box_shape(ref.shape, dims, rows, cols), fill)
-    for key, t in pieces.items():
-        box = _box(key, rows, cols)
-        if box is not None:
-            _slice(out, dims, (rows[0], cols[0]), *box).copy_(_slice(t, dims, (key[0][0], key[1][0]), *box))
+    out = ref.new_empty(_box_shape(ref.shape, dims, rows, cols))
+    parts = [(box, key, t) for key, t in pieces.items() if (box := _box(key, rows, cols)) is not None]
+    if not parts:
+        return out.fill_(fill)
+    covered = [(min(b[a][0] for b, _, _ in parts), max(b[a][1] for b, _, _ in parts)) for a in (0, 1)]
+    for a, (lo, hi), (c0, c1) in zip((0, 1), (rows, cols), covered):
+        if c0 > lo:
+            out.narrow(dims[a], 0, c0 - lo).fill_(fill)
+        if hi > c1:
+            out.narrow(dims[a], c1 - lo, hi - c1).fill_(fill)
+    for box, key, t in parts:
+        _slice(out, dims, (rows[0], cols[0]), *box).copy_(_slice(t, dims, (key[0][0], key[1][0]), *box))
     return out
 
 
