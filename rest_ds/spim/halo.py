@@ -267,6 +267,10 @@ class WindowGrads:
             if box is not None:
                 _slice(t, self.dims, (key[0][0], key[1][0]), *box).add_(_slice(g, self.dims, (rows[0], cols[0]), *box))
 
+    def add_piece(self, key, g: torch.Tensor) -> None:
+        """Add ``g``, a gradient of exactly the received piece ``key`` = (rows, cols)."""
+        self.halos[key].add_(g)
+
     def send(self, mesh: SpatialMesh) -> None:
         self.recvs = [(dst, self.like.new_empty(_box_shape(self.shape, self.dims, rr, cc)), rr, cc)
                       for dst, rr, cc in self.plan.send]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .. import context
 from ..errors import SPIMError
 from ..halo import (WindowGrads, assemble, border_strips, box_view, fetch, halo_exchange, make_plan, return_grads,
-                    start_exchange, start_fetch, window_part)
+                    start_fetch, window_part)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 
@@ -218,7 +218,7 @@ class _BorderGeometry:
     """How a conv over the halo-extended window differs from the conv over the
     tile with torch's own zero padding ``pad``. Per axis: window start ``lo``
     (global input read by local output 0, tap 0), stride ``s``, kernel size
-    ``k``, dilation ``d``, local output count ``n``.
+    ``k``, dilation ``d`` (extent ``ke``), local output count ``n``.
 
     ``strips``: the outputs that read a neighbour's halo (see
     :func:`_halo_strips`), which the forward recomputes over their windows.
@@ -228,8 +228,7 @@ class _BorderGeometry:
     needs only the outputs that read it and the kernel taps that reach it
     (one kernel column for the side piece of a 3x3 conv)."""
 
-    def __init__(self, plan, x_shape, dims, lo, s, k, d, n, pad):
-        ke = tuple(d[a] * (k[a] - 1) + 1 for a in (0, 1))
+    def __init__(self, plan, x_shape, dims, lo, s, k, d, ke, n, pad):
         self.pad = pad
         self.strips = _halo_strips(plan, x_shape, dims, lo, s, ke, n)
         self.terms = []
@@ -349,33 +348,24 @@ class _BorderConv2d(torch.autograd.Function):
         need_b = has_bias and ctx.needs_input_grad[2]
         g = g.contiguous()
         pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
-        halo_grads, gw_terms = {}, []
+        grads = WindowGrads(x, x.shape, plan, dims) if need_x else None
+        gw_terms = []
         for t in geo.terms if (need_x or need_w) else ():
             gi, gw_t = _term_conv_backward(box_view(g, dims, *t.out), F.pad(pieces[t.key], t.pads),
                                            _taps(weight, t.taps), stride, dilation, groups, [need_x, need_w])
             if need_w:
                 gw_terms.append((t.taps, gw_t))
             if need_x:  # the region's gradient, cropped (or zero-extended) back to the piece
-                halo_grads[t.key] = F.pad(gi, tuple(-p for p in t.pads)).contiguous()
-        recvs, wait = [], None
+                grads.add_piece(t.key, F.pad(gi, tuple(-p for p in t.pads)))
         if need_x:  # the halos' gradients travel while the tile's backward runs
-            for dst, rr, cc in plan.send:
-                shape = list(x.shape)
-                shape[dims[0]], shape[dims[1]] = rr[1] - rr[0], cc[1] - cc[0]
-                recvs.append((dst, x.new_empty(shape), rr, cc))
-            sends = [(src, halo_grads[(rr, cc)] if (rr, cc) in halo_grads else torch.zeros_like(pieces[(rr, cc)]))
-                     for src, rr, cc in plan.recv]
-            wait = start_exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+            grads.send(mesh)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             g, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(geo.pad), list(dilation),
             False, [0, 0], groups, [need_x, need_w, need_b])
         for taps, gw_t in gw_terms:
             _taps(gw, taps).add_(gw_t)
         if need_x:
-            wait()
-            for _, buf, rr, cc in recvs:
-                gx.narrow(dims[0], rr[0] - plan.origin[0], rr[1] - rr[0]).narrow(
-                    dims[1], cc[0] - plan.origin[1], cc[1] - cc[0]).add_(buf)
+            gx = grads.finish(gx)
         return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -398,15 +388,14 @@ def _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s):
     return tuple(pad), tuple(lo), tuple(n)
 
 
-def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, s):
+def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, ke, s):
     """A :class:`_BorderGeometry` when the conv can run as :class:`_BorderConv2d`
     (see :func:`_padded_fit`), else None."""
-    ke = tuple(d[a] * (k[a] - 1) + 1 for a in (0, 1))
     fit = _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s)
     if fit is None:
         return None
     pad, lo, n = fit
-    return _BorderGeometry(plan, x_shape, dims, lo, tuple(s), tuple(k), tuple(d), n, pad)
+    return _BorderGeometry(plan, x_shape, dims, lo, tuple(s), tuple(k), tuple(d), tuple(ke), n, pad)
 
 
 def _halo_strips(plan, x_shape, dims, lo, s, ke, n):
@@ -554,7 +543,7 @@ def _conv2d(func, args, kwargs):
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
     r, c = x.mesh.coord
     need = (needs(spec.rows, ke[0], s[0], pb[0])[r], needs(spec.cols, ke[1], s[1], pb[1])[c])
-    geo = _border_geometry(plan, x._local.shape, (x.dim() - 2, x.dim() - 1), need, ranges, k, d, s)
+    geo = _border_geometry(plan, x._local.shape, (x.dim() - 2, x.dim() - 1), need, ranges, k, d, ke, s)
     if geo is not None:
         out = _BorderConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, geo, s, d, a.get("groups", 1))
     else:
