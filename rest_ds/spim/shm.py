@@ -155,7 +155,7 @@ class _Recv:
 class ShmChannel:
     """The shared segment of one sp group, as seen by sp rank ``index``.
 
-    Ranks are sp indices (0..sp-1); :meth:`index_of` maps a global rank."""
+    Ranks are sp indices (0..sp-1); the methods that take peers take global ranks."""
 
     def __init__(self, seg: torch.Tensor, layout: _Layout, index: int, global_ranks: tuple[int, ...],
                  timeout_s: float, pids: tuple[int, ...] | None):
@@ -185,9 +185,6 @@ class ShmChannel:
 
     def _bytes(self, offset: int, n: int) -> torch.Tensor:
         return self.seg.narrow(0, offset, n)
-
-    def index_of(self, global_rank: int) -> int:
-        return self._rank_index[global_rank]
 
     def has_mailbox(self, src_global: int, dst_global: int) -> bool:
         return (self._rank_index[src_global], self._rank_index[dst_global]) in self._pair
@@ -338,10 +335,6 @@ class ShmChannel:
         return torch.stack(self._gather_parts(t, "all_gather"))
 
 
-def _segment_path() -> str:
-    return f"/dev/shm/rest_ds_spim_{os.getpid()}_{secrets.token_hex(6)}"
-
-
 def _map(path: str, nbytes: int) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
@@ -359,7 +352,7 @@ def open_channel(group, sp_index: int, global_ranks: tuple[int, ...], grid: tupl
     layout = _Layout(len(global_ranks), neighbour_pairs(grid), slot_bytes, collective_bytes)
     box: list = [None]
     if sp_index == 0 and enabled_here():
-        path = _segment_path()
+        path = f"/dev/shm/rest_ds_spim_{os.getpid()}_{secrets.token_hex(6)}"
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
