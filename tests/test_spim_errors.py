@@ -3,6 +3,7 @@
 down quickly. Plus unit tests of the tile geometry (no processes)."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -256,6 +257,22 @@ def test_error_on_one_rank_ends_the_job():
     elapsed = time.monotonic() - t0
     assert info.value.rank == 1 and info.value.exc_type == "ValueError" and "boom" in str(info.value)
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+
+
+def _exiting_rank():
+    SpatialMesh.build(grid=(1, 2))
+    if dist.get_rank() == 1:
+        os._exit(0)
+    time.sleep(30)
+
+
+@pytest.mark.timeout(120)
+def test_spawn_reports_a_rank_that_exits_without_a_result():
+    t0 = time.monotonic()
+    with pytest.raises(RankError) as info:
+        spawn(_exiting_rank, 2, timeout_s=60)
+    assert info.value.rank == 1 and info.value.exc_type == "ProcessDied"
+    assert time.monotonic() - t0 < 20
 
 
 # --- tile geometry (no processes) ----------------------------------------------------------

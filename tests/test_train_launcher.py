@@ -9,6 +9,7 @@ the training-time evaluation).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import shutil
@@ -34,9 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None):
+def launch(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None, port: int | None = None):
     """``deepspeed --num_gpus 2 --no_local_rank --module rest_ds ARGS`` (CPU: 2 ranks)."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(port or free_port()),
            "--module", "rest_ds", *args]
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     t0 = time.monotonic()
@@ -60,8 +61,12 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("launcher")
     scene = make_scene(d / "scene")
     cfg = write_config(d / "tiny.yaml", tiny_config(scene, d / "run"))
-    p, secs = launch(["train", "--config", str(cfg)], d)
-    return {"dir": d, "scene": scene, "config": cfg, "out": d / "run", "proc": p, "seconds": secs}
+    port = free_port()
+    p, secs = launch(["train", "--config", str(cfg)], d, port=port)
+    # DeepSpeed's CPU all-reduce files of this job (named after its master port), left after it ended
+    shm_left = sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"))
+    return {"dir": d, "scene": scene, "config": cfg, "out": d / "run", "proc": p, "seconds": secs,
+            "shm_left": shm_left}
 
 
 @pytest.mark.timeout(900)
@@ -92,6 +97,7 @@ def test_two_rank_train_through_deepspeed_launcher(run):
     assert not any((ck / ".partial").iterdir())
     man = json.loads((ck / "step_0000004" / "rest_ds.json").read_text())
     assert man["step"] == 4 and man["world_size"] == 2 and man["zero_stage"] == 2 and man["mesh"]["sp"] == 2
+    assert run["shm_left"] == []  # each rank unlinked its DeepSpeed /dev/shm buffer
 
 
 @pytest.mark.timeout(900)
