@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -127,8 +128,47 @@ class SpatialMesh:
             if rank in ranks:
                 dp_group = g
         shm = None
-        if sp > 1 and dist.get_backend(sp_group) == "gloo":
-            from .shm import open_channel
+        if sp > 1:
+            from .shm import host_id, open_channel
 
-            shm = open_channel(sp_group, rank % sp, sp_ranks, grid, _timeout_s)
+            hosts: list = [None] * world  # one gather: every rank decides from the same list
+            dist.all_gather_object(hosts, host_id())
+            note = placement_warning(hosts, sp)
+            if note and rank == 0:
+                warnings.warn(note, SPIMPlacementWarning, stacklevel=2)
+            if dist.get_backend(sp_group) == "gloo":
+                shm = open_channel(sp_group, rank % sp, sp_ranks, grid, _timeout_s,
+                                   hosts=[hosts[r] for r in sp_ranks])
         return cls(dp, sp, grid, rank, sp_group, dp_group, sp_ranks, shm)
+
+
+class SPIMPlacementWarning(UserWarning):
+    """The sp groups span hosts although a placement that keeps them inside one exists."""
+
+
+def placement_warning(hosts: list[str], sp: int) -> str | None:
+    """A message when an sp group (ranks ``d*sp .. d*sp+sp-1``) spans several hosts
+    although it need not: ``hosts[r]`` is rank ``r``'s host. Spanning is needed
+    only when a host has fewer than ``sp`` ranks; otherwise the halo traffic of
+    a scene crosses the network because ``sp`` does not divide the ranks per
+    host, or because ranks are not placed in blocks per host. None when fine."""
+    world = len(hosts)
+    spans = [d for d in range(world // sp) if len(set(hosts[d * sp:(d + 1) * sp])) > 1]
+    if not spans:
+        return None
+    per_host: dict[str, int] = {}
+    for h in hosts:
+        per_host[h] = per_host.get(h, 0) + 1
+    if max(per_host.values()) < sp:
+        return None  # a scene needs more ranks than any host has: it must span hosts
+    d = spans[0]
+    where = f"sp group {d} (ranks {d * sp}-{d * sp + sp - 1}) spans hosts {sorted(set(hosts[d * sp:(d + 1) * sp]))}"
+    if all(n % sp == 0 for n in per_host.values()):
+        why = ("ranks are not placed in blocks per host (rank r and r+1 on different hosts); start them "
+               "block-wise, e.g. SLURM --distribution=block, consecutive node ranks per host")
+    else:
+        counts = sorted(set(per_host.values()))
+        why = (f"mesh.sp={sp} does not divide the ranks per host ({', '.join(map(str, counts))}); choose sp "
+               f"dividing it, or as many ranks per host as a multiple of sp")
+    return (f"{len(spans)} of {world // sp} scenes' halo exchanges cross hosts: {where}: {why}. "
+            f"Results are still exact, only slower")

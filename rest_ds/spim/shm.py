@@ -12,9 +12,11 @@ out: no thread, no system call unless a rank has to wait.
 Scope and fallbacks (every rank of a group makes the same choice, so the two
 transports never disagree about where a message goes):
 
-* CPU tensors of an sp group whose ranks all map one segment in ``/dev/shm``
-  (checked when the mesh is built: rank 0 creates it, the others must open it
-  and read back its token). Otherwise, and with ``REST_DS_SHM=0``, gloo.
+* CPU tensors of an sp group whose ranks all run on one host (their
+  :func:`host_id`, gathered once when the mesh is built, so every rank decides
+  from the same list) and all map one segment in ``/dev/shm`` (rank 0 creates
+  it, the others must open it and read back its token). Otherwise, and with
+  ``REST_DS_SHM=0``, gloo.
 * x86-64 only: its total store order makes "payload written, then counter
   bumped" visible to the other cores in that order (payloads move in chunks
   of at most 1 MiB, written with ordinary stores; Intel SDM 8.2.4: data, then
@@ -51,6 +53,15 @@ _LINE = 64  # bytes: each counter on its own cache line (no false sharing betwee
 # stores in memcpy (3/4 of a thread's share of the L3), so payloads are written
 # with ordinary stores, which x86 makes visible before the later counter store.
 _MAX_SLOT = 1 << 20
+
+
+def host_id() -> str:
+    """This process's host identity for transport and placement decisions:
+    ``$REST_DS_HOST_ID`` when set (containers of one machine that do not share
+    /dev/shm, or tests that fake several nodes on one machine), else the host name."""
+    import socket
+
+    return os.environ.get("REST_DS_HOST_ID") or socket.gethostname()
 
 
 def enabled_here() -> bool:
@@ -340,11 +351,20 @@ def _map(path: str, nbytes: int) -> torch.Tensor:
 
 
 def open_channel(group, sp_index: int, global_ranks: tuple[int, ...], grid: tuple[int, int], timeout_s: float,
-                 slot_bytes: int | None = None, collective_bytes: int = 64 * 1024) -> ShmChannel | None:
+                 slot_bytes: int | None = None, collective_bytes: int = 64 * 1024,
+                 hosts: list[str] | None = None) -> ShmChannel | None:
     """Collective over ``group`` (the sp group, gloo): a channel when every rank
-    maps the same segment, else None on every rank. The segment's file is
+    runs on one host and maps the same segment, else None on every rank.
+    ``hosts``: the :func:`host_id` of each rank of the group (gathered here when
+    not given; it must be the same list on every rank). The segment's file is
     unlinked before this returns, so nothing is left in /dev/shm after a crash."""
     import torch.distributed as dist
+
+    if hosts is None:
+        hosts = [None] * len(global_ranks)
+        dist.all_gather_object(hosts, host_id(), group=group)
+    if len(set(hosts)) > 1:  # decided from the same list on every rank: no rank tries a segment alone
+        return None
 
     if slot_bytes is None:
         slot_bytes = int(float(os.environ.get("REST_DS_SHM_SLOT_KIB", "256")) * 1024)
