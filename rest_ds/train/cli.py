@@ -29,7 +29,7 @@ Start it with a launcher; each rank runs this command:
 
   deepspeed --num_gpus 2 --no_local_rank --module rest_ds train --config configs/NAME.yaml
   torchrun --nproc_per_node 2 -m rest_ds train --config configs/NAME.yaml
-  srun python -m rest_ds train --config configs/NAME.yaml   (MASTER_ADDR/PORT set; launch/sbatch.sh)
+  srun python -m rest_ds train --config configs/NAME.yaml   (MASTER_ADDR/PORT set; launch/sbatch.slurm)
 
 (on CPU the deepspeed launcher's --num_gpus is the number of CPU ranks; see
 launch/). Without a launcher it runs as one rank. gloo on CPU (set

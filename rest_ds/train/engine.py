@@ -60,10 +60,25 @@ def _free_port() -> int:
 
 
 def set_threads(n: int | None) -> int:
-    """torch threads of this rank: ``n``, else ``$OMP_NUM_THREADS``, else 1 (ranks share the cores)."""
-    n = n or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
+    """torch threads of this rank: ``n`` (``train.threads``), else ``$OMP_NUM_THREADS``, else
+    the cores this process may use divided by the ranks on its node (the launcher's
+    ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE``; under SLURM ``SLURM_CPUS_PER_TASK``), at least 1.
+    Decided here, in every rank, because launchers do not forward ``OMP_NUM_THREADS`` to
+    remote nodes (DeepSpeed over ssh exports only a few variables)."""
+    n = n or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or default_threads()
     torch.set_num_threads(n)
     return n
+
+
+def default_threads() -> int:
+    """Cores this process may use / ranks on this node (1 when that is unknown)."""
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun, the deepspeed launcher
+        v = os.environ.get(k, "")
+        if v.isdigit() and int(v) > 0:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            return max(1, cores // int(v))
+    v = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(v) if v.isdigit() and int(v) > 0 else 1
 
 
 def init_job(timeout_s: float | None = None) -> tuple[int, int]:
