@@ -105,12 +105,22 @@ _GETSET: dict[str, Callable] = {}
 
 
 def register(*funcs):
-    """Register a handler for one or more torch callables (missing ones skipped)."""
+    """Register a handler for one or more torch callables (missing ones skipped).
+
+    One rule per op: a callable that already has a handler (from an earlier
+    ``register``) raises ``SPIMError`` at import, naming both handlers, so two
+    modules can never silently disagree on what an op does (the later one used
+    to win). Aliases of one callable within one call (``F.conv2d is
+    torch.conv2d``) count once."""
 
     def deco(fn):
-        for f in funcs:
-            if f is not None:
-                _HANDLERS[f] = fn
+        for f in dict.fromkeys(f for f in funcs if f is not None):
+            old = _HANDLERS.get(f)
+            if old is not None:
+                raise SPIMError(
+                    f"internal: {op_name(f)} has two SPIM rules: {old.__module__}.{old.__qualname__} and "
+                    f"{fn.__module__}.{fn.__qualname__} (keep exactly one)")
+            _HANDLERS[f] = fn
         return fn
 
     return deco

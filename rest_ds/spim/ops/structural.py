@@ -228,8 +228,8 @@ def _reshape_as(func, args, kwargs):
                        "unfold", "roll", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
                        "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "pixel_shuffle",
                        "pixel_unshuffle", "tolist", "numpy", "item", "__setitem__", "__bool__", "__reduce_ex__",
-                       "__deepcopy__", "mm", "einsum", "tensordot",
-                       "fold", "unfold", "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm",
+                       "__deepcopy__", "mm", "tensordot",
+                       "fold", "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm",
                        "dropout2d", "dropout3d", "feature_dropout"))
 def _refuse_layout(func, args, kwargs):
     x = next(a for a in args if isinstance(a, SpatialTensor))
