@@ -66,6 +66,21 @@ def resize_pos_nhwc(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).to(pos.dtype).contiguous()
 
 
+def resample_pos_nhwc(pos: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """Forward-time resampling of an absolute position table ``(1, h, w, C)`` to
+    ``(1, H, W, C)``, bicubic (``align_corners=False``; ``antialias`` as timm's
+    ``resample_abs_pos_embed``), in the table's own dtype (fp32/fp64; half types
+    go through fp32) so that float64 runs stay float64. Called on the replicated
+    parameter for the input's *global* token grid (under SPIM each rank then adds
+    its tile of the result); the identity when the sizes already match."""
+    if tuple(pos.shape[1:3]) == tuple(size):
+        return pos
+    t = pos if pos.dtype in (torch.float32, torch.float64) else pos.float()
+    t = F.interpolate(t.permute(0, 3, 1, 2), size=tuple(size), mode="bicubic", align_corners=False,
+                      antialias=antialias)
+    return t.permute(0, 2, 3, 1).to(pos.dtype)
+
+
 def load_strict(model: nn.Module, state_dict: StateDict, what: str, ignore_missing: Iterable[str] = ()) -> None:
     """``model.load_state_dict(state_dict)`` with one clear error listing every
     missing, unexpected or mis-shaped key (``ignore_missing``: key prefixes the

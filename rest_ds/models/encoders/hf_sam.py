@@ -30,8 +30,8 @@ from torch import nn
 
 from ..registry import register_encoder
 from .bands import Band, adapt_state_dict
-from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resize_pos_nhwc,
-                     resize_rel_pos, to_hw)
+from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resample_pos_nhwc,
+                     resize_pos_nhwc, resize_rel_pos, to_hw)
 
 # hidden_size, num_hidden_layers, num_attention_heads, global_attn_indexes of the released SAM image encoders
 SAM_VARIANTS = {
@@ -68,6 +68,9 @@ class HFSamEncoder(nn.Module):
         cfg_kwargs.update(config_kwargs)
         if "image_size" in cfg_kwargs:
             raise ValueError("hf_sam: give the scene size as img_size, not image_size")
+        # transformers' default initializer_range (1e-10) gives a from-scratch encoder that cannot learn;
+        # 0.02 is the ViT/SAM convention (a checkpoint overwrites it anyway)
+        cfg_kwargs.setdefault("initializer_range", 0.02)
         cfg = SamVisionConfig(image_size=H, num_channels=in_chans, **cfg_kwargs)
         cfg._attn_implementation = attn_implementation
         p = cfg.patch_size
@@ -77,6 +80,8 @@ class HFSamEncoder(nn.Module):
         self.sam = SamVisionEncoder(cfg)
         if W != H:
             self._resize_width(W)
+        if self.sam.pos_embed is not None:  # transformers zero-initialises it; trunc-normal 0.02 as timm's ViT
+            nn.init.trunc_normal_(self.sam.pos_embed, std=0.02)
         self.img_size = (H, W)
         self.in_chans = in_chans
         if checkpoint is not None:
@@ -138,9 +143,17 @@ class HFSamEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         sam = self.sam
-        h = sam.patch_embed(x)
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"hf_sam: input has {x.shape[1]} bands, the encoder takes {self.in_chans}")
+        p = sam.config.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"hf_sam: scene size {tuple(x.shape[-2:])} must be a multiple of the patch size {p}")
+        # SamPatchEmbeddings' projection without its fixed-size check: any scene size, rotated included
+        h = sam.patch_embed.projection(x).permute(0, 2, 3, 1)
         if sam.pos_embed is not None:
-            h = h + sam.pos_embed
+            # the table (at img_size's grid) resampled once to this input's GLOBAL token grid; under
+            # SPIM each rank then adds its tile of it (pointwise add of a full-extent replicated operand)
+            h = h + resample_pos_nhwc(sam.pos_embed, tuple(h.shape[1:3]))
         feats = []
         for i, layer in enumerate(sam.layers):
             h = layer(h)

@@ -12,6 +12,7 @@ of the table. Features are the outputs of chosen blocks
 """
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +24,8 @@ from timm.models import vision_transformer_sam as _samvit
 
 from ..registry import register_encoder
 from .bands import Band, adapt_state_dict
-from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resize_pos_nhwc,
-                     resize_rel_pos, to_hw)
+from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resample_pos_nhwc,
+                     resize_pos_nhwc, resize_rel_pos, to_hw)
 
 _CHECKPOINT_EXTRAS = ("head.", "fc_norm.", "decoder", "mask_token", "pre_logits.")
 
@@ -51,9 +52,16 @@ class TimmViTEncoder(nn.Module):
         if family not in (_vit.__name__, _samvit.__name__):
             raise ValueError(f"timm_vit: '{model_name}' (from {family}) is not a timm VisionTransformer or "
                              "VisionTransformerSAM (use the 'timm_cnn' encoder for CNNs)")
+        if family == _vit.__name__:
+            # the scene's size at run time: any input size (NHWC patch embedding, no size check)
+            timm_kwargs.setdefault("dynamic_img_size", True)
         self.model = timm.create_model(model_name, pretrained=False, img_size=img_size, in_chans=in_chans,
                                        num_classes=0, global_pool="", **timm_kwargs)
         m = self.model
+        if getattr(m, "dynamic_img_size", False):
+            # pos_embed stays at img_size's grid; each forward resamples it to the input's global token grid
+            # (_dynamic_pos_embed: timm's rule, in the parameter's own dtype)
+            m._pos_embed = types.MethodType(_dynamic_pos_embed, m)
         ph, pw = m.patch_embed.patch_size
         if ph != pw:
             raise ValueError(f"timm_vit: non-square patches {ph}x{pw} are not supported")
@@ -104,7 +112,48 @@ class TimmViTEncoder(nn.Module):
         load_strict(m, sd, f"timm_vit {type(m).__name__}", ignore_missing=("head.",))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.is_sam:
+            return self._forward_sam(x)
         return self.model.forward_intermediates(x, indices=self.indices, norm=self.norm, intermediates_only=True)
+
+    def _forward_sam(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # timm's VisionTransformerSAM.forward_intermediates, with the position table resampled to the input's
+        # global token grid in its own dtype (timm casts to fp32: float64 runs would not be float64)
+        m = self.model
+        x = m.patch_embed(x)
+        if m.pos_embed is not None:
+            x = x + resample_pos_nhwc(m.pos_embed, tuple(x.shape[1:3]), antialias=True)
+        x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
+        feats = []
+        for i, blk in enumerate(m.blocks):
+            x = _samvit.checkpoint(blk, x) if m.grad_checkpointing else blk(x)
+            if i in self.indices:
+                y = x.permute(0, 3, 1, 2)
+                feats.append(m.neck(y) if self.norm else y)
+        return feats
+
+
+def _dynamic_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    """``VisionTransformer._pos_embed`` for ``dynamic_img_size`` (x: ``B, H, W, C``):
+    the table resampled to ``(H, W)`` (bicubic, antialiased, prefix tokens kept: timm's
+    ``resample_abs_pos_embed``) in the parameter's dtype. H, W are the global grid under SPIM."""
+    B, H, W, C = x.shape
+    to_cat = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    x = x.view(B, -1, C)
+    if self.pos_embed is None:
+        return torch.cat(to_cat + [x], dim=1) if to_cat else x
+    k = 0 if self.no_embed_class else self.num_prefix_tokens
+    gh, gw = self.patch_embed.grid_size
+    pos = self.pos_embed
+    table = resample_pos_nhwc(pos[:, k:].reshape(1, gh, gw, -1), (H, W), antialias=True).reshape(1, H * W, -1)
+    pos = torch.cat([pos[:, :k], table], dim=1) if k else table
+    if self.no_embed_class:
+        x = x + pos
+        x = torch.cat(to_cat + [x], dim=1) if to_cat else x
+    else:
+        x = torch.cat(to_cat + [x], dim=1) if to_cat else x
+        x = x + pos
+    return self.pos_drop(x)
 
 
 @register_encoder("timm_vit")
