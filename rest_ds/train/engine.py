@@ -216,6 +216,24 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
+def apply_optimizer_config(scheduler, cfg: TrainConfig, step: int) -> None:
+    """After loading a checkpoint of ``step``: the optimizer hyper-parameters and the
+    learning rate of ``cfg`` (its lr, schedule and steps) replace the checkpoint's
+    (``scheduler`` is the ``LambdaLR`` over the optimizer; its lambda reads ``cfg``)."""
+    o, groups = cfg.optimizer, scheduler.optimizer.param_groups
+    scheduler.base_lrs = [o.lr] * len(groups)
+    lr = o.lr * lr_factor(step, cfg)
+    for i, g in enumerate(groups):
+        g["initial_lr"], g["lr"] = o.lr, lr
+        if g.get("weight_decay") or (i == 0 and len(groups) == 2):   # make_optimizer: [decay, no decay]
+            g["weight_decay"] = o.weight_decay
+        if "betas" in g:
+            g["betas"], g["eps"] = tuple(o.betas), o.eps
+        if "momentum" in g:
+            g["momentum"] = o.momentum
+    scheduler._last_lr = [lr] * len(groups)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Learning-rate multiplier after ``step`` optimizer steps (config.ScheduleSection)."""
     s, total = cfg.schedule, cfg.train.steps
@@ -275,6 +293,11 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is0 = self.rank == 0
         self._log = log or (lambda m: print(m, flush=True))
+        if cfg.deepspeed.precision != "fp32" and not torch.cuda.is_available():
+            # a GPU config (bf16/fp16) tried on CPU runs in fp32 rather than failing
+            if self.is0:
+                self._log(f"note: deepspeed.precision {cfg.deepspeed.precision} needs a GPU; this CPU run uses fp32")
+            cfg.deepspeed.precision = "fp32"
         self.out = Path(cfg.out_dir)
         self.threads = set_threads(cfg.train.threads)
         if cfg.train.deterministic:
@@ -485,11 +508,25 @@ class Trainer:
             return 0
         where = self.out / "checkpoints" if r == "auto" else Path(r)
         try:
-            root, tag, manifest = ckpt.find_checkpoint(where)
+            ckpt.find_checkpoint(where)
         except ckpt.CheckpointError:
             if r == "auto":
                 return 0
             raise
+        # rank 0 checks the files (sizes, sha256; auto: a damaged latest falls back to the one before)
+        # and tells the others, so every rank loads the same checkpoint
+        res: list = [None]
+        if self.is0:
+            try:
+                res[0] = ckpt.select_checkpoint(where, fallback=r == "auto", log=self._log)
+            except ckpt.CheckpointError as e:
+                res[0] = e
+        if self.world > 1:
+            dist.broadcast_object_list(res, src=0)
+        if isinstance(res[0], BaseException):
+            raise res[0]
+        root, tag, manifest = res[0]
+        changes = ckpt.resume_changes(manifest, self.manifest(), root / tag)
         if manifest.get("world_size") != self.world or manifest.get("zero_stage") != self.cfg.deepspeed.zero_stage:
             raise ckpt.CheckpointError(
                 f"{root / tag}: written by {manifest.get('world_size')} ranks with ZeRO stage "
@@ -497,6 +534,12 @@ class Trainer:
                 f"{self.cfg.deepspeed.zero_stage}. Resume with the same, or export it ('rest-ds export') and "
                 f"start a new run from the exported weights")
         state = ckpt.load_checkpoint(self.engine, root, tag, rank=self.rank)
+        step = int(manifest["step"])
+        if changes:
+            if any(k.startswith(("optimizer.", "schedule.")) or k == "train.steps" for k, _, _ in changes):
+                apply_optimizer_config(self.scheduler, self.cfg, step)
+            if self.is0:
+                self._log(ckpt.describe_changes(changes, step))
         if state is not None:
             torch.set_rng_state(state["torch_rng"])
             spim_rng = getattr(self.model, "_spim_rng", None)
@@ -658,5 +701,5 @@ def _read_csv(p: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-__all__ = ["Trainer", "init_job", "build_model", "make_optimizer", "lr_factor", "deepspeed_config",
+__all__ = ["Trainer", "init_job", "build_model", "make_optimizer", "lr_factor", "apply_optimizer_config", "deepspeed_config",
            "zero3_spatial_hooks", "check_functionals", "set_threads", "enable_activation_checkpointing", "quiet_deepspeed"]
