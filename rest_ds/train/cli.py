@@ -101,6 +101,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overlap", type=nonneg_int, metavar="M", help="slide: window overlap (default: crop/4)")
     p.add_argument("--probs", type=Path, metavar="PROBS.tif", help="also write per-class probabilities (float32)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG preview of the map")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (refused otherwise)")
     p.add_argument("--grid", metavar="PHxPW", help="tile grid of the ranks (default: least halo traffic)")
     p.add_argument("--stats", choices=("model", "scene"), default="model",
                    help="normalisation: the training statistics stored with the model (default) or the input "
@@ -132,8 +133,9 @@ def _usage_errors():
     from ..spim import SPIMError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .lock import RunLockError
 
-    return (ConfigError, DataError, CheckpointError, SPIMError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, SPIMError, FileNotFoundError, RunLockError)
 
 
 def _rank_env() -> tuple[int, int]:
@@ -180,16 +182,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank == 0:
             print(cfg.to_yaml(), end="")
         return EXIT_OK
+    lock = None
+    try:
+        # seconds, on every rank, before torch.distributed and DeepSpeed start
+        from .validation import check_train_config
+
+        check_train_config(cfg)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        return _fail(_one_line(e)) if world == 1 or rank == 0 else EXIT_USAGE
     try:
         from .engine import Trainer, init_job
 
         rank, world = init_job()
+        lock = _lock_output(cfg.out_dir, rank, world)
         trainer = Trainer(cfg)
         summary = trainer.fit()
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) and world == 1:
+            if lock is not None:
+                lock.release()
             return 130
+        if lock is not None:
+            lock.release()
         return _die(e, args.debug, rank, world)
+    if lock is not None:
+        lock.release()
     if rank == 0:
         ev = summary.get("eval") or {}
         tail = f", val mIoU {ev['mIoU']:.4f}" if ev.get("mIoU") is not None else ""
@@ -199,6 +218,28 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"(setup {summary['setup_seconds']:.1f} s){loss}{tail}; output {cfg.out_dir}", flush=True)
     _finish()
     return EXIT_OK
+
+
+def _lock_output(out_dir, rank: int, world: int):
+    """Rank 0 locks ``out_dir`` (lock.py); every rank raises the same error if it cannot."""
+    import torch.distributed as dist
+
+    from .lock import acquire_run_lock
+
+    res: list = [None]
+    if rank == 0:
+        try:
+            res[0] = acquire_run_lock(out_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except BaseException as e:
+            res[0] = e
+    if world > 1:
+        sent = [res[0] if isinstance(res[0], BaseException) else None]
+        dist.broadcast_object_list(sent, src=0)
+        if rank != 0:
+            res = sent
+    if isinstance(res[0], BaseException):
+        raise res[0]
+    return res[0]
 
 
 def _finish() -> None:
@@ -224,13 +265,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
             return _fail(f"--grid: {e}")
     if args.overlap is not None and args.crop is not None and args.overlap >= args.crop:
         return _fail(f"--overlap {args.overlap} must be smaller than --crop {args.crop}")
-    for p in (args.output, args.probs, args.preview):
-        if p is not None and p.is_dir():
-            return _fail(f"{p} is a directory")
     kwargs = dict(checkpoint=str(args.checkpoint), input=str(args.input), output=str(args.output), mode=args.mode,
                   crop=args.crop, overlap=args.overlap, probs=str(args.probs) if args.probs else None,
                   preview=str(args.preview) if args.preview else None, grid=grid, stats=args.stats,
-                  cache=args.cache, values=args.values, threads=args.threads)
+                  cache=args.cache, values=args.values, threads=args.threads, overwrite=args.overwrite)
+    try:  # before any rank starts: outputs that would destroy an input, unwritable folders, ...
+        from ..data import DataError
+        from .segment import check_outputs
+
+        check_outputs(kwargs["input"], kwargs["output"], probs=kwargs["probs"], preview=kwargs["preview"],
+                      overwrite=args.overwrite, cache=args.cache)
+    except DataError as e:
+        return _fail(_one_line(e))
     rank, world = _rank_env()
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if launched and args.nproc > 1:
@@ -251,7 +297,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if args.debug and e.tb:
                 print(e.tb, file=sys.stderr)
             who = f"rank {e.rank}: " if e.rank >= 0 else ""
-            return _fail(f"{who}{e.exc_type}: {_one_line(e.message)}", EXIT_FAIL)
+            bad_input = e.exc_type in {t.__name__ for t in _usage_errors()}   # one exit status for bad input
+            return _fail(f"{who}{e.exc_type}: {_one_line(e.message)}", EXIT_USAGE if bad_input else EXIT_FAIL)
         _print_segment(res[0])
         return EXIT_OK
     try:
@@ -284,12 +331,12 @@ def _print_segment(res: dict) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
-        from .checkpoint import consolidated_state_dict, export_model, find_checkpoint
+        from .checkpoint import consolidated_state_dict, export_model, select_checkpoint
         from .engine import quiet_deepspeed
 
         quiet_deepspeed()
 
-        root, tag, manifest = find_checkpoint(args.checkpoint)
+        root, tag, manifest = select_checkpoint(args.checkpoint, fallback=False)
         sd = consolidated_state_dict(root, tag, manifest)
         meta = export_meta(manifest)
         # the weights must fit the model they claim to be

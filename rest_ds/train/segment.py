@@ -72,6 +72,73 @@ def class_values(meta: dict, values: str = "auto") -> np.ndarray:
     return np.asarray([int(v) for v in raw], dtype=np.uint8)
 
 
+MAP_SUFFIXES = (".tif", ".tiff")
+
+
+def _input_files(ref: str, cache: str | None) -> list[Path]:
+    """The files a segment input reads (the raster, or a scene YAML and its files)."""
+    from ..data.samples import SAMPLES, sample_dir
+    from ..data.scene import Scene
+
+    p = Path(ref)
+    if ref in SAMPLES and not p.exists():
+        folder = sample_dir(ref, cache)
+        return [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+    if p.is_dir() and (p / "scene.yaml").is_file():
+        p = p / "scene.yaml"
+    out = [p] if p.exists() else []
+    if p.suffix.lower() in (".yaml", ".yml") and p.is_file():
+        try:
+            out += [Path(f) for f in Scene.from_yaml(p).files()]
+        except Exception:  # a broken description is reported when the scene is opened
+            pass
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(input: str, output: str, *, probs: str | None = None, preview: str | None = None,
+                  overwrite: bool = False, cache: str | None = None) -> None:
+    """Refuse, before any compute, outputs that would destroy an input or each other,
+    a map or probabilities file not named ``.tif``/``.tiff`` (GeoTIFF is what is
+    written), a preview not named ``.png``, a folder that cannot be written, and an
+    existing output without ``overwrite``. Raises
+    :class:`~rest_ds.data.DataError` naming the path."""
+    from ..data import DataError
+
+    outs = [("--output", Path(output))] + [(k, Path(v)) for k, v in (("--probs", probs), ("--preview", preview)) if v]
+    for flag, p in outs:
+        want = (".png",) if flag == "--preview" else MAP_SUFFIXES
+        if p.suffix.lower() not in want:
+            kind = "a PNG" if flag == "--preview" else "a GeoTIFF"
+            raise DataError(p, f"{flag} writes {kind}; name it {' or '.join('NAME' + w for w in want)}")
+        if p.is_dir():
+            raise DataError(p, f"{flag} is a directory")
+    for i, (f1, p1) in enumerate(outs):
+        for f2, p2 in outs[i + 1:]:
+            if _same_file(p1, p2):
+                raise DataError(p1, f"{f1} and {f2} are the same file; give them different names")
+    inputs = _input_files(input, cache)
+    for flag, p in outs:
+        for src in inputs:
+            if _same_file(p, src):
+                raise DataError(p, f"{flag} is an input of the scene ({src}); writing it would destroy the input")
+        if p.exists() and not overwrite:
+            raise DataError(p, f"{flag} exists; pass --overwrite to replace it")
+        probe = p.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise DataError(p, f"{flag}: cannot write into {probe} (not a writable folder)")
+
+
 def _ctx():
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), dist.barrier
@@ -185,14 +252,15 @@ def preview_png(map_path: Path, png: Path, max_side: int = 1024) -> None:
 def segment(checkpoint: str, input: str, output: str, *, mode: str = "whole", crop: int | None = None,
             overlap: int | None = None, probs: str | None = None, preview: str | None = None,
             grid: tuple[int, int] | None = None, stats: str = "model", cache: str | None = None,
-            values: str = "auto", threads: int | None = None, log=None) -> dict:
+            values: str = "auto", threads: int | None = None, log=None, overwrite: bool = False) -> dict:
     """Segment the scene ``input`` (sample name, scene YAML or raster) into
     ``output``; call on every rank of a job (or in one process). Returns a
-    summary (the same on every rank)."""
+    summary (the same on every rank). Outputs are checked first (:func:`check_outputs`)."""
     from .engine import set_threads
 
     t0 = time.monotonic()
     rank, world, barrier = _ctx()
+    check_outputs(input, output, probs=probs, preview=preview, overwrite=overwrite, cache=cache)
     set_threads(threads)
     model, meta = load_exported_model(checkpoint)
     # a GPU per rank under nccl (or a single process on a GPU machine); gloo ranks compute on the CPU
@@ -273,4 +341,4 @@ def _segment_rank(kwargs: dict) -> dict:
     return segment(**kwargs)
 
 
-__all__ = ["segment", "load_exported_model", "class_values", "write_windows", "preview_png", "NODATA"]
+__all__ = ["segment", "check_outputs", "load_exported_model", "class_values", "write_windows", "preview_png", "NODATA"]

@@ -1,0 +1,81 @@
+"""Cheap checks of a training config that need no launcher, no DeepSpeed and no data scan.
+
+``rest-ds train`` runs :func:`check_train_config` on every rank before
+``torch.distributed`` and DeepSpeed start, so a bad value fails in seconds with
+one line (exit status 2) instead of after the launcher's start-up; a
+preflight command can call the same functions. Each raises
+:class:`~rest_ds.config_schema.ConfigError` naming the key (or
+:class:`~rest_ds.train.lock.RunLockError` naming the other run).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..config_schema import ConfigError
+
+
+def check_precision(cfg) -> None:
+    """Nothing to refuse: fp16/bf16 need a GPU (DeepSpeed's CPU accelerator trains
+    in fp32 only), and on a CPU-only machine the Trainer lowers them to fp32 with a
+    one-line notice (issue 13: a GPU config must still run on CPU)."""
+    return None
+
+
+def check_model_names(cfg) -> None:
+    """The encoder (and, through :meth:`ModelConfig.validate`, decoder/neck) names exist."""
+    from ..models.config import ModelConfig, import_encoders
+    from ..models.registry import ENCODERS
+
+    mcfg = ModelConfig.from_dict({"num_classes": 1, **cfg.model} if cfg.model.get("num_classes") is None
+                                 else cfg.model, cfg.source_file)
+    import_encoders()
+    name = mcfg.encoder.name
+    if name not in ENCODERS:
+        raise ConfigError(cfg.source_file, "model.encoder.name",
+                          f"unknown encoder '{name}' (known: {', '.join(sorted(ENCODERS))})")
+
+
+def check_output_dir(cfg) -> None:
+    """``output_dir`` can be created and written, and no live run holds its lock."""
+    from .lock import LOCK_NAME, RunLockError, _alive
+
+    out = Path(cfg.out_dir)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(cfg.source_file, "output_dir", f"{out}: cannot write there ({probe} is not a writable "
+                                                         f"folder)")
+    lock = out / LOCK_NAME
+    try:
+        held = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    import socket
+
+    pid = held.get("pid")
+    if (held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0
+            or _alive(pid, held.get("proc_start"))):
+        raise RunLockError(f"{out}: output folder in use by another run (host {held.get('host')}, pid "
+                           f"{held.get('pid')}, since {held.get('since')}; lock {lock}): give this run another "
+                           f"output_dir, or wait for that one; if it is gone, remove {lock}")
+
+
+def check_resume(cfg) -> None:
+    """An explicit ``train.resume`` path names an existing folder."""
+    r = cfg.train.resume
+    if r not in ("none", "auto") and not Path(r).exists():
+        raise ConfigError(cfg.source_file, "train.resume", f"{r}: no such checkpoint folder")
+
+
+def check_train_config(cfg) -> None:
+    """All of the above (seconds; imports the model registry but builds nothing)."""
+    check_precision(cfg)
+    check_resume(cfg)
+    check_output_dir(cfg)
+    check_model_names(cfg)
+
+
+__all__ = ["check_train_config", "check_precision", "check_model_names", "check_output_dir", "check_resume"]
