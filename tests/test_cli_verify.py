@@ -36,9 +36,21 @@ MODELS = textwrap.dedent("""
         return Net()
 
 
-    def with_dropout():
-        # Dropout masks differ per tile and from the single-process run: not exact.
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(p=0.5), nn.Conv2d(4, 2, 1))
+    class PerTileNorm(nn.Module):
+        # A planted SPIM bug: under SPIM it centres each TILE (its own mean), the
+        # plain model centres the whole scene. verify must catch it.
+
+        def forward(self, x):
+            from rest_ds.spim import SpatialTensor, from_local
+
+            if isinstance(x, SpatialTensor):
+                t = x.to_local()
+                return from_local(t - t.mean((2, 3), keepdim=True), x.mesh)
+            return x - x.mean((2, 3), keepdim=True)
+
+
+    def per_tile_norm():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), PerTileNorm(), nn.Conv2d(4, 2, 1))
 
 
     def pixel_shuffle():
@@ -105,7 +117,7 @@ def test_exact_model_passes_and_writes_json(models, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_inexact_model_fails_with_exit_1(models):
-    p = rest_ds("verify", f"{models}:with_dropout", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train")
+    p = rest_ds("verify", f"{models}:per_tile_norm", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train")
     assert p.returncode == 1, _show(p)
     assert "FAIL" in p.stdout and "output[0]" in p.stdout, _show(p)
     assert "Traceback" not in p.stdout + p.stderr
@@ -113,9 +125,9 @@ def test_inexact_model_fails_with_exit_1(models):
 
 @pytest.mark.timeout(600)
 def test_tolerance_is_applied(models, capsys):
-    # The same dropout model passes only when the tolerance is absurdly large:
+    # The same wrong model passes only when the tolerance is absurdly large:
     # the exit status follows --tol, not a fixed threshold.
-    p = rest_ds_inproc(capsys, "verify", f"{models}:with_dropout", "--input-shape", "1,3,8,8", "--grid", "1x2",
+    p = rest_ds_inproc(capsys, "verify", f"{models}:per_tile_norm", "--input-shape", "1,3,8,8", "--grid", "1x2",
                        "--train", "--tol", "1e9")
     assert p.returncode == 0, _show(p)
 

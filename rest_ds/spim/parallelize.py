@@ -27,7 +27,7 @@ from . import context
 from .comm import all_reduce_
 from .errors import SPIMUnsupportedError
 from .mesh import SpatialMesh
-from .rng import SharedRNG
+from . import rng
 from .sharding import from_local
 from .tensor import SpatialTensor
 
@@ -75,10 +75,11 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
     SpatialTensors for per-pixel outputs and plain replicated tensors for
     global ones. ``attention`` picks the sequence-parallel attention algorithm
     ('auto': Ulysses when heads % sp == 0, else all-gather of K/V; or
-    'ulysses' / 'allgather'). Random ops on replicated tensors (DropPath
-    decisions) draw from a stream shared by the sp group, seeded with
-    ``rng_seed`` (default: sp rank 0's ``torch.initial_seed()``) plus the dp
-    index (rng.py). Raises :class:`SPIMUnsupportedError` naming the first module
+    'ulysses' / 'allgather'). Random ops draw from a stream shared by the sp
+    group, seeded with ``rng_seed`` (default: sp rank 0's
+    ``torch.initial_seed()``) plus the dp index; element-wise ones (dropout,
+    DropPath's bernoulli_, rand_like, ...) are a function of that stream and each
+    element's global index, so they are the same for every grid (rng.py). Raises :class:`SPIMUnsupportedError` naming the first module
     SPIM cannot run exactly."""
     from . import ops  # noqa: F401  (registers the op rules)
 
@@ -131,16 +132,8 @@ def _shared_rng_hooks(model: nn.Module, mesh: SpatialMesh, seed: int | None) -> 
         if mesh.sp > 1:
             dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
         seed = box[0]
-    rng = SharedRNG(seed + 1_000_003 * mesh.dp_index)
-    model._spim_rng = rng
-
-    def pre(mod, args):
-        rng.enter()
-
-    def post(mod, args, out):
-        rng.exit()
-
-    return [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
+    # the sp group's shared stream and grid-invariant element-wise randomness (rng.py)
+    return rng.install(model, seed + 1_000_003 * mesh.dp_index)
 
 
 def average_gradients(model: nn.Module, mesh: SpatialMesh | None = None) -> None:

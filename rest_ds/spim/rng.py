@@ -1,36 +1,56 @@
-"""One random stream shared by the sp group for the duration of a forward.
+"""Randomness under SPIM: one run, whatever the grid (DESIGN.md section 3).
 
-DropPath (stochastic depth) draws one keep/drop decision per *sample*
-(``x.new_empty((B, 1, ...)).bernoulli_(p)``, a replicated tensor): every rank of
-an sp group must draw the same decision, or the tiles of one scene would see
-different networks. So while a parallelized model runs forward, torch's
-*default* generator holds a state shared by the sp group (seeded identically
-on every sp rank, differently across dp replicas); the user's own state is put
-back when the forward ends (also when it raises). Replicated random ops then
-agree across ranks without any interception, and ``torch.utils.checkpoint``,
-which stashes and restores the default generator for its recompute, replays
-the same draws in backward.
+Two mechanisms, both here:
 
-Randomness on a *tile* (dropout on a SpatialTensor) must differ between tiles:
-its op draws one seed from the shared stream (so the stream stays in step on
-every rank) and runs under ``seed, sp index`` in a forked generator, which a
-checkpoint recompute reproduces too.
+* **A stream shared by the sp group.** While a model prepared by
+  :func:`install` (``parallelize`` calls it) runs forward, torch's *default*
+  generator holds a state seeded identically on every sp rank (differently
+  across dp replicas); the user's own state is put back when the forward ends
+  (also when it raises). ``torch.utils.checkpoint`` stashes and restores the
+  default generator for its recompute, so it replays the same draws in
+  backward. Random ops that stay native (``torch.rand(size)``, ``randperm``,
+  ...) draw the same numbers on every rank from it.
 
-A single-device reference run inside :meth:`SharedRNG.active` with the same
-seed draws the same replicated numbers, which is how ``verify`` checks
-stochastic-depth models exactly.
+* **Counter-based, grid-invariant values.** Every element-wise random op
+  (dropout and its feature/alpha variants, ``rrelu``, ``bernoulli(_)``,
+  ``uniform_``, ``normal_``, ``rand_like``/``randn_like``/``randint_like``)
+  draws ONE 62-bit seed from the default (shared) stream and computes each
+  element's value as a function of ``(seed, the element's global linear
+  index)``: splitmix64 of ``mix(seed) + (index + 1) * golden``, in int64 torch
+  ops on the tile only (CPU and CUDA alike). A tile therefore holds exactly the
+  values the same op would give on the whole scene in one process, and masks,
+  outputs and gradients are the same for every grid, 1x1 included. Channel
+  masks (``dropout2d``, ``feature_alpha_dropout``) index the ``(sample,
+  channel)`` mask itself: one draw per (sample, channel), identical on all ranks.
+
+For one process to draw the same values as the sharded run, the *plain* tensors
+of a model must take the same route, so :func:`install` also makes the forward
+run under :class:`GridInvariantRandom`, a ``TorchFunctionMode`` that sends these
+ops, plain or sharded, through :func:`random_op`. A plain, unparallelized model
+gets the identical run with ``install(model, seed)`` (what ``verify`` does for
+its reference). The mode is also entered by every submodule's forward when it
+is not active, which covers activation-checkpoint recomputes (they run in
+backward, outside the model's forward): random ops on plain tensors inside a
+checkpointed function replay exactly when they run inside a submodule (as
+``nn.Dropout`` and timm's ``DropPath`` do); on SpatialTensors they always do.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import SPIMError
 
 _RANDOM_NAMES = (
     "bernoulli bernoulli_ uniform_ normal_ random_ exponential_ cauchy_ geometric_ log_normal_ rand randn randint "
     "randperm rand_like randn_like randint_like normal poisson multinomial dropout dropout_ alpha_dropout "
-    "alpha_dropout_ feature_alpha_dropout feature_alpha_dropout_ dropout1d dropout2d dropout3d rrelu rrelu_"
+    "alpha_dropout_ feature_dropout feature_dropout_ feature_alpha_dropout feature_alpha_dropout_ dropout1d "
+    "dropout2d dropout3d rrelu rrelu_"
 ).split()
 RANDOM_FUNCS = {f for n in _RANDOM_NAMES for o in (torch, torch.Tensor, F) if callable(f := getattr(o, n, None))}
 
@@ -76,27 +96,392 @@ class SharedRNG:
             self.exit()
 
 
-_DROPOUTS = {f for n in ("dropout", "dropout_", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
-                          "feature_alpha_dropout_", "dropout1d", "dropout2d", "dropout3d")
-             for o in (torch, F) if callable(f := getattr(o, n, None))}
+# --- the counter-based generator ---------------------------------------------------
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def _is_noop(func, args, kwargs) -> bool:
-    """Dropout with p = 0 or outside training draws nothing on one device; it must
-    not advance the shared stream here either."""
-    if func not in _DROPOUTS:
-        return False
-    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-    training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
-    return p == 0 or not training
+def _s64(v: int) -> int:
+    """``v mod 2**64`` as a signed int64 (torch's int64 arithmetic wraps the same way)."""
+    v &= _M64
+    return v - (1 << 64) if v >> 63 else v
 
 
-def run_on_tile(func, args, kwargs, sp_index: int):
-    """A random op on this rank's tile: a seed from the (shared) default stream,
-    made distinct per rank, in a forked generator."""
-    if _is_noop(func, args, kwargs):
+def mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (the reference for :func:`random_bits`)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _C1) & _M64
+    z = ((z ^ (z >> 27)) * _C2) & _M64
+    return z ^ (z >> 31)
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """64 random bits (as int64) per element: ``mix64(mix64(seed) + (index + 1) * golden)``,
+    a function of the seed and each element's counter ``index`` only."""
+    z = index * _s64(_GOLDEN)  # a fresh tensor; the rest is in place
+    z += _s64(mix64(seed) + _GOLDEN)
+    z ^= _lsr(z, 30)
+    z *= _s64(_C1)
+    z ^= _lsr(z, 27)
+    z *= _s64(_C2)
+    z ^= _lsr(z, 31)
+    return z
+
+
+def _uniform(seed: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Uniform in [0, 1): the top ``mantissa + 1`` bits, exact in ``dtype`` (never 1.0)."""
+    bits = min(53, round(-math.log2(torch.finfo(dtype).eps)) + 1)
+    work = torch.float32 if bits <= 24 else torch.float64
+    return (_lsr(random_bits(seed, index), 64 - bits).to(work) * 2.0 ** -bits).to(dtype)
+
+
+def _u53(seed: int, index: torch.Tensor) -> torch.Tensor:
+    return _lsr(random_bits(seed, index), 11)
+
+
+def _normal(seed: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal (Box-Muller in float64) from counters ``2 i`` and ``2 i + 1``."""
+    u1 = (_u53(seed, index * 2) + 1).double() * 2.0 ** -53  # (0, 1]
+    u2 = _u53(seed, index * 2 + 1).double() * 2.0 ** -53
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)).to(dtype)
+
+
+# --- global element indices -----------------------------------------------------------
+def _coords(x: torch.Tensor, d: int, n: int, device) -> torch.Tensor:
+    """Global coordinates along dim ``d`` of the ``n`` local entries of ``x``'s tile."""
+    from .tensor import SpatialTensor
+
+    ar = torch.arange(n, dtype=torch.int64, device=device)
+    if not isinstance(x, SpatialTensor):
+        return ar
+    spec = x._spec
+    dims = [k % x.dim() for k in spec.dims]
+    if d not in dims:
+        return ar
+    (r0, r1), (c0, c1) = spec.row_range, spec.col_range
+    if not spec.is_tokens:
+        return ar + (r0 if d == dims[0] else c0)
+    # token layout: prefix tokens, then (lead, H, W, trail) row-major
+    H, W = spec.global_hw
+    P = spec.prefix
+
+    def a(m, k):
+        return torch.arange(m, dtype=torch.int64, device=device).view([-1 if j == k else 1 for j in range(4)])
+
+    g = P + ((a(spec.lead, 0) * H + a(r1 - r0, 1) + r0) * W + a(c1 - c0, 2) + c0) * spec.trail + a(spec.trail, 3)
+    out = torch.cat([ar[:P], g.reshape(-1)])
+    if out.numel() != n:
+        raise SPIMError(f"internal: token tile of {n} entries does not match its layout ({out.numel()})")
+    return out
+
+
+def element_index(x: torch.Tensor, kept: int | None = None) -> torch.Tensor:
+    """int64 row-major linear index, in ``x``'s *global* shape, of every element of
+    this rank's tile (of ``x`` itself when it is a plain tensor).
+
+    With ``kept = k`` only the first ``k`` dims are indexed (the others have size 1
+    in the result): the elements of a ``(N, C, 1, ...)`` channel mask. Never
+    materialises more than the tile."""
+    from .tensor import SpatialTensor
+
+    loc = x._local if isinstance(x, SpatialTensor) else x
+    gshape, lshape = list(x.shape), list(loc.shape)
+    k = len(gshape) if kept is None else kept
+    idx = torch.zeros((), dtype=torch.int64, device=loc.device)
+    stride = 1
+    for d in reversed(range(k)):
+        c = _coords(x, d, lshape[d], loc.device)
+        idx = idx + (c * stride).view([-1 if j == d else 1 for j in range(len(lshape))])
+        stride *= gshape[d]
+    return idx.reshape([lshape[j] if j < k else 1 for j in range(len(lshape))])
+
+
+# --- the rules ----------------------------------------------------------------------
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One 62-bit seed from ``generator`` (default: torch's default CPU generator,
+    the sp group's shared stream inside a SPIM forward)."""
+    dev = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=dev).item())
+
+
+def _bind(args, kwargs, names, defaults):
+    """Positional/keyword arguments by name (``defaults`` for the missing ones)."""
+    out = dict(defaults)
+    out.update(zip(names, args))
+    out.update(kwargs)
+    return out
+
+
+def _local(t):
+    from .tensor import SpatialTensor
+
+    return t._local if isinstance(t, SpatialTensor) else t
+
+
+def _finish(x, out, inplace: bool):
+    """Result on ``x``'s layout: a SpatialTensor stays one; in place keeps the object."""
+    from .tensor import SpatialTensor, wrap
+
+    if inplace:
+        if isinstance(x, SpatialTensor):
+            x._local = out
+        return x
+    return wrap(out, x._spec) if isinstance(x, SpatialTensor) else out
+
+
+_ALPHA = 1.7580993408473766  # SELU's alpha * lambda, as in ATen's alpha dropout
+
+
+def _dropout(func, args, kwargs, feature: bool, alpha: bool, torch_api: bool):
+    name = func.__name__
+    inplace_name = name.endswith("_")
+    names = ("input", "p", "train" if torch_api else "training", "inplace")
+    default_train = not (alpha and not torch_api)  # F.alpha_dropout/feature_alpha_dropout: training=False
+    a = _bind(args, kwargs, names, {"p": 0.5, names[2]: default_train, "inplace": inplace_name})
+    x, p, train, inplace = a["input"], float(a["p"]), bool(a[names[2]]), bool(a["inplace"])
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    loc = _local(x)
+    ndim = loc.dim()
+    kept = None
+    if feature:
+        if name in ("dropout1d", "dropout3d"):
+            ok = (2, 3) if name == "dropout1d" else (4, 5)
+            if name == "dropout1d" and ndim not in ok:
+                raise RuntimeError(f"dropout1d: Expected 2D or 3D input, but received a {ndim}D input")
+            kept = 2 if ndim == ok[1] else 1  # unbatched input: one draw per channel
+        else:
+            kept = 2
+        if ndim < kept:
+            raise RuntimeError(f"{name}: feature dropout needs an input of at least {kept} dims, got {ndim}")
+    if not train or p == 0.0 or x.numel() == 0:  # draws nothing: the shared stream stays in step
+        return x  # as ATen: the input itself
+    if p == 1.0:
+        zero = torch.zeros((), dtype=loc.dtype, device=loc.device)
+        return _finish(x, loc.mul_(zero) if inplace else loc * zero, inplace)
+    seed = draw_seed()
+    keep = _u53(seed, element_index(x, kept)) >= math.ceil(p * 2.0 ** 53)  # P(keep) = 1 - p
+    noise = keep.to(loc.dtype)
+    if alpha:
+        s = 1.0 / math.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
+        b = (noise - 1) * (_ALPHA * s) + _ALPHA * s * p
+        noise = noise * s
+        out = loc.mul_(noise).add_(b) if inplace else loc * noise + b
+    else:
+        noise = noise / (1 - p)
+        out = loc.mul_(noise) if inplace else loc * noise
+    return _finish(x, out, inplace)
+
+
+def _rrelu(func, args, kwargs):
+    inplace_name = func.__name__.endswith("_")
+    a = _bind(args, kwargs, ("input", "lower", "upper", "training", "inplace"),
+              {"lower": 1.0 / 8, "upper": 1.0 / 3, "training": False, "inplace": inplace_name})
+    x, lo, hi, inplace = a["input"], float(a["lower"]), float(a["upper"]), bool(a["inplace"])
+    loc = _local(x)
+    if not a["training"]:  # deterministic: slope (lower + upper) / 2
+        return _finish(x, F.leaky_relu(loc, (lo + hi) / 2, inplace=inplace), inplace)
+    slope = lo + (hi - lo) * _uniform(draw_seed(a.get("generator")), element_index(x), loc.dtype)
+    noise = torch.where(loc >= 0, torch.ones_like(slope), slope)
+    return _finish(x, loc.mul_(noise) if inplace else loc * noise, inplace)
+
+
+def _fill(x, values):
+    """``x`` filled with ``values`` in place (autograd as for torch's own in-place fills)."""
+    loc = _local(x)
+    return _finish(x, loc.copy_(values), True)
+
+
+def _prob(p, x):
+    """A probability operand on ``x``'s tile (a SpatialTensor's tile, a plain
+    tensor of the global extent sliced to it, a number as is)."""
+    from .tensor import SpatialTensor
+
+    if isinstance(p, SpatialTensor):
+        return p._local
+    if isinstance(p, torch.Tensor) and p.dim() > 0 and isinstance(x, SpatialTensor):
+        from .ops.pointwise import align_plain
+
+        return align_plain(p, x.dim(), x._spec, "bernoulli")
+    return p
+
+
+def _bernoulli(func, args, kwargs):
+    x = args[0]
+    gen = kwargs.get("generator")
+    if kwargs.get("out") is not None:
+        raise SPIMError("bernoulli(out=...) has no grid-invariant rule; assign the result instead")
+    loc = _local(x)
+    inplace = func.__name__ == "bernoulli_"
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5 if inplace else None)
+    probs = loc if p is None else _prob(p, x)
+    u = _u53(draw_seed(gen), element_index(x)).double() * 2.0 ** -53
+    probs = probs.double() if isinstance(probs, torch.Tensor) else float(probs)
+    draws = (u < probs).to(loc.dtype)
+    return _fill(x, draws) if inplace else _finish(x, draws, False)
+
+
+def _uniform_(func, args, kwargs):
+    a = _bind(args, kwargs, ("self", "from", "to"), {"from": 0.0, "to": 1.0})
+    x = a["self"]
+    u = _uniform(draw_seed(a.get("generator")), element_index(x), _local(x).dtype)
+    return _fill(x, u * (a["to"] - a["from"]) + a["from"])
+
+
+def _normal_(func, args, kwargs):
+    a = _bind(args, kwargs, ("self", "mean", "std"), {"mean": 0.0, "std": 1.0})
+    x = a["self"]
+    z = _normal(draw_seed(a.get("generator")), element_index(x), _local(x).dtype)
+    return _fill(x, z * a["std"] + a["mean"])
+
+
+def _like(func, args, kwargs):
+    x = args[0]
+    kw = dict(kwargs)
+    gen = kw.pop("generator", None)
+    name = func.__name__
+    if name == "randint_like":
+        ints = list(args[1:]) + [kw.pop(k) for k in ("low", "high") if k in kw]
+        low, high = (0, ints[0]) if len(ints) == 1 else (ints[0], ints[1])
+    loc = _local(x)
+    dtype = kw.get("dtype") or loc.dtype
+    device = kw.get("device") or loc.device
+    index = element_index(x).to(device)
+    seed = draw_seed(gen)
+    if name == "rand_like":
+        out = _uniform(seed, index, dtype)
+    elif name == "randn_like":
+        out = _normal(seed, index, dtype)
+    else:  # low + floor(u * (high - low)), u with 53 bits
+        u = _u53(seed, index).double() * 2.0 ** -53
+        out = (low + torch.floor(u * (high - low))).clamp_(max=high - 1).to(dtype)
+    if kw.get("requires_grad"):
+        out.requires_grad_(True)
+    return _finish(x, out, False)
+
+
+def _rules() -> dict:
+    r = {}
+    for name, feature, alpha in (("dropout", False, False), ("alpha_dropout", False, True),
+                                 ("feature_dropout", True, False), ("feature_alpha_dropout", True, True),
+                                 ("dropout1d", True, False), ("dropout2d", True, False),
+                                 ("dropout3d", True, False)):
+        for owner, torch_api in ((F, False), (torch, True)):
+            for n in (name, name + "_"):
+                f = getattr(owner, n, None)
+                if callable(f) and f not in r:
+                    r[f] = (lambda fe, al, ta: lambda func, args, kwargs: _dropout(func, args, kwargs, fe, al, ta))(
+                        feature, alpha, torch_api)
+    for f in (F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_):
+        r[f] = _rrelu
+    for f in (torch.bernoulli, torch.Tensor.bernoulli, torch.Tensor.bernoulli_):
+        r[f] = _bernoulli
+    r[torch.Tensor.uniform_] = _uniform_
+    r[torch.Tensor.normal_] = _normal_
+    for f in (torch.rand_like, torch.randn_like, torch.randint_like):
+        r[f] = _like
+    return r
+
+
+_RULES = _rules()
+GRID_INVARIANT_FUNCS = frozenset(_RULES)
+
+
+def random_op(func, args, kwargs):
+    """A random torch op on a plain tensor or a SpatialTensor: grid-invariant values
+    (module docstring) where SPIM has a rule; any other random op on a
+    SpatialTensor is refused by name (its values would depend on the tiling)."""
+    rule = _RULES.get(func)
+    if rule is None:
+        from . import context
+        from .tensor import op_name
+
+        raise context.unsupported(op_name(func), "random op without a grid-invariant rule on a sharded tensor "
+                                                 "(its values would depend on the tiling)")
+    return rule(func, args, kwargs)
+
+
+# --- the mode and the hooks -------------------------------------------------------------
+_tls = threading.local()
+
+
+class GridInvariantRandom(TorchFunctionMode):
+    """Routes the element-wise random ops of plain tensors (and SpatialTensors)
+    through :func:`random_op`; every other op runs as it would without the mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RULES:
+            return _RULES[func](func, args, kwargs)
         return func(*args, **kwargs)
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    with torch.random.fork_rng(devices=_devices()):
-        torch.manual_seed((seed + 0x9E3779B97F4A7C15 * (sp_index + 1)) % (2 ** 63))
-        return func(*args, **kwargs)
+
+
+def mode_active() -> bool:
+    return getattr(_tls, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def grid_invariant():
+    """Plain-tensor random ops inside draw grid-invariant values (nests freely)."""
+    mode = GridInvariantRandom()
+    _tls.depth = getattr(_tls, "depth", 0) + 1
+    try:
+        with mode:
+            yield
+    finally:
+        _tls.depth -= 1
+
+
+def install(model: torch.nn.Module, seed: int) -> list:
+    """Make every forward of ``model`` one grid-invariant run: the default generator
+    is ``SharedRNG(seed)``'s during the forward, and element-wise random ops draw
+    counter-based values (also in checkpoint recomputes, through the submodules'
+    forwards). Returns the hook handles. ``parallelize`` calls it on every sp rank
+    with the same seed; a plain model given the same seed draws the same values."""
+    rng = SharedRNG(seed)
+    model._spim_rng = rng
+    tls = threading.local()  # a stack of entered modes per thread (CUDA backward recomputes on its own)
+
+    def stack() -> list:
+        if not hasattr(tls, "stack"):
+            tls.stack = []
+        return tls.stack
+
+    def enter():
+        ctx = grid_invariant()
+        ctx.__enter__()
+        stack().append(ctx)
+
+    def root_pre(mod, args):
+        rng.enter()
+        enter()
+
+    def root_post(mod, args, out):
+        if stack():
+            stack().pop().__exit__(None, None, None)
+        rng.exit()
+
+    def sub_pre(mod, args):
+        if mode_active():
+            stack().append(None)
+        else:
+            enter()
+
+    def sub_post(mod, args, out):
+        if stack():
+            ctx = stack().pop()
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(root_pre),
+               model.register_forward_hook(root_post, always_call=True)]
+    for name, m in model.named_modules():
+        if name:
+            handles += [m.register_forward_pre_hook(sub_pre), m.register_forward_hook(sub_post, always_call=True)]
+    return handles

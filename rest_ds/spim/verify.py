@@ -25,7 +25,7 @@ from .comm import all_reduce_, broadcast_, comm_stats
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
 from .parallelize import average_gradients, parallelize
-from .rng import SharedRNG
+from . import rng
 from .sharding import gather, shard
 from .tensor import SpatialTensor
 from .tiling import TileLayout
@@ -165,6 +165,9 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
             broadcast_(t.data, mesh, record=False)
     ref = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double().train(train) if noise_floor and mesh.sp_index == 0 else None
+    for r in (ref, ref64):  # the same random draws as the sharded run (rng.py), checkpoint recomputes included
+        if r is not None:
+            rng.install(r, seed)
     model.train(train)
     ref.train(train)
     report = VerifyReport(grid=mesh.grid, layout=(layout.rows, layout.cols))
@@ -189,8 +192,7 @@ def compare_sharded(factory: Callable[[], nn.Module], x: torch.Tensor, mesh: Spa
     report.comm_bytes = dict(comm_stats().bytes)
     if mesh.sp_index == 0:
         xr = x.detach().clone().requires_grad_(x.is_floating_point())
-        with SharedRNG(seed).active():  # the same DropPath draws as the sharded run
-            rout = _outputs(ref(xr))
+        rout = _outputs(ref(xr))
         rloss = _loss(rout, seed)
         if isinstance(rloss, torch.Tensor):
             rloss.backward()
@@ -218,8 +220,7 @@ def _fp64_floor(ref, ref64, x, rout, xr, seed, step, lr) -> dict[str, float]:
     """Errors of the fp32 single-process run (already done: ``ref``, ``rout``,
     ``xr``) against the same model in float64."""
     x64 = x.detach().double().requires_grad_(x.is_floating_point())
-    with SharedRNG(seed).active():
-        out64 = _outputs(ref64(x64))
+    out64 = _outputs(ref64(x64))
     loss = _loss(out64, seed)
     if isinstance(loss, torch.Tensor):
         loss.backward()

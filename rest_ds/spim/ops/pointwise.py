@@ -12,7 +12,7 @@ import torch
 from .. import context
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
-from ..rng import RANDOM_FUNCS, run_on_tile
+from .. import rng
 from ..tokens import tile_of_full
 
 UNARY = (
@@ -20,7 +20,7 @@ UNARY = (
     "mish hardswish hardsigmoid hardtanh leaky_relu elu selu celu softplus softsign tanhshrink softshrink "
     "hardshrink threshold clamp clamp_min clamp_max clip pow square reciprocal sin cos tan erf erfc floor ceil "
     "round trunc frac sign sgn logical_not isnan isinf isfinite nan_to_num bitwise_not float_power xlogy "
-    "prelu rrelu dropout alpha_dropout feature_alpha_dropout logit"
+    "prelu logit"
 ).split()
 BINARY = (
     "add sub subtract rsub mul multiply div divide true_divide floor_divide remainder fmod maximum minimum fmax fmin "
@@ -107,10 +107,7 @@ def _pointwise(func, args, kwargs):
     if inplace and not isinstance(args[0], SpatialTensor):
         raise context.unsupported(op, "an in-place op on a replicated tensor with a sharded operand")
     largs, lkwargs = localize(args, kwargs, spec, ndim, op)
-    if func in RANDOM_FUNCS:  # dropout on a tile: masks differ per tile, replayable by checkpointing
-        out = run_on_tile(func, largs, lkwargs, spec.mesh.sp_index)
-    else:
-        out = func(*largs, **lkwargs)
+    out = func(*largs, **lkwargs)
     if inplace:
         args[0]._local = out if isinstance(out, torch.Tensor) else args[0]._local
         return args[0]
@@ -122,6 +119,11 @@ def _pointwise(func, args, kwargs):
 
 
 register(*funcs_named(*_names_with_inplace(UNARY + BINARY)), *funcs_named(*DUNDER, owners=(torch.Tensor,)))(_pointwise)
+
+# Random ops (dropout and its variants, rrelu, bernoulli, uniform_, normal_,
+# rand_like, ...): grid-invariant values from (seed, global element index), or a
+# refusal by name for random ops without such a rule (rng.py).
+register(*(rng.RANDOM_FUNCS | rng.GRID_INVARIANT_FUNCS))(rng.random_op)
 
 
 @register(*funcs_named(*CAST, owners=(torch.Tensor,)))

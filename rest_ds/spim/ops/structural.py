@@ -13,7 +13,6 @@ import torch
 
 from .. import context
 from ..errors import SPIMError
-from ..rng import RANDOM_FUNCS, run_on_tile
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
 from .pointwise import align_plain, localize
 
@@ -229,8 +228,7 @@ def _reshape_as(func, args, kwargs):
                        "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "pixel_shuffle",
                        "pixel_unshuffle", "tolist", "numpy", "item", "__setitem__", "__bool__", "__reduce_ex__",
                        "__deepcopy__", "mm", "tensordot",
-                       "fold", "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm",
-                       "dropout2d", "dropout3d", "feature_dropout"))
+                       "fold", "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm"))
 def _refuse_layout(func, args, kwargs):
     x = next(a for a in args if isinstance(a, SpatialTensor))
     name = op_name(func)
@@ -390,12 +388,10 @@ def _crop_end(x: SpatialTensor, dim: int, sl: slice):
     return wrap(loc, replace(spec, rows=new) if axis == 0 else replace(spec, cols=new))
 
 
-@register(*funcs_named("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                       "randint_like", owners=(torch,)))
+@register(*funcs_named("zeros_like", "ones_like", "empty_like", "full_like", owners=(torch,)))
 def _like(func, args, kwargs):
+    """Same layout, this rank's tile (rand_like and the other random ones: rng.py)."""
     x = args[0]
-    if func in RANDOM_FUNCS:
-        return wrap(run_on_tile(func, (x._local, *args[1:]), kwargs, x._spec.mesh.sp_index), x._spec)
     return wrap(func(x._local, *args[1:], **kwargs), x._spec)
 
 
