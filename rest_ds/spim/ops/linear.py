@@ -39,7 +39,7 @@ def _matmul(func, args, kwargs):
     if isinstance(a, SpatialTensor) and not isinstance(b, SpatialTensor):
         if a.dim() - 1 in a._spec.dims:
             raise context.unsupported(op, "contraction over a sharded dim")
-        if b.dim() > 2:
+        if b.dim() > 2 and not _queries_times_replicated(a, b):
             raise context.unsupported(op, "a batched replicated right operand")
         return wrap(torch.matmul(a._local, b), a._spec)
     if isinstance(b, SpatialTensor) and not isinstance(a, SpatialTensor):
@@ -50,9 +50,10 @@ def _matmul(func, args, kwargs):
     if sa.same_layout(sb) and a.dim() == b.dim() and all(d < a.dim() - 2 for d in sa.dims):
         # sharded on a batch dim of the product (e.g. windows x heads): independent per tile
         return wrap(torch.matmul(a._local, b._local), sa)
-    # both sharded on tokens: the left operand keeps its token sharding on dim -2
-    if not (sa.is_tokens and sb.is_tokens and sa.rows == sb.rows and sa.cols == sb.cols and a.dim() == b.dim()
-            and sa.prefix == sb.prefix):
+    # both sharded on tokens: the left operand keeps its token sharding on dim -2; the
+    # right one (keys or values) may live on another token grid (spatial-reduction
+    # attention: K/V on a strided-conv-reduced grid), it is gathered whole either way
+    if not (sa.is_tokens and sb.is_tokens and sa.mesh == sb.mesh and a.dim() == b.dim()):
         raise context.unsupported(op, "a product of two sharded tensors other than token-layout attention")
     if sa.dims[0] != a.dim() - 2:
         raise context.unsupported(op, "the left operand's token dim must be dim -2 (queries)")
@@ -60,6 +61,15 @@ def _matmul(func, args, kwargs):
         raise context.unsupported(op, "the right operand's token dim must be one of its last two dims")
     b_full = gather_tokens(b._local, sb.dims[0], sb)
     return wrap(torch.matmul(a._local, b_full), sa)
+
+
+def _queries_times_replicated(a: SpatialTensor, b: torch.Tensor) -> bool:
+    """``a @ b`` with ``a`` sharded only on its query dim -2 (token layout) and a
+    batched replicated ``b`` (keys/values made replicated, e.g. PVT-v2's adaptive
+    pool to 7x7): every query row meets the whole ``b``, batch dims are not
+    sharded, so the tile's rows are computed locally and exactly."""
+    s = a._spec
+    return s.is_tokens and s.dims[0] == a.dim() - 2 and b.dim() <= a.dim()
 
 
 @register(torch.einsum)
@@ -110,6 +120,8 @@ def _sdpa(func, args, kwargs):
     a.update(kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     op = "scaled_dot_product_attention"
+    if isinstance(q, SpatialTensor) and _kv_on_other_grid(q, k, v):
+        return _sdpa_gathered_kv(a, q, k, v, op)
     if not all(isinstance(t, SpatialTensor) for t in (q, k, v)):
         raise context.unsupported(op, "query, key and value must all be token-sharded")
     spec = q._spec
@@ -147,3 +159,39 @@ def _sdpa(func, args, kwargs):
                                       scale=a.get("scale"), algorithm=context.settings["attention"],
                                       enable_gqa=a.get("enable_gqa", False), prefix=spec.prefix)
     return wrap(out, spec)
+
+def _kv_on_other_grid(q: SpatialTensor, k, v) -> bool:
+    """Queries token-sharded on dim -2 and keys/values not on the queries' layout:
+    each replicated (a plain tensor) or token-sharded on dim -2 of another grid
+    (spatial-reduction attention: SegFormer / PVT-v2 K/V on a reduced grid)."""
+    s = q._spec
+    if not (s.is_tokens and s.dims[0] == q.dim() - 2):
+        return False
+    for t in (k, v):
+        if isinstance(t, SpatialTensor) and not (t._spec.is_tokens and t._spec.dims[0] == t.dim() - 2
+                                                 and t._spec.mesh == s.mesh):
+            return False
+    return not all(isinstance(t, SpatialTensor) and t._spec.same_layout(s) for t in (k, v))
+
+
+def _sdpa_gathered_kv(a: dict, q: SpatialTensor, k, v, op: str) -> SpatialTensor:
+    """Attention of the tile's queries over keys/values of the whole scene that
+    live on another token grid (or are replicated): sharded K/V are gathered in
+    their global order (``gather_tokens``: one all-to-all whose backward returns
+    each rank the sum of every rank's gradient for its tokens), then the tile's
+    rows of the attention run locally. K and V of one layout travel together."""
+    if a.get("dropout_p", 0.0):
+        raise context.unsupported(op, "attention dropout > 0 (masks would differ from one device)")
+    if a.get("is_causal", False):
+        raise context.unsupported(op, "is_causal (no causal order over a scene)")
+    if a.get("attn_mask") is not None:
+        raise context.unsupported(op, "attn_mask with keys/values on another token grid than the queries")
+    if (isinstance(k, SpatialTensor) and isinstance(v, SpatialTensor) and k._spec.same_layout(v._spec)
+            and k.shape[:-1] == v.shape[:-1]):
+        kv = gather_tokens(torch.cat([k._local, v._local], dim=-1), k.dim() - 2, k._spec)
+        kf, vf = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
+    else:
+        kf, vf = (gather_tokens(t._local, t.dim() - 2, t._spec) if isinstance(t, SpatialTensor) else t
+                  for t in (k, v))
+    return wrap(F.scaled_dot_product_attention(q._local, kf, vf, scale=a.get("scale"),
+                                               enable_gqa=a.get("enable_gqa", False)), q._spec)
