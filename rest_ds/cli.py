@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import cli as train_cli
 
     train_cli.add_parser(sub)
+    from .train import bench as bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 
