@@ -113,18 +113,19 @@ class _Plan:
                     self.send.append((mesh.rank_at(i, j), rr, cc))
 
 
-def start_exchange(send_items, recv_items, mesh, kind_bytes_phase):
+def start_exchange(send_items, recv_items, mesh, kind_bytes_phase, kind: str = "halo"):
     """Post batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)];
     the tensors may be strided views. Returns ``wait()``, which completes it
     (the buffers hold the data after it, the sent tensors may change after it);
-    work done in between overlaps the transfer.
+    work done in between overlaps the transfer. ``kind``: the comm_stats
+    entry the bytes are counted under (``kind_bytes_phase``: the phase).
 
     A pair of grid neighbours on one host goes through the shared-memory
     channel (CPU tensors), anything else through gloo/NCCL point-to-point."""
     ops, g, ch, me = [], mesh.sp_group, mesh.shm, mesh.rank
     shm_sends, shm_recvs = [], []
     for dst, t in send_items:
-        _STATS.record("halo", t.numel() * t.element_size(), kind_bytes_phase)
+        _STATS.record(kind, t.numel() * t.element_size(), kind_bytes_phase)
         if ch is not None and t.device.type == "cpu" and ch.has_mailbox(me, dst):
             shm_sends.append((dst, t))
         else:

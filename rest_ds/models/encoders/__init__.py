@@ -7,7 +7,8 @@ Importing this package registers:
 * ``prithvi_vit`` and the TerraTorch presets ``prithvi_eo_tiny``, ``prithvi_eo_v1_100``,
   ``prithvi_eo_v2_100``, ``prithvi_eo_v2_300``, ``prithvi_eo_v2_300_tl``, ``prithvi_eo_v2_600``,
   ``prithvi_eo_v2_600_tl``: the Prithvi-EO-2.0 encoder in plain PyTorch (prithvi.py);
-* ``timm_cnn``: timm CNNs with ``features_only=True`` (timm_cnn.py).
+* ``timm_cnn``: timm CNNs with ``features_only=True`` (timm_cnn.py);
+* ``timm_swin``: timm ``swin_*`` / ``swinv2_*``, and ``hf_swin``: transformers' Swin (swin.py).
 
 Every encoder follows the registry's contract: ``forward(x) -> list of NCHW
 maps`` and ``out_channels``, ``strides``, ``align``. Checkpoints trained on
@@ -17,8 +18,10 @@ from . import bands
 from .bands import adapt_input_weight, adapt_state_dict, band_mapping
 from .hf_sam import HFSamEncoder, hf_sam
 from .prithvi import PrithviViT, prithvi_vit
+from .swin import HFSwinEncoder, TimmSwinEncoder, hf_swin, timm_swin
 from .timm_cnn import TimmCNNEncoder, timm_cnn
 from .timm_vit import TimmViTEncoder, timm_vit
 
 __all__ = ["bands", "adapt_input_weight", "adapt_state_dict", "band_mapping", "HFSamEncoder", "hf_sam",
-           "PrithviViT", "prithvi_vit", "TimmCNNEncoder", "timm_cnn", "TimmViTEncoder", "timm_vit"]
+           "PrithviViT", "prithvi_vit", "TimmCNNEncoder", "timm_cnn", "TimmViTEncoder", "timm_vit",
+           "TimmSwinEncoder", "timm_swin", "HFSwinEncoder", "hf_swin"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import context
 from ..attention import gather_tokens, sequence_parallel_attention
 from ..tensor import SpatialTensor, funcs_named, op_name, register, wrap
+from .pointwise import align_plain
 
 
 @register(F.linear, torch._C._nn.linear)
@@ -113,6 +114,16 @@ def _einsum(func, args, kwargs):
     return wrap(res, spec.with_dims([out.index(l) for l in letters]))
 
 
+def _window_mask(mask, ndim: int, spec, op: str):
+    """This rank's part of the mask of attention sharded on a batch dim (windows):
+    a sharded mask's tile, or a plain one broadcast against the global shape and
+    sliced to the tile's windows (e.g. Swin's shifted-window mask built for the
+    whole scene's window grid, or a relative-position bias shared by all windows)."""
+    if mask is None or isinstance(mask, SpatialTensor):
+        return None if mask is None else mask._local
+    return align_plain(mask, ndim, spec, op)
+
+
 @register(F.scaled_dot_product_attention)
 def _sdpa(func, args, kwargs):
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -128,12 +139,12 @@ def _sdpa(func, args, kwargs):
     mask = a.get("attn_mask")
     if all(d < q.dim() - 2 for d in spec.dims) and all(
             isinstance(t, SpatialTensor) and t._spec.same_layout(spec) for t in (k, v)) and (
-            mask is None or isinstance(mask, SpatialTensor) and mask._spec.same_layout(spec)):
+            not isinstance(mask, SpatialTensor) or mask._spec.same_layout(spec)):
         # sharded on a batch dim (windows of a windowed ViT): every window lives on one rank
         if a.get("dropout_p", 0.0):
             raise context.unsupported(op, "attention dropout > 0 (masks would differ from one device)")
         return wrap(F.scaled_dot_product_attention(
-            q._local, k._local, v._local, attn_mask=None if mask is None else mask._local,
+            q._local, k._local, v._local, attn_mask=_window_mask(mask, q.dim(), spec, op),
             is_causal=a.get("is_causal", False), scale=a.get("scale"), enable_gqa=a.get("enable_gqa", False)), spec)
     for t in (q, k, v):
         s = t._spec

@@ -224,7 +224,7 @@ def _reshape_as(func, args, kwargs):
 
 
 @register(*funcs_named("expand", "repeat",
-                       "unfold", "roll", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
+                       "unfold", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
                        "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "pixel_shuffle",
                        "pixel_unshuffle", "tolist", "numpy", "item", "__setitem__", "__bool__", "__reduce_ex__",
                        "__deepcopy__", "mm", "tensordot",
@@ -238,11 +238,11 @@ def _refuse_layout(func, args, kwargs):
             shape = tuple(shape[0])
         if all(int(s) in (-1, n) for s, n in zip(shape, x.shape)) and len(shape) == x.dim():
             return x  # expanding to its own shape
-    if name.endswith(("cumsum", "cumprod", "flip", "roll", "sort", "topk", "diff", "narrow", "index_select")):
+    if name.endswith(("cumsum", "cumprod", "flip", "sort", "topk", "diff", "narrow", "index_select")):
         dim = args[2] if name.endswith("narrow") or name.endswith("index_select") else (args[1] if len(args) > 1 else kwargs.get("dim"))
-        if name.endswith(("roll", "flip")) and dim is None:
+        if name.endswith("flip") and dim is None:
             dim = args[2] if len(args) > 2 else kwargs.get("dims")
-        if isinstance(dim, int) and _norm_dim(dim, x.dim()) not in _spatial_set(x) and not name.endswith(("roll",)):
+        if isinstance(dim, int) and _norm_dim(dim, x.dim()) not in _spatial_set(x):
             largs = [a._local if isinstance(a, SpatialTensor) else a for a in args]
             out = func(*largs, **kwargs)
             if isinstance(out, torch.Tensor) and out.dim() == x.dim():
@@ -354,7 +354,9 @@ def _getitem(func, args, kwargs):
             continue
         if src in x._spec.dims and not x._spec.is_tokens and isinstance(i, slice) and i != slice(None):
             crop = _crop_end(x, src, i)
-            if crop is not None:  # a crop at the scene's end (padding removed): only the last tiles shrink
+            if crop is None:
+                crop = every_kth(x, src, i)
+            if crop is not None:  # a crop at the scene's end (padding removed) or every k-th row: a new layout
                 rest = list(idx)
                 rest[k] = slice(None)
                 return _getitem(func, (crop, tuple(rest)), kwargs)
@@ -369,6 +371,29 @@ def _getitem(func, args, kwargs):
         src += 1
     out = x._local[idx]
     return wrap(out, x._spec.with_dims([new_dims[d] for d in x._spec.dims]))
+
+
+def every_kth(x: SpatialTensor, dim: int, sl: slice):
+    """``x[..., s::k, ...]`` along sharded ``dim`` (``0 <= s < k``, to the end)
+    as a new SpatialTensor, when every interior tile border is a multiple of
+    ``k`` (e.g. the ``x[:, 0::2, 1::2]`` of a Swin patch merging on tiles
+    aligned to 2): each tile keeps its own ``s::k`` rows, the new borders are
+    the old ones divided by ``k``. None for any other slice; refused when a
+    tile border is off the ``k`` grid or a tile would be left empty."""
+    spec = x._spec
+    n = x.shape[dim]
+    start, stop, step = sl.indices(n)
+    if step <= 1 or not 0 <= start < step or stop != n or sl.stop not in (None, n):
+        return None
+    axis = spec.dims.index(dim)
+    part = spec.rows if axis == 0 else spec.cols
+    new = tuple(b // step for b in part[:-1]) + (-(-(n - start) // step),)
+    if any(b % step for b in part[1:-1]) or any(b >= e for b, e in zip(new[:-1], new[1:])):
+        raise context.unsupported(
+            "Tensor.__getitem__", f"every {step}th element of sharded dim {dim} from {start} needs every tile "
+            f"border on a multiple of {step} and no empty tile (tile borders {list(part)}); align tiles to {step}")
+    loc = x._local[(slice(None),) * dim + (slice(start, None, step),)]
+    return wrap(loc, replace(spec, rows=new) if axis == 0 else replace(spec, cols=new))
 
 
 def _crop_end(x: SpatialTensor, dim: int, sl: slice):

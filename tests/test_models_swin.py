@@ -1,0 +1,191 @@
+"""Swin under SPIM: the sharded ``torch.roll`` and timm / transformers Swin encoders, exact.
+
+Multi-process part, one spawn per grid (tests/harness.py): on uneven tiles of a
+1x2 grid (128 x 320 scene, columns 0:256 | 256:320) and a 3x1 grid (320 x 96,
+rows 0:128 | 128:256 | 256:320), both aligned to the test Swins' 128 (patch 4 x
+window 4 x 2**3):
+
+* ``torch.roll`` / ``Tensor.roll`` on NCHW and channels-last maps: shifts of
+  both signs, over one or both grid dims, larger than a tile and larger than
+  the scene, together with a roll of a non-sharded dim; the wrap-around
+  crosses the scene's border (the last tile sends to the first);
+* timm ``swin_tiny_patch4_window7_224`` (v1), ``swinv2_tiny_window8_256`` and
+  transformers' ``SwinBackbone`` at tiny widths (24 wide, depths 2-1-2-1,
+  windows of 4, so stage 1 and stage 3 have shifted blocks) feeding the
+  registered UPerNet or linear decoder. The deepest maps (4 x 10 and 10 x 3
+  tokens) are not window multiples: the models pad at the scene's
+  bottom/right. Output, input gradient, every parameter gradient and every
+  parameter after one SGD step, train mode, float64 at 1e-10; timm v1 also in
+  float32 at 1e-5. transformers' backbone normalises each output stage, so it
+  feeds the linear head (no norm): under UPerNet's BatchNorm after a 1x1 conv
+  those LayerNorm biases have an exactly zero gradient.
+
+transformers' Swin has separate q/k/v projections: the key bias's gradient is
+exactly zero in exact arithmetic (softmax is invariant to adding q.b_k to
+every score of a query), so both sides' values are rounding noise and have no
+meaningful relative error; those biases (one per block) are left out of the
+comparison, and only they.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import rest_ds.models.encoders  # noqa: F401  (registers the encoders)
+from rest_ds.models.encoders.swin import swin_align
+from rest_ds.models.registry import build_encoder
+from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
+from rest_ds.spim.ops.roll import roll_pieces
+from rest_ds.spim.verify import compare_sharded
+
+from .harness import run_grid
+from .test_models_encoders import Seg, scene
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+LAYOUTS = {(1, 2): TileLayout((0, 128), (0, 256, 320)), (3, 1): TileLayout((0, 128, 256, 320), (0, 96))}
+GRIDS = list(LAYOUTS)
+P = functools.partial
+TINY = dict(embed_dim=24, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4)
+
+
+class RollNet(nn.Module):
+    """1x1 conv -> roll(s) (optionally channels-last) -> 1x1 conv: the convs give
+    the roll parameter gradients that depend on where every pixel went."""
+
+    def __init__(self, rolls, channels_last=False, method=False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.rolls, self.channels_last, self.method = rolls, channels_last, method
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.channels_last:
+            y = y.permute(0, 2, 3, 1)
+        for shifts, dims in self.rolls:
+            y = y.roll(shifts, dims) if self.method else torch.roll(y, shifts=shifts, dims=dims)
+        if self.channels_last:
+            y = y.permute(0, 3, 1, 2)
+        return self.b(torch.tanh(y))
+
+
+def timm_swin(name="swin_tiny_patch4_window7_224", head="upernet"):
+    return Seg(build_encoder("timm_swin", model_name=name, **TINY), head)
+
+
+def hf_swin(head="linear"):
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    return Seg(build_encoder("hf_swin", **kw), head)
+
+
+def _double(factory):
+    return factory().double()
+
+
+# rolls: ((shifts, dims), ...) on NCHW (grid dims 2, 3) or NHWC (1, 2)
+ROLLS = {
+    "roll-nchw-both": (((-2, 3), (2, 3)),),
+    "roll-nchw-big": ((130, 2), (-1, 1), (-150, 3)),        # past a tile, one by one (and a channel roll)
+    "roll-nhwc-swin": (((-2, -2), (1, 2)), ((2, 2), (1, 2))),  # Swin's shift and shift back
+    "roll-nhwc-wrap": (((-200, 97), (2, 1)),),              # larger than a tile, beyond the scene's half
+    "roll-nhwc-huge": (((333, -350), (1, 2)),),             # more than the scene
+}
+
+
+def grid_cases(grid) -> dict:
+    """case -> (factory, dtype)"""
+    out = {}
+    for name, rolls in ROLLS.items():
+        nhwc = "nhwc" in name
+        out[name] = (P(_double, P(RollNet, rolls, nhwc, name.endswith("big"))), torch.float64)  # big: Tensor.roll
+    out["timm_swin-upernet-fp64"] = (P(_double, timm_swin), torch.float64)
+    out["timm_swinv2-linear-fp64"] = (P(_double, P(timm_swin, "swinv2_tiny_window8_256", "linear")), torch.float64)
+    out["hf_swin-linear-fp64"] = (P(_double, hf_swin), torch.float64)
+    if grid == (1, 2):
+        out["timm_swin-upernet-fp32"] = (timm_swin, torch.float32)
+    return out
+
+
+def _run_grid(grid):
+    mesh = SpatialMesh.build(grid=grid)
+    layout = LAYOUTS[grid]
+    return {name: compare_sharded(factory, scene((2, 3, *layout.shape), dtype), mesh, layout, train=True, step=True,
+                                  seed=3)
+            for name, (factory, dtype) in grid_cases(grid).items()}
+
+
+_ZERO_GRAD = re.compile(r"\.attention\.k_proj\.bias$")  # transformers' Swin: exactly zero gradient (see above)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("grid,case", [pytest.param(g, c, id=f"{g[0]}x{g[1]}-{c}") for g in GRIDS
+                                       for c in grid_cases(g)])
+def test_swin_and_roll_exact_under_spim(grid, case):
+    factory, dtype = grid_cases(grid)[case]
+    rep = run_grid(_run_grid, grid)[case]
+    assert rep.refused is None, rep.refused
+    torch.manual_seed(0)
+    names = {n for n, _ in factory().named_parameters()}
+    missing = ({f"grad {n}" for n in names} | {f"param after step {n}" for n in names}) - set(rep.errors)
+    assert not missing, sorted(missing)[:8]
+    assert {"output[0]", "input grad"} <= set(rep.errors)
+    # the rolls crossed tiles (both grids split the rolled axes)
+    assert rep.comm_bytes.get("roll", 0) > 0, rep.comm_bytes
+    errors = rep.errors
+    if case.startswith("hf_swin"):
+        skipped = {k for k in errors if _ZERO_GRAD.search(k)}
+        assert len(skipped) == 2 * sum(TINY["depths"]), sorted(skipped)  # grad and param after step, per block
+        errors = {k: v for k, v in errors.items() if k not in skipped}
+    worst = max(errors, key=errors.get)
+    print(f"{grid[0]}x{grid[1]} {case}: max rel error {errors[worst]:.2e} ({worst}) over {len(errors)} tensors, "
+          f"roll bytes {rep.comm_bytes['roll']}")
+    bad = {k: v for k, v in errors.items() if not v <= TOL[dtype]}
+    assert not bad, f"{len(bad)} of {len(errors)} above {TOL[dtype]}: " + ", ".join(
+        f"{k}={v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:8])
+
+
+def test_roll_pieces_reproduce_torch_roll():
+    # the pure geometry on its own: every output element comes from exactly one piece
+    for part in ((0, 5), (0, 3, 10), (0, 4, 8, 10), (0, 7, 10), (0, 2, 3, 9, 16)):
+        n = part[-1]
+        src = torch.arange(n)
+        for shift in (0, 1, -1, 3, -4, n - 1, n, n + 2, -3 * n - 1, 7):
+            out = torch.full((n,), -1)
+            for j, k, lo, hi, dlo in roll_pieces(part, shift):
+                assert part[j] <= lo < hi <= part[j + 1] and part[k] <= dlo and dlo + hi - lo <= part[k + 1]
+                assert (out[dlo:dlo + hi - lo] == -1).all()
+                out[dlo:dlo + hi - lo] = src[lo:hi]
+            assert torch.equal(out, torch.roll(src, shift)), (part, shift)
+            pairs = [(j, k) for j, k, *_ in roll_pieces(part, shift) if j != k]
+            assert len(pairs) == len(set(pairs)), (part, shift)  # one message per pair of tiles
+
+
+def test_swin_align_and_encoder_contract():
+    assert swin_align(4, [(7, 7)] * 4) == 224  # Swin-T: patch 4 x window 7 x 2**3
+    assert swin_align(4, [(8, 8)] * 4) == 256
+    assert swin_align(4, [(7, 7), (7, 7), (7, 7), (6, 6)]) == 1344  # lcm(28, 56, 112, 192)
+    x = torch.randn(1, 3, 96, 160)
+    torch.manual_seed(0)
+    for enc in (build_encoder("timm_swin", **TINY),
+                build_encoder("timm_swin", model_name="swinv2_tiny_window8_256", out_indices=(1, 3), **TINY),
+                build_encoder("hf_swin", out_indices=[0, 2], embed_dim=24, depths=[2, 1, 2, 1],
+                              num_heads=[1, 2, 2, 4], window_size=4)):
+        with torch.no_grad():
+            feats = enc(x)
+        assert [f.shape[1] for f in feats] == enc.out_channels
+        assert [(-(-96 // s), -(-160 // s)) for s in enc.strides] == [tuple(f.shape[2:]) for f in feats]
+        assert enc.align == 128
+    assert build_encoder("timm_swin", embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)).align == 224
+    for layout in LAYOUTS.values():
+        check_aligned(layout.rows, 128)
+        check_aligned(layout.cols, 128)
+        sizes = [b - a for a, b in zip(layout.rows[:-1], layout.rows[1:])] + \
+            [b - a for a, b in zip(layout.cols[:-1], layout.cols[1:])]
+        assert len(set(sizes)) > 1  # uneven tiles
+    with pytest.raises(ValueError, match="not a timm swin"):
+        build_encoder("timm_swin", model_name="resnet18")
+    with pytest.raises(ValueError, match="out_indices"):
+        build_encoder("hf_swin", out_indices=[4])
