@@ -373,7 +373,7 @@ def resume_changes(old: dict, new: dict, where: str | os.PathLike) -> list[tuple
     """Compare a checkpoint's manifest ``old`` with the manifest the new run would
     write, ``new``. Raises :class:`CheckpointError` naming every differing key that
     cannot change (:data:`FIXED_ON_RESUME`, :data:`FIXED_CONFIG_KEYS`); returns the
-    other changed config keys as ``(key, old, new)`` (``train.resume`` ignored)."""
+    other changed config keys as ``(key, old, new)`` (``train.resume``, ``output_dir`` ignored)."""
     fixed = []
     for k in FIXED_ON_RESUME:
         a, b = _flatten(old.get(k), f"{k}."), _flatten(new.get(k), f"{k}.")
@@ -381,7 +381,7 @@ def resume_changes(old: dict, new: dict, where: str | os.PathLike) -> list[tuple
     a, b = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
     changed = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or key == "train.resume":
+        if a.get(key) == b.get(key) or key in ("train.resume", "output_dir"):   # a moved run folder is fine
             continue
         if key.startswith(FIXED_CONFIG_KEYS):
             if not key.startswith("model."):   # model differences are reported from the full model config
@@ -435,8 +435,8 @@ def export_model(state_dict: dict[str, torch.Tensor], meta: dict, output: str | 
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        chmod_like_open(tmp)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": EXPORT_FORMAT})
+        chmod_like_open(tmp)   # after save_file, which makes the file anew
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

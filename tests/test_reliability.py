@@ -1,0 +1,328 @@
+"""Reliability and security (issue 14), on the tiny synthetic scene and model of
+tests/test_train_data.py (SYNTHETIC data), one CPU rank, few steps.
+
+* A checkpoint file carrying a pickle payload (``__reduce__`` that would create a
+  marker file) never runs it, for each kind of file (our per-rank state,
+  DeepSpeed's model states and ZeRO optimizer states), on resume (DeepSpeed's
+  ``engine.load_checkpoint``) and on export (``zero_to_fp32``); the error names
+  the file. The untouched checkpoint still loads both ways.
+* Two runs on one output folder: the second is refused naming the first's host
+  and pid; after ``kill -9`` of the first, a new run takes the stale lock over.
+* Resume with a changed lr applies it (the logged lr) with a notice; a changed
+  model is refused naming the key; a damaged latest checkpoint is named and
+  ``train.resume=auto`` falls back to the previous one.
+* ``segment`` refuses outputs that would destroy the input or each other, wrong
+  extensions, unwritable folders and existing maps without ``--overwrite``.
+* Files keep the user's umask; ``data info`` errors are one line (exit 2); a
+  cached sample file changed after its fetch is noticed on use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_data import make_scene, tiny_config, write_config
+from tests.test_train_launcher import ROOT, read_csv, rest_ds
+
+
+def _config(d: Path, out: Path, scene_dir: Path | None = None, **train) -> Path:
+    scene_dir = scene_dir or d / "scene"
+    scene = scene_dir / "scene.yaml"
+    if not scene.is_file():
+        make_scene(scene_dir, stats=True)
+    cfg = tiny_config(scene, out)
+    cfg["data"]["scan"] = False
+    cfg["schedule"] = {"name": "constant", "warmup_steps": 0}
+    cfg["train"].update({"steps": 2, "eval_interval": 0, "checkpoint_interval": 1, **train})
+    return write_config(d / f"{out.name}.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 2-step run (ZeRO 2) with checkpoints at steps 1 and 2."""
+    d = tmp_path_factory.mktemp("reliability")
+    cfg = _config(d, d / "base")
+    p = rest_ds(["train", "--config", str(cfg)], d, timeout=500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"dir": d, "cfg": cfg, "out": d / "base"}
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, 'w')``: it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(folder: Path, name: str, marker: Path) -> None:
+    """Add the payload to ``folder/name`` and update the manifest's checksums as an
+    attacker would (so only the unpickler stands in the way)."""
+    from rest_ds.train.checkpoint import MANIFEST, file_record, safe_torch_load
+
+    f = folder / name
+    obj = safe_torch_load(f)
+    obj["innocent_looking_key"] = _Payload(marker)
+    torch.save(obj, f)
+    man = json.loads((folder / MANIFEST).read_text())
+    man["files"] = file_record(folder)
+    (folder / MANIFEST).write_text(json.dumps(man))
+
+
+_LOADER = """
+import json, sys
+from rest_ds.train import checkpoint as ckpt
+from rest_ds.train.config import load_config
+from rest_ds.train.engine import Trainer, init_job
+cfg = load_config(sys.argv[1], [])
+init_job()
+trainer = Trainer(cfg, log=lambda m: None)
+out = {}
+for d in sys.argv[2:]:
+    trainer.cfg.train.resume = d
+    for how in ("resume", "export"):
+        try:
+            if how == "resume":
+                trainer.resume()
+            else:
+                ckpt.consolidated_state_dict(*ckpt.find_checkpoint(d))
+            out[f"{d}|{how}"] = "loaded"
+        except Exception as e:
+            out[f"{d}|{how}"] = f"{type(e).__name__}: {e}"
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_payloads_never_run(base, tmp_path):
+    src = base["out"] / "checkpoints" / "step_0000002"
+    marker = tmp_path / "PAYLOAD_RAN"
+    kinds = ["rest_ds_rank0.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    dirs = {}
+    for i, name in enumerate(["clean"] + kinds):
+        folder = tmp_path / f"ck{i}" / "step_0000002"
+        shutil.copytree(src, folder)
+        if name != "clean":
+            _plant(folder, name, marker)
+        dirs[name] = folder
+    cfg = _config(tmp_path, tmp_path / "loader")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", _LOADER, str(cfg), *map(str, dirs.values())], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.split("RESULT ", 1)[1])
+    assert not marker.exists()
+    assert res[f"{dirs['clean']}|resume"] == "loaded" and res[f"{dirs['clean']}|export"] == "loaded"
+    for name in kinds:
+        f = dirs[name] / name
+        msg = res[f"{dirs[name]}|resume"]
+        assert msg.startswith(f"CheckpointError: {f}: refused: it pickles the type ") and "allow-list" in msg, msg
+        if name != "rest_ds_rank0.pt":   # export reads DeepSpeed's files only (zero_to_fp32: both kinds)
+            msg = res[f"{dirs[name]}|export"]
+            assert msg.startswith(f"CheckpointError: {f}: refused"), msg
+    # the command line: exit status 2, one line naming the file
+    p = rest_ds(["export", "--checkpoint", str(dirs[kinds[2]]), "--output", str(tmp_path / "m.safetensors")], tmp_path)
+    assert p.returncode == 2 and f"{dirs[kinds[2]] / kinds[2]}: refused" in _error(p.stderr)
+    assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.timeout(600)
+def test_two_runs_on_one_output_dir_and_kill9_takeover(tmp_path):
+    out = tmp_path / "shared"
+    cfg = _config(tmp_path, out, steps=3000, checkpoint_interval=20, log_interval=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([str(Path(sys.executable).parent / "rest-ds"), "train", "--config", str(cfg)],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / "checkpoints" / "latest").is_file():   # running, lock held, a checkpoint saved
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() - t0 < 300
+            time.sleep(0.5)
+        t1 = time.monotonic()
+        p = rest_ds(["train", "--config", str(cfg)], tmp_path, timeout=300)
+        second_s = time.monotonic() - t1
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    print(f"second run refused in {second_s:.1f} s")
+    assert p.returncode == 2, p.stderr[-3000:]
+    line = f"in use by another run (host {socket.gethostname()}, pid {first.pid}"
+    assert line in _error(p.stderr), p.stderr[-3000:]
+    assert (out / ".rest_ds.lock").is_file()           # left behind by kill -9
+    # a new run takes the dead run's lock over and resumes from its last complete checkpoint
+    p = rest_ds(["train", "--config", str(cfg), "train.steps=" + str(_latest(out) + 1)], tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"taking over the lock of run pid {first.pid}" in p.stderr and "no longer running" in p.stderr
+    assert not (out / ".rest_ds.lock").exists()         # released at the end
+
+
+def _error(stderr: str) -> str:
+    """The one ``error:`` line of a failed command (asserts there is exactly one)."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def _latest(out: Path) -> int:
+    return int((out / "checkpoints" / "latest").read_text().strip()[5:])
+
+
+@pytest.mark.timeout(600)
+def test_resume_changed_settings_and_damaged_checkpoint(base, tmp_path):
+    out = tmp_path / "base"
+    shutil.copytree(base["out"], out)
+    cfg = _config(tmp_path, out, scene_dir=base["dir"] / "scene")
+    p = rest_ds(["train", "--config", str(cfg), "train.steps=3", "optimizer.lr=0.5"], tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ("notice: resuming at step 2 with changed settings: optimizer.lr 0.003 -> 0.5, train.steps 2 -> 3 "
+            "(applied from step 3 on)") in p.stdout, p.stdout[-3000:]
+    rows = read_csv(out / "train_log.csv")
+    assert [(int(r["step"]), float(r["lr"])) for r in rows] == [(1, 0.003), (2, 0.003), (3, 0.5)]
+    # a changed model cannot resume: refused with the key named, exit 2
+    p = rest_ds(["train", "--config", str(cfg), "train.steps=4", "model.decoder.channels=8"], tmp_path, timeout=300)
+    assert p.returncode == 2
+    assert "cannot resume: the new config changes model.decoder.channels (16 -> 8)" in _error(p.stderr)
+    # a truncated file in the latest checkpoint: named; auto falls back to step 2 with a notice
+    victim = out / "checkpoints" / "step_0000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    p = rest_ds(["export", "--checkpoint", str(victim.parent), "--output", str(tmp_path / "m.safetensors")], tmp_path)
+    assert p.returncode == 2 and f"{victim}: damaged" in _error(p.stderr)
+    p = rest_ds(["train", "--config", str(cfg), "train.steps=4", "optimizer.lr=0.5"], tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"the latest checkpoint is damaged ({victim}: damaged" in p.stdout, p.stdout[-3000:]
+    assert "resuming from the previous complete one" in p.stdout and "steps 2->4" in p.stdout
+
+
+# --- cheap, in-process -------------------------------------------------------------------------------
+def test_segment_refuses_outputs_that_destroy_inputs(tmp_path, capsys):
+    from rest_ds.cli import main
+
+    scene = make_scene(tmp_path / "scene")
+    image = tmp_path / "scene" / "image.tif"
+    before = image.read_bytes()
+    link = tmp_path / "alias.tif"
+    os.link(image, link)
+    (tmp_path / "old.tif").write_bytes(b"an older map")
+    (tmp_path / "file").write_text("not a folder")
+    model = tmp_path / "none.safetensors"            # never read: outputs are checked first
+    cases = [
+        (["--input", str(image), "--output", str(image)], f"{image}: --output is an input of the scene"),
+        (["--input", str(image), "--output", str(link), "--overwrite"], f"{link}: --output is an input of the scene"),
+        (["--input", str(scene), "--output", str(tmp_path / "scene" / "label.tif"), "--overwrite"],
+         "--output is an input of the scene"),
+        (["--input", str(image), "--output", str(tmp_path / "m.tif"), "--probs", str(tmp_path / "m.tif")],
+         "--output and --probs are the same file"),
+        (["--input", str(image), "--output", str(tmp_path / "map.png")], "--output writes a GeoTIFF; name it NAME.tif"),
+        (["--input", str(image), "--output", str(tmp_path / "m.tif"), "--preview", str(tmp_path / "p.jpg")],
+         "--preview writes a PNG"),
+        (["--input", str(image), "--output", str(tmp_path / "old.tif")], "--output exists; pass --overwrite"),
+        (["--input", str(image), "--output", str(tmp_path / "file" / "m.tif")], "not a writable folder"),
+    ]
+    for args, words in cases:
+        rc = main(["segment", "--checkpoint", str(model), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert image.read_bytes() == before
+    # --overwrite passes the output checks (then the missing model is what is reported)
+    rc = main(["segment", "--checkpoint", str(model), "--input", str(image), "--output", str(tmp_path / "old.tif"),
+               "--overwrite"])
+    assert rc == 2 and "none.json: missing" in capsys.readouterr().err
+
+
+def test_files_keep_the_umask(tmp_path):
+    from rest_ds.train.checkpoint import atomic_write_json, export_model
+
+    old = os.umask(0o022)
+    try:
+        out, js = export_model({"w": torch.zeros(2)}, {"num_classes": 1}, tmp_path / "m.safetensors")
+        atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+        os.umask(0o077)
+        atomic_write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (out, js, tmp_path / "metrics.json")] == ["0o644"] * 3
+    assert oct((tmp_path / "private.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_stale_lock_taken_over_live_lock_refused(tmp_path):
+    from rest_ds.train.lock import LOCK_NAME, RunLockError, acquire_run_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"}))
+    notes = []
+    lock = acquire_run_lock(tmp_path, log=notes.append)
+    assert len(notes) == 1 and f"taking over the lock of run pid {dead.pid}" in notes[0]
+    with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
+        acquire_run_lock(tmp_path)                   # held by this (live) process
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
+    with pytest.raises(RunLockError, match="host elsewhere, pid 1"):
+        acquire_run_lock(tmp_path)                   # another host: cannot tell, refused
+
+
+def test_data_info_bad_inputs_are_one_line(tmp_path, capsys):
+    from rest_ds.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(bytes(range(256)) * 4)
+    make_scene(tmp_path / "s")
+    nolabel = tmp_path / "nolabel.yaml"
+    nolabel.write_text(f"name: x\nimage: {{path: {tmp_path / 's' / 'image.tif'}}}\n"
+                       f"classes: [{{value: 1, name: a}}, {{value: 2, name: b}}]\nlabel: null\n")
+    rc = main(["data", "info", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad}: not a text file" in err and len(err.strip().splitlines()) == 1
+    rc = main(["data", "info", str(tmp_path / "s" / "label.tif"), "--bands", "3"])   # a raster: opened directly
+    err = capsys.readouterr().err
+    assert rc == 2 and "3" in err and len(err.strip().splitlines()) == 1, err
+    rc = main(["data", "info", str(nolabel)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "classes: a, b (no label: no histogram)" in out
+
+
+def test_cached_sample_verified_on_use(tmp_path, monkeypatch):
+    """A sample file changed after its fetch is noticed when the sample is used
+    (the SYNTHETIC stand-in sample here needs no download)."""
+    import warnings
+
+    from rest_ds.data import DataError, DataWarning, samples
+
+    folder = tmp_path / "nc-landsat7"
+    folder.mkdir()
+    files = {}
+    for i, local in enumerate(samples.SAMPLES["nc-landsat7"].files):
+        (folder / local).write_bytes(bytes([i]) * 1000)
+        files[local] = (local, samples.sha256_file(folder / local))
+    fake = samples.Sample(**{**samples.SAMPLES["nc-landsat7"].__dict__, "files": files, "make_extra": None})
+    monkeypatch.setitem(samples.SAMPLES, "nc-landsat7", fake)
+    (folder / samples.MANIFEST).write_text(json.dumps({"sizes": {f: 1000 for f in files}}))
+    (folder / "scene.yaml").write_text("name: x\nimage: {path: lsat7_2000_10.tif}\n")
+    samples.load_sample("nc-landsat7", tmp_path)       # verified (and remembered by size + mtime)
+    assert (folder / samples.VERIFIED).is_file()
+    victim = folder / "strata.tif"
+    victim.write_bytes(b"\xff" * 1000)                 # same size, new content
+    with pytest.raises(DataError, match="strata.tif: sha256 .* does not match"):
+        samples.load_sample("nc-landsat7", tmp_path, fetch=False)
+    monkeypatch.setattr(samples, "fetch_sample", lambda name, cache: folder / "scene.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples.load_sample("nc-landsat7", tmp_path)   # fetch allowed: re-fetched with a warning
+    assert any(issubclass(w.category, DataWarning) and "fetching sample 'nc-landsat7' again" in str(w.message)
+               for w in caught)
