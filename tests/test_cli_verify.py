@@ -36,6 +36,26 @@ MODELS = textwrap.dedent("""
         return Net()
 
 
+    class BiasBN(nn.Module):
+        # Quantities that are zero in exact arithmetic: the gradients of conv biases
+        # feeding train-mode BatchNorms, the running mean of a zero-mean input
+        # (an affine-free BatchNorm, then a bias-free 1x1 conv); and live dropout.
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False),
+                                     nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+            self.drop = nn.Dropout(0.3)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.drop(self.mid(self.stem(x))))
+
+
+    def bias_bn_dropout():
+        return BiasBN()
+
+
     class PerTileNorm(nn.Module):
         # A planted SPIM bug: under SPIM it centres each TILE (its own mean), the
         # plain model centres the whole scene. verify must catch it.
@@ -111,16 +131,45 @@ def test_exact_model_passes_and_writes_json(models, tmp_path):
     assert report["status"] == "pass" and report["grid"] == [1, 3] and report["refused"] is None
     assert report["layout"]["cols"] == [0, 11, 21, 31]
     assert report["failures"] == []
-    assert all(isinstance(v, float) and v <= 1e-5 for v in report["errors"].values()), report["errors"]
+    assert set(report["checks"]) == set(report["errors"])
+    assert all(c["class"] in ("PASS", "ROUNDING") for c in report["checks"].values()), report["checks"]
     assert report["comm_bytes"]["halo"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_zero_quantities_and_dropout_pass_at_defaults(models, tmp_path):
+    # fp32 at the defaults: the zero-in-exact-arithmetic checks are recognised from
+    # the measured noise (ZERO-REF, not failures), dropout draws the same masks.
+    out = tmp_path / "report.json"
+    p = rest_ds("verify", f"{models}:bias_bn_dropout", "--input-shape", "2,3,16,20", "--grid", "1x2", "--train",
+                "--json", str(out))
+    assert p.returncode == 0, _show(p)
+    assert "ZERO-REF" in p.stdout and "FAIL" not in p.stdout, _show(p)
+    checks = json.loads(out.read_text())["checks"]
+    zero = {k for k, c in checks.items() if c["class"] == "ZERO-REF"}
+    assert {"grad stem.0.bias", "grad mid.0.bias", "buffer mid.3.running_mean"} <= zero, checks
+    assert checks["grad stem.0.bias"]["ref_size"] < 1e-3 * checks["grad stem.0.weight"]["ref_size"]
+    # everything else is a real comparison that passed (dropout included: output[0])
+    assert checks["output[0]"]["class"] == "PASS" and checks["grad head.weight"]["class"] == "PASS"
+    assert len(zero) <= 4
 
 
 @pytest.mark.timeout(600)
 def test_inexact_model_fails_with_exit_1(models):
     p = rest_ds("verify", f"{models}:per_tile_norm", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train")
     assert p.returncode == 1, _show(p)
-    assert "FAIL" in p.stdout and "output[0]" in p.stdout, _show(p)
+    line = next(l for l in p.stdout.splitlines() if l.startswith("output[0]"))
+    assert line.endswith("FAIL"), _show(p)
     assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.timeout(600)
+def test_inexact_model_fails_in_float64(models, capsys):
+    # The float64 noise floor (scaled from the fp32 one) must not hide a SPIM error either.
+    p = rest_ds_inproc(capsys, "verify", f"{models}:per_tile_norm", "--input-shape", "1,3,8,8", "--grid", "1x2",
+                       "--dtype", "float64")
+    assert p.returncode == 1, _show(p)
+    assert "FAIL: " in p.stdout, _show(p)
 
 
 @pytest.mark.timeout(600)
