@@ -1,0 +1,352 @@
+"""``rest-ds plan``: per-rank peak memory and step time of a training run, before it starts.
+
+The model (per rank, bytes; ``P`` parameters, ``N = dp x sp`` ranks, which are
+DeepSpeed's data-parallel group; ``k`` optimizer state values per parameter:
+AdamW/Adam 2, SGD with momentum 1, plain SGD 0; ``w`` bytes of a model value:
+4 in fp32, 2 in bf16/fp16)::
+
+    peak = static + activations + overhead
+
+    static       = params + grads + master + optimizer state, by ZeRO stage:
+                   stage 0: w P        + w P        + (mixed: 4 P)  + 4 k P
+                   stage 1: w P        + w P        + 4 P / N       + 4 k P / N
+                   stage 2: w P        + w P / N    + 4 P / N       + 4 k P / N   (+ reduce bucket)
+                   stage 3: w P / N    + w P / N    + 4 P / N       + 4 k P / N   (+ gathered layers)
+                   (DeepSpeed keeps its own fp32 partition copy from stage 1 on, also in fp32)
+    activations  = c_act * (a * A_tile + q * A_tile * A_scene) [* (w / 4)]
+    overhead     = c_fixed                          (runtime buffers, rank set-up)
+
+``A_tile`` is the rank's tile in pixels (the padded scene split over the
+grid), ``A_scene`` the whole scene's. ``a`` (bytes per pixel) and ``q`` (bytes
+per pixel pair: attention scores, whose keys are the whole scene's tokens under
+SPIM) are MEASURED from the model itself: one forward/backward of the plain
+model, in training mode, on small synthetic scenes of three sizes, in one
+process, with the torch profiler's allocator events (live bytes of every CPU
+tensor allocation, peak over the step), then ``peak(A) = a A + q A^2 + b``
+fitted by least squares (``b`` holds the gradients, which the static term
+counts). Activation checkpointing is measured the same way with it enabled.
+``c_act`` (SPIM's halo buffers and padded copies, 1.0 on one rank) and
+``c_fixed`` are the CALIBRATED coefficients: fitted to measured per-rank
+peaks of real training steps (:func:`measure_step`: DeepSpeed engine, SPIM,
+the same allocator measure) by :func:`calibrate`; the defaults below came
+from CPU runs of tiny ResNet-UPerNet / ViT-UPerNet configurations
+(``tests/test_plan.py`` checks the predictions on other configurations).
+
+The measure is the CPU allocator's live bytes (torch profiler memory events),
+not the process RSS: it counts tensors (parameters, gradients, optimizer state,
+activations, DeepSpeed's buffers) and not the Python heap, libraries, gloo's
+own buffers or shared-memory segments; a device's allocator cache adds to it
+on GPU. Step time: forward/backward time per tile pixel measured on this
+machine, scaled to the tile (x 1.3 with activation checkpointing, measured
+too); it is this machine's time, not a GPU's, unless a calibration from
+``rest-ds bench`` on the target machine is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024 ** 3
+
+# Calibrated by calibrate() on 10 CPU measure_step runs (fp32, gloo, 1 and 2 ranks; tiny ViT-UPerNet
+# (52 k params) and ResNet-18-UPerNet (11.5 M) at 128-256 px, ZeRO 0 and 2, AdamW and SGD, with and
+# without activation checkpointing; 2026-12-07): c_act_*: multiplier of the measured activation fit
+# on a tile (sp > 1: SPIM's halo and staging buffers; one rank), c_fixed_sp: bytes per rank of an sp
+# group (communication staging), c_fixed: bytes per rank. Predictions were within -13..+16 % of
+# those runs; tests/test_plan.py checks other configurations.
+DEFAULT_COEFFS = {"c_act_sp": 0.98, "c_act_one": 1.18, "c_fixed_sp": 1.67e6, "c_fixed": 0.0}
+
+
+# --- the allocator measure -----------------------------------------------------------------------------
+class LiveBytes:
+    """Peak live bytes of CPU tensor allocations inside the ``with`` block (torch
+    profiler memory events: the CPU allocator reports every allocation and every
+    free of a block allocated inside the block; frees of older blocks are not
+    reported, so they never make the count negative)."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        sizes = [(e.start_ns(), int(e.nbytes())) for e in self._prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]"]
+        sizes.sort()
+        cur = peak = 0
+        for _, n in sizes:
+            cur += n
+            peak = max(peak, cur)
+        self.peak, self.end = peak, cur
+        del self._prof
+        return False
+
+
+# --- measurements ----------------------------------------------------------------------------------
+def _train_config(model: dict, zero_stage: int = 2, optimizer: str = "adamw", precision: str = "fp32",
+                  act_ckpt: bool = False, grid: tuple[int, int] | None = None):
+    from .config import load_config
+
+    return load_config(data={
+        "name": "plan", "model": model, "data": {"scenes": ["(plan)"]},
+        "mesh": {"grid": f"{grid[0]}x{grid[1]}" if grid else "auto"},
+        "deepspeed": {"zero_stage": zero_stage, "precision": precision},
+        "optimizer": {"name": optimizer}, "train": {"activation_checkpointing": act_ckpt}})
+
+
+def _opt_values(optimizer: str, momentum: float = 0.9) -> int:
+    """Optimizer state values per parameter."""
+    return 2 if optimizer in ("adamw", "adam") else (1 if momentum else 0)
+
+
+def measure_step(spec: dict) -> dict:
+    """Rank body (``torch.distributed`` initialised on gloo, e.g. under
+    ``rest_ds.spim.spawn``): build the model, parallelize it over ``dp x sp``, hand it
+    to DeepSpeed as the training engine does, and run ``spec['steps']`` (default 2)
+    training steps on a random scene of ``spec['hw']``; returns this rank's peak live
+    tensor bytes over all of it (:class:`LiveBytes`) and the time of one more step.
+
+    ``spec``: model (ModelConfig mapping), in_chans, num_classes, hw, grid (PH, PW),
+    zero_stage, optimizer, act_ckpt, steps."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ..spim import SpatialMesh, from_local, parallelize
+    from ..spim.tensor import SpatialTensor, Spec
+    from ..spim.tiling import TileLayout
+    from .engine import (build_model, check_functionals, deepspeed_config, enable_activation_checkpointing,
+                         make_optimizer, quiet_deepspeed, zero3_spatial_hooks)
+    from .inference import padded_shape
+    from .metrics import segmentation_loss
+
+    quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    grid = tuple(spec["grid"])
+    cfg = _train_config(spec["model"], spec["zero_stage"], spec["optimizer"], "fp32", spec["act_ckpt"], grid)
+    sp = grid[0] * grid[1]
+    K, C = spec["num_classes"], spec["in_chans"]
+    gen = torch.Generator().manual_seed(1)
+    with LiveBytes() as lb:
+        torch.manual_seed(0)
+        model, _ = build_model(cfg.model, num_classes=K, in_chans=C)
+        align = int(getattr(model, "align", None) or 1)
+        if spec["act_ckpt"]:
+            enable_activation_checkpointing(model)
+        mesh = SpatialMesh.build(sp=sp, grid=grid)
+        layout = TileLayout.even(*padded_shape(tuple(spec["hw"]), align), grid, align)
+        rows, cols = layout.tile(*mesh.coord)
+        if sp > 1:
+            parallelize(model, mesh, align=align, rng_seed=0)
+        aux = float(getattr(model, "aux_weight", 0.0)) if getattr(model, "aux_head", None) else 0.0
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg),
+                                          config=deepspeed_config(cfg, 1))
+        if spec["zero_stage"] == 3:
+            zero3_spatial_hooks(engine.module)
+        check_functionals()
+        x = torch.randn((1, C, rows.stop - rows.start, cols.stop - cols.start), generator=gen)
+        y = torch.randint(0, K, (1,) + tuple(x.shape[-2:]), generator=gen)
+        if sp > 1:
+            x = from_local(x, mesh, layout=layout)
+            y = SpatialTensor(y, Spec(mesh, (1, 2), layout.rows, layout.cols))
+
+        def step():
+            loss = segmentation_loss(engine(x), y, aux_weight=aux)
+            engine.backward(loss)
+            engine.step()
+
+        for _ in range(int(spec.get("steps", 2))):
+            step()
+    dist.barrier()
+    t0 = time.perf_counter()
+    step()
+    dist.barrier()
+    secs = time.perf_counter() - t0
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    engine.destroy()
+    return {"peak_bytes": lb.peak, "step_s": secs, "params": n, "rank": dist.get_rank(),
+            "tile_px": (rows.stop - rows.start) * (cols.stop - cols.start)}
+
+
+def measure_steps(specs: list[dict]) -> list[dict]:
+    """Rank body: :func:`measure_step` of each spec in turn (one set-up of the ranks)."""
+    return [measure_step(s) for s in specs]
+
+
+@dataclass
+class ModelProfile:
+    """What :func:`profile_model` measured of a model (one process, plain model,
+    training mode): ``params``; per activation-checkpointing setting (``"0"``/``"1"``)
+    the fit ``peak(A) = a A + q A^2 + b`` of one forward/backward's peak live bytes
+    over scene pixels ``A`` and the seconds per pixel of that forward/backward."""
+
+    encoder: str
+    params: int
+    largest_layer: int
+    align: int
+    fits: dict[str, dict[str, float]] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least squares ``y = a x + q x^2 + b`` with ``q >= 0`` (a linear fit when the
+    curvature comes out negative: then it is measurement noise)."""
+    import numpy as np
+
+    xs = np.array([p[0] for p in points], dtype=np.float64)
+    ys = np.array([p[1] for p in points], dtype=np.float64)
+    if len(points) >= 3:
+        (q, a, b) = np.polyfit(xs, ys, 2)
+        if q >= 0 and a >= 0:
+            return float(a), float(q), float(b)
+    a, b = np.polyfit(xs, ys, 1)
+    return float(max(a, 0.0)), 0.0, float(b)
+
+
+def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tuple[bool, ...] = (False,),
+                  sides: tuple[int, ...] | None = None) -> ModelProfile:
+    """Measure ``model_cfg`` on small synthetic square scenes (three sides, multiples of
+    the model's alignment, default ``4, 6, 8 x align`` capped at 256 px) in this process;
+    a few seconds for small models. The weights are random (the values do not matter)."""
+    import torch
+
+    from .engine import build_model, enable_activation_checkpointing
+    from .metrics import segmentation_loss
+
+    torch.manual_seed(0)
+    model, mcfg = build_model(model_cfg, num_classes=num_classes, in_chans=in_chans)
+    align = int(getattr(model, "align", None) or 1)
+    if sides is None:
+        base = max(align, 16)
+        sides = tuple(min(256, k * base) // align * align for k in (4, 6, 8))
+    params = sum(p.numel() for p in model.parameters())
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    aux = float(getattr(model, "aux_weight", 0.0)) if getattr(model, "aux_head", None) else 0.0
+    prof = ModelProfile(encoder=str(mcfg["encoder"]["name"]), params=params, largest_layer=largest, align=align,
+                        sizes=list(sides))
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    for ck in act_ckpt:
+        if ck:
+            enable_activation_checkpointing(model)
+        points, secs = [], []
+        for s in sides:
+            x = torch.randn((1, in_chans, s, s), generator=gen)
+            y = torch.randint(0, num_classes, (1, s, s), generator=gen)
+            model.zero_grad(set_to_none=True)
+            with LiveBytes() as lb:
+                loss = segmentation_loss(model(x), y, aux_weight=aux)
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            segmentation_loss(model(x), y, aux_weight=aux).backward()
+            secs.append((time.perf_counter() - t0) / (s * s))
+            points.append((float(s * s), float(lb.peak)))
+        a, q, b = _fit(points)
+        prof.fits["1" if ck else "0"] = {"a": a, "q": q, "b": b, "s_per_px": min(secs)}
+    return prof
+
+
+# --- the model -----------------------------------------------------------------------------------------
+# DeepSpeed's ZeRO gradient buckets: reduce_bucket_size values (5e8 by default, not exposed in our
+# config), allocated whatever the model's size. Stage 1 stages them in fp32 and holds two at its peak
+# (measured: 2 x 5e8 x 4 bytes), stages 2 and 3 one in the model's precision.
+REDUCE_BUCKET = 500_000_000
+
+
+def _bucket_bytes(stage: int, w: int) -> float:
+    return 0.0 if stage == 0 else (2 * 4 * REDUCE_BUCKET if stage == 1 else w * REDUCE_BUCKET)
+
+
+def static_bytes(params: int, world: int, stage: int, precision: str, opt_values: int,
+                 largest_layer: int = 0) -> dict[str, float]:
+    """Per-rank bytes of parameters, gradients, fp32 master copy, optimizer state and
+    DeepSpeed's buckets for ``params`` values over ``world`` ranks (module docstring)."""
+    P, N = float(params), float(world)
+    w = 4 if precision == "fp32" else 2
+    mixed = precision != "fp32"
+    parts = {
+        "params": w * P if stage < 3 else w * P / N + w * largest_layer,
+        "grads": w * P if stage < 2 else w * P / N,
+        "master": (4 * P if mixed else 0.0) if stage == 0 else 4 * P / N,
+        "optimizer": 4 * opt_values * P / (1 if stage == 0 else N),
+        "buckets": _bucket_bytes(stage, w),
+        # the optimizer step's temporaries: one fp32 tensor per (partitioned) parameter (Adam's
+        # denominator, SGD's decayed gradient); they live after backward, when activations are gone
+        "step_temp": 4 * P / (1 if stage == 0 else N),
+    }
+    return parts
+
+
+def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], world: int, zero_stage: int,
+             precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9, act_ckpt: bool = False,
+             coeffs: dict | None = None) -> dict[str, Any]:
+    """Per-rank peak bytes (and their parts) and step seconds of one configuration:
+    a scene of ``hw`` pixels (padded to the model's alignment) over ``grid`` (the sp
+    ranks), ``world = dp x sp`` ranks. The peak is that of the rank with the largest tile."""
+    from ..spim.tiling import TileLayout
+    from .inference import padded_shape
+
+    c = {**DEFAULT_COEFFS, **(coeffs or {})}
+    sp = grid[0] * grid[1]
+    if world % sp:
+        raise ValueError(f"{world} ranks are not a multiple of the grid's {sp} tiles")
+    H, W = padded_shape(tuple(hw), prof.align)
+    layout = TileLayout.even(H, W, grid, prof.align)
+    tile = max((layout.rows[i + 1] - layout.rows[i]) * (layout.cols[j + 1] - layout.cols[j])
+               for i in range(grid[0]) for j in range(grid[1]))
+    fit = prof.fits["1" if act_ckpt else "0"]
+    w = 4 if precision == "fp32" else 2
+    act = (fit["a"] * tile + fit["q"] * tile * H * W) * (c["c_act_sp"] if sp > 1 else c["c_act_one"]) * w / 4
+    parts = static_bytes(prof.params, world, zero_stage, precision, _opt_values(optimizer, momentum),
+                         prof.largest_layer)
+    parts["activations"] = act
+    parts["overhead"] = c["c_fixed"] + (c["c_fixed_sp"] if sp > 1 else 0.0)
+    step_s = fit["s_per_px"] * tile * c.get("c_time", 1.0)
+    return {"grid": tuple(grid), "sp": sp, "dp": world // sp, "world": world, "zero_stage": zero_stage,
+            "act_ckpt": act_ckpt, "precision": precision, "scene": (H, W), "tile_px": tile,
+            "parts": parts, "peak_bytes": peak_of(parts), "step_s": step_s}
+
+
+def peak_of(parts: dict[str, float]) -> float:
+    """Activations (forward/backward) and the optimizer step's temporaries do not live at once."""
+    rest = sum(v for k, v in parts.items() if k not in ("activations", "step_temp"))
+    return rest + max(parts.get("activations", 0.0), parts.get("step_temp", 0.0))
+
+
+def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, float]:
+    """Fit ``c_act_sp``, ``c_act_one`` and ``c_fixed`` to measured per-rank peaks.
+
+    ``rows``: one per measured configuration: ``model`` (a key of ``prof_of``), ``hw``,
+    ``grid``, ``world``, ``zero_stage``, ``optimizer``, ``act_ckpt``, ``precision``
+    and ``peak_bytes`` (the largest over the ranks, as measure_step / rest-ds bench
+    report it). Least squares on the relative error."""
+    import numpy as np
+
+    A, y = [], []
+    for r in rows:
+        e = estimate(prof_of[r["model"]], hw=tuple(r["hw"]), grid=tuple(r["grid"]), world=r["world"],
+                     zero_stage=r["zero_stage"], precision=r.get("precision", "fp32"),
+                     optimizer=r.get("optimizer", "adamw"), act_ckpt=r.get("act_ckpt", False),
+                     coeffs={"c_act_sp": 1.0, "c_act_one": 1.0, "c_fixed": 0.0})
+        parts, sp, m = e["parts"], e["sp"], float(r["peak_bytes"])
+        act = parts["activations"]
+        # m ~ rest + max(act * c_act(sp), step_temp) + c_fixed, weighted by 1/m (relative error); the
+        # rows whose peak is the optimizer step say nothing about c_act
+        if act < parts["step_temp"]:
+            act = 0.0
+        base = peak_of({**parts, "activations": 0.0}) if act == 0.0 else peak_of(parts) - parts["activations"]
+        A.append([act * (sp > 1) / m, act * (sp == 1) / m, (sp > 1) / m, 1.0 / m])
+        y.append((m - base) / m)
+    from scipy.optimize import nnls
+
+    sol, _ = nnls(np.array(A), np.array(y))  # every coefficient >= 0
+    return {"c_act_sp": float(sol[0]), "c_act_one": float(sol[1]), "c_fixed_sp": float(sol[2]),
+            "c_fixed": float(sol[3])}
