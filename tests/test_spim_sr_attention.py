@@ -88,6 +88,16 @@ def _pvt(name: str, fused: bool, dtype=torch.float32) -> nn.Module:
     return _randomize_biases(model).to(dtype)
 
 
+def _segmentor(dtype=torch.float32) -> nn.Module:
+    """The registry path: ``hf_segformer`` (tiny, 6 bands, DropPath 0.1) + ``segformer_mlp``."""
+    from rest_ds.models import Segmentor, build_decoder, build_encoder
+    from rest_ds.models.encoders import hf_segformer  # noqa: F401  (registers the encoders)
+
+    enc = build_encoder("hf_segformer", variant=None, in_chans=6, drop_path_rate=0.1, **TINY)
+    dec = build_decoder("segformer_mlp", enc.out_channels, enc.strides, 5, channels=16, dropout=0.0)
+    return _randomize_biases(Segmentor(enc, dec)).to(dtype)
+
+
 F64 = torch.float64
 # case -> (factory, dtype, batch)
 CASES = {
@@ -96,6 +106,7 @@ CASES = {
                                    torch.float32, 2),
     "segformer_model-heads1234-sdpa-fp64": (
         functools.partial(_segformer, "sdpa", head=False, dtype=F64, num_attention_heads=[1, 2, 3, 4]), F64, 2),
+    "segmentor-hf_segformer-segformer_mlp-droppath-fp64": (functools.partial(_segmentor, dtype=F64), F64, 2),
     "pvt_v2_b0-sdpa-fp64": (functools.partial(_pvt, "pvt_v2_b0", True, dtype=F64), F64, 2),
     "pvt_v2_b0-manual-fp64": (functools.partial(_pvt, "pvt_v2_b0", False, dtype=F64), F64, 2),
     "pvt_v2_b2_li-manual-fp64": (functools.partial(_pvt, "pvt_v2_b2_li", False, dtype=F64), F64, 2),
@@ -107,10 +118,10 @@ def _zero_grad_params(case: str, model: nn.Module) -> set[str]:
     """Parameters whose gradient is exactly zero in exact arithmetic (module docstring)."""
     names = set()
     for n, _ in model.named_parameters():
-        if case.startswith("segformer") and n.endswith("attention.k_proj.bias"):
+        if n.endswith("attention.k_proj.bias"):
             names.add(n)
-        if case.startswith("segformer-") and (n.startswith("model.decode_head.linear_projections")
-                                              and n.endswith("bias") or n == "model.segformer.stages.3.layer_norm.bias"):
+        if case.startswith(("segformer-", "segmentor-")) and (
+                "linear_projections" in n and n.endswith("bias") or n.endswith("stages.3.layer_norm.bias")):
             names.add(n)
     return names
 
@@ -123,7 +134,11 @@ LAYOUTS = {
 
 
 def _run_grid(grid):
-    return train_step_reports(grid, CASES, LAYOUTS, 3, seed=3, align=ALIGN)
+    reports = train_step_reports(grid, {k: c for k, c in CASES.items() if not k.startswith("segmentor")}, LAYOUTS,
+                                 3, seed=3, align=ALIGN)
+    reports.update(train_step_reports(grid, {k: c for k, c in CASES.items() if k.startswith("segmentor")}, LAYOUTS,
+                                      6, seed=3, align=ALIGN))
+    return reports
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")

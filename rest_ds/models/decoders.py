@@ -18,6 +18,7 @@ strides, num_classes, **kwargs)``), all NCHW, features finest first:
               ``strides[in_index] / up_scale ** num_convs``
 ``fcn``       :class:`FCNHead` (convs + classifier on one level; the usual auxiliary
               head), stride ``strides[in_index]``
+``segformer_mlp``  :class:`SegFormerMLPHead` (SegFormer's all-MLP head), stride ``strides[0]``
 ==========  =====================================================================
 
 The logits come out at the stride listed; :class:`~rest_ds.models.segmentor.Segmentor`
@@ -414,6 +415,36 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(y))
 
 
+class SegFormerMLPHead(nn.Module):
+    """SegFormer's all-MLP decode head (transformers ``SegformerDecodeHead``,
+    mmseg ``SegformerHead``), the same arithmetic and parameter names as
+    transformers': per level a linear map to ``channels`` over the channel dim,
+    bilinear resize (``align_corners=False``) to the finest level, concatenation
+    coarsest first, a 1x1 fuse conv without bias, BatchNorm, ReLU, dropout and
+    a 1x1 classifier. Returns logits at ``strides[0]``."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, dropout: float = 0.1):
+        super().__init__()
+        in_channels = _channels(in_channels, "SegFormerMLPHead")
+        self.in_channels = in_channels
+        self.linear_projections = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(c, channels)}) for c in in_channels)
+        self.linear_fuse = nn.Conv2d(channels * len(in_channels), channels, 1, bias=False)
+        self.batch_norm = nn.BatchNorm2d(channels)
+        self.activation = nn.ReLU()
+        self.dropout = _dropout(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        _check_features(features, len(self.in_channels), "SegFormerMLPHead")
+        size = features[0].shape[2:]
+        outs = []
+        for f, lin in zip(features, self.linear_projections):
+            y = lin["proj"](f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            outs.append(y if y.shape[2:] == size else _resize(y, size))
+        x = self.activation(self.batch_norm(self.linear_fuse(torch.cat(outs[::-1], dim=1))))
+        return self.classifier(self.dropout(x))
+
+
 # --- registry factories (decoder contract: registry.py) ------------------------
 
 @register_decoder("upernet")
@@ -450,5 +481,11 @@ def fcn(in_channels: Sequence[int], strides: Sequence[int], num_classes: int, in
                    norm, dropout)
 
 
+@register_decoder("segformer_mlp")
+def segformer_mlp(in_channels: Sequence[int], strides: Sequence[int], num_classes: int, channels: int = 256,
+                  dropout: float = 0.1) -> SegFormerMLPHead:
+    return SegFormerMLPHead(in_channels, num_classes, channels, dropout)
+
+
 __all__ = ["NORMS", "LayerNorm2d", "norm_layer", "gn_groups", "check_norm", "ConvNormAct", "ConvBNReLU", "PPM",
-           "UPerHead", "FPNHead", "LinearHead", "SETRPUPHead", "FCNHead"]
+           "UPerHead", "FPNHead", "LinearHead", "SETRPUPHead", "FCNHead", "SegFormerMLPHead"]

@@ -171,6 +171,7 @@ def _sdpa(func, args, kwargs):
                                       enable_gqa=a.get("enable_gqa", False), prefix=spec.prefix)
     return wrap(out, spec)
 
+
 def _kv_on_other_grid(q: SpatialTensor, k, v) -> bool:
     """Queries token-sharded on dim -2 and keys/values not on the queries' layout:
     each replicated (a plain tensor) or token-sharded on dim -2 of another grid
