@@ -38,6 +38,11 @@ through SPIM's shared-memory transport (``--transport shm``, what a job on one
 host uses) or over gloo alone (``--transport gloo``); bytes are counted the
 same either way.
 
+``--models segformer_b0``: SegFormer-B0 (``configs/models/segformer.yaml``: transformers'
+MiT-b0 + the all-MLP head, DropPath and dropout off); (a) then compares the bytes of each layer
+kind (patch embeddings, Mix-FFN depthwise convs, spatial-reduction attention, decode head) with
+the volumes from the tile geometry (``sr_attention_volumes.py``), on 1x2 and 2x2 grids.
+
 Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3] [--malloc both]``.
 Prints a table and one JSON line (prefixed ``JSON``).
 """
@@ -66,6 +71,7 @@ from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard
 from rest_ds.spim.spawn import spawn  # noqa: E402
 
 from memory import reset_peak, rss_kib  # noqa: E402
+from sr_attention_volumes import build_segformer_b0, layer_bytes_report, layer_kind_hooks  # noqa: E402
 
 ALIGN = 32
 BANDS = 3
@@ -94,6 +100,8 @@ def build(name: str, stack_channels: int, stack_layers: int) -> nn.Module:
     torch.manual_seed(0)
     if name == "conv_stack":
         return conv_stack(stack_channels, stack_layers).train()
+    if name == "segformer_b0":
+        return build_segformer_b0(BANDS)
     model = resnet18_upernet().train()
     for m in model.decoder.psp_modules.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -169,6 +177,9 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
     out = {"rank": mesh.rank, "tile": tile_shape, "malloc_ok": malloc_ok,
            "transport": "shm" if mesh.shm is not None else "gloo"}
 
+    # forward bytes per layer kind (sr_attention_volumes.py); the hooks only copy counters
+    layer_bytes = layer_kind_hooks(model)[0] if name == "segformer_b0" and spim else None
+
     # (c) peak memory of the first forward+backward
     _barrier(mesh)
     exact = reset_peak()
@@ -180,6 +191,8 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
     out["peak_mib"] = (rss_kib("VmHWM") - base) / 1024
     out["peak_exact"] = exact
     out["comm"] = {f"{k}/{p}": v for (k, p), v in comm_stats().by_phase.items()}
+    if layer_bytes is not None:
+        out["comm_forward_by_layer"] = {k: dict(v) for k, v in layer_bytes.items()}
 
     if time_it:
         # sharded runs interleaved with the same layers run plainly on a tensor of
@@ -204,6 +217,11 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
 def _run(name, grid, args, time_it, spim=True, malloc="default") -> list[dict]:
     return spawn(_rank_job, grid[0] * grid[1], name, grid, args.size, args.repeats, args.stack_channels,
                  args.stack_layers, time_it, spim, malloc, args.transport, timeout_s=3600, collective_timeout_s=1800)
+
+
+def _rows_cols(size: int, grid) -> tuple:
+    lay = TileLayout.even(size, size, grid, ALIGN)
+    return lay.rows, lay.cols
 
 
 def _memory(r1, r1s, r2, r4) -> dict:
@@ -277,6 +295,12 @@ def main(argv=None) -> dict:
                                      "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins[1:])},
                 })
             res["halo_match"] = all(v["measured"] == v["analytic"] for v in res["halo_bytes"].values())
+        if name == "segformer_b0":  # bytes per layer kind vs the analytic volumes, sp=2 and sp=4
+            grids = [("sp2", r2, (1, 2))] + ([("sp4", r4, (2, 2))] if modes else [])
+            res["layer_bytes"] = {g: layer_bytes_report(runs, *_rows_cols(args.size, grid), BANDS)
+                                  for g, runs, grid in grids}
+            res["layer_bytes_match"] = all(v["measured"] == v["analytic"] for rep in res["layer_bytes"].values()
+                                           for v in rep.values() if v["analytic"] is not None)
         results["models"][name] = res
         rows_out.append((name, res))
 
@@ -290,6 +314,13 @@ def main(argv=None) -> dict:
             for k, v in res["halo_bytes"].items():
                 print(f"  {k:<28}{v['measured']:>14,}{v['analytic']:>14,}")
             print(f"  match: {res['halo_match']}")
+        for g, rep in res.get("layer_bytes", {}).items():
+            print(f"  {'bytes per layer kind, ' + g + ' (all ranks)':<44}{'measured':>14}{'analytic':>14}")
+            for k, v in rep.items():
+                a = "-" if v["analytic"] is None else f"{v['analytic']:,}"
+                print(f"  {k:<44}{v['measured']:>14,}{a:>14}")
+        if "layer_bytes_match" in res:
+            print(f"  match: {res['layer_bytes_match']}")
         print(f"  fwd+bwd time: sp=2 sharded {t['sp2_sharded']:.3f} s | same layers on a plain local tile "
               f"{t['sp2_plain_tile']:.3f} s | ratio {t['overhead_ratio']:.2f} | one process, whole scene "
               f"{t['sp1_whole_scene']:.3f} s (sp ranks talk over {res['transport_sp2']})")
@@ -307,8 +338,9 @@ def main(argv=None) -> dict:
                   f"{'%.3f %s' % (r['sp2'], 'ok' if ok['sp2'] else 'MISSED'):>24}"
                   f"{'%.3f %s' % (r['sp4'], 'ok' if ok['sp4'] else 'MISSED'):>24}{note}")
     print("JSON " + json.dumps(results, sort_keys=True))
-    if any(not r.get("halo_match", True) for r in results["models"].values()):
-        raise SystemExit("measured halo bytes differ from the analytic volume")
+    if any(not r.get("halo_match", True) or not r.get("layer_bytes_match", True)
+           for r in results["models"].values()):
+        raise SystemExit("measured halo / per-layer bytes differ from the analytic volume")
     return results
 
 
