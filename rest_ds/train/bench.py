@@ -65,6 +65,8 @@ JSON schema (``bench.json``; version 1)::
       "phases_s": {phase: float},      # median over steps of the mean over ranks (wall)
       "phases_cpu_s": {phase: float},  # the same, main-thread CPU time
       "comm_s": {kind: float},         # time blocked in communication per kind, same statistic
+      "comm_cpu_s": {kind: float},     # main-thread CPU time inside those calls (spin-waiting included)
+      "calls": {kind: float},          # SPIM collectives per step per rank (comm_stats calls)
       "bytes": {kind: int},            # bytes sent per step, summed over ranks (SPIM's accounting
                                        # kinds halo/all_reduce/all_gather/all_to_all/broadcast, and ds:*)
       "bytes_analytic": {kind: int},   # the same from the layer geometry (halo, attention,
@@ -181,6 +183,7 @@ class Probe:
         self.wall: dict = defaultdict(float)
         self.cpu: dict = defaultdict(float)
         self.comm: dict = defaultdict(float)
+        self.comm_cpu: dict = defaultdict(float)
         self.comm_bytes: dict = defaultdict(float)
 
     def _sync(self) -> None:
@@ -229,11 +232,12 @@ class Probe:
                     pass
             probe.comm_depth += 1
             probe.ds_depth += ds
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 out = fn(*args, **kwargs)
             finally:
                 probe.comm[kind] += time.perf_counter() - t0
+                probe.comm_cpu[kind] += time.thread_time() - c0
                 probe.comm_depth -= 1
                 probe.ds_depth -= ds
             return probe._waitable(out, kind)
@@ -252,11 +256,12 @@ class Probe:
             probe = self
 
             def wait(*a, **k):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     return out(*a, **k)
                 finally:
                     probe.comm[kind] += time.perf_counter() - t0
+                    probe.comm_cpu[kind] += time.thread_time() - c0
             return wait
         return out
 
@@ -268,11 +273,12 @@ class _TimedWork:
         self._work, self._probe, self._kind = work, probe, kind
 
     def wait(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return self._work.wait(*args, **kwargs)
         finally:
             self._probe.comm[self._kind] += time.perf_counter() - t0
+            self._probe.comm_cpu[self._kind] += time.thread_time() - c0
 
     def __getattr__(self, name):
         return getattr(self._work, name)
@@ -576,7 +582,9 @@ def run_config(job: dict) -> dict | None:
     probe = Probe(cuda=cuda)
     # the engine's own calls, timed in place
     from . import engine as engine_mod
-    trainer.data.batch = probe.phase_wrap("data", trainer.data.batch)
+    # data: what the step waits for (the engine reads the next micro-step ahead in a thread)
+    src = getattr(trainer, "prefetch", None) or trainer.data
+    src.batch = probe.phase_wrap("data", src.batch)
     eng = trainer.engine
     eng.forward = probe.phase_wrap("forward", eng.forward)
     eng.backward = probe.phase_wrap("backward", eng.backward)
@@ -623,7 +631,7 @@ def run_config(job: dict) -> dict | None:
         bytes_ = dict(comm_stats().bytes)
         bytes_.update({k: int(v) for k, v in probe.comm_bytes.items()})
         steps.append({"wall": wall, "cpu": cpu, "phases": ph, "phases_cpu": pc, "comm": dict(probe.comm),
-                      "bytes": bytes_})
+                      "comm_cpu": dict(probe.comm_cpu), "calls": dict(comm_stats().calls), "bytes": bytes_})
         say(f"  [{job['key']}] step {s + 1}/{n_total}{' (warm-up)' if s < job['warmup'] else ''}: "
             f"{wall:.3f} s", flush=True)
         state["last_end"] = time.perf_counter()
@@ -720,6 +728,7 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
         "step_s": med, "step_s_all": step_s,
         "pixels_per_s": dp * H * W / med, "pixels_per_s_per_rank": dp * H * W / med / P,
         "phases_s": med_mean("phases"), "phases_cpu_s": med_mean("phases_cpu"), "comm_s": med_mean("comm"),
+        "comm_cpu_s": med_mean("comm_cpu"), "calls": med_mean("calls"),
         "bytes": med_sum_bytes(), "bytes_analytic": ana,
         "memory": {"rss_peak_mib": [m["rss_peak_kib"] / mib if m["rss_peak_kib"] else m["ru_maxrss_kib"] / mib
                                     for m in mems],

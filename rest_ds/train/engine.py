@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ..spim import SpatialMesh, init_distributed, parallelize
+from ..spim.comm import all_reduce_
 from ..spim.sharding import from_local
 from ..spim.tensor import SpatialTensor, Spec, wrap
 from ..spim.tiling import choose_grid
@@ -277,6 +279,44 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
     return out
 
 
+# --- data off the critical path ---------------------------------------------------------------------
+class Prefetcher:
+    """``batch(m)`` of a data source whose batches are pure functions of the
+    micro-step ``m`` (:mod:`.data`), with micro-step ``m + 1`` read in a
+    background thread while ``m`` computes: reading ahead changes when a
+    batch is read, never what. An error of the read-ahead surfaces when its
+    batch is asked for. :meth:`wait` before anything else reads the scenes
+    (evaluation), so that no reader is used by two threads at once."""
+
+    def __init__(self, batch_fn):
+        self.batch_fn = batch_fn
+        self._pool: ThreadPoolExecutor | None = None
+        self._next = None  # (micro-step, future)
+
+    def batch(self, m: int):
+        if self._next is not None and self._next[0] == m:
+            out = self._next[1].result()
+        else:
+            self.wait()
+            out = self.batch_fn(m)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="rest_ds-prefetch")
+        self._next = (m + 1, self._pool.submit(self.batch_fn, m + 1))
+        return out
+
+    def wait(self) -> None:
+        """Let a pending read-ahead finish (its result or error is kept for its step)."""
+        if self._next is not None:
+            self._next[1].exception()
+
+    def close(self) -> None:
+        self.wait()
+        self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 # --- the trainer -------------------------------------------------------------------------------------
 class Trainer:
     """One training job; every rank constructs it and calls :meth:`fit`.
@@ -349,6 +389,7 @@ class Trainer:
             micro = 1
             if self.mesh.sp > 1:
                 parallelize(self.model, self.mesh, align=self.align, attention=cfg.mesh.attention, rng_seed=cfg.seed)
+        self.prefetch = Prefetcher(self.data.batch)  # the next micro-step's tile is read while this one computes
 
         counts = None
         if cfg.train.class_weights == "sqrt_inv":
@@ -385,13 +426,14 @@ class Trainer:
         dev = self.device
         total = torch.zeros(1, dtype=torch.float64, device=dev)
         for i in range(gas):
-            x, y, layout = self.data.batch(step * gas + i)
+            x, y, layout = self.prefetch.batch(step * gas + i)
             x, y = x.to(dev), y.to(dev)
             labelled = torch.tensor([float((y != self.ignore_index).sum())], dtype=torch.float64, device=dev)
             if self.mesh.sp > 1:
                 x = from_local(x, self.mesh, layout=layout)
                 y = SpatialTensor(y, Spec(self.mesh, (1, 2), layout.rows, layout.cols))
-                dist.all_reduce(labelled, group=self.mesh.sp_group)
+                # SPIM's collective: the sp ranks' shared-memory channel on one host, not a gloo round trip
+                all_reduce_(labelled, self.mesh)
             out = self.engine(x)
             if labelled.item() == 0:  # no training label in this (augmented) scene: a zero-gradient step
                 first = out[0] if isinstance(out, (tuple, list)) else out
@@ -402,9 +444,10 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().double()
-        if self.world > 1:
+        if self.mesh.dp > 1:  # the sp ranks of a replica hold the same (whole-scene) loss already
             dist.all_reduce(total)
-        return float(total.item() / (gas * self.world))
+            return float(total.item() / (gas * self.world))
+        return float(total.item() / gas)
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -414,6 +457,7 @@ class Trainer:
         cfg = self.cfg
         K = self.num_classes
         conf = np.zeros((K, K), dtype=np.int64)
+        self.prefetch.wait()  # the training read-ahead may use the same scene readers
         self.engine.eval()
         try:
             if cfg.data.mode == "crop":
@@ -611,6 +655,7 @@ class Trainer:
                 t_last, n_last = time.monotonic(), 0  # evaluation/saving time is not step time
         if bar is not None:
             bar.close()
+        self.prefetch.close()
         elapsed = time.monotonic() - t_loop
         summary = {"steps": t.steps, "start_step": start, "train_seconds": elapsed, "setup_seconds": self.setup_s,
                    "final_loss": self.history[-1]["loss"] if self.history else None, "eval": self.last_metrics}
