@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import bench as bench_cli
 
     bench_cli.add_parser(sub)
+    from .train import plan as plan_cli
+
+    plan_cli.add_parser(sub)
     return parser
 
 

@@ -57,3 +57,85 @@ def test_predicted_peak_within_15_percent(measured, profiles, case):
     err = e["peak_bytes"] / got - 1
     print(f"{case}: measured {got / 2 ** 20:.2f} MiB, predicted {e['peak_bytes'] / 2 ** 20:.2f} MiB ({err:+.1%})")
     assert abs(err) <= 0.15, (case, got, e["parts"])
+
+
+# --- rest-ds plan / rest-ds train --check (in this process: no ranks are started) -----------------------
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    from tests.test_train_data import make_scene, tiny_config, write_config
+
+    d = tmp_path_factory.mktemp("check")
+    scene = make_scene(d / "scene", height=48, width=64)
+    return write_config(d / "tiny.yaml", tiny_config(scene, d / "out"))
+
+
+def _run(capsys, *argv):
+    from rest_ds.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_good_config_prints_the_plan(capsys, tiny_cfg):
+    code, out, err = _run(capsys, "train", "--check", "--config", tiny_cfg, "--ranks", 2, "--memory", 1,
+                          "deepspeed.precision=bf16")
+    assert code == 0, err
+    assert "check: config" in out and "synthetic-0 4x48x64; 4 bands, 3 classes" in out and "grid 1x2 on 2 rank(s)" in out
+    assert "<- configured" in out and "recommendation: mesh.grid=" in out
+    import torch
+
+    assert ("note: deepspeed.precision bf16 needs a GPU" in out) == (not torch.cuda.is_available()), out
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.encoder.kwargs.embed_dim=abc", "model.encoder.kwargs.embed_dim: 'abc' is not a valid int"),
+    ("model.encoder.kwargs.embed_dims=8", "model.encoder.kwargs.embed_dims: encoder 'prithvi_vit' takes no argument"),
+    ("model.num_classes=5", "model.num_classes: is 5 but the scenes have 3 classes"),
+    ("model.encoder.in_chans=3", "model.encoder.in_chans: the model takes 3 bands but the scenes have 4"),
+    ("data.train_region=north", "data.train_region: scene 'synthetic-0'"),
+    ("mesh.grid=8x1", "mesh.grid: 8x1 has 8 tiles but the run has sp=2"),
+    ("mesh.sp=3", "mesh.sp: 3 does not divide the 2 ranks"),
+    ("output_dir={cfg}/out", "output_dir: {cfg}/out: cannot write there"),   # under a file
+])
+def test_check_bad_input_names_the_key(capsys, tiny_cfg, override, words):
+    override, words = override.format(cfg=tiny_cfg), words.format(cfg=tiny_cfg)
+    code, out, err = _run(capsys, "train", "--check", "--config", tiny_cfg, "--ranks", 2, override)
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0] and str(tiny_cfg) in lines[0], err
+    assert "Traceback" not in err and "check: config" not in out
+
+
+def test_check_grid_thinner_than_alignment(capsys, tiny_cfg):
+    code, out, err = _run(capsys, "train", "--check", "--config", tiny_cfg, "--ranks", 8, "mesh.grid=8x1")
+    assert code == 2 and "mesh.grid: 8x1 tiles do not fit a 48x64 scene" in err, err
+
+
+def test_plan_max_scene_is_the_largest_that_fits(capsys, tiny_cfg, tmp_path):
+    import json
+
+    from rest_ds.train.plan import GIB, ModelProfile, estimate
+
+    js = tmp_path / "max.json"
+    code, out, err = _run(capsys, "plan", "--config", tiny_cfg, "--max-scene", "--devices", 4, "--memory", 0.25,
+                          "--json", js)
+    assert code == 0, err
+    assert out.startswith("max-scene: ") and "on 4 x 0.25 GiB" in out, out
+    best = json.loads(js.read_text())["max_scene"]
+    assert best["peak_bytes"] <= 0.9 * 0.25 * GIB
+    # one alignment unit more per side of the same layout no longer fits
+    prof = ModelProfile(**{**_profile_fields(tiny_cfg)})
+    H, W = best["scene"]
+    bigger = estimate(prof, hw=(H + prof.align, W + prof.align), grid=tuple(best["grid"]), world=4,
+                      zero_stage=best["zero_stage"], act_ckpt=best["act_ckpt"])
+    assert bigger["peak_bytes"] > 0.9 * 0.25 * GIB
+
+
+def _profile_fields(cfg_path):
+    from rest_ds.train.config import load_config
+    from rest_ds.train.plan import profile_model
+
+    c = load_config(cfg_path)
+    import dataclasses
+    return dataclasses.asdict(profile_model(c.model, 4, 3, act_ckpt=(False, True)))

@@ -85,6 +85,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", required=True, type=Path, metavar="YAML", help="training config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     p.add_argument("--print-config", action="store_true", help="print the validated config (defaults filled in) and exit")
+    p.add_argument("--check", "--dry-run", action="store_true",
+                   help="preflight without starting the ranks: config, encoder arguments, scene headers (bands, "
+                        "labels, classes, regions), grid vs scene, output folder; then the memory plan (rest-ds plan)")
+    p.add_argument("--ranks", type=positive_int, metavar="N", help="with --check: ranks of the run (default: "
+                                                                    "$WORLD_SIZE, mesh.sp or 1)")
+    p.add_argument("--memory", type=float, metavar="GIB", help="with --check: memory per device for the plan")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
@@ -182,12 +188,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank == 0:
             print(cfg.to_yaml(), end="")
         return EXIT_OK
+    if args.check:
+        return _check(cfg, args, world)
     lock = None
     try:
         # seconds, on every rank, before torch.distributed and DeepSpeed start
+        from .preflight import check_encoder_kwargs, scene_headers
         from .validation import check_train_config
 
         check_train_config(cfg)
+        check_encoder_kwargs(cfg)
+        scene_headers(cfg)  # headers only; samples not fetched yet are left to rank 0
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             return 130
@@ -240,6 +251,35 @@ def _lock_output(out_dir, rank: int, world: int):
     if isinstance(res[0], BaseException):
         raise res[0]
     return res[0]
+
+
+def _check(cfg, args: argparse.Namespace, world: int) -> int:
+    """``train --check``: the preflight and the plan, in this process (no ranks)."""
+    t0 = time.monotonic()
+    try:
+        from .plan import GIB, device_memory_bytes, format_plan, plan_run
+        from .preflight import preflight
+
+        ranks = args.ranks or (world if world > 1 else None) or cfg.mesh.sp or 1
+        info = preflight(cfg, ranks)
+        mem = args.memory * GIB if args.memory else device_memory_bytes()
+        plan = plan_run(cfg, ranks=ranks, memory_bytes=mem, scenes=info)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        return _die(e, args.debug, 0, 1)
+    seen = [s for s in info["scenes"] if s["fetched"]]
+    print(f"check: config {cfg.source_file}: OK; {len(info['scenes'])} scene(s) "
+          + ", ".join(f"{s['name']} {s['bands']}x{s['height']}x{s['width']}" for s in seen)
+          + f"; {info['in_chans']} bands, {info['num_classes']} classes; output {cfg.out_dir} writable; "
+            f"grid {plan['configured']['grid'][0]}x{plan['configured']['grid'][1]} on {ranks} rank(s) "
+            f"[{time.monotonic() - t0:.1f} s]", flush=True)
+    print(format_plan(plan), flush=True)
+    conf = plan["configured"]
+    if mem is not None and conf["peak_bytes"] > 0.9 * mem:
+        print(f"warning: the configured run needs about {conf['peak_bytes'] / GIB:.2f} GiB per rank, more than 90% of "
+              f"{mem / GIB:.1f} GiB", flush=True)
+    return EXIT_OK
 
 
 def _finish() -> None:

@@ -50,6 +50,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..config_schema import ConfigError
+
 GIB = 1024 ** 3
 
 # Calibrated by calibrate() on 10 CPU measure_step runs (fp32, gloo, 1 and 2 ranks; tiny ViT-UPerNet
@@ -350,3 +352,351 @@ def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, f
     sol, _ = nnls(np.array(A), np.array(y))  # every coefficient >= 0
     return {"c_act_sp": float(sol[0]), "c_act_one": float(sol[1]), "c_fixed_sp": float(sol[2]),
             "c_fixed": float(sol[3])}
+
+
+# --- a run's candidates ----------------------------------------------------------------------------
+def _factor_grids(sp: int) -> list[tuple[int, int]]:
+    return [(a, sp // a) for a in range(1, sp + 1) if sp % a == 0]
+
+
+def _ckpt_possible(model_cfg: dict, in_chans: int, num_classes: int) -> bool:
+    from .config import ConfigError
+    from .engine import build_model, enable_activation_checkpointing
+
+    try:
+        enable_activation_checkpointing(build_model(model_cfg, num_classes=num_classes, in_chans=in_chans)[0])
+        return True
+    except ConfigError:
+        return False
+
+
+def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int | None = None,
+               grid: tuple[int, int] | None = None, stages=(0, 1, 2, 3), ckpt=(False, True),
+               precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9,
+               coeffs: dict | None = None) -> list[dict]:
+    """:func:`estimate` of every layout of ``ranks`` ranks (sp dividing ``ranks``, or the
+    given ``sp`` / ``grid``), ZeRO stage and activation-checkpointing choice."""
+    from .inference import padded_shape
+
+    H, W = padded_shape(tuple(hw), prof.align)
+    sps = [grid[0] * grid[1]] if grid else ([sp] if sp else [d for d in range(1, ranks + 1) if ranks % d == 0])
+    out = []
+    for s in sps:
+        for g in ([grid] if grid else _factor_grids(s)):
+            if H // prof.align < g[0] or W // prof.align < g[1]:
+                continue  # fewer alignment units than tiles along a side
+            for z in stages:
+                for c in ckpt:
+                    if c and str(1) not in prof.fits:
+                        continue
+                    out.append(estimate(prof, hw=hw, grid=g, world=ranks, zero_stage=z, precision=precision,
+                                        optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs))
+    return out
+
+
+def recommend(cands: list[dict], memory_bytes: float | None, headroom: float = 0.9) -> dict | None:
+    """The candidate to run: among those whose peak fits ``headroom x memory`` (all when
+    no memory is given), the fastest step per scene (step_s / dp), then the least halo
+    traffic (smallest sp), the lowest ZeRO stage (least gradient traffic), no
+    recomputation, the smallest peak. None when nothing fits."""
+    ok = [c for c in cands if memory_bytes is None or c["peak_bytes"] <= headroom * memory_bytes]
+    if not ok:
+        return None
+    return min(ok, key=lambda c: (round(c["step_s"] / c["dp"], 6), c["sp"], c["zero_stage"], c["act_ckpt"],
+                                  c["peak_bytes"]))
+
+
+def max_scene(prof: ModelProfile, *, devices: int, memory_bytes: float, aspect: float = 1.0,
+              headroom: float = 0.9, precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9,
+              sp: int | None = None, ckpt=(False, True), coeffs: dict | None = None) -> dict | None:
+    """The largest scene (``H = aspect x W``, multiples of the alignment) whose per-rank
+    peak fits ``headroom x memory`` on ``devices`` ranks, over every layout, ZeRO stage
+    and checkpointing choice; the winning :func:`estimate` with ``side`` added, or None."""
+    best = None
+    a = prof.align
+    for s in ([sp] if sp else [d for d in range(1, devices + 1) if devices % d == 0]):
+        for g in _factor_grids(s):
+            for z in (0, 1, 2, 3):
+                for c in ckpt:
+                    if c and "1" not in prof.fits:
+                        continue
+
+                    def peak(units: int) -> float:
+                        w = units * a
+                        h = max(a, int(round(w * aspect / a)) * a)
+                        return estimate(prof, hw=(h, w), grid=g, world=devices, zero_stage=z, precision=precision,
+                                        optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs)
+
+                    lo = max(g)  # at least one alignment unit per tile
+                    if peak(lo)["peak_bytes"] > headroom * memory_bytes:
+                        continue
+                    hi = lo
+                    while peak(hi * 2)["peak_bytes"] <= headroom * memory_bytes and hi < 10 ** 7:
+                        hi *= 2
+                    hi *= 2
+                    while hi - lo > 1:  # peak(lo) fits, peak(hi) does not
+                        mid = (lo + hi) // 2
+                        lo, hi = (mid, hi) if peak(mid)["peak_bytes"] <= headroom * memory_bytes else (lo, mid)
+                    e = peak(lo)
+                    px = e["scene"][0] * e["scene"][1]
+                    if best is None or px > best["scene"][0] * best["scene"][1] or (
+                            px == best["scene"][0] * best["scene"][1] and e["step_s"] < best["step_s"]):
+                        best = e
+    return best
+
+
+def calibrate_from_bench(path: str, profile_of) -> dict[str, float]:
+    """Coefficients from ``rest-ds bench`` JSON: ``c_time`` (device seconds / this model's
+    per-pixel time, median over runs) from every run, and the memory coefficients
+    from the runs with an allocator peak (``cuda_peak_mib``; CPU runs report only the
+    process RSS, which is not this model's measure). ``profile_of(config_path)`` gives
+    ``(ModelProfile, TrainConfig)`` of a run's config."""
+    import statistics
+
+    with open(path) as f:
+        data = json.load(f)
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not runs:
+        raise ValueError(f"{path}: no 'runs' (not a rest-ds bench JSON)")
+    ratios, rows, profs = [], [], {}
+    for r in runs:
+        prof, cfg = profile_of(r["config"])
+        profs[r["config"]] = prof
+        hw, grid = (r["scene"]["height"], r["scene"]["width"]), tuple(r["grid"])
+        e = estimate(prof, hw=hw, grid=grid, world=r["ranks"], zero_stage=r["zero_stage"],
+                     optimizer=cfg.optimizer.name, act_ckpt=cfg.train.activation_checkpointing,
+                     precision=cfg.deepspeed.precision)
+        if e["step_s"] > 0 and r.get("step_s"):
+            ratios.append(r["step_s"] / e["step_s"])
+        peaks = (r.get("memory") or {}).get("cuda_peak_mib")
+        if peaks:
+            rows.append({"model": r["config"], "hw": hw, "grid": grid, "world": r["ranks"],
+                         "zero_stage": r["zero_stage"], "optimizer": cfg.optimizer.name,
+                         "act_ckpt": cfg.train.activation_checkpointing, "precision": cfg.deepspeed.precision,
+                         "peak_bytes": max(peaks) * 2 ** 20})
+    out = dict(calibrate(rows, profs)) if len(rows) >= 2 else {}
+    if ratios:
+        out["c_time"] = statistics.median(ratios)
+    return out
+
+
+# --- from a training config ----------------------------------------------------------------------------
+def device_memory_bytes() -> float | None:
+    """The first CUDA device's memory, or None (no GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes: float | None = None,
+             coeffs: dict | None = None, all_choices: bool = True, scenes: dict | None = None) -> dict:
+    """The plan of a training config on ``ranks`` ranks: the model's profile, every
+    candidate layout x ZeRO stage x checkpointing (or only the configured one with
+    ``all_choices=False``), the configured one and the recommended one.
+    ``hw`` defaults to the largest training scene's size (headers only)."""
+    from .preflight import check_grid, preflight
+
+    info = scenes or preflight(cfg, ranks)
+    seen = [s for s in info["scenes"] if s["fetched"] and s["role"] == "train"]
+    if hw is None:
+        if not seen:
+            raise ConfigError(cfg.source_file, "data.scenes", "no scene size known (samples not fetched: "
+                                                              "'rest-ds data fetch NAME', or give --scene HxW)")
+        big = max(seen, key=lambda s: s["height"] * s["width"])
+        hw = (big["height"], big["width"])
+    if info["in_chans"] is None or info["num_classes"] is None:
+        raise ConfigError(cfg.source_file, "model", "bands and classes unknown: give model.encoder.in_chans and "
+                                                    "model.num_classes, or a fetched scene")
+    ck_ok = _ckpt_possible(cfg.model, info["in_chans"], info["num_classes"])
+    prof = profile_model(cfg.model, info["in_chans"], info["num_classes"], act_ckpt=(False, True) if ck_ok else (False,))
+    sp, grid = check_grid(cfg, ranks, prof.align, hw)
+    o = cfg.optimizer
+    kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs)
+    configured = estimate(prof, hw=hw, grid=grid, world=ranks, zero_stage=cfg.deepspeed.zero_stage,
+                          act_ckpt=cfg.train.activation_checkpointing and ck_ok, **kw)
+    if all_choices:
+        cands = candidates(prof, hw=hw, ranks=ranks, sp=cfg.mesh.sp, grid=cfg.grid(),
+                           ckpt=(False, True) if ck_ok else (False,), **kw)
+    else:
+        cands = [configured]
+    return {"profile": prof, "hw": tuple(hw), "ranks": ranks, "memory_bytes": memory_bytes, "configured": configured,
+            "candidates": cands, "recommended": recommend(cands, memory_bytes), "notes": info["notes"],
+            "checkpointing_possible": ck_ok}
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2 ** 20:.1f} MiB"
+
+
+def _row(e: dict, memory_bytes: float | None, mark: str = "") -> str:
+    p = e["parts"]
+    fits = "" if memory_bytes is None else ("yes" if e["peak_bytes"] <= 0.9 * memory_bytes else "NO")
+    return (f"  {e['grid'][0]}x{e['grid'][1]:<3} {e['dp']:>3} {e['sp']:>3}  {e['zero_stage']:>4}  "
+            f"{'yes' if e['act_ckpt'] else 'no':>4}  {_gib(e['peak_bytes']):>10}  {_gib(p['params'] + p['grads']):>10}  "
+            f"{_gib(p['master'] + p['optimizer']):>10}  {_gib(p['activations']):>10}  {_gib(p['buckets']):>10}  "
+            f"{e['step_s']:>8.3g}  {fits:>4} {mark}")
+
+
+def format_plan(plan: dict, *, top: int = 12) -> str:
+    """The plan as text: the model, one row per candidate (the best ``top`` by the
+    recommendation's order, plus the configured one), the recommendation."""
+    prof, mem = plan["profile"], plan["memory_bytes"]
+    H, W = plan["hw"]
+    fit0 = prof.fits["0"]
+    lines = [f"plan: {prof.encoder} model, {prof.params / 1e6:.2f} M parameters, align {prof.align}; scene {H}x{W} px "
+             f"on {plan['ranks']} rank(s); device memory "
+             + (f"{mem / GIB:.1f} GiB (fits: peak <= 90%)" if mem else "not given (--memory GiB)"),
+             f"  measured: {fit0['a']:.0f} B/px activations (+{fit0['q']:.2g} B/px^2), "
+             f"{fit0['s_per_px'] * 1e6:.2f} us/px forward+backward on this machine (sides {prof.sizes} px)",
+             f"  {'grid':<5} {'dp':>3} {'sp':>3}  {'ZeRO':>4}  {'ckpt':>4}  {'peak':>10}  {'param+grad':>10}  "
+             f"{'opt+master':>10}  {'activation':>10}  {'buckets':>10}  {'step s':>8}  {'fits':>4}"]
+    order = sorted(plan["candidates"], key=lambda c: (c["peak_bytes"] > 0.9 * mem if mem else False,
+                                                     round(c["step_s"] / c["dp"], 6), c["sp"], c["zero_stage"],
+                                                     c["act_ckpt"], c["peak_bytes"]))
+    shown = order[:top]
+    conf, rec = plan["configured"], plan["recommended"]
+    key = lambda e: (e["grid"], e["zero_stage"], e["act_ckpt"])  # noqa: E731
+    if all(key(e) != key(conf) for e in shown):
+        shown.append(conf)
+    for e in shown:
+        mark = " ".join(m for m, c in (("<- configured", conf), ("<- recommended", rec))
+                        if c is not None and key(c) == key(e))
+        lines.append(_row(e, mem, mark))
+    if len(order) > len(shown):
+        lines.append(f"  ({len(order) - len(shown)} more)")
+    if rec is None:
+        lines.append("recommendation: nothing fits; use more ranks, activation checkpointing or a smaller scene")
+    else:
+        lines.append(f"recommendation: mesh.grid={rec['grid'][0]}x{rec['grid'][1]} mesh.sp={rec['sp']} "
+                     f"deepspeed.zero_stage={rec['zero_stage']} "
+                     f"train.activation_checkpointing={str(rec['act_ckpt']).lower()} "
+                     f"(peak {_gib(rec['peak_bytes'])} per rank, ~{rec['step_s']:.3g} s/step here)")
+    lines += [f"note: {n}" for n in plan["notes"]]
+    return "\n".join(lines)
+
+
+# --- rest-ds plan --------------------------------------------------------------------------------------
+PLAN_DESCRIPTION = """\
+Predict the per-rank peak memory and step time of a training run before it
+starts, for every tile grid, ZeRO stage and activation-checkpointing choice on
+--ranks ranks, and recommend one that fits --memory GiB per device. Or, with
+--max-scene, the largest scene that fits --devices N devices of --memory GiB.
+
+The model (rest_ds/train/plan.py): parameters, gradients, fp32 master copy and
+optimizer state per ZeRO stage over the ranks, DeepSpeed's gradient buckets, the
+activations of the model measured here on small synthetic scenes (a few
+seconds) scaled to the rank's tile, and calibrated overheads. Step time is this
+machine's (CPU) forward/backward time per pixel, or a device's with
+--calibration BENCH.json (rest-ds bench on that device)."""
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        parts = [int(v) for v in str(text).lower().replace(",", "x").split("x")]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or min(parts) < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HxW (e.g. 4096x6144) or one side") from None
+    return parts[0], parts[1]
+
+
+def add_parser(subparsers) -> None:
+    """Register ``plan`` on ``subparsers``."""
+    import argparse
+
+    from ..cli_args import positive_int
+
+    p = subparsers.add_parser("plan", help="predict per-rank memory and step time; recommend a layout",
+                              description=PLAN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="YAML", help="training config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. mesh.grid=2x2")
+    p.add_argument("--ranks", type=positive_int, metavar="N", help="ranks of the run (default: mesh.sp or 1)")
+    p.add_argument("--memory", type=float, metavar="GIB", help="memory per device in GiB (default: this GPU's)")
+    p.add_argument("--scene", type=_parse_hw, metavar="HxW", help="scene size (default: the largest training scene)")
+    p.add_argument("--max-scene", action="store_true", help="the largest scene that fits --devices x --memory")
+    p.add_argument("--devices", type=positive_int, metavar="N", help="with --max-scene: devices (ranks)")
+    p.add_argument("--calibration", metavar="JSON", help="rest-ds bench JSON (or a JSON of coefficients) to calibrate from")
+    p.add_argument("--all", action="store_true", help="print every candidate, not the best 12")
+    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def _coeffs_from(path: str | None, cfg) -> dict | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "runs" not in data:
+        return {k: float(v) for k, v in data.items() if k in (*DEFAULT_COEFFS, "c_time")}
+
+    def profile_of(config_path):
+        from .config import load_config
+
+        c = load_config(config_path)
+        from .preflight import preflight
+
+        info = preflight(c, 1)
+        return profile_model(c.model, info["in_chans"], info["num_classes"]), c
+
+    return calibrate_from_bench(path, profile_of)
+
+
+def cmd_plan(args) -> int:
+    import sys
+
+    from ..data import DataError
+    from .config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        coeffs = _coeffs_from(args.calibration, cfg)
+        mem = args.memory * GIB if args.memory else device_memory_bytes()
+        if args.max_scene:
+            if not args.devices or not mem:
+                raise ConfigError(None, "--max-scene", "needs --devices N and --memory GiB")
+            from .preflight import preflight
+
+            info = preflight(cfg, args.devices)
+            prof = profile_model(cfg.model, info["in_chans"], info["num_classes"],
+                                 act_ckpt=(False, True) if _ckpt_possible(cfg.model, info["in_chans"],
+                                                                          info["num_classes"]) else (False,))
+            aspect = args.scene[0] / args.scene[1] if args.scene else 1.0
+            o = cfg.optimizer
+            best = max_scene(prof, devices=args.devices, memory_bytes=mem, aspect=aspect,
+                             precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum,
+                             sp=cfg.mesh.sp, ckpt=(False, True) if "1" in prof.fits else (False,),
+                             coeffs=coeffs)
+            if best is None:
+                print(f"max-scene: nothing fits {args.devices} x {args.memory:g} GiB (the model's fixed memory "
+                      f"alone is too large)", flush=True)
+                return 1
+            H, W = best["scene"]
+            print(f"max-scene: {H}x{W} px ({H * W / 1e6:.1f} Mpx) on {args.devices} x {mem / GIB:g} GiB: "
+                  f"mesh.grid={best['grid'][0]}x{best['grid'][1]} mesh.sp={best['sp']} "
+                  f"deepspeed.zero_stage={best['zero_stage']} "
+                  f"train.activation_checkpointing={str(best['act_ckpt']).lower()}, peak "
+                  f"{_gib(best['peak_bytes'])} per rank, ~{best['step_s']:.3g} s/step here", flush=True)
+            out = {"max_scene": best}
+        else:
+            ranks = args.ranks or cfg.mesh.sp or 1
+            plan = plan_run(cfg, ranks=ranks, hw=args.scene, memory_bytes=mem, coeffs=coeffs)
+            print(format_plan(plan, top=10 ** 6 if args.all else 12), flush=True)
+            out = {k: (asdict(v) if isinstance(v, ModelProfile) else v) for k, v in plan.items()}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1, default=list)
+    except (ConfigError, DataError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+__all__ = ["LiveBytes", "ModelProfile", "profile_model", "static_bytes", "estimate", "candidates", "recommend",
+           "max_scene", "calibrate", "calibrate_from_bench", "measure_step", "measure_steps", "plan_run",
+           "format_plan", "add_parser", "cmd_plan", "DEFAULT_COEFFS"]

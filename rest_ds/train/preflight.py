@@ -1,0 +1,236 @@
+"""``rest-ds train --check``: everything about a run that can be checked in seconds
+without starting its ranks, and its memory plan (rest_ds.train.plan).
+
+Checks, in order (the first problem raises :class:`ConfigError` or
+:class:`~rest_ds.data.DataError`, whose one-line message names the file and key):
+
+* the config's own checks (:func:`rest_ds.train.validation.check_train_config`:
+  output folder writable and free, resume path, encoder name);
+* encoder arguments against the encoder factory's signature
+  (:func:`check_encoder_kwargs`: unknown names, values of the wrong type);
+* every training and validation scene, headers only (no pixel is read): files,
+  band count (the same in every scene, and the model's ``in_chans``), a label
+  on every training scene, the same classes everywhere and the model's
+  ``num_classes``, the ``train_region`` / ``val_region`` the config names;
+* the tile grid against the scene (``mesh.sp`` divides the ranks, each tile at
+  least one alignment unit of the model on each side).
+
+``fp16``/``bf16`` on a machine without a GPU is not an error (the trainer
+trains in fp32 there); it is reported as a note.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from ..config_schema import ConfigError
+
+
+# --- encoder arguments -------------------------------------------------------------------------------
+def _factory_params(fn) -> tuple[dict[str, inspect.Parameter], bool, dict]:
+    """Named parameters of an encoder factory, whether it takes ``**kwargs``, and its
+    type hints; a factory ``f(**kwargs) -> SomeModule`` is followed to ``SomeModule``."""
+    sig = inspect.signature(fn)
+    params = {p.name: p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    ret = hints.get("return")
+    if var_kw and isinstance(ret, type):
+        p2, v2, h2 = _factory_params(ret.__init__)
+        p2.pop("self", None)
+        params = {**p2, **params}
+        var_kw = v2
+        hints = {**h2, **{k: v for k, v in hints.items() if k != "return"}}
+    return params, var_kw, hints
+
+
+def _type_ok(tp, value) -> bool | None:
+    """Whether ``value`` (from YAML) fits annotation ``tp``; None when it cannot tell."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return None
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        verdicts = [_type_ok(a, value) for a in typing.get_args(tp)]
+        return True if any(v is True for v in verdicts) else (None if any(v is None for v in verdicts) else False)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    base = origin or tp
+    if isinstance(base, type):
+        import collections.abc as abc
+
+        if issubclass(base, (list, tuple)) or base in (abc.Sequence,):
+            return isinstance(value, (list, tuple))
+        if issubclass(base, dict) or base is abc.Mapping:
+            return isinstance(value, dict)
+    return None
+
+
+def check_encoder_kwargs(cfg) -> None:
+    """``model.encoder.kwargs`` against the encoder factory: each key must be one of
+    its parameters (unless it takes ``**kwargs`` that go further than we can see) and
+    each value must fit the parameter's type annotation."""
+    from ..models.config import import_encoders
+    from ..models.registry import ENCODERS
+
+    enc = cfg.model.get("encoder") if isinstance(cfg.model, dict) else None
+    if not isinstance(enc, dict):
+        return
+    import_encoders()
+    name, kwargs = enc.get("name"), enc.get("kwargs") or {}
+    if name not in ENCODERS or not isinstance(kwargs, dict):
+        return  # the name is checked by validation.check_model_names, the mapping by the config schema
+    params, var_kw, hints = _factory_params(ENCODERS[name])
+    for k, v in kwargs.items():
+        key = f"model.encoder.kwargs.{k}"
+        if k not in params:
+            if var_kw:
+                continue
+            raise ConfigError(cfg.source_file, key, f"encoder '{name}' takes no argument '{k}' "
+                                                    f"(it takes: {', '.join(sorted(params))})")
+        tp = hints.get(k, params[k].annotation)
+        if isinstance(tp, str):  # an annotation that could not be resolved
+            continue
+        if _type_ok(tp, v) is False:
+            from ..config_schema import type_name
+
+            raise ConfigError(cfg.source_file, key, f"{v!r} is not a valid {type_name(tp)} for encoder "
+                                                    f"'{name}' argument '{k}'")
+
+
+# --- scenes --------------------------------------------------------------------------------------------
+def scene_headers(cfg) -> list[dict]:
+    """Open every training and validation scene (metadata only) and check them against
+    each other and the config; returns one dict per scene (name, ref, bands, height,
+    width, classes, labelled, regions, role). Samples not fetched yet are listed with
+    ``fetched: False`` (rank 0 fetches them at the start of training)."""
+    from ..data import DataError
+    from ..data.samples import SAMPLES, is_fetched
+    from .data import resolve_scene
+
+    d = cfg.data
+    w = cfg.source_file
+    refs = [("data.scenes", r, "train") for r in d.scenes]
+    refs += [("data.val_scenes", r, "val") for r in (d.val_scenes or [])]
+    out = []
+    for key, ref, role in refs:
+        if ref in SAMPLES and not is_fetched(ref, d.cache):
+            out.append({"ref": ref, "name": ref, "role": role, "fetched": False})
+            continue
+        try:
+            scene = resolve_scene(ref, d.cache, fetch=False)
+        except ConfigError:
+            raise
+        except DataError as e:
+            raise ConfigError(w, key, str(e)) from None
+        from ..data import open_scene
+
+        try:
+            with open_scene(scene) as r:
+                C, H, W = r.shape
+                info = {"ref": ref, "name": scene.name, "role": role, "fetched": True, "bands": C, "height": H,
+                        "width": W, "classes": list(scene.class_names or []) if r.label is not None else None,
+                        "labelled": r.label is not None, "regions": sorted(scene.regions),
+                        "file": scene.source_file or str(ref)}
+        except DataError as e:
+            raise ConfigError(w, key, str(e)) from None
+        out.append(info)
+    seen = [s for s in out if s["fetched"]]
+    for s in seen:
+        key = "data.scenes" if s["role"] == "train" else "data.val_scenes"
+        if s["bands"] != seen[0]["bands"]:
+            raise ConfigError(w, key, f"scene '{s['name']}' ({s['file']}) has {s['bands']} bands, "
+                                      f"'{seen[0]['name']}' has {seen[0]['bands']}")
+        if not s["labelled"]:
+            raise ConfigError(w, key, f"scene '{s['name']}' ({s['file']}) has no label")
+        if s["classes"] != seen[0]["classes"]:
+            raise ConfigError(w, key, f"scene '{s['name']}' has classes {s['classes']}, "
+                                      f"'{seen[0]['name']}' has {seen[0]['classes']}")
+        region, rkey = (d.train_region, "data.train_region") if s["role"] == "train" else (d.val_region,
+                                                                                             "data.val_region")
+        if d.val_scenes is None and s["role"] == "train" and d.val_region is not None \
+                and d.val_region not in s["regions"]:
+            raise ConfigError(w, "data.val_region", f"scene '{s['name']}' ({s['file']}) has no region "
+                                                    f"'{d.val_region}' (regions: {', '.join(s['regions']) or 'none'})")
+        if region is not None and region not in s["regions"]:
+            raise ConfigError(w, rkey, f"scene '{s['name']}' ({s['file']}) has no region '{region}' "
+                                       f"(regions: {', '.join(s['regions']) or 'none'})")
+    return out
+
+
+def _model_channels(cfg, bands: int | None, classes: int | None) -> tuple[int | None, int | None]:
+    m = cfg.model
+    enc = m.get("encoder") or {}
+    want = enc.get("in_chans") if enc.get("in_chans") is not None else (len(enc["bands"]) if enc.get("bands")
+                                                                         else None)
+    w = cfg.source_file
+    if want is not None and bands is not None and int(want) != bands:
+        raise ConfigError(w, "model.encoder.in_chans", f"the model takes {want} bands but the scenes have {bands}; "
+                                                       f"set model.encoder.in_chans (or bands) to match")
+    k = m.get("num_classes")
+    if k is not None and classes is not None and int(k) != classes:
+        raise ConfigError(w, "model.num_classes", f"is {k} but the scenes have {classes} classes")
+    return (bands if bands is not None else want), (classes if classes is not None else k)
+
+
+def check_grid(cfg, ranks: int, align: int, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """``(sp, grid)`` of the run on ``ranks`` ranks for a scene of ``hw``; raises when
+    sp does not divide the ranks or a tile would be thinner than ``align``."""
+    from ..spim.tiling import choose_grid
+    from .inference import padded_shape
+
+    w = cfg.source_file
+    if cfg.data.mode == "crop":
+        return 1, (1, 1)
+    fixed = cfg.grid()
+    sp = cfg.mesh.sp or ranks  # as the trainer decides
+    if ranks % sp:
+        raise ConfigError(w, "mesh.sp", f"{sp} does not divide the {ranks} ranks (ranks = dp x sp)")
+    if fixed and fixed[0] * fixed[1] != sp:
+        raise ConfigError(w, "mesh.grid", f"{fixed[0]}x{fixed[1]} has {fixed[0] * fixed[1]} tiles but the run has "
+                                          f"sp={sp} ({'mesh.sp' if cfg.mesh.sp else 'mesh.sp null: all ranks'}); "
+                                          f"set mesh.sp={fixed[0] * fixed[1]} or another grid")
+    H, W = padded_shape(hw, align)
+    grid = fixed or choose_grid(H, W, sp, align)
+    if H // align < grid[0] or W // align < grid[1]:
+        raise ConfigError(w, "mesh.grid", f"{grid[0]}x{grid[1]} tiles do not fit a {hw[0]}x{hw[1]} scene: each "
+                                          f"tile needs at least {align} px (the model's alignment) per side")
+    return sp, grid
+
+
+def preflight(cfg, ranks: int = 1) -> dict:
+    """Run every check (module docstring); returns ``{"scenes", "in_chans",
+    "num_classes", "sp", "grid", "notes"}``. Raises ConfigError on the first problem."""
+    import torch
+
+    from .validation import check_train_config
+
+    check_train_config(cfg)
+    check_encoder_kwargs(cfg)
+    scenes = scene_headers(cfg)
+    seen = [s for s in scenes if s["fetched"]]
+    notes = [f"sample '{s['ref']}' is not fetched yet: rank 0 fetches it at the start (not checked)"
+             for s in scenes if not s["fetched"]]
+    bands = seen[0]["bands"] if seen else None
+    classes = len(seen[0]["classes"]) if seen and seen[0]["classes"] is not None else None
+    in_chans, num_classes = _model_channels(cfg, bands, classes)
+    if cfg.deepspeed.precision != "fp32" and not torch.cuda.is_available():
+        notes.append(f"deepspeed.precision {cfg.deepspeed.precision} needs a GPU; on this CPU-only machine the run "
+                     f"trains in fp32")
+    return {"scenes": scenes, "in_chans": in_chans, "num_classes": num_classes, "notes": notes}
+
+
+__all__ = ["preflight", "check_encoder_kwargs", "scene_headers", "check_grid"]
