@@ -4,6 +4,8 @@ the result is replicated (a plain tensor). Over one sharded dim only: refused.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -102,3 +104,54 @@ def _reduce(func, args, kwargs):
         if len(dims) == x.dim():
             out = out.reshape(())
     return out
+
+
+def _bind_norm(func, args, kwargs):
+    """(p, dims or None, keepdim, dtype) of torch.norm / Tensor.norm / linalg.vector_norm / linalg.norm."""
+    linalg = func in (torch.linalg.vector_norm, torch.linalg.norm)
+    names = ("input", "ord" if linalg else "p", "dim", "keepdim")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    p = a.get("ord" if linalg else "p", None if func is torch.linalg.norm else (2 if linalg else "fro"))
+    dim = a.get("dim")
+    dims = None if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    if a.get("out") is not None:
+        raise context.unsupported(op_name(func), "out= is not supported on sharded tensors")
+    if func is torch.linalg.norm and p is not None and (dims is None or len(dims) == 2):
+        raise context.unsupported(op_name(func), f"the matrix norm ord={p!r} (only vector norms are exact)")
+    if p is None or p == "fro":
+        p = 2
+    if not isinstance(p, (int, float)):
+        raise context.unsupported(op_name(func), f"p={p!r} over the sharded dims (only vector p-norms are exact)")
+    return float(p), dims, bool(a.get("keepdim", False)), a.get("dtype")
+
+
+@register(torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm)
+def _norm(func, args, kwargs):
+    """Vector p-norms. Over dims that include the sharded ones: composed from the
+    exact global reductions (sum of |x|^p, amax/amin for p = +-inf, count for
+    p = 0), so every rank gets the scene's norm (replicated); elsewhere torch's
+    own norm of the tile. Like torch, the gradient at a zero norm is zero."""
+    x = args[0]
+    if not isinstance(x, SpatialTensor):
+        raise context.unsupported(op_name(func), "a sharded tensor as a secondary argument")
+    p, dims, keepdim, dtype = _bind_norm(func, args, kwargs)
+    alld = list(range(x.dim())) if dims is None else sorted({d % x.dim() for d in dims})
+    if not set(x._spec.dims) & set(alld):
+        out = func(x._local, *args[1:], **kwargs)
+        return wrap(out, x._spec.with_dims(tuple(d if keepdim else d - sum(1 for q in alld if q < d)
+                                                  for d in x._spec.dims)))
+    if not set(x._spec.dims) <= set(alld):
+        raise context.unsupported(op_name(func), f"a norm over only one of the sharded dims {x._spec.dims}")
+    if dtype is not None:
+        x = x.to(dtype)
+    if p == math.inf or p == -math.inf:
+        return (x.abs().amax if p > 0 else x.abs().amin)(dim=alld, keepdim=keepdim)
+    if p == 0:
+        return (x != 0).to(x.dtype).sum(dim=alld, keepdim=keepdim)
+    s = (x * x if p == 2 else x.abs() ** p).sum(dim=alld, keepdim=keepdim)  # replicated, exact
+    if p == 1:
+        return s
+    pos = s > 0
+    # s ** (1/p) with a zero (not NaN/inf) gradient where the norm is zero, as torch's norm backward
+    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)) ** (1.0 / p), torch.zeros_like(s))

@@ -1,0 +1,147 @@
+"""Third-party model zoo for the SPIM exactness tests (tests/test_spim_zoo.py).
+
+Each factory takes no arguments and returns an *unmodified* model built by its
+own library with random weights (nothing is downloaded: torchvision
+``weights=None, weights_backbone=None``, timm ``pretrained=False``,
+transformers from a config object). Only sizes are chosen here (class count,
+tiny widths where the library has a knob for them), never the model's code.
+
+Append-friendly: one small top-level function per model; a test picks
+factories by name.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 3
+
+
+# --- torchvision segmentation models ------------------------------------------
+
+def tv_deeplabv3_mobilenet_v3_large() -> nn.Module:
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+    return deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+
+
+def tv_deeplabv3_resnet50() -> nn.Module:
+    from torchvision.models.segmentation import deeplabv3_resnet50
+    return deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+
+
+def tv_lraspp_mobilenet_v3_large() -> nn.Module:
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+    return lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+
+
+def tv_fcn_resnet50() -> nn.Module:
+    from torchvision.models.segmentation import fcn_resnet50
+    return fcn_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+
+
+# --- timm backbones (features_only: every feature map is an output) -----------
+
+def _timm(name: str, **kwargs) -> nn.Module:
+    import timm
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def timm_efficientnet_b0_features() -> nn.Module:
+    return _timm("efficientnet_b0", features_only=True)
+
+
+def timm_tf_efficientnet_b0_features() -> nn.Module:
+    """TensorFlow-ported weights layout: 'same' padding (Conv2dSame / F.pad by the input size)."""
+    return _timm("tf_efficientnet_b0", features_only=True)
+
+
+def timm_efficientnet_lite0_features() -> nn.Module:
+    """ReLU6, no squeeze-excitation."""
+    return _timm("efficientnet_lite0", features_only=True)
+
+
+def timm_tf_efficientnetv2_b0_features() -> nn.Module:
+    """EfficientNetV2: fused MBConv (EdgeResidual) stages, 'same' padding."""
+    return _timm("tf_efficientnetv2_b0", features_only=True)
+
+
+def timm_mixnet_s_features() -> nn.Module:
+    """Mixed depthwise kernels (3x3 .. 9x9) on channel splits, concatenated."""
+    return _timm("mixnet_s", features_only=True)
+
+
+def timm_hrnet_w18_small_features() -> nn.Module:
+    """Multi-resolution branches fused with nearest upsampling by scale factors."""
+    return _timm("hrnet_w18_small", features_only=True)
+
+
+def timm_hrnet_w18_small_v2_features() -> nn.Module:
+    return _timm("hrnet_w18_small_v2", features_only=True)
+
+
+def timm_regnetx_002_features() -> nn.Module:
+    """Group convs."""
+    return _timm("regnetx_002", features_only=True)
+
+
+def timm_regnety_002_features() -> nn.Module:
+    """Group convs and squeeze-excitation."""
+    return _timm("regnety_002", features_only=True)
+
+
+def timm_regnetz_005_features() -> nn.Module:
+    """RegNetZ (timm byobnet): SE, SiLU, inverted bottlenecks."""
+    return _timm("regnetz_005", features_only=True)
+
+
+def timm_convnext_atto_features() -> nn.Module:
+    """LayerNorm2d, depthwise 7x7, layer scale."""
+    return _timm("convnext_atto", features_only=True)
+
+
+def timm_convnext_nano_ols_features() -> nn.Module:
+    """ConvNeXt variant with overlapping stem and stem/downsample convs (ols = 'overlapping stem')."""
+    return _timm("convnext_nano_ols", features_only=True)
+
+
+def timm_convnext_zepto_rms_features() -> nn.Module:
+    """ConvNeXt with RmsNorm2d."""
+    return _timm("convnext_zepto_rms", features_only=True)
+
+
+def timm_convnextv2_atto_features() -> nn.Module:
+    """ConvNeXt-V2: GlobalResponseNorm (an L2 norm over the whole scene per channel)."""
+    return _timm("convnextv2_atto", features_only=True)
+
+
+def timm_mobilenetv3_large_075_features() -> nn.Module:
+    """Hard-swish, hard-sigmoid squeeze-excitation."""
+    return _timm("mobilenetv3_large_075", features_only=True)
+
+
+def timm_resnet26d_features() -> nn.Module:
+    """Deep stem, average-pool downsample shortcuts."""
+    return _timm("resnet26d", features_only=True)
+
+
+def timm_regnety_002_classifier() -> nn.Module:
+    """With its classifier: global average pool + linear head (replicated output)."""
+    return _timm("regnety_002", num_classes=NUM_CLASSES)
+
+
+def timm_efficientnet_b0_classifier() -> nn.Module:
+    """With its classifier (conv head, global pool, linear)."""
+    return _timm("efficientnet_b0", num_classes=NUM_CLASSES)
+
+
+# --- transformers -------------------------------------------------------------
+
+def hf_upernet_convnext() -> nn.Module:
+    """``UperNetForSemanticSegmentation`` with a tiny ConvNeXt backbone (its auxiliary head only runs with labels: off)."""
+    from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
+    backbone = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = UperNetConfig(backbone_config=backbone, hidden_size=16, pool_scales=[1, 2, 3, 6],
+                        use_auxiliary_head=False,
+                        num_labels=NUM_CLASSES)
+    return UperNetForSemanticSegmentation(cfg)
