@@ -38,12 +38,19 @@ through SPIM's shared-memory transport (``--transport shm``, what a job on one
 host uses) or over gloo alone (``--transport gloo``); bytes are counted the
 same either way.
 
+``--models swin_upernet``: timm Swin-T + UPerNet (``rest_ds.models.zoo.swin_tiny_upernet``,
+tiles aligned to 224 = patch 4 x window 7 x 2^3, so a 1024 scene splits 448 | 576); (a) then
+compares the bytes of its shifted-window rolls (``comm_stats`` kind ``roll``, forward and backward)
+with the volume from the tile geometry (:func:`analytic_roll_bytes`) and lists the other kinds
+(halo: UPerNet's convs and resampling; all_reduce: BatchNorm statistics, adaptive pooling).
+
 ``--models segformer_b0``: SegFormer-B0 (``configs/models/segformer.yaml``: transformers'
 MiT-b0 + the all-MLP head, DropPath and dropout off); (a) then compares the bytes of each layer
 kind (patch embeddings, Mix-FFN depthwise convs, spatial-reduction attention, decode head) with
 the volumes from the tile geometry (``sr_attention_volumes.py``), on 1x2 and 2x2 grids.
 
-Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3] [--malloc both]``.
+Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3] [--malloc both]
+[--models conv_stack,resnet18_upernet,swin_upernet]``.
 Prints a table and one JSON line (prefixed ``JSON``).
 """
 from __future__ import annotations
@@ -66,7 +73,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rest_ds.models.zoo import resnet18_upernet  # noqa: E402
+from rest_ds.models.zoo import resnet18_upernet, swin_tiny_upernet  # noqa: E402
 from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard  # noqa: E402
 from rest_ds.spim.spawn import spawn  # noqa: E402
 
@@ -102,7 +109,7 @@ def build(name: str, stack_channels: int, stack_layers: int) -> nn.Module:
         return conv_stack(stack_channels, stack_layers).train()
     if name == "segformer_b0":
         return build_segformer_b0(BANDS)
-    model = resnet18_upernet().train()
+    model = (swin_tiny_upernet() if name == "swin_upernet" else resnet18_upernet()).train()
     for m in model.decoder.psp_modules.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
@@ -132,6 +139,32 @@ def analytic_halo_bytes(rows, cols, batch: int, in_channels: list[int], halo: in
                         continue
                     pixels = overlap(rows, r, i) * overlap(cols, c, j)
                     total += pixels * batch * sum(in_channels) * DTYPE_BYTES
+    return total
+
+
+def analytic_roll_bytes(rows, cols, batch: int, size: int, patch: int = 4, window: int = 7,
+                        depths=(2, 2, 6, 2), embed_dim: int = 96) -> int:
+    """Bytes all ranks send in the forward of timm's Swin (v1) on a ``size x size``
+    scene, from the tile geometry alone. Every second block of a stage rolls its
+    (unpadded) ``H/st x W/st x C`` map by ``-window//2`` and back (2 rolls of both
+    grid axes); per roll and axis split over several tiles, each tile receives
+    ``min(shift, its extent)`` lines of the map from other tiles (the tile
+    before it, cyclically), across its extent along the other axis. Every stage
+    shifts (the encoder keeps timm's ``always_partition=True``)."""
+    total = 0
+    for i, depth in enumerate(depths):
+        st, ch = patch * 2 ** i, embed_dim * 2 ** i
+        n = -(-size // st)
+        shift = window // 2
+        r = [b // st for b in rows[:-1]] + [n]
+        c = [b // st for b in cols[:-1]] + [n]
+        per_roll = 0
+        for part, other in ((r, c), (c, r)):
+            if len(part) > 2:
+                for k in range(len(part) - 1):
+                    for j in range(len(other) - 1):
+                        per_roll += min(shift, part[k + 1] - part[k]) * (other[j + 1] - other[j])
+        total += (depth // 2) * 2 * per_roll * batch * ch * DTYPE_BYTES
     return total
 
 
@@ -165,10 +198,11 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
     mesh = SpatialMesh.build(grid=grid)
     model = build(name, stack_channels, stack_layers)
     plain = copy.deepcopy(model)
-    layout = TileLayout.even(size, size, grid, ALIGN)
+    align = getattr(model, "align", ALIGN)
+    layout = TileLayout.even(size, size, grid, align)
     x = torch.randn(1, BANDS, size, size, generator=torch.Generator().manual_seed(0))
     if spim:
-        parallelize(model, mesh, align=ALIGN)
+        parallelize(model, mesh, align=align)
         inp = shard(x, mesh, layout)
     else:
         inp = x
@@ -240,7 +274,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed forward+backward runs per configuration")
     p.add_argument("--stack-channels", type=int, default=32)
     p.add_argument("--stack-layers", type=int, default=4)
-    p.add_argument("--models", default="conv_stack,resnet18_upernet")
+    p.add_argument("--models", default="conv_stack,resnet18_upernet",
+                   help="comma-separated: conv_stack, resnet18_upernet, swin_upernet (Swin-T + UPerNet)")
     p.add_argument("--malloc", choices=("both", "default", "mmap"), default="both",
                    help="allocator settings for the memory runs (see (c)); timings always use the default")
     p.add_argument("--skip-memory", action="store_true", help="only (a) and (b): no sp=4 or extra allocator runs")
@@ -295,6 +330,26 @@ def main(argv=None) -> dict:
                                      "analytic": analytic_halo_bytes(lay4.rows, lay4.cols, 1, cins[1:])},
                 })
             res["halo_match"] = all(v["measured"] == v["analytic"] for v in res["halo_bytes"].values())
+        if name == "swin_upernet":
+            lay = TileLayout.even(args.size, args.size, (1, 2), 224)
+            roll = {"sp2_forward": {"measured": sum(r["comm"].get("roll/forward", 0) for r in r2),
+                                    "analytic": analytic_roll_bytes(lay.rows, lay.cols, 1, args.size)},
+                    "sp2_backward": {"measured": sum(r["comm"].get("roll/backward", 0) for r in r2),
+                                     "analytic": analytic_roll_bytes(lay.rows, lay.cols, 1, args.size)}}
+            if modes:
+                lay4 = TileLayout.even(args.size, args.size, (2, 2), 224)
+                a4 = analytic_roll_bytes(lay4.rows, lay4.cols, 1, args.size)
+                roll.update({"sp4_forward": {"measured": sum(r["comm"].get("roll/forward", 0) for r in r4),
+                                             "analytic": a4},
+                             "sp4_backward": {"measured": sum(r["comm"].get("roll/backward", 0) for r in r4),
+                                              "analytic": a4}})
+            res["roll_bytes"] = roll
+            res["roll_match"] = all(v["measured"] == v["analytic"] for v in roll.values())
+            kinds: dict = {}
+            for r in r2:
+                for k, v in r["comm"].items():
+                    kinds[k] = kinds.get(k, 0) + v
+            res["comm_bytes_sp2_all_ranks"] = kinds
         if name == "segformer_b0":  # bytes per layer kind vs the analytic volumes, sp=2 and sp=4
             grids = [("sp2", r2, (1, 2))] + ([("sp4", r4, (2, 2))] if modes else [])
             res["layer_bytes"] = {g: layer_bytes_report(runs, *_rows_cols(args.size, grid), BANDS)
@@ -314,6 +369,13 @@ def main(argv=None) -> dict:
             for k, v in res["halo_bytes"].items():
                 print(f"  {k:<28}{v['measured']:>14,}{v['analytic']:>14,}")
             print(f"  match: {res['halo_match']}")
+        if "roll_bytes" in res:
+            print(f"  {'roll bytes (all ranks)':<28}{'measured':>14}{'analytic':>14}")
+            for k, v in res["roll_bytes"].items():
+                print(f"  {k:<28}{v['measured']:>14,}{v['analytic']:>14,}")
+            print(f"  match: {res['roll_match']}")
+            print("  every kind, sp=2, all ranks: " + ", ".join(
+                f"{k} {v:,}" for k, v in sorted(res["comm_bytes_sp2_all_ranks"].items())))
         for g, rep in res.get("layer_bytes", {}).items():
             print(f"  {'bytes per layer kind, ' + g + ' (all ranks)':<44}{'measured':>14}{'analytic':>14}")
             for k, v in rep.items():
@@ -338,9 +400,9 @@ def main(argv=None) -> dict:
                   f"{'%.3f %s' % (r['sp2'], 'ok' if ok['sp2'] else 'MISSED'):>24}"
                   f"{'%.3f %s' % (r['sp4'], 'ok' if ok['sp4'] else 'MISSED'):>24}{note}")
     print("JSON " + json.dumps(results, sort_keys=True))
-    if any(not r.get("halo_match", True) or not r.get("layer_bytes_match", True)
+    if any(not r.get("halo_match", True) or not r.get("roll_match", True) or not r.get("layer_bytes_match", True)
            for r in results["models"].values()):
-        raise SystemExit("measured halo / per-layer bytes differ from the analytic volume")
+        raise SystemExit("measured halo / roll / per-layer bytes differ from the analytic volume")
     return results
 
 

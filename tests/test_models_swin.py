@@ -178,7 +178,11 @@ def test_swin_align_and_encoder_contract():
         assert [f.shape[1] for f in feats] == enc.out_channels
         assert [(-(-96 // s), -(-160 // s)) for s in enc.strides] == [tuple(f.shape[2:]) for f in feats]
         assert enc.align == 128
-    assert build_encoder("timm_swin", embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)).align == 224
+    swin_t = build_encoder("timm_swin", embed_dim=24, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4))
+    assert swin_t.align == 224
+    # always_partition: Swin-T's last stage (7 x 7 at timm's 224) keeps its window and shift, as in mmseg
+    last = swin_t.model.layers_3.blocks[1]
+    assert last.window_size == (7, 7) and last.shift_size == (3, 3)
     for layout in LAYOUTS.values():
         check_aligned(layout.rows, 128)
         check_aligned(layout.cols, 128)

@@ -57,6 +57,17 @@ def convnext_nano_upernet(num_classes: int = 7, in_chans: int = 3, channels: int
     return _timm_upernet("convnext_nano", num_classes, in_chans, channels, dropout, pool_scales, ppm_norm)
 
 
+def swin_tiny_upernet(num_classes: int = 7, in_chans: int = 3, channels: int = 128, dropout: float = 0.0,
+                      pool_scales: Sequence[int] = (1, 2, 3, 6), ppm_norm: str = "bn", **timm_kwargs) -> Segmentor:
+    """timm ``swin_tiny_patch4_window7_224`` (Swin-T: features at strides 4-32, 96-768 channels; any
+    scene size) + UPerNet head, the REST paper's configuration; ``align`` 224 (patch 4 x window 7 x 2^3)."""
+    from .encoders.swin import TimmSwinEncoder
+
+    encoder = TimmSwinEncoder("swin_tiny_patch4_window7_224", in_chans=in_chans, **timm_kwargs)
+    decoder = UPerHead(encoder.out_channels, channels, num_classes, pool_scales, dropout, ppm_norm=ppm_norm)
+    return Segmentor(encoder, decoder, align=encoder.align)
+
+
 class TinyCNN(nn.Module):
     """A narrow CNN returning one feature map per width at strides 4, 8, 16, 32, ... (for fast tests).
 

@@ -45,10 +45,12 @@ def swin_align(patch: int, windows: Sequence[tuple[int, int]]) -> int:
 class TimmSwinEncoder(nn.Module):
     """timm ``swin_*`` (v1) or ``swinv2_*`` with ``features_only=True``, for
     scenes of any size: built with ``strict_img_size=False`` (dynamic padding to
-    whole patches, shift masks computed per forward for the feature size). The
-    window of each stage is fixed when the model is built from ``img_size``
-    (the pretraining size by default; timm shrinks a window larger than that
-    stage's feature map). Returns the stages ``out_indices`` as NCHW maps.
+    whole patches, shift masks computed per forward for the feature size) and
+    ``always_partition=True``: every stage keeps the architecture's window and
+    shift whatever the scene size, as mmseg's and transformers' Swin backbones
+    do (timm's default shrinks the window of a stage whose map at ``img_size``
+    is not larger than it and drops that stage's shift, e.g. Swin-T's last
+    stage at 224). Returns the stages ``out_indices`` as NCHW maps.
 
     ``checkpoint``: a state dict (or file) of the full timm model, loaded by
     timm's own filter (relative-position index and masks dropped); its patch
@@ -64,6 +66,7 @@ class TimmSwinEncoder(nn.Module):
             raise ValueError(f"timm_swin: '{model_name}' (from {family}) is not a timm swin_* / swinv2_* model")
         if in_chans is None:
             in_chans = len(bands) if bands is not None else 3
+        timm_kwargs.setdefault("always_partition", True)
         kwargs = dict(features_only=True, in_chans=in_chans, strict_img_size=False, **timm_kwargs)
         if img_size is not None:
             kwargs["img_size"] = to_hw(img_size)

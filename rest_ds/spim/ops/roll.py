@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import context
+from ..comm import _phase
 from ..halo import start_exchange
 from ..mesh import SpatialMesh
 from ..tensor import SpatialTensor, funcs_named, register, wrap
@@ -79,7 +80,7 @@ def _roll_axis(x: torch.Tensor, mesh: SpatialMesh, part: Partition, axis: int, d
             shape[dim] = hi - lo
             recvs.append((rank_of(src), x.new_empty(shape), dlo - base))
     if sends or recvs:
-        start_exchange(sends, [(r, b) for r, b, _ in recvs], mesh, "forward", kind="roll")()
+        start_exchange(sends, [(r, b) for r, b, _ in recvs], mesh, _phase(), kind="roll")()
         for _, buf, at in recvs:
             out.narrow(dim, at, buf.shape[dim]).copy_(buf)
     return out
