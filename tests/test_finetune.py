@@ -93,3 +93,144 @@ def test_vit_encoders_take_the_scene_size_at_run_time_under_spim(case):
     print(f"1x2 {case} {hw}: max rel error {rep.errors[worst]:.2e} ({worst})")
     bad = rep.failures(1e-10)
     assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:8]
+
+
+# --- pretrained weights as users have them ------------------------------------------------------
+
+def _tiny_sam_model():
+    from transformers import SamConfig, SamModel
+
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=64,
+                  window_size=4, global_attn_indexes=[1], mlp_dim=64, initializer_range=0.02)
+    torch.manual_seed(0)
+    return SamModel(SamConfig(vision_config=vision))
+
+
+def test_sam_save_pretrained_folder_loads_with_a_report(tmp_path):
+    from rest_ds.models.registry import build_encoder
+
+    sam = _tiny_sam_model()
+    sam.save_pretrained(tmp_path / "sam")
+    ref = sam.vision_encoder.state_dict()
+    enc = build_encoder("hf_sam", img_size=(64, 96), variant=None, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                        in_chans=6, checkpoint=str(tmp_path / "sam"))
+    own = enc.sam.state_dict()
+    torch.testing.assert_close(own["layers.1.attn.qkv.weight"], ref["layers.1.attn.qkv.weight"])
+    w3, w6 = ref["patch_embed.projection.weight"], own["patch_embed.projection.weight"]
+    assert w6.shape[1] == 6  # timm's tile rule: the 3 filters repeated, scaled by 3/6
+    torch.testing.assert_close(w6, torch.cat([w3, w3], 1) * 0.5)
+    assert own["pos_embed"].shape == (1, 8, 12, 32) and ref["pos_embed"].shape == (1, 8, 8, 32)
+    rep = enc.load_report
+    print(rep)
+    assert str(tmp_path / "sam" / "model.safetensors") in rep
+    assert f"{len(ref)} tensors loaded, 0 missing" in rep
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "sam" / "model.safetensors"), "pt") as f:
+        n_other = len([k for k in f.keys() if not k.startswith("vision_encoder.")])
+    assert n_other > 0 and f"{n_other} unexpected dropped" in rep  # prompt encoder + mask decoder
+    assert "2 resized (layers.1.attn.rel_pos_w, pos_embed)" in rep
+    assert "3 -> 6 bands by rule 'tile'" in rep
+
+
+def _timm_vit(img, **kw):
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img, depth=2, embed_dim=64,
+                             num_heads=2, patch_size=8, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_timm_checkpoint_file_loads_with_a_report(tmp_path, fmt):
+    from rest_ds.models.registry import build_encoder
+
+    torch.manual_seed(0)
+    src = _timm_vit(32)  # a checkpoint at another size, with its classifier
+    sd = src.state_dict()
+    path = tmp_path / f"vit.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(path))
+    else:
+        torch.save({"model": sd, "epoch": 3}, path)
+    enc = build_encoder("timm_vit", model_name="vit_tiny_patch16_224", img_size=(64, 96), depth=2, embed_dim=64,
+                        num_heads=2, patch_size=8, indices=[1], checkpoint=str(path))
+    torch.testing.assert_close(enc.model.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    rep = enc.load_report
+    print(rep)
+    assert str(path) in rep and "2 unexpected dropped (head." in rep and "head.weight" in rep
+    assert "1 resized (pos_embed)" in rep and "bands unchanged" in rep
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    from rest_ds.models.encoders.common import read_state_dict
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "obj": functools.partial(print, "x")}, path)
+    with pytest.raises(ValueError, match="not a weights-only torch file"):
+        read_state_dict(path)
+
+
+def test_prithvi_released_layout_pt_loads_with_a_report(tmp_path):
+    from rest_ds.models.registry import build_encoder
+
+    kw = dict(embed_dim=64, depth=2, num_heads=4, patch_size=8)
+    torch.manual_seed(0)
+    src = build_encoder("prithvi_vit", **kw)
+    sd = {f"encoder.{k}": v for k, v in src.state_dict().items()}
+    sd["encoder.pos_embed"] = torch.zeros(1, 1 + 4 * 4, 64)
+    sd["decoder.decoder_embed.weight"] = torch.zeros(32, 64)
+    torch.save(sd, tmp_path / "Prithvi_EO_V2_tiny.pt")
+    enc = build_encoder("prithvi_vit", **kw, bands=["BLUE", "GREEN", "RED", "NIR_NARROW"],
+                        checkpoint=str(tmp_path / "Prithvi_EO_V2_tiny.pt"))
+    torch.testing.assert_close(enc.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    rep = enc.load_report
+    print(rep)
+    assert "0 missing" in rep and "2 unexpected dropped" in rep
+    assert "6 -> 4 bands by rule 'name'" in rep
+
+
+def _seg_cfg(num_classes=3, init_from=None):
+    return {"num_classes": num_classes, "init_from": init_from,
+            "encoder": {"name": "timm_vit", "in_chans": 4,
+                        "kwargs": {"model_name": "vit_tiny_patch16_224", "img_size": [64, 64], "depth": 2,
+                                   "embed_dim": 64, "num_heads": 2, "patch_size": 8, "indices": [0, 1]}},
+            "neck": {"name": "simple_pyramid", "kwargs": {"scales": [2, 1], "in_index": None, "norm": "ln"}},
+            "decoder": {"name": "upernet", "channels": 16, "norm": "gn", "kwargs": {"pool_scales": [1, 2]}}}
+
+
+def test_init_from_an_export_starts_a_new_model(tmp_path):
+    from rest_ds.models.config import ConfigError, build_segmentor
+    from rest_ds.train.checkpoint import export_model
+
+    torch.manual_seed(0)
+    trained = build_segmentor(_seg_cfg())
+    export_model({k: v.detach() for k, v in trained.state_dict().items()}, {"num_classes": 3},
+                 tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    model = build_segmentor(_seg_cfg(init_from=str(tmp_path / "model.safetensors")))
+    for (n, a), (_, b) in zip(trained.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+    rep = model.load_reports[-1]
+    print(rep)
+    assert f"{len(trained.state_dict())} tensors loaded, 0 missing, 0 unexpected dropped" in rep
+    with pytest.raises(ConfigError, match="model.init_from.*shape mismatch"):
+        build_segmentor(_seg_cfg(num_classes=5, init_from=str(tmp_path / "model.safetensors")))
+    with pytest.raises(ConfigError, match="model.init_from.*does not exist"):
+        build_segmentor(_seg_cfg(init_from=str(tmp_path / "nope.safetensors")))
+
+
+def test_weight_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    import yaml
+
+    from rest_ds.train.config import load_config
+
+    (tmp_path / "cfg").mkdir()
+    cfg = _seg_cfg(init_from="weights/model.safetensors")
+    cfg["encoder"]["checkpoint"] = "weights/vit.pth"
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump({"model": cfg, "data": {"scenes": ["nc-landsat7"]}}))
+    monkeypatch.chdir(tmp_path)
+    c = load_config(tmp_path / "cfg" / "run.yaml")
+    assert c.model["encoder"]["checkpoint"] == str(tmp_path / "cfg" / "weights" / "vit.pth")
+    assert c.model["init_from"] == str(tmp_path / "cfg" / "weights" / "model.safetensors")

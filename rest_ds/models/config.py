@@ -30,8 +30,16 @@ its signature when the config is validated (decoders, necks) or built
 * the aux head: the same for decoder ``aux_head.name`` built on level
   ``aux_head.level`` alone.
 
-Paths (``encoder.checkpoint``) are used as written: relative paths are relative
-to the working directory.
+* ``init_from``: weights of the whole segmentor (a ``rest-ds export``
+  ``.safetensors``, or any state dict with the segmentor's keys) loaded
+  strictly after building: a new run from an exported model, on any number of
+  ranks or ZeRO stage (they are plain weights, loaded before parallelizing).
+
+Paths (``encoder.checkpoint``, ``init_from``) are used as written here; a
+training config resolves them relative to the config file
+(``rest_ds.train.config.load_config``). Every load leaves one line in
+``segmentor.load_reports`` (file, keys loaded / missing / unexpected /
+resized, band rule).
 """
 from __future__ import annotations
 
@@ -111,6 +119,7 @@ class ModelConfig:
     decoder: DecoderConfig
     neck: NeckConfig | None = None
     aux_head: AuxHeadConfig | None = None
+    init_from: str | None = None  # whole-model weights (a rest_ds export) loaded after building
 
     # -- (de)serialisation -----------------------------------------------------------------
     @classmethod
@@ -273,7 +282,25 @@ def build_segmentor(cfg: "ModelConfig | dict | str | os.PathLike") -> Segmentor:
         aux_level, aux_weight = a.level, a.weight
     model = Segmentor(encoder, decoder, neck=neck, aux_head=aux_head, aux_level=aux_level, aux_weight=aux_weight)
     model.config = cfg
+    model.load_reports = [r for r in (getattr(m, "load_report", None) for m in encoder.modules()) if r]
+    if cfg.init_from is not None:
+        model.load_reports.append(init_from(model, cfg.init_from, where))
     return model
+
+
+def init_from(model: nn.Module, path: str | os.PathLike, where: str | None = None) -> str:
+    """Load whole-model weights (``rest-ds export`` ``.safetensors`` or a state-dict
+    file with the model's keys) into ``model`` strictly; returns the load report
+    line. Raises :class:`ConfigError` naming ``model.init_from`` on a bad file or
+    a model that does not match (e.g. another num_classes or encoder width)."""
+    from .encoders.common import describe_source, load_report, load_strict, read_state_dict
+
+    try:
+        sd = read_state_dict(path)
+        load_strict(model, sd, "model.init_from")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(where, "model.init_from", "; ".join(l.strip() for l in str(e).splitlines())[:600]) from None
+    return load_report("model.init_from", describe_source(path), sd, model)
 
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
@@ -282,4 +309,4 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 __all__ = ["ConfigError", "EncoderConfig", "NeckConfig", "DecoderConfig", "AuxHeadConfig", "ModelConfig",
-           "build_segmentor", "load_model_config", "import_encoders"]
+           "build_segmentor", "load_model_config", "import_encoders", "init_from"]

@@ -355,6 +355,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for keys, value in parsed:
         if keys != ["model"]:
             _set(data, keys, value, where)
+    if base is not None and isinstance(data.get("model"), dict):
+        # weight paths are relative to this config file, like scene and model paths
+        m = data["model"]
+        enc = m.get("encoder")
+        if isinstance(enc, dict) and isinstance(enc.get("checkpoint"), str):
+            enc["checkpoint"] = _resolve(enc["checkpoint"], base)
+        if isinstance(m.get("init_from"), str):
+            m["init_from"] = _resolve(m["init_from"], base)
     cfg = parse_dataclass(TrainConfig, data, where, "")
     cfg.source_file = where
     if base is not None:

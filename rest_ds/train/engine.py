@@ -367,6 +367,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.model_cfg = build_model(cfg.model, num_classes=self.num_classes, in_chans=self.in_chans,
                                                  where=cfg.source_file)
+        if self.is0:
+            for line in getattr(self.model, "load_reports", ()):  # one line per weights file loaded
+                self._log(line)
         self.align = int(getattr(self.model, "align", None) or 1)
         want = getattr(self.model.encoder, "in_chans", None) or self.model_cfg["encoder"].get("in_chans")
         if want is not None and int(want) != self.in_chans:

@@ -11,21 +11,56 @@ from torch import nn
 StateDict = dict[str, torch.Tensor]
 
 
+# the weight files of a transformers / timm ``save_pretrained`` folder, in the order they are looked for
+PRETRAINED_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The weights file of ``checkpoint``: the file itself, or in a ``save_pretrained``
+    folder (transformers, timm) the first of :data:`PRETRAINED_FILES` it holds."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        for name in PRETRAINED_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"checkpoint folder '{path}' holds none of {', '.join(PRETRAINED_FILES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    return path
+
+
+def _read_file(path: Path) -> StateDict:
+    if path.name.endswith(".index.json"):  # a sharded save_pretrained: every shard of the weight map
+        import json
+
+        shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+        sd: StateDict = {}
+        for shard in shards:
+            sd.update(_read_file(path.parent / shard))
+        return sd
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:  # weights_only: a checkpoint file cannot run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint '{path}' is not a weights-only torch file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]})") from None
+
+
 def read_state_dict(checkpoint: str | Path | StateDict) -> StateDict:
-    """A state dict from a dict, a ``.safetensors`` file or a ``torch.save`` file
-    (unwrapping a top-level ``'model'`` / ``'state_dict'`` entry)."""
+    """A state dict from a dict, a ``.safetensors`` file, a ``torch.save`` file
+    (loaded with ``weights_only=True``) or a ``save_pretrained`` folder
+    (:func:`checkpoint_file`), unwrapping a top-level ``'model'`` /
+    ``'state_dict'`` entry."""
     if isinstance(checkpoint, dict):
         sd = checkpoint
     else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = _read_file(checkpoint_file(checkpoint))
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint '{checkpoint}' holds a {type(sd).__name__}, not a state dict")
     for wrapper in ("model", "state_dict"):
         if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
@@ -98,6 +133,45 @@ def load_strict(model: nn.Module, state_dict: StateDict, what: str, ignore_missi
                 lines.append(f"  {name}: {', '.join(items[:12])}{more}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict, strict=False)
+
+
+def describe_source(checkpoint) -> str:
+    """How a load report names a checkpoint: its weights file, or 'a state dict'."""
+    if isinstance(checkpoint, dict):
+        return "a state dict"
+    try:
+        return str(checkpoint_file(checkpoint))
+    except FileNotFoundError:
+        return str(checkpoint)
+
+
+def adapt_bands(sd: StateDict, key: str, src, dst, in_chans: int, rule: str) -> tuple[StateDict, str]:
+    """:func:`bands.adapt_state_dict` plus the note a load report prints: the rule
+    used and the band counts, or 'bands unchanged'."""
+    from .bands import _resolve_rule, adapt_state_dict
+
+    out = adapt_state_dict(sd, key, src, dst, in_chans, rule, missing_ok=True)
+    if out is sd:
+        return out, "bands unchanged"
+    k = sd[key].shape[1]
+    c = len(dst) if dst is not None else in_chans
+    return out, f"{key} adapted {k} -> {c} bands by rule '{_resolve_rule(rule, src, dst, c)}'"
+
+
+def load_report(what: str, source: str, loaded: StateDict, model: nn.Module, dropped: Iterable[str] = (),
+                resized: Iterable[str] = (), bands: str = "bands unchanged",
+                ignore_missing: Iterable[str] = ()) -> str:
+    """One line saying what a load did: file, keys loaded / missing (left at their
+    initial values) / unexpected (dropped) / resized, and the band rule."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in loaded]
+    dropped, resized = list(dropped), list(resized)
+
+    def few(items):
+        return f" ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})" if items else ""
+
+    return (f"{what}: loaded {source}: {len(loaded)} tensors loaded, {len(missing)} missing{few(missing)}, "
+            f"{len(dropped)} unexpected dropped{few(dropped)}, {len(resized)} resized{few(resized)}; {bands}")
 
 
 def normalize_indices(indices: int | Sequence[int] | None, depth: int, what: str) -> list[int]:

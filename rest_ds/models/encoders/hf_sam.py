@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from ..registry import register_encoder
-from .bands import Band, adapt_state_dict
-from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resample_pos_nhwc,
-                     resize_pos_nhwc, resize_rel_pos, to_hw)
+from .bands import Band
+from .common import (StateDict, adapt_bands, check_divisible, describe_source, load_report, load_strict,
+                     normalize_indices, read_state_dict, resample_pos_nhwc, resize_pos_nhwc, resize_rel_pos, to_hw)
 
 # hidden_size, num_hidden_layers, num_attention_heads, global_attn_indexes of the released SAM image encoders
 SAM_VARIANTS = {
@@ -124,22 +124,29 @@ class HFSamEncoder(nn.Module):
         """Load a transformers SAM checkpoint (``SamModel`` / ``SamVisionModel`` keys
         under ``vision_encoder.``, or bare ``SamVisionEncoder`` keys) strictly,
         resizing position tables to this scene (module docstring)."""
-        sd = read_state_dict(checkpoint)
+        sd = raw = read_state_dict(checkpoint)
+        dropped: list[str] = []
         if any(k.startswith("image_encoder.") for k in sd):
             raise ValueError("hf_sam: this is an original segment-anything checkpoint ('image_encoder.*' keys); "
                              "load it with the 'timm_vit' encoder and a samvit_* model, or convert it with "
                              "transformers' convert_sam_to_hf.py")
         if any(k.startswith("vision_encoder.") for k in sd):
+            # a SamModel (save_pretrained of the whole model): its prompt encoder and mask decoder are dropped
+            dropped = [k for k in sd if not k.startswith("vision_encoder.")]
             sd = {k[len("vision_encoder."):]: v for k, v in sd.items() if k.startswith("vision_encoder.")}
         own = self.sam.state_dict()
+        resized = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+                   and (k == "pos_embed" or k.endswith(("rel_pos_h", "rel_pos_w")))]
         if "pos_embed" in sd and "pos_embed" in own:
             sd["pos_embed"] = resize_pos_nhwc(sd["pos_embed"], tuple(own["pos_embed"].shape[1:3]))
         for k in list(sd):
             if k.endswith(("rel_pos_h", "rel_pos_w")) and k in own:
                 sd[k] = resize_rel_pos(sd[k], own[k].shape[0])
-        sd = adapt_state_dict(sd, "patch_embed.projection.weight", pretrained_bands, bands, self.in_chans, band_rule,
-                              missing_ok=True)
+        sd, bands_note = adapt_bands(sd, "patch_embed.projection.weight", pretrained_bands, bands, self.in_chans,
+                                     band_rule)
         load_strict(self.sam, sd, "hf_sam SamVisionEncoder")
+        self.load_report = load_report("hf_sam SamVisionEncoder", describe_source(checkpoint), sd, self.sam,
+                                       dropped=dropped, resized=resized, bands=bands_note)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         sam = self.sam

@@ -47,8 +47,9 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from timm.models.vision_transformer import Block
 
 from ..registry import register_encoder
-from .bands import HLS, Band, adapt_state_dict
-from .common import StateDict, load_strict, normalize_indices, read_state_dict
+from .bands import HLS, Band
+from .common import (StateDict, adapt_bands, describe_source, load_report, load_strict, normalize_indices,
+                     read_state_dict)
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -238,9 +239,12 @@ class PrithviViT(nn.Module):
             if k.startswith("location_embed_enc.") and not self.location_encoding:
                 continue
             out[k] = v
-        out = adapt_state_dict(out, "patch_embed.proj.weight", pretrained_bands if bands is not None else None,
-                               bands, self.in_chans, band_rule, missing_ok=True)
+        out, bands_note = adapt_bands(out, "patch_embed.proj.weight", pretrained_bands if bands is not None else None,
+                                      bands, self.in_chans, band_rule)
         load_strict(self, out, "prithvi")
+        dropped = [k for k in sd if (k[len("encoder."):] if mae and k.startswith("encoder.") else k) not in out]
+        self.load_report = load_report("prithvi", describe_source(checkpoint), out, self, dropped=dropped,
+                                       bands=bands_note + " (pos_embed: fixed sin-cos, recomputed for the scene)")
 
     def _embed(self, x, temporal_coords, location_coords):
         if x.dim() == 4:

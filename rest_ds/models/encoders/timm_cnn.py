@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..registry import register_encoder
-from .bands import Band, adapt_state_dict
-from .common import StateDict, read_state_dict
+from .bands import Band
+from .common import StateDict, adapt_bands, describe_source, load_report, read_state_dict
 
 
 class TimmCNNEncoder(nn.Module):
@@ -33,17 +33,22 @@ class TimmCNNEncoder(nn.Module):
         kwargs = dict(features_only=True, in_chans=in_chans, **timm_kwargs)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
+        bands_note, sd = "bands unchanged", None
         if checkpoint is not None:
             sd = read_state_dict(checkpoint)
             cfg = timm.models.get_pretrained_cfg(model_name)
             first = getattr(cfg, "first_conv", None)
             if isinstance(first, str):
-                sd = adapt_state_dict(sd, first + ".weight", pretrained_bands, bands, in_chans, band_rule,
-                                      missing_ok=True)
+                sd, bands_note = adapt_bands(sd, first + ".weight", pretrained_bands, bands, in_chans, band_rule)
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
         else:
             kwargs["pretrained"] = False
         self.model = timm.create_model(model_name, **kwargs)
+        if sd is not None:  # timm loaded it (strictly, its classifier dropped)
+            own = self.model.state_dict()
+            self.load_report = load_report(f"timm_cnn {model_name}", describe_source(checkpoint),
+                                           {k: v for k, v in sd.items() if k in own}, self.model,
+                                           dropped=[k for k in sd if k not in own], bands=bands_note)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         info = self.model.feature_info

@@ -23,9 +23,9 @@ from timm.models import vision_transformer as _vit
 from timm.models import vision_transformer_sam as _samvit
 
 from ..registry import register_encoder
-from .bands import Band, adapt_state_dict
-from .common import (StateDict, check_divisible, load_strict, normalize_indices, read_state_dict, resample_pos_nhwc,
-                     resize_pos_nhwc, resize_rel_pos, to_hw)
+from .bands import Band
+from .common import (StateDict, adapt_bands, check_divisible, describe_source, load_report, load_strict,
+                     normalize_indices, read_state_dict, resample_pos_nhwc, resize_pos_nhwc, resize_rel_pos, to_hw)
 
 _CHECKPOINT_EXTRAS = ("head.", "fc_norm.", "decoder", "mask_token", "pre_logits.")
 
@@ -90,7 +90,8 @@ class TimmViTEncoder(nn.Module):
         and mask token are dropped), resampling position tables to this scene and
         adapting the patch embedding's bands (bands.py)."""
         m = self.model
-        sd = read_state_dict(checkpoint)
+        raw = read_state_dict(checkpoint)
+        sd = raw
         if any(k.startswith("decoder") for k in sd):
             # an MAE pretraining checkpoint: drop its decoder (and mask token, which timm's filter would
             # otherwise take for a DINOv2 checkpoint)
@@ -106,10 +107,18 @@ class TimmViTEncoder(nn.Module):
         else:
             sd = _vit.checkpoint_filter_fn(sd, m)  # resamples pos_embed to the scene's token grid
         own = m.state_dict()
-        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(_CHECKPOINT_EXTRAS)}
-        sd = adapt_state_dict(sd, "patch_embed.proj.weight", pretrained_bands, bands, self.in_chans, band_rule,
-                              missing_ok=True)
+        kept = {k: v for k, v in sd.items() if k in own or not k.startswith(_CHECKPOINT_EXTRAS)}
+        dropped = [k for k in raw if k not in kept and not k.startswith("image_encoder.")]
+        dropped += [k for k in sd if k not in kept and k not in raw]
+        before = {k: tuple(v.shape) for k, v in kept.items()}
+        sd, bands_note = adapt_bands(kept, "patch_embed.proj.weight", pretrained_bands, bands, self.in_chans,
+                                     band_rule)
         load_strict(m, sd, f"timm_vit {type(m).__name__}", ignore_missing=("head.",))
+        # resized: tables whose checkpoint shape differs from the model's (position tables resampled)
+        src_shapes = {k: tuple(v.shape) for k, v in raw.items()}
+        resized = [k for k in before if k in src_shapes and src_shapes[k] != before[k]]
+        self.load_report = load_report(f"timm_vit {type(m).__name__}", describe_source(checkpoint), sd, m,
+                                       dropped=dropped, resized=resized, bands=bands_note)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.is_sam:
