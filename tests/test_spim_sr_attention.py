@@ -4,7 +4,9 @@ Unmodified transformers ``SegformerForSemanticSegmentation`` / ``SegformerModel`
 and timm ``pvt_v2_b0`` / ``pvt_v2_b2_li`` (tiny widths, random weights), in
 training mode with one SGD step: outputs, input grad, every parameter grad and
 every parameter after the step against one process, on uneven tiles aligned to
-32 of a 1x2 and a 3x1 grid. Queries live on the tile's tokens, keys/values on
+32 of a 1x2 grid (152 px wide: the last tile takes a remainder that is no
+multiple of 32) and a 3x1 grid. SDPA with attention dropout or a mask over
+reduced keys is refused by name. Queries live on the tile's tokens, keys/values on
 the grid reduced by the ``sr_ratio`` strided conv (stage i: stride ``s_i`` x
 ``sr_i`` = 4x8, 8x4, 16x2, 32x1 = 32 px, hence tiles on multiples of 32), on a
 7x7 adaptive-pool grid that is replicated (``linear=True``), or on the tile's
@@ -33,6 +35,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rest_ds.spim import TileLayout
@@ -128,9 +131,30 @@ def _zero_grad_params(case: str, model: nn.Module) -> set[str]:
 
 # Uneven tilings on multiples of 32; 3x1 has 32-px tiles (one reduced row each at stage 1).
 LAYOUTS = {
-    (1, 2): TileLayout((0, 64), (0, 64, 160)),
+    (1, 2): TileLayout((0, 64), (0, 64, 152)),
     (3, 1): TileLayout((0, 32, 96, 128), (0, 64)),
 }
+
+
+class ReducedKVAttention(nn.Module):
+    """Queries on every token, K = V on the grid of a stride-2 conv, through SDPA with
+    attention dropout or a mask (both refused: dropout masks would differ per tile,
+    a mask over reduced keys is not sharded like anything SPIM knows)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.sr = nn.Conv2d(3, 3, 2, 2)
+
+    def forward(self, x):
+        q = x.flatten(2).transpose(1, 2).unsqueeze(1)
+        kv = self.sr(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        if self.mode == "dropout":
+            return F.scaled_dot_product_attention(q, kv, kv, dropout_p=0.1)
+        return F.scaled_dot_product_attention(q, kv, kv, attn_mask=torch.zeros(q.shape[2], kv.shape[2]))
+
+
+REFUSED = {"dropout": "attention dropout > 0", "mask": "attn_mask with keys/values on another token grid"}
 
 
 def _run_grid(grid):
@@ -138,6 +162,9 @@ def _run_grid(grid):
                                  3, seed=3, align=ALIGN)
     reports.update(train_step_reports(grid, {k: c for k, c in CASES.items() if k.startswith("segmentor")}, LAYOUTS,
                                       6, seed=3, align=ALIGN))
+    reports.update(train_step_reports(grid, {f"refused-{m}": (functools.partial(ReducedKVAttention, m),
+                                                              torch.float32, 1) for m in REFUSED},
+                                      LAYOUTS, 3, seed=3, align=ALIGN))
     return reports
 
 
@@ -174,3 +201,10 @@ def test_sr_attention_model_exact(grid_reports, case):
         assert "all_to_all" not in rep.comm_bytes, rep.comm_bytes
     else:
         assert rep.comm_bytes.get("all_to_all", 0) > 0, rep.comm_bytes
+
+
+@pytest.mark.parametrize("mode", list(REFUSED))
+def test_reduced_kv_attention_refusals(grid_reports, mode):
+    _, reports = grid_reports
+    msg = reports[f"refused-{mode}"].refused
+    assert msg is not None and REFUSED[mode] in msg and "scaled_dot_product_attention" in msg, msg
