@@ -32,10 +32,12 @@ import functools
 import re
 
 import pytest
+import timm
 import torch
 from torch import nn
 
 import rest_ds.models.encoders  # noqa: F401  (registers the encoders)
+from rest_ds.models.encoders.bands import HLS, adapt_input_weight
 from rest_ds.models.encoders.swin import swin_align
 from rest_ds.models.registry import build_encoder
 from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
@@ -193,3 +195,25 @@ def test_swin_align_and_encoder_contract():
         build_encoder("timm_swin", model_name="resnet18")
     with pytest.raises(ValueError, match="out_indices"):
         build_encoder("hf_swin", out_indices=[4])
+
+
+def test_swin_checkpoints_load_with_band_adaptation():
+    # a 3-band checkpoint of the full model into 6-band encoders: everything but the patch embedding is
+    # copied unchanged, the patch embedding is adapted by band name (bands.py)
+    rgb = ["RED", "GREEN", "BLUE"]
+    torch.manual_seed(1)
+    for name in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"):
+        sd = timm.create_model(name, pretrained=False, **TINY).state_dict()
+        enc = build_encoder("timm_swin", model_name=name, checkpoint=sd, bands=list(HLS), pretrained_bands=rgb, **TINY)
+        own = enc.model.state_dict()
+        assert torch.equal(own["patch_embed.proj.weight"],
+                           adapt_input_weight(sd["patch_embed.proj.weight"], rgb, list(HLS), 6, "auto"))
+        rest = [k for k in own if k != "patch_embed.proj.weight"]
+        assert rest and all(torch.equal(own[k], sd[k.replace("layers_", "layers.")]) for k in rest), name
+    kw = dict(embed_dim=24, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4)
+    src = build_encoder("hf_swin", **kw).swin.state_dict()
+    src["swin.layernorm.weight"] = torch.ones(192)  # a SwinBackbone checkpoint carries the unused final norm
+    dst = build_encoder("hf_swin", checkpoint=src, bands=list(HLS), pretrained_bands=rgb, **kw).swin.state_dict()
+    key = "swin.embeddings.patch_embeddings.projection.weight"
+    assert dst[key].shape[1] == 6 and torch.equal(dst[key], adapt_input_weight(src[key], rgb, list(HLS), 6, "auto"))
+    assert all(torch.equal(dst[k], src[k]) for k in dst if k != key)

@@ -13,8 +13,9 @@ Alignment: stage ``i`` has total stride ``patch * 2**i`` and windows of
 ``w_i`` tokens, so the window grid of stage ``i`` lies on multiples of
 ``patch * 2**i * w_i`` input pixels; ``align`` is the lcm over the stages, i.e.
 ``patch * window * 2**(stages-1)`` for a constant window (224 for Swin-T:
-4 x 7 x 8). A scene of any size runs (the last tile takes the remainder; the
-model pads to whole patches and windows at the bottom/right).
+4 x 7 x 8). A scene of any multiple of the patch size runs (the last tile
+takes the remainder; each stage is padded to whole windows at the scene's
+bottom/right; timm drops a partial last patch, transformers pads it).
 
 Features: the output of each chosen stage, NCHW, finest first.
 """
