@@ -153,7 +153,8 @@ def _rank_env() -> tuple[int, int]:
 def _die(e: BaseException, debug: bool, rank: int, world: int) -> int:
     """Report a rank's error; in a multi-rank job exit at once (the peers may be
     blocked in a collective: the launcher stops them, or their collective timeout)."""
-    code = EXIT_USAGE if isinstance(e, _usage_errors()) else EXIT_FAIL
+    # a peer that died or stalled is a failure of the run, not bad input (even when SPIM reports it)
+    code = EXIT_USAGE if isinstance(e, _usage_errors()) and not _peer_lost(e) else EXIT_FAIL
     if debug:
         import traceback
         traceback.print_exc()
@@ -172,7 +173,8 @@ def _peer_lost(e: BaseException) -> bool:
     """A collective that failed because a peer died or never arrived (gloo/nccl wording)."""
     t = str(e).lower()
     return isinstance(e, RuntimeError) and any(k in t for k in (
-        "connection closed by peer", "connection reset", "timed out", "timeout", "broken pipe", "nccl error"))
+        "connection closed by peer", "connection reset", "timed out", "timeout", "broken pipe", "nccl error",
+        "has exited while"))
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -375,6 +377,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .engine import quiet_deepspeed
 
         quiet_deepspeed()
+        probe = args.output.parent   # an unwritable destination is found before the consolidation
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if args.output.is_dir() or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            from .checkpoint import CheckpointError
+            raise CheckpointError(f"{args.output}: --output cannot be written ({probe} is not a writable folder"
+                                  f"{'' if not args.output.is_dir() else '; it is a folder'})")
 
         root, tag, manifest = select_checkpoint(args.checkpoint, fallback=False)
         sd = consolidated_state_dict(root, tag, manifest)
