@@ -83,3 +83,111 @@ def test_placement_warning_cases():
     assert "blocks per host" in msg and "ranks 0-1" in msg
     msg = placement_warning(["a"] * 4 + ["b"] * 4, 3)                       # 3 does not divide 4
     assert "mesh.sp=3 does not divide the ranks per host (4)" in msg
+
+
+# --- two nodes on this machine -------------------------------------------------------------------
+def _two_node_config(d):
+    """Two synthetic scenes, no augmentation (the dp replicas' scenes are then exactly micro-steps
+    0 and 1 of one process with 2 accumulation steps), SGD, one step, a final checkpoint."""
+    from tests.test_train_data import make_scene, tiny_config, write_config
+
+    scenes = [make_scene(d / f"scene{i}", height=48, width=64, seed=i) for i in range(2)]
+    cfg = tiny_config(scenes[0], d / "out")
+    cfg["data"] = {"scenes": [str(s) for s in scenes], "augment": {"flip": False, "rot90": False}}
+    cfg["optimizer"] = {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0}
+    cfg["schedule"] = {"name": "constant"}
+    cfg["train"] = {"steps": 1, "log_interval": 1, "eval_interval": 0, "checkpoint_interval": 1, "progress": False}
+    return write_config(d / "two.yaml", cfg)
+
+
+def _weights(out):
+    from rest_ds.train.checkpoint import consolidated_state_dict, find_checkpoint
+
+    root, tag, manifest = find_checkpoint(out / "checkpoints")
+    return consolidated_state_dict(root, tag, manifest), manifest
+
+
+def _run_nodes(cmds, cwd, envs, timeout=600):
+    """Start one launcher per node at once (they meet at one rendezvous); wait for all."""
+    import subprocess
+
+    procs = [subprocess.Popen(c, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c, e in zip(cmds, envs)]
+    outs = []
+    try:
+        for p in procs:
+            so, se = p.communicate(timeout=timeout)
+            outs.append((p.returncode, so, se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(tmp_path_factory):
+    import subprocess
+
+    from tests.test_train_launcher import BIN, ROOT, free_port
+
+    d = tmp_path_factory.mktemp("two_nodes")
+    cfg = _two_node_config(d)
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base.pop("REST_DS_HOST_ID", None)
+    runs = {}
+    # reference: one process, the two scenes as two accumulation micro-steps
+    p = subprocess.run([str(BIN / "rest-ds"), "train", "--config", str(cfg), f"output_dir={d / 'one'}",
+                        "deepspeed.gradient_accumulation_steps=2"], cwd=d, env=base, capture_output=True,
+                       text=True, timeout=600)
+    runs["one process"] = [(p.returncode, p.stdout, p.stderr)]
+    over = [f"output_dir={d / 'torchrun'}", "mesh.sp=2"]
+    port = free_port()
+    runs["torchrun"] = _run_nodes(
+        [["bash", str(ROOT / "launch" / "torchrun.sh"), "2", str(cfg), *over]] * 2, d,
+        [{**base, "NNODES": "2", "NODE_RANK": str(i), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+          "REST_DS_HOST_ID": f"node{i}"} for i in range(2)])
+    # a hostfile as copied from hostfile.example: comment lines first (the first *host* is the master)
+    hostfile = d / "hostfile"
+    hostfile.write_text("# two 'nodes' on this machine\n\nlocalhost slots=2\n127.0.0.1 slots=2\n")
+    over = [f"output_dir={d / 'deepspeed'}", "mesh.sp=2"]
+    port = free_port()
+    runs["deepspeed"] = _run_nodes(
+        [["bash", str(ROOT / "launch" / "deepspeed_multi_node.sh"), str(hostfile), str(cfg), *over]] * 2, d,
+        [{**base, "NODE_RANK": str(i), "MASTER_PORT": str(port), "REST_DS_HOST_ID": f"node{i}"}
+         for i in range(2)])
+    return d, runs
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_one_step_equals_one_process(two_node_runs, launcher):
+    import csv
+
+    d, runs = two_node_runs
+    (rc, so, se), = runs["one process"]
+    assert rc == 0, so[-2000:] + se[-2000:]
+    for node, (rc, so, se) in enumerate(runs[launcher]):
+        assert rc == 0, f"node {node}: " + so[-2000:] + se[-3000:]
+        assert "cross hosts" not in se  # the sp groups stay inside a node
+    log = runs[launcher][0][1]
+    assert "4 rank(s) (gloo" in log and "sp=2 grid" in log and "dp=2" in log, log[-2000:]
+    ref, _ = _weights(d / "one")
+    got, manifest = _weights(d / launcher)
+    assert manifest["world_size"] == 4 and manifest["mesh"]["dp"] == 2 and manifest["mesh"]["sp"] == 2
+    assert sorted(got) == sorted(ref) and len(ref) > 10
+    from rest_ds.train.engine import build_model
+    from tests.test_train_data import TINY_MODEL
+
+    torch.manual_seed(0)  # the config's seed: the weights before the step
+    init = build_model(TINY_MODEL, num_classes=3, in_chans=4)[0].state_dict()
+    assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-3  # the step moved the weights
+    errors = {k: float((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-30)) for k in ref}
+    worst = max(errors, key=errors.get)
+    print(f"{launcher}: 2 nodes x 2 ranks vs one process: worst parameter {worst} {errors[worst]:.2e}")
+    assert errors[worst] <= 1e-5, (worst, errors[worst])
+
+    def loss(out):
+        with open(out / "train_log.csv", newline="") as f:
+            return float(list(csv.DictReader(f))[-1]["loss"])
+    assert loss(d / launcher) == pytest.approx(loss(d / "one"), rel=1e-5)

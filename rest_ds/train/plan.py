@@ -5,16 +5,20 @@ DeepSpeed's data-parallel group; ``k`` optimizer state values per parameter:
 AdamW/Adam 2, SGD with momentum 1, plain SGD 0; ``w`` bytes of a model value:
 4 in fp32, 2 in bf16/fp16)::
 
-    peak = static + activations + overhead
+    peak = static + buckets + max(activations, step temporaries) + overhead
 
     static       = params + grads + master + optimizer state, by ZeRO stage:
                    stage 0: w P        + w P        + (mixed: 4 P)  + 4 k P
                    stage 1: w P        + w P        + 4 P / N       + 4 k P / N
-                   stage 2: w P        + w P / N    + 4 P / N       + 4 k P / N   (+ reduce bucket)
-                   stage 3: w P / N    + w P / N    + 4 P / N       + 4 k P / N   (+ gathered layers)
+                   stage 2: w P        + w P / N    + 4 P / N       + 4 k P / N
+                   stage 3: w P / N    + w P / N    + 4 P / N       + 4 k P / N   (+ largest layer, gathered)
                    (DeepSpeed keeps its own fp32 partition copy from stage 1 on, also in fp32)
-    activations  = c_act * (a * A_tile + q * A_tile * A_scene) [* (w / 4)]
-    overhead     = c_fixed                          (runtime buffers, rank set-up)
+    buckets      = DeepSpeed's gradient reduce buckets, 5e8 values whatever the model:
+                   stage 1: 2 x 4 B (fp32 staging), stages 2-3: w B; stage 0: none (measured)
+    step temp.   = 4 P (/ N from stage 1): the optimizer step's one parameter-sized temporary
+                   (Adam's denominator, SGD's decayed gradient), alive when activations are not
+    activations  = c_act * (a * A_tile + q * A_tile * A_scene) * (w / 4)
+    overhead     = c_fixed + c_fixed_sp (sp > 1)    (communication staging, runtime buffers)
 
 ``A_tile`` is the rank's tile in pixels (the padded scene split over the
 grid), ``A_scene`` the whole scene's. ``a`` (bytes per pixel) and ``q`` (bytes

@@ -159,9 +159,10 @@ def scene_headers(cfg) -> list[dict]:
         if s["classes"] != seen[0]["classes"]:
             raise ConfigError(w, key, f"scene '{s['name']}' has classes {s['classes']}, "
                                       f"'{seen[0]['name']}' has {seen[0]['classes']}")
-        region, rkey = (d.train_region, "data.train_region") if s["role"] == "train" else (d.val_region,
-                                                                                             "data.val_region")
-        if d.val_scenes is None and s["role"] == "train" and d.val_region is not None \
+        evaluates = cfg.train.eval_interval > 0
+        region, rkey = (d.train_region, "data.train_region") if s["role"] == "train" else (
+            d.val_region if evaluates else None, "data.val_region")
+        if d.val_scenes is None and s["role"] == "train" and d.val_region is not None and evaluates \
                 and d.val_region not in s["regions"]:
             raise ConfigError(w, "data.val_region", f"scene '{s['name']}' ({s['file']}) has no region "
                                                     f"'{d.val_region}' (regions: {', '.join(s['regions']) or 'none'})")
