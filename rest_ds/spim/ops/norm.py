@@ -281,8 +281,21 @@ def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, o
     B, C = loc.shape[0], loc.shape[1]
     if C % groups:
         raise SPIMError(f"{context.where()}: {op}: {C} channels are not divisible by num_groups={groups}")
-    t = loc.reshape(B, groups, C // groups, -1)
     count = (C // groups) * (x.numel() // (x.shape[0] * C))
+    if loc.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == loc.dtype for p in (weight, bias)):
+        # a group norm is a batch norm of the (1, B*G, ...) view without affine: torch's native
+        # kernels with whole-scene statistics (_BatchNormScene, several times faster than the
+        # generic op's fp64 passes), then the per-channel affine
+        y, mean, ssd = _BatchNormScene.apply(loc.reshape(1, B * groups, -1), None, None, count, float(eps),
+                                             x._spec.mesh)
+        y = y.reshape(loc.shape)
+        if weight is not None or bias is not None:
+            pshape = (1, C) + (1,) * (loc.dim() - 2)
+            y = (y * weight.reshape(pshape) if weight is not None else y)
+            y = y + bias.reshape(pshape) if bias is not None else y
+        unbiased = ssd / (count - 1) if count > 1 else torch.full_like(ssd, float("nan"))
+        return y, mean.reshape(B, groups).to(loc.dtype), unbiased.reshape(B, groups)
+    t = loc.reshape(B, groups, C // groups, -1)
     shape = (1, groups, C // groups, 1)
     y, mean, ssd = norm_affine(t, _param_view(weight, shape), _param_view(bias, shape), (2, 3), count, eps,
                                x._spec.mesh)
