@@ -373,7 +373,7 @@ def _getitem(func, args, kwargs):
     return wrap(out, x._spec.with_dims([new_dims[d] for d in x._spec.dims]))
 
 
-def every_kth(x: SpatialTensor, dim: int, sl: slice):
+def every_kth(x: SpatialTensor, dim: int, sl: slice) -> SpatialTensor | None:
     """``x[..., s::k, ...]`` along sharded ``dim`` (``0 <= s < k``, to the end)
     as a new SpatialTensor, when every interior tile border is a multiple of
     ``k`` (e.g. the ``x[:, 0::2, 1::2]`` of a Swin patch merging on tiles
