@@ -131,7 +131,7 @@ def _roll(func, args, kwargs):
         part = spec.rows if axis == 0 else spec.cols
         if s % part[-1] == 0:
             continue
-        if spec.mesh.sp == 1:
+        if len(part) == 2:  # one tile along this axis: it holds the whole cycle
             out = torch.roll(out, s, d)
         else:
             out = _Roll.apply(out, spec.mesh, part, axis, d, s)
