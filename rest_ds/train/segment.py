@@ -50,7 +50,11 @@ def load_exported_model(path: str | os.PathLike):
     from .engine import build_model
 
     meta, sd = read_export(path)
-    model, _ = build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    # the export holds every weight: the pretrained files the training run started from are not read again
+    mcfg = {**meta["model"], "init_from": None}
+    if isinstance(mcfg.get("encoder"), dict):
+        mcfg["encoder"] = {**mcfg["encoder"], "checkpoint": None}
+    model, _ = build_model(mcfg, num_classes=meta["num_classes"], in_chans=meta["in_chans"])
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not match the model config (missing {result.missing_keys[:5]}, "
