@@ -124,13 +124,14 @@ def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
 def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
     """64 random bits (as int64) per element: ``mix64(mix64(seed) + (index + 1) * golden)``,
     a function of the seed and each element's counter ``index`` only."""
-    z = index * _s64(_GOLDEN)  # a fresh tensor; the rest is in place
+    z = index * _s64(_GOLDEN)  # a fresh tensor; the rest is in place, one scratch buffer
     z += _s64(mix64(seed) + _GOLDEN)
-    z ^= _lsr(z, 30)
-    z *= _s64(_C1)
-    z ^= _lsr(z, 27)
-    z *= _s64(_C2)
-    z ^= _lsr(z, 31)
+    t = torch.empty_like(z)
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        z ^= t.bitwise_and_((1 << (64 - shift)) - 1)  # logical shift: torch's >> is arithmetic
+        if mult is not None:
+            z *= _s64(mult)
     return z
 
 
@@ -142,7 +143,9 @@ def _uniform(seed: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 def _u53(seed: int, index: torch.Tensor) -> torch.Tensor:
-    return _lsr(random_bits(seed, index), 11)
+    """53 random bits per element, as a non-negative int64."""
+    z = random_bits(seed, index)
+    return z.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
 
 
 def _normal(seed: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -274,7 +277,7 @@ def _dropout(func, args, kwargs, feature: bool, alpha: bool, torch_api: bool):
         noise = noise * s
         out = loc.mul_(noise).add_(b) if inplace else loc * noise + b
     else:
-        noise = noise / (1 - p)
+        noise.div_(1 - p)
         out = loc.mul_(noise) if inplace else loc * noise
     return _finish(x, out, inplace)
 
