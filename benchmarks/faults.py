@@ -51,7 +51,7 @@ def run(args: list[str], cwd: Path, timeout: float = 300, **env) -> tuple[subpro
 def first_line(text: str, *prefixes: str) -> str:
     for line in text.splitlines():
         if line.startswith(prefixes or ("error:",)):
-            return line if len(line) <= 150 else line[:147] + "..."
+            return line
     return "(none)"
 
 
@@ -83,6 +83,7 @@ class Bench:
 
     def add(self, case: str, outcome: str, seconds: float, lost: str) -> None:
         outcome = outcome.replace(str(self.work), "W")   # W: the work folder
+        outcome = outcome if len(outcome) <= 160 else outcome[:157] + "..."
         self.rows.append((case, outcome, seconds, lost))
         print(f"[{len(self.rows):2d}] {case}: {outcome} [{seconds:.1f} s] lost: {lost}", flush=True)
 
