@@ -92,11 +92,13 @@ def _pvt(name: str, fused: bool, dtype=torch.float32) -> nn.Module:
 
 
 def _segmentor(dtype=torch.float32) -> nn.Module:
-    """The registry path: ``hf_segformer`` (tiny, 6 bands, DropPath 0.1) + ``segformer_mlp``."""
+    """The registry path: ``hf_segformer`` (tiny, 6 bands, DropPath 0.1, activation
+    checkpointing) + ``segformer_mlp``."""
     from rest_ds.models import Segmentor, build_decoder, build_encoder
     from rest_ds.models.encoders import hf_segformer  # noqa: F401  (registers the encoders)
 
-    enc = build_encoder("hf_segformer", variant=None, in_chans=6, drop_path_rate=0.1, **TINY)
+    enc = build_encoder("hf_segformer", variant=None, in_chans=6, drop_path_rate=0.1, grad_checkpointing=True,
+                        **TINY)
     dec = build_decoder("segformer_mlp", enc.out_channels, enc.strides, 5, channels=16, dropout=0.0)
     return _randomize_biases(Segmentor(enc, dec)).to(dtype)
 
@@ -109,7 +111,7 @@ CASES = {
                                    torch.float32, 2),
     "segformer_model-heads1234-sdpa-fp64": (
         functools.partial(_segformer, "sdpa", head=False, dtype=F64, num_attention_heads=[1, 2, 3, 4]), F64, 2),
-    "segmentor-hf_segformer-segformer_mlp-droppath-fp64": (functools.partial(_segmentor, dtype=F64), F64, 2),
+    "segmentor-hf_segformer-segformer_mlp-droppath-ckpt-fp64": (functools.partial(_segmentor, dtype=F64), F64, 2),
     "pvt_v2_b0-sdpa-fp64": (functools.partial(_pvt, "pvt_v2_b0", True, dtype=F64), F64, 2),
     "pvt_v2_b0-manual-fp64": (functools.partial(_pvt, "pvt_v2_b0", False, dtype=F64), F64, 2),
     "pvt_v2_b2_li-manual-fp64": (functools.partial(_pvt, "pvt_v2_b2_li", False, dtype=F64), F64, 2),

@@ -87,10 +87,18 @@ class HFSegformerEncoder(nn.Module):
             sd = adapt_state_dict(sd, FIRST_CONV, pretrained_bands, bands, int(in_chans), band_rule)
             load_strict(self.model, sd, "SegFormer encoder")
         if grad_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.set_grad_checkpointing(True)
         self.out_channels = list(cfg.hidden_sizes)
         self.strides = list(_total_strides(cfg.strides))
         self.align = sr_align(self.strides, cfg.sr_ratios)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward (non-reentrant checkpointing: the
+        variant SPIM replays exactly)."""
+        if enable:
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.model.activation_checkpointing_disable()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(x, output_hidden_states=True).hidden_states)
