@@ -15,9 +15,10 @@ window 4 x 2**3), and a 2x2 grid (192 x 320, rows 0:128 | 128:192, columns
   windows of 4, so stage 1 and stage 3 have shifted blocks) feeding the
   registered UPerNet or linear decoder. The deepest maps (4 x 10 and 10 x 3
   tokens) are not window multiples: the models pad at the scene's
-  bottom/right. Output, input gradient, every parameter gradient and every
-  parameter after one SGD step, train mode, float64 at 1e-10; timm v1 also in
-  float32 at 1e-5. transformers' backbone normalises each output stage, so it
+  bottom/right. swinv2 (and transformers' Swin on 1x2) run with activation
+  checkpointing (non-reentrant, replayed by SPIM). Output, input gradient,
+  every parameter gradient and every parameter after one SGD step, train
+  mode, float64 at 1e-10; timm v1 also in float32 at 1e-5. transformers' backbone normalises each output stage, so it
   feeds the linear head (no norm): under UPerNet's BatchNorm after a 1x1 conv
   those LayerNorm biases have an exactly zero gradient.
 
@@ -76,13 +77,13 @@ class RollNet(nn.Module):
         return self.b(torch.tanh(y))
 
 
-def timm_swin(name="swin_tiny_patch4_window7_224", head="upernet"):
-    return Seg(build_encoder("timm_swin", model_name=name, **TINY), head)
+def timm_swin(name="swin_tiny_patch4_window7_224", head="upernet", ckpt=False):
+    return Seg(build_encoder("timm_swin", model_name=name, grad_checkpointing=ckpt, **TINY), head)
 
 
-def hf_swin(head="linear"):
+def hf_swin(head="linear", ckpt=False):
     kw = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
-    return Seg(build_encoder("hf_swin", **kw), head)
+    return Seg(build_encoder("hf_swin", grad_checkpointing=ckpt, **kw), head)
 
 
 def _double(factory):
@@ -108,8 +109,10 @@ def grid_cases(grid) -> dict:
     out["timm_swin-upernet-fp64"] = (P(_double, timm_swin), torch.float64)
     if grid == (2, 2):  # both grid axes split: the rolls' corner strips travel through two neighbours
         return out
-    out["timm_swinv2-linear-fp64"] = (P(_double, P(timm_swin, "swinv2_tiny_window8_256", "linear")), torch.float64)
-    out["hf_swin-linear-fp64"] = (P(_double, hf_swin), torch.float64)
+    out["timm_swinv2-linear-ckpt-fp64"] = (P(_double, P(timm_swin, "swinv2_tiny_window8_256", "linear", True)),
+                                           torch.float64)
+    ckpt = grid == (1, 2)
+    out[f"hf_swin-linear{'-ckpt' * ckpt}-fp64"] = (P(_double, P(hf_swin, "linear", ckpt)), torch.float64)
     if grid == (1, 2):
         out["timm_swin-upernet-fp32"] = (timm_swin, torch.float32)
     return out

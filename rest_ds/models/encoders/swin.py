@@ -141,8 +141,12 @@ class HFSwinEncoder(nn.Module):
         # SwinModel's final LayerNorm feeds only its pooled output, which the backbone ignores (its
         # per-stage norms make the features): drop it, so that no parameter is left without a gradient
         self.swin.swin.layernorm = nn.Identity()
-        if grad_checkpointing:
-            self.swin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if grad_checkpointing:  # non-reentrant: SPIM replays it exactly (a reentrant one is refused)
+            enable = getattr(self.swin, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers < 5
+                self.swin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if checkpoint is not None:
             sd = adapt_state_dict(read_state_dict(checkpoint), "swin.embeddings.patch_embeddings.projection.weight",
                                   pretrained_bands, bands, in_chans, band_rule, missing_ok=True)
