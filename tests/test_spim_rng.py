@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rest_ds.spim import SpatialMesh, TileLayout
+from rest_ds.spim import SpatialMesh, SPIMUnsupportedError, TileLayout, gather, shard
 from rest_ds.spim import rng
 from rest_ds.spim.rng import SharedRNG
 from rest_ds.spim.verify import compare_sharded, rel_error
@@ -114,15 +114,30 @@ def _random_rank(grid):
     mesh = SpatialMesh.build(grid=grid)
     layout = TileLayout.even(SHAPE[2], SHAPE[3], grid, 1)
     x = offset_scene(SHAPE[0], SHAPE[1], SHAPE[2:], torch.float64)
-    return compare_sharded(RandomNet, x, mesh, layout, train=True, step=True, seed=3, dtype=torch.float64)
+    report = compare_sharded(RandomNet, x, mesh, layout, train=True, step=True, seed=3, dtype=torch.float64)
+    # outside any model (no mode): the SpatialTensor rule itself draws the same mask
+    ones = torch.ones(1, 2, *SHAPE[2:])
+    torch.manual_seed(5)
+    mask = gather(F.dropout(shard(ones, mesh, layout), 0.5))
+    torch.manual_seed(5)
+    with rng.grid_invariant():
+        same = torch.equal(mask, F.dropout(ones, 0.5))
+    try:  # a random op without a grid-invariant rule is refused by name
+        torch.empty_like(shard(ones, mesh, layout)).exponential_()
+        refusal = None
+    except SPIMUnsupportedError as e:
+        refusal = str(e)
+    return report, same, refusal
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 def test_random_ops_are_grid_invariant(grid):
-    report = run_grid(_random_rank, grid)
+    report, same_mask, refusal = run_grid(_random_rank, grid)
     check_report(report.errors, report.refused, 1e-12, f"grid {grid}")
     assert "output[1]" in report.errors and "grad cls" in report.errors and "grad block.conv.weight" in report.errors
+    assert same_mask
+    assert refusal is not None and "exponential_" in refusal and "grid-invariant" in refusal
 
 
 def test_random_ops_change_the_result():
