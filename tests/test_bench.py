@@ -96,11 +96,12 @@ def test_measured_bytes_equal_analytic(study):
     # the halos of every conv, pool and resampling layer, forward and backward, to the byte
     assert two["bytes"]["halo"] > 0
     assert two["bytes"]["halo"] == ana["halo"]
-    # DeepSpeed ZeRO-2's gradient reduction: the ring all-reduce volume of the parameters
-    # (+ the gradient-norm scalars of clipping)
+    # DeepSpeed ZeRO-2: the ring all-reduce volume of the gradients (+ the gradient-norm scalars of
+    # clipping) and the all-gather of the updated parameter partitions
     n = two["model"]["params"]
-    assert ana["ds:grad_allreduce"] == 2 * 4 * n
-    assert ana["ds:grad_allreduce"] <= two["bytes"]["ds:all_reduce"] <= ana["ds:grad_allreduce"] + 1024
+    assert ana["ds:all_reduce"] == 2 * 4 * n and ana["ds:all_gather"] == 4 * n
+    assert ana["ds:all_reduce"] <= two["bytes"]["ds:all_reduce"] <= ana["ds:all_reduce"] + 1024
+    assert ana["ds:all_gather"] <= two["bytes"]["ds:all_gather"] <= ana["ds:all_gather"] + 1024
 
 
 def test_layout_and_scene_parsing():

@@ -69,8 +69,9 @@ JSON schema (``bench.json``; version 1)::
       "calls": {kind: float},          # SPIM collectives per step per rank (comm_stats calls)
       "bytes": {kind: int},            # bytes sent per step, summed over ranks (SPIM's accounting
                                        # kinds halo/all_reduce/all_gather/all_to_all/broadcast, and ds:*)
-      "bytes_analytic": {kind: int},   # the same from the layer geometry (halo, attention,
-                                       # ds:grad_allreduce), for one training step
+      "bytes_analytic": {kind: int},   # the same from the layer geometry (halo, all_to_all:
+                                       # attention) and the parameter count (ds:all_reduce, ZeRO 1-2
+                                       # ds:all_gather), for one training step
       "memory": {"rss_peak_mib": [per rank], "rss_step_peak_mib": [per rank],
                  "cuda_peak_mib": [per rank] | null},
       "infer_s": float | null, "infer_pixels_per_s": float | null,
@@ -289,8 +290,10 @@ _KIND = {"batch_isend_irecv": "halo", "isend": "halo", "irecv": "halo", "send": 
          "inference_all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather", "all_gather_base": "all_gather",
          "all_gather_object": "all_gather", "all_gather_coalesced": "all_gather", "broadcast_object_list": "broadcast",
          "all_to_all_single": "all_to_all", "reduce_scatter_tensor": "reduce_scatter"}
+# not isend / irecv: they are the op identifiers of P2POp (torch checks them by identity);
+# SPIM posts its point-to-point halos through batch_isend_irecv
 _DIST_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single",
-             "all_to_all", "broadcast", "broadcast_object_list", "batch_isend_irecv", "isend", "irecv", "send", "recv",
+             "all_to_all", "broadcast", "broadcast_object_list", "batch_isend_irecv", "send", "recv",
              "reduce_scatter", "reduce_scatter_tensor", "reduce", "barrier")
 _SHM_OPS = ("start_exchange", "start_all_reduce_", "all_gather")
 
@@ -708,9 +711,12 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
                                                    attention=trainer.cfg.mesh.attention).items()}
     except Exception as e:  # the geometry model is a report, never a reason to lose the measurement
         ana = {"error": f"{type(e).__name__}: {e}"[:300]}
-    P = trainer.world
-    if P > 1:
-        ana["ds:grad_allreduce"] = int(2 * (P - 1) / P * 4 * params * P)
+    P, stage = trainer.world, trainer.cfg.deepspeed.zero_stage
+    if P > 1 and stage < 3:  # fp32 gradients and parameters (ZeRO-3 gathers parameters per layer instead)
+        # DeepSpeed's gradient reduction: a ring all-reduce of every gradient over all ranks
+        ana["ds:all_reduce"] = int(round(2 * (P - 1) / P * 4 * params * P))
+        if stage in (1, 2):  # the updated partitions, all-gathered after the optimizer step
+            ana["ds:all_gather"] = int((P - 1) * 4 * params)
     infer = [statistics.median(r["infer"]) for r in ranks if r["infer"]]
     infer_s = max(infer) if infer else None
     mib = 1024.0
@@ -893,7 +899,8 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
     groups = defaultdict(list)
     for r in runs:
         base = r["scene"].get("weak_base")
-        name = f"weak {base}" if base else f"{r['scene']['name']} {r['scene']['height']}x{r['scene']['width']}"
+        name = (f"weak {base}" if base else r["scene"]["name"] if r["scene"]["synthetic"]
+                else f"{r['scene']['name']} {r['scene']['height']}x{r['scene']['width']}")
         groups[f"{r['config']}: {name}"].append(r)
     for g in groups.values():
         g.sort(key=lambda r: (r["ranks"], r["key"]))
