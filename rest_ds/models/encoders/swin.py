@@ -141,12 +141,8 @@ class HFSwinEncoder(nn.Module):
         # SwinModel's final LayerNorm feeds only its pooled output, which the backbone ignores (its
         # per-stage norms make the features): drop it, so that no parameter is left without a gradient
         self.swin.swin.layernorm = nn.Identity()
-        if grad_checkpointing:  # non-reentrant: SPIM replays it exactly (a reentrant one is refused)
-            enable = getattr(self.swin, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:  # transformers < 5
-                self.swin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
         if checkpoint is not None:
             sd = adapt_state_dict(read_state_dict(checkpoint), "swin.embeddings.patch_embeddings.projection.weight",
                                   pretrained_bands, bands, in_chans, band_rule, missing_ok=True)
@@ -156,6 +152,14 @@ class HFSwinEncoder(nn.Module):
         self.out_channels = list(self.swin.channels)
         self.strides = [p * 2 ** i for i in sorted(set(out_indices))]
         self.align = swin_align(p, [(cfg.window_size, cfg.window_size)] * len(depths))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward (non-reentrant checkpointing: the
+        variant SPIM replays exactly; ``train.activation_checkpointing`` calls this)."""
+        if enable:
+            self.swin.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.swin.activation_checkpointing_disable()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.swin(x).feature_maps)
