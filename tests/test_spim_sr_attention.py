@@ -20,8 +20,10 @@ float32 at 1e-5 (in float64 its float32 rounding of the scores, not SPIM, sets
 the error), as the bare encoder with weights drawn at std 0.3: at HF's default
 0.02 every softmax is nearly uniform and its backward cancels, so the
 one-process float32 run is itself ~3e-5 away from float64 (and so is the
-decode head's training-mode BatchNorm backward). Some gradients are exactly zero in exact arithmetic: key biases
-(softmax is invariant to a per-query shift of the scores) and, in the
+decode head's training-mode BatchNorm backward).
+
+Some gradients are exactly zero in exact arithmetic: key biases (softmax is
+invariant to a per-query shift of the scores) and, in the
 segmentation model, every bias whose only way to the loss is through the
 linear decode head into its training-mode BatchNorm (the decode projections'
 biases, the last stage's final LayerNorm bias). Their relative error is
