@@ -155,6 +155,34 @@ def test_zero_quantities_and_dropout_pass_at_defaults(models, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_zero_quantities_pass_in_float64(models, capsys):
+    p = rest_ds_inproc(capsys, "verify", f"{models}:bias_bn_dropout", "--input-shape", "2,3,16,20", "--grid", "2x1",
+                       "--train", "--dtype", "float64")
+    assert p.returncode == 0, _show(p)
+    line = next(l for l in p.stdout.splitlines() if l.startswith("grad stem.0.bias"))
+    assert "ZERO-REF" in line, _show(p)
+
+
+def test_verdict_classes():
+    # The rule on made-up numbers (tol 1e-5, k = 10): absolute error against
+    # tol * |ref| + k * noise; zero-ness comes from the measurement, not from
+    # the relative error.
+    from rest_ds.spim.verify import VerifyReport
+
+    names = ["exact", "rounding", "zero", "bug", "bug on zero", "unmeasured"]
+    r = VerifyReport(errors={n: 0.0 for n in names})
+    for n, err, size, noise, zero in [("exact", 1e-7, 1.0, 1e-7, False), ("rounding", 5e-5, 1.0, 1e-5, False),
+                                      ("zero", 3e-8, 2e-8, 1e-8, True), ("bug", 1e-3, 1.0, 1e-5, False),
+                                      ("bug on zero", 1e-3, 2e-8, 1e-8, True)]:
+        r.errors[n], r.abs_errors[n], r.sizes[n], r.noise_abs[n], r.zero[n] = err / size, err, size, noise, zero
+    r.errors["unmeasured"] = 2e-5
+    assert r.classify(1e-5) == {"exact": "PASS", "rounding": "ROUNDING", "zero": "ZERO-REF", "bug": "FAIL",
+                                "bug on zero": "FAIL", "unmeasured": "FAIL"}
+    assert set(r.failures(1e-5)) == {"bug", "bug on zero", "unmeasured"} and not r.ok(1e-5)
+    assert r.classify(1e-2)["bug"] == "PASS"
+
+
+@pytest.mark.timeout(600)
 def test_inexact_model_fails_with_exit_1(models):
     p = rest_ds("verify", f"{models}:per_tile_norm", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train")
     assert p.returncode == 1, _show(p)
