@@ -338,9 +338,16 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, manifest: dict, 
 def load_checkpoint(engine, root: Path, tag: str, *, rank: int) -> dict | None:
     """Load DeepSpeed state of ``root/tag`` into ``engine``; returns this rank's
     ``rank_state`` (None when the checkpoint was written by fewer ranks)."""
-    with safe_loading():
-        path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+    try:
+        with safe_loading():
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        # e.g. a checkpoint of another version of the model code: shapes or ZeRO partition layout differ
+        raise CheckpointError(f"{root / tag}: DeepSpeed cannot load it into this model and optimizer "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if path is None:
         raise CheckpointError(f"{root / tag}: DeepSpeed could not load the checkpoint")
     f = root / tag / f"rest_ds_rank{rank}.pt"
@@ -369,6 +376,29 @@ def _short(v: Any) -> str:
     return t if len(t) <= 60 else t[:57] + "..."
 
 
+def _refuse(where, fixed: list[tuple[str, Any, Any]]) -> None:
+    if fixed:
+        what = ", ".join(f"{k} ({_short(x)} -> {_short(y)})" for k, x, y in fixed[:8])
+        more = f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""
+        raise CheckpointError(f"{where}: cannot resume: the new config changes {what}{more}, which the checkpoint "
+                              f"fixes; change them back, or start a new run (train.resume=none or another "
+                              f"output_dir)")
+
+
+def check_resume_config(manifest: dict, config: dict, world_size: int | None, where: str | os.PathLike) -> None:
+    """Before any heavy work: refuse a new run's ``config`` (``TrainConfig.to_dict()``)
+    whose keys in :data:`FIXED_CONFIG_KEYS` (the model section included) differ from
+    the checkpoint's, or whose ``world_size`` differs (None: not known yet)."""
+    a, b = _flatten(manifest.get("config") or {}), _flatten(config)
+    # precision is compared after the trainer has settled it (bf16/fp16 run as fp32 on a CPU-only machine)
+    _refuse(where, [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                    if k.startswith(FIXED_CONFIG_KEYS) and k != "deepspeed.precision" and a.get(k) != b.get(k)])
+    if world_size is not None and manifest.get("world_size") not in (None, world_size):
+        raise CheckpointError(f"{where}: written by {manifest.get('world_size')} ranks; this job has {world_size}. "
+                              f"Resume with the same, or export it ('rest-ds export') and start a new run from the "
+                              f"exported weights (model.init_from)")
+
+
 def resume_changes(old: dict, new: dict, where: str | os.PathLike) -> list[tuple[str, Any, Any]]:
     """Compare a checkpoint's manifest ``old`` with the manifest the new run would
     write, ``new``. Raises :class:`CheckpointError` naming every differing key that
@@ -388,12 +418,7 @@ def resume_changes(old: dict, new: dict, where: str | os.PathLike) -> list[tuple
                 fixed.append((key, a.get(key), b.get(key)))
         else:
             changed.append((key, a.get(key), b.get(key)))
-    if fixed:
-        what = ", ".join(f"{k} ({_short(x)} -> {_short(y)})" for k, x, y in fixed[:8])
-        more = f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""
-        raise CheckpointError(f"{where}: cannot resume: the new config changes {what}{more}, which the checkpoint "
-                              f"fixes; change them back, or start a new run (train.resume=none or another "
-                              f"output_dir)")
+    _refuse(where, fixed)
     return changed
 
 
@@ -489,4 +514,4 @@ __all__ = ["CheckpointError", "MANIFEST", "tag_of", "list_checkpoints", "find_ch
            "load_checkpoint", "consolidated_state_dict", "export_model", "read_export", "atomic_write_json",
            "atomic_write_bytes", "sha256_file", "safe_torch_load", "safe_loading", "DEEPSPEED_SAFE_GLOBALS",
            "verify_checkpoint", "select_checkpoint", "file_record", "chmod_like_open", "resume_changes",
-           "describe_changes", "FIXED_ON_RESUME", "FIXED_CONFIG_KEYS"]
+           "describe_changes", "FIXED_ON_RESUME", "FIXED_CONFIG_KEYS", "check_resume_config"]

@@ -198,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .preflight import check_encoder_kwargs, scene_headers
         from .validation import check_train_config
 
-        check_train_config(cfg)
+        check_train_config(cfg, world_size=world)
         check_encoder_kwargs(cfg)
         scene_headers(cfg)  # headers only; samples not fetched yet are left to rank 0
     except BaseException as e:

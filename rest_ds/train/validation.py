@@ -63,17 +63,31 @@ def check_output_dir(cfg) -> None:
                            f"output_dir, or wait for that one; if it is gone, remove {lock}")
 
 
-def check_resume(cfg) -> None:
-    """An explicit ``train.resume`` path names an existing folder."""
+def check_resume(cfg, world_size: int | None = None) -> None:
+    """An explicit ``train.resume`` path names an existing folder, and the checkpoint
+    it (or ``auto``) would resume from has the same model, optimizer type, precision,
+    ZeRO stage, data mode and (when given) world size (only its manifest is read)."""
+    from . import checkpoint as ckpt
+
     r = cfg.train.resume
-    if r not in ("none", "auto") and not Path(r).exists():
+    if r == "none":
+        return
+    if r != "auto" and not Path(r).exists():
         raise ConfigError(cfg.source_file, "train.resume", f"{r}: no such checkpoint folder")
+    where = Path(cfg.out_dir) / "checkpoints" if r == "auto" else Path(r)
+    try:
+        root, tag, manifest = ckpt.find_checkpoint(where)
+    except ckpt.CheckpointError:
+        if r == "auto":   # nothing to resume: a new run
+            return
+        raise
+    ckpt.check_resume_config(manifest, cfg.to_dict(), world_size, root / tag)
 
 
-def check_train_config(cfg) -> None:
+def check_train_config(cfg, world_size: int | None = None) -> None:
     """All of the above (seconds; imports the model registry but builds nothing)."""
     check_precision(cfg)
-    check_resume(cfg)
+    check_resume(cfg, world_size)
     check_output_dir(cfg)
     check_model_names(cfg)
 
