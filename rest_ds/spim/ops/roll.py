@@ -69,20 +69,22 @@ def _roll_axis(x: torch.Tensor, mesh: SpatialMesh, part: Partition, axis: int, d
 
     base = part[me]
     out = torch.empty_like(x)
-    sends, recvs = [], []
+    own, sends, recvs = [], [], []
     for src, dst, lo, hi, dlo in roll_pieces(part, shift):
         if src == me and dst == me:
-            out.narrow(dim, dlo - base, hi - lo).copy_(x.narrow(dim, lo - base, hi - lo))
+            own.append((lo, hi, dlo))
         elif src == me:
             sends.append((rank_of(dst), x.narrow(dim, lo - base, hi - lo)))
         elif dst == me:
             shape = list(x.shape)
             shape[dim] = hi - lo
             recvs.append((rank_of(src), x.new_empty(shape), dlo - base))
-    if sends or recvs:
-        start_exchange(sends, [(r, b) for r, b, _ in recvs], mesh, _phase(), kind="roll")()
-        for _, buf, at in recvs:
-            out.narrow(dim, at, buf.shape[dim]).copy_(buf)
+    wait = start_exchange(sends, [(r, b) for r, b, _ in recvs], mesh, _phase(), kind="roll")
+    for lo, hi, dlo in own:  # the tile's own part moves while the strips travel
+        out.narrow(dim, dlo - base, hi - lo).copy_(x.narrow(dim, lo - base, hi - lo))
+    wait()
+    for _, buf, at in recvs:
+        out.narrow(dim, at, buf.shape[dim]).copy_(buf)
     return out
 
 
