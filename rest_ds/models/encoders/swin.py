@@ -45,8 +45,8 @@ def swin_align(patch: int, windows: Sequence[tuple[int, int]]) -> int:
 
 class TimmSwinEncoder(nn.Module):
     """timm ``swin_*`` (v1) or ``swinv2_*`` with ``features_only=True``, for
-    scenes of any size: built with ``strict_img_size=False`` (dynamic padding to
-    whole patches, shift masks computed per forward for the feature size) and
+    scenes of any multiple of the patch size: built with ``strict_img_size=False``
+    (shift masks computed per forward for the feature size) and
     ``always_partition=True``: every stage keeps the architecture's window and
     shift whatever the scene size, as mmseg's and transformers' Swin backbones
     do (timm's default shrinks the window of a stage whose map at ``img_size``
