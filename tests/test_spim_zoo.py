@@ -67,7 +67,6 @@ CASES = {
     "tv_fcn_resnet50": (Z.tv_fcn_resnet50, "r50"),
     "timm_efficientnet_b0_features": (Z.timm_efficientnet_b0_features, "s32"),
     "timm_tf_efficientnet_b0_features": (Z.timm_tf_efficientnet_b0_features, "s32"),
-    "timm_efficientnet_lite0_features": (Z.timm_efficientnet_lite0_features, "s32"),
     "timm_efficientnet_b0_classifier": (Z.timm_efficientnet_b0_classifier, "s32"),
     "timm_tf_efficientnetv2_b0_features": (Z.timm_tf_efficientnetv2_b0_features, "s32"),
     "timm_mixnet_s_features": (Z.timm_mixnet_s_features, "s32"),
@@ -80,9 +79,10 @@ CASES = {
     "timm_convnext_atto_features": (Z.timm_convnext_atto_features, "s32"),
     "timm_convnext_zepto_rms_features": (Z.timm_convnext_zepto_rms_features, "s32"),
     "timm_convnextv2_atto_features": (Z.timm_convnextv2_atto_features, "s32"),
-    "timm_convnext_nano_ols_features": (Z.timm_convnext_nano_ols_features, "s32"),
+    "timm_convnext_atto_ols_features": (Z.timm_convnext_atto_ols_features, "s32"),
     "timm_mobilenetv3_large_075_features": (Z.timm_mobilenetv3_large_075_features, "s32"),
     "timm_resnet26d_features": (Z.timm_resnet26d_features, "s32"),
+    "timm_resnet18d_os8_features": (Z.timm_resnet18d_os8_features, "s32"),
     "hf_upernet_convnext": (Z.hf_upernet_convnext, "s32"),
 }
 

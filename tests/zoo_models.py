@@ -55,11 +55,6 @@ def timm_tf_efficientnet_b0_features() -> nn.Module:
     return _timm("tf_efficientnet_b0", features_only=True)
 
 
-def timm_efficientnet_lite0_features() -> nn.Module:
-    """ReLU6, no squeeze-excitation."""
-    return _timm("efficientnet_lite0", features_only=True)
-
-
 def timm_tf_efficientnetv2_b0_features() -> nn.Module:
     """EfficientNetV2: fused MBConv (EdgeResidual) stages, 'same' padding."""
     return _timm("tf_efficientnetv2_b0", features_only=True)
@@ -99,9 +94,9 @@ def timm_convnext_atto_features() -> nn.Module:
     return _timm("convnext_atto", features_only=True)
 
 
-def timm_convnext_nano_ols_features() -> nn.Module:
-    """ConvNeXt variant with overlapping stem and stem/downsample convs (ols = 'overlapping stem')."""
-    return _timm("convnext_nano_ols", features_only=True)
+def timm_convnext_atto_ols_features() -> nn.Module:
+    """ConvNeXt with an overlapping stem (two 3x3 stride-2 convs instead of the 4x4 patchify)."""
+    return _timm("convnext_atto_ols", features_only=True)
 
 
 def timm_convnext_zepto_rms_features() -> nn.Module:
@@ -124,24 +119,29 @@ def timm_resnet26d_features() -> nn.Module:
     return _timm("resnet26d", features_only=True)
 
 
+def timm_resnet18d_os8_features() -> nn.Module:
+    """Dilated for segmentation (output_stride=8: layer3/4 with dilation 2/4 instead of stride)."""
+    return _timm("resnet18d", features_only=True, output_stride=8)
+
+
 def timm_regnety_002_classifier() -> nn.Module:
     """With its classifier: global average pool + linear head (replicated output)."""
     return _timm("regnety_002", num_classes=NUM_CLASSES)
 
 
 def timm_efficientnet_b0_classifier() -> nn.Module:
-    """With its classifier (conv head, global pool, linear)."""
-    return _timm("efficientnet_b0", num_classes=NUM_CLASSES)
+    """With its classifier (conv head, global pool, dropout, linear) and stochastic depth."""
+    return _timm("efficientnet_b0", num_classes=NUM_CLASSES, drop_rate=0.2, drop_path_rate=0.2)
 
 
 # --- transformers -------------------------------------------------------------
 
 def hf_upernet_convnext() -> nn.Module:
-    """``UperNetForSemanticSegmentation`` with a tiny ConvNeXt backbone (its auxiliary head only runs with labels: off)."""
+    """``UperNetForSemanticSegmentation`` with a tiny ConvNeXt backbone with stochastic depth
+    (the auxiliary head only runs when labels are given: off)."""
     from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
     backbone = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1],
-                              out_features=["stage1", "stage2", "stage3", "stage4"])
+                              drop_path_rate=0.2, out_features=["stage1", "stage2", "stage3", "stage4"])
     cfg = UperNetConfig(backbone_config=backbone, hidden_size=16, pool_scales=[1, 2, 3, 6],
-                        use_auxiliary_head=False,
-                        num_labels=NUM_CLASSES)
+                        use_auxiliary_head=False, num_labels=NUM_CLASSES)
     return UperNetForSemanticSegmentation(cfg)
