@@ -56,6 +56,8 @@ def check_output_dir(cfg) -> None:
     import socket
 
     pid = held.get("pid")
+    if held.get("host") != socket.gethostname() and int(os.environ.get("RANK", "0") or 0) != 0:
+        return   # a rank on another host cannot tell whether that run lives: rank 0 decides (lock.py)
     if (held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0
             or _alive(pid, held.get("proc_start"))):
         raise RunLockError(f"{out}: output folder in use by another run (host {held.get('host')}, pid "
