@@ -56,7 +56,8 @@ def check_output_dir(cfg) -> None:
     import socket
 
     pid = held.get("pid")
-    if held.get("host") != socket.gethostname() and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if held.get("host") != socket.gethostname() and rank != 0:
         return   # a rank on another host cannot tell whether that run lives: rank 0 decides (lock.py)
     if (held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0
             or _alive(pid, held.get("proc_start"))):
