@@ -24,6 +24,7 @@ HELD_OUT = [
     ("vit", 192, (2, 1), 0, "adamw", False),
     ("resnet18", 256, (1, 1), 0, "sgd", False),
     ("resnet18", 192, (1, 2), 2, "adamw", False),
+    ("vit", 320, (1, 2), 0, "sgd", True),
 ]
 WORLD = 2
 
@@ -139,3 +140,30 @@ def _profile_fields(cfg_path):
     c = load_config(cfg_path)
     import dataclasses
     return dataclasses.asdict(profile_model(c.model, 4, 3, act_ckpt=(False, True)))
+
+
+def test_calibration_from_bench_json_recovers_the_coefficients(tmp_path, tiny_cfg):
+    """Bench-format runs whose allocator peaks and step times follow known coefficients:
+    calibrate_from_bench must give those coefficients back (CPU-RSS-only runs feed c_time only)."""
+    import json
+
+    from rest_ds.train.config import load_config
+    from rest_ds.train.plan import calibrate_from_bench, estimate, profile_model
+
+    cfg = load_config(tiny_cfg)
+    prof = profile_model(cfg.model, 4, 3)
+    truth = {"c_act_sp": 1.4, "c_act_one": 1.1, "c_fixed_sp": 3e6, "c_fixed": 5e6}
+    runs = []
+    for (h, w), grid in [((128, 128), (1, 1)), ((256, 256), (1, 1)), ((192, 256), (1, 2)), ((256, 256), (2, 2)),
+                         ((512, 512), (2, 1))]:
+        e = estimate(prof, hw=(h, w), grid=grid, world=grid[0] * grid[1], zero_stage=2, coeffs=truth)
+        runs.append({"config": str(tiny_cfg), "scene": {"height": h, "width": w}, "grid": list(grid),
+                     "ranks": grid[0] * grid[1], "zero_stage": 2, "step_s": 3.0 * e["step_s"],
+                     "memory": {"rss_peak_mib": [1.0], "cuda_peak_mib": [e["peak_bytes"] / 2 ** 20]}})
+    runs.append({**runs[0], "memory": {"rss_peak_mib": [999.0], "cuda_peak_mib": None}})   # CPU run: time only
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"schema": 1, "runs": runs}))
+    got = calibrate_from_bench(str(path), lambda c: (prof, load_config(c)))
+    assert got["c_time"] == pytest.approx(3.0, rel=1e-9)
+    for k, v in truth.items():
+        assert got[k] == pytest.approx(v, rel=1e-3), (k, got)

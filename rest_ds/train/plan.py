@@ -58,13 +58,16 @@ from ..config_schema import ConfigError
 
 GIB = 1024 ** 3
 
-# Calibrated by calibrate() on 10 CPU measure_step runs (fp32, gloo, 1 and 2 ranks; tiny ViT-UPerNet
-# (52 k params) and ResNet-18-UPerNet (11.5 M) at 128-256 px, ZeRO 0 and 2, AdamW and SGD, with and
-# without activation checkpointing; 2026-12-07): c_act_*: multiplier of the measured activation fit
-# on a tile (sp > 1: SPIM's halo and staging buffers; one rank), c_fixed_sp: bytes per rank of an sp
-# group (communication staging), c_fixed: bytes per rank. Predictions were within -13..+16 % of
-# those runs; tests/test_plan.py checks other configurations.
-DEFAULT_COEFFS = {"c_act_sp": 0.98, "c_act_one": 1.18, "c_fixed_sp": 1.67e6, "c_fixed": 0.0}
+# Calibrated by calibrate() on 13 CPU measure_step runs (fp32, gloo, 1 and 2 ranks; tiny ViT-UPerNet
+# (52 k params) and ResNet-18-UPerNet (11.5 M) at 128-384 px, ZeRO 0 and 2, AdamW and SGD, with and
+# without activation checkpointing; 2026-12-07): c_act_{one,sp}[_ckpt]: multiplier of the measured
+# activation fit on a tile (one rank / sp > 1: SPIM's halo and staging buffers; with checkpointing:
+# the recomputation's own peak), c_fixed_sp: bytes per rank of an sp group (communication staging),
+# c_fixed: bytes per rank. The fitted model was within -3.2..+4.3 % of those runs; tests/test_plan.py
+# checks other configurations. (Repeats of one 2-rank run vary by about 4-8 %: the lifetimes of
+# communication buffers depend on timing.)
+DEFAULT_COEFFS = {"c_act_sp": 1.25, "c_act_sp_ckpt": 1.40, "c_act_one": 1.155, "c_act_one_ckpt": 1.37,
+                  "c_fixed_sp": 1.47e6, "c_fixed": 0.0}
 
 
 # --- the allocator measure -----------------------------------------------------------------------------
@@ -219,7 +222,7 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
 def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tuple[bool, ...] = (False,),
                   sides: tuple[int, ...] | None = None) -> ModelProfile:
     """Measure ``model_cfg`` on small synthetic square scenes (three sides, multiples of
-    the model's alignment, default ``4, 6, 8 x align`` capped at 256 px) in this process;
+    the model's alignment, default ``8, 12, 16 x max(align, 16)`` capped at 512 px) in this process;
     a few seconds for small models. The weights are random (the values do not matter)."""
     import torch
 
@@ -231,7 +234,7 @@ def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tu
     align = int(getattr(model, "align", None) or 1)
     if sides is None:
         base = max(align, 16)
-        sides = tuple(min(256, k * base) // align * align for k in (4, 6, 8))
+        sides = tuple(max(align, min(512, k * base) // align * align) for k in (8, 12, 16))
     params = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     aux = float(getattr(model, "aux_weight", 0.0)) if getattr(model, "aux_head", None) else 0.0
@@ -310,7 +313,9 @@ def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], 
                for i in range(grid[0]) for j in range(grid[1]))
     fit = prof.fits["1" if act_ckpt else "0"]
     w = 4 if precision == "fp32" else 2
-    act = (fit["a"] * tile + fit["q"] * tile * H * W) * (c["c_act_sp"] if sp > 1 else c["c_act_one"]) * w / 4
+    key = "c_act_one" if sp == 1 else "c_act_sp"
+    c_act = c.get(f"{key}_ckpt", c[key]) if act_ckpt else c[key]
+    act = (fit["a"] * tile + fit["q"] * tile * H * W) * c_act * w / 4
     parts = static_bytes(prof.params, world, zero_stage, precision, _opt_values(optimizer, momentum),
                          prof.largest_layer)
     parts["activations"] = act
@@ -318,6 +323,8 @@ def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], 
     step_s = fit["s_per_px"] * tile * c.get("c_time", 1.0)
     return {"grid": tuple(grid), "sp": sp, "dp": world // sp, "world": world, "zero_stage": zero_stage,
             "act_ckpt": act_ckpt, "precision": precision, "scene": (H, W), "tile_px": tile,
+            # pixels along the interior tile borders: what the halo exchanges scale with
+            "border_px": (grid[0] - 1) * W + (grid[1] - 1) * H,
             "parts": parts, "peak_bytes": peak_of(parts), "step_s": step_s}
 
 
@@ -341,7 +348,8 @@ def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, f
         e = estimate(prof_of[r["model"]], hw=tuple(r["hw"]), grid=tuple(r["grid"]), world=r["world"],
                      zero_stage=r["zero_stage"], precision=r.get("precision", "fp32"),
                      optimizer=r.get("optimizer", "adamw"), act_ckpt=r.get("act_ckpt", False),
-                     coeffs={"c_act_sp": 1.0, "c_act_one": 1.0, "c_fixed": 0.0})
+                     coeffs={"c_act_sp": 1.0, "c_act_sp_ckpt": 1.0, "c_act_one": 1.0, "c_act_one_ckpt": 1.0,
+                             "c_fixed_sp": 0.0, "c_fixed": 0.0})
         parts, sp, m = e["parts"], e["sp"], float(r["peak_bytes"])
         act = parts["activations"]
         # m ~ rest + max(act * c_act(sp), step_temp) + c_fixed, weighted by 1/m (relative error); the
@@ -349,13 +357,19 @@ def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, f
         if act < parts["step_temp"]:
             act = 0.0
         base = peak_of({**parts, "activations": 0.0}) if act == 0.0 else peak_of(parts) - parts["activations"]
-        A.append([act * (sp > 1) / m, act * (sp == 1) / m, (sp > 1) / m, 1.0 / m])
+        ck = bool(r.get("act_ckpt", False))
+        A.append([act * (sp > 1 and not ck) / m, act * (sp > 1 and ck) / m, act * (sp == 1 and not ck) / m,
+                  act * (sp == 1 and ck) / m, (sp > 1) / m, 1.0 / m])
         y.append((m - base) / m)
     from scipy.optimize import nnls
 
     sol, _ = nnls(np.array(A), np.array(y))  # every coefficient >= 0
-    return {"c_act_sp": float(sol[0]), "c_act_one": float(sol[1]), "c_fixed_sp": float(sol[2]),
-            "c_fixed": float(sol[3])}
+    out = dict(zip(("c_act_sp", "c_act_sp_ckpt", "c_act_one", "c_act_one_ckpt", "c_fixed_sp", "c_fixed"),
+                   (float(v) for v in sol)))
+    for key, sp_many in (("c_act_sp", True), ("c_act_one", False)):  # a case nothing measured: as without
+        if not any(r.get("act_ckpt") and (r["grid"][0] * r["grid"][1] > 1) == sp_many for r in rows):
+            out[f"{key}_ckpt"] = out[key]
+    return out
 
 
 # --- a run's candidates ----------------------------------------------------------------------------
@@ -401,13 +415,15 @@ def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int |
 def recommend(cands: list[dict], memory_bytes: float | None, headroom: float = 0.9) -> dict | None:
     """The candidate to run: among those whose peak fits ``headroom x memory`` (all when
     no memory is given), the fastest step per scene (step_s / dp), then the least halo
-    traffic (smallest sp), the lowest ZeRO stage (least gradient traffic), no
-    recomputation, the smallest peak. None when nothing fits."""
+    traffic (smallest sp, then the shortest tile borders), the lowest ZeRO stage (least
+    gradient traffic), no recomputation, the smallest peak. None when nothing fits."""
     ok = [c for c in cands if memory_bytes is None or c["peak_bytes"] <= headroom * memory_bytes]
-    if not ok:
-        return None
-    return min(ok, key=lambda c: (round(c["step_s"] / c["dp"], 6), c["sp"], c["zero_stage"], c["act_ckpt"],
-                                  c["peak_bytes"]))
+    return min(ok, key=_preference) if ok else None
+
+
+def _preference(c: dict) -> tuple:
+    return (round(c["step_s"] / c["dp"], 6), c["sp"], c["border_px"], c["zero_stage"], c["act_ckpt"],
+            c["peak_bytes"])
 
 
 def max_scene(prof: ModelProfile, *, devices: int, memory_bytes: float, aspect: float = 1.0,
@@ -556,9 +572,7 @@ def format_plan(plan: dict, *, top: int = 12) -> str:
              f"{fit0['s_per_px'] * 1e6:.2f} us/px forward+backward on this machine (sides {prof.sizes} px)",
              f"  {'grid':<5} {'dp':>3} {'sp':>3}  {'ZeRO':>4}  {'ckpt':>4}  {'peak':>10}  {'param+grad':>10}  "
              f"{'opt+master':>10}  {'activation':>10}  {'buckets':>10}  {'step s':>8}  {'fits':>4}"]
-    order = sorted(plan["candidates"], key=lambda c: (c["peak_bytes"] > 0.9 * mem if mem else False,
-                                                     round(c["step_s"] / c["dp"], 6), c["sp"], c["zero_stage"],
-                                                     c["act_ckpt"], c["peak_bytes"]))
+    order = sorted(plan["candidates"], key=lambda c: (bool(mem) and c["peak_bytes"] > 0.9 * mem, *_preference(c)))
     shown = order[:top]
     conf, rec = plan["configured"], plan["recommended"]
     key = lambda e: (e["grid"], e["zero_stage"], e["act_ckpt"])  # noqa: E731

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+import warnings
 from typing import Any
 
 from ..config_schema import ConfigError
@@ -117,7 +118,7 @@ def scene_headers(cfg) -> list[dict]:
     each other and the config; returns one dict per scene (name, ref, bands, height,
     width, classes, labelled, regions, role). Samples not fetched yet are listed with
     ``fetched: False`` (rank 0 fetches them at the start of training)."""
-    from ..data import DataError
+    from ..data import DataError, DataWarning, open_scene
     from ..data.samples import SAMPLES, is_fetched
     from .data import resolve_scene
 
@@ -136,10 +137,11 @@ def scene_headers(cfg) -> list[dict]:
             raise
         except DataError as e:
             raise ConfigError(w, key, str(e)) from None
-        from ..data import open_scene
-
         try:
-            with open_scene(scene) as r:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataWarning)  # datum-only CRS differences: 'rest-ds data info'
+                r = open_scene(scene)
+            with r:
                 C, H, W = r.shape
                 info = {"ref": ref, "name": scene.name, "role": role, "fetched": True, "bands": C, "height": H,
                         "width": W, "classes": list(scene.class_names or []) if r.label is not None else None,
