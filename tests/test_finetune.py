@@ -234,3 +234,151 @@ def test_weight_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     c = load_config(tmp_path / "cfg" / "run.yaml")
     assert c.model["encoder"]["checkpoint"] == str(tmp_path / "cfg" / "weights" / "vit.pth")
     assert c.model["init_from"] == str(tmp_path / "cfg" / "weights" / "model.safetensors")
+
+
+# --- fine-tuning controls under DeepSpeed ZeRO 1-3 and SPIM (sp=2) ---------------------------------
+
+FT_MODEL = {  # a small Prithvi-style ViT (embedding + 2 blocks) + UPerNet, GroupNorm
+    "encoder": {"name": "prithvi_vit",
+                "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "indices": [0, 1]}},
+    "decoder": {"name": "upernet", "channels": 16, "norm": "gn", "dropout": 0.0, "kwargs": {"pool_scales": [1, 2]}},
+}
+FT_SHAPE = (1, 4, 44, 58)
+# name -> (ZeRO stage, finetune section)
+FT_CASES = {
+    "z1-freeze2-llrd": (1, {"freeze_layers": 2, "layer_decay": 0.5, "encoder_lr": 5e-3}),
+    "z2-freeze_encoder-unfreeze1": (2, {"freeze_encoder": True, "unfreeze_step": 1}),
+    "z3-freeze1-llrd": (3, {"freeze_layers": 1, "layer_decay": 0.7}),
+}
+
+
+def _ft_cfg(finetune):
+    from rest_ds.train.config import load_config
+
+    return load_config(data={"model": FT_MODEL, "data": {"scenes": ["s"]}, "optimizer": {"name": "adamw", "lr": 1e-2,
+                                                                        "weight_decay": 0.05, "eps": 1e-3},
+                             "schedule": {"name": "constant"}, "train": {"steps": 2}, "finetune": finetune})
+
+
+def _ft_case(stage, finetune):
+    import deepspeed
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from rest_ds.spim import SpatialMesh, from_local, parallelize
+    from rest_ds.spim.tensor import SpatialTensor, Spec
+    from rest_ds.spim.tiling import TileLayout
+    from rest_ds.spim.verify import rel_error
+    from rest_ds.train.engine import (build_model, check_functionals, make_optimizer, make_scheduler,
+                                      zero3_spatial_hooks)
+    from rest_ds.train.finetune import apply_freezing, describe, param_groups
+    from rest_ds.train.metrics import pixel_loss
+
+    cfg = _ft_cfg(finetune)
+    mesh = SpatialMesh.build(grid=(1, 2))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(FT_SHAPE, generator=gen)
+    y = torch.randint(0, 3, (1,) + FT_SHAPE[2:], generator=gen)
+
+    def build():
+        torch.manual_seed(0)
+        m = build_model(FT_MODEL, num_classes=3, in_chans=4)[0]
+        frozen = apply_freezing(m, cfg)
+        groups = param_groups(m, cfg, frozen)
+        return m, frozen, groups
+
+    model, frozen, groups = build()
+    line = describe(model, groups, frozen)
+    no_wd = sorted(n for n, p in model.named_parameters() for g in groups if not g["decay"]
+                   and any(p is q for q in g["params"]))
+    lrs = sorted({round(g["lr_scale"], 6) for g in groups})
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layout = TileLayout.even(FT_SHAPE[2], FT_SHAPE[3], (1, 2), model.align)
+    rows, cols = layout.tile(*mesh.coord)
+    parallelize(model, mesh, align=model.align)
+    opt = make_optimizer(model, cfg, groups)
+    zero = {"stage": stage, **({"memory_efficient_linear": False} if stage == 3 else {})}
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=make_scheduler(opt, cfg),
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10 ** 9})
+    if stage == 3:
+        zero3_spatial_hooks(engine.module)
+    check_functionals()
+    xs = from_local(x[..., rows, cols].contiguous(), mesh, layout=layout)
+    ys = SpatialTensor(y[..., rows, cols].contiguous(), Spec(mesh, (1, 2), layout.rows, layout.cols))
+    after = []
+    for _ in range(2):
+        engine.backward(pixel_loss(engine(xs), ys))
+        engine.step()
+        ps = list(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in ps], enabled=stage == 3):
+            after.append({n: p.detach().clone() for n, p in ps})
+    out = None
+    if dist.get_rank() == 0:  # the same groups and schedule on the whole scene in one process
+        ref, _, rgroups = build()
+        ropt = make_optimizer(ref, cfg, rgroups)
+        rsched = make_scheduler(ropt, cfg)
+        err = {}
+        for s in range(2):
+            ropt.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            ropt.step()
+            rsched.step()
+            for n, q in ref.named_parameters():
+                err[f"step {s + 1} {n}"] = rel_error(after[s][n], q.detach())
+        out = {"line": line, "frozen": sorted(frozen), "error": max(err.values()),
+               "worst": max(err, key=err.get),
+               "unchanged": [sorted(n for n in init if torch.equal(after[s][n], init[n])) for s in range(2)],
+               "lrs": lrs, "no_wd": no_wd}
+    box = [out]
+    dist.broadcast_object_list(box, src=0)
+    engine.destroy()
+    return box[0]
+
+
+def _ft_all(cases):
+    import deepspeed
+
+    from rest_ds.train.engine import quiet_deepspeed
+
+    quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.use_deterministic_algorithms(True)
+    return {name: _ft_case(*c) for name, c in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def ft_results():
+    from rest_ds.spim.spawn import spawn
+
+    return spawn(_ft_all, 2, FT_CASES, timeout_s=900)[0]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", list(FT_CASES))
+def test_finetune_controls_under_zero_and_spim(ft_results, case):
+    r = ft_results[case]
+    stage, ft = FT_CASES[case]
+    print(f"{case}: {r['line']}; max rel error vs one process {r['error']:.1e} ({r['worst']})")
+    assert r["error"] <= 1e-5, (r["worst"], r["error"])
+    frozen = set(r["frozen"])
+    if ft.get("freeze_encoder"):
+        assert frozen and all(n.startswith("encoder.") for n in frozen)
+        assert "encoder.blocks.1.mlp.fc2.weight" in frozen
+    else:
+        k = ft["freeze_layers"]  # layer 0: patch embedding + class token; layer 1: block 0
+        assert "encoder.patch_embed.proj.weight" in frozen and "encoder.cls_token" in frozen
+        assert ("encoder.blocks.0.attn.qkv.weight" in frozen) == (k >= 2)
+        assert not any(n.startswith("encoder.blocks.1.") for n in frozen)
+    # frozen parameters do not change (bit for bit); every other parameter does
+    if ft.get("unfreeze_step") == 1:
+        assert set(r["unchanged"][0]) == frozen     # step 1: lr 0 for the frozen groups
+        assert r["unchanged"][1] == []              # step 2: they train
+    else:
+        assert set(r["unchanged"][0]) == set(r["unchanged"][1]) == frozen
+    if "layer_decay" in ft:  # layer i of L = 2 blocks at s * d^(3 - i); the final norm (layer 3) at s
+        d, s, k = ft["layer_decay"], ft.get("encoder_lr", 1e-2) / 1e-2, ft["freeze_layers"]
+        assert r["lrs"] == sorted({1.0, s} | {round(s * d ** (3 - i), 6) for i in range(k, 3)})
+    assert "decoder.fpn_bottleneck.0.weight" not in r["no_wd"]
+    assert {"encoder.blocks.1.norm1.weight", "encoder.blocks.1.attn.qkv.bias"} <= set(r["no_wd"])

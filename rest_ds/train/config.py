@@ -25,6 +25,8 @@ Sections (every field has a default except ``data.scenes``)::
     train:   {steps, log_interval, eval_interval, checkpoint_interval, keep_checkpoints, resume,
               activation_checkpointing, class_weights, label_smoothing, threads, deterministic,
               progress, eval_slide_overlap}
+    finetune: {freeze_encoder, freeze_layers, unfreeze_step, encoder_lr, layer_decay,
+               lora: {r, alpha, dropout, targets}}
 
 See ``configs/README.md`` for what each key means.
 """
@@ -146,6 +148,35 @@ class TrainSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (``peft``) on the encoder's attention projections: rank ``r``,
+    scaling ``alpha / r``, ``dropout`` on the adapter input, ``targets``: module
+    name suffixes (null: the encoder's attention input/output projections)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None
+
+
+@dataclass
+class FinetuneSection:
+    """Fine-tuning controls (rest_ds/train/finetune.py): ``freeze_encoder`` (all of
+    it) or ``freeze_layers`` k (embedding + the first k - 1 blocks of a ViT),
+    trained again from ``unfreeze_step`` (null: never); ``encoder_lr`` (null:
+    optimizer.lr); ``layer_decay`` (ViT encoders: block i at decay^(L+1-i));
+    ``lora``: adapters instead of the encoder's weights (null: off). Norms,
+    biases and position tables never get weight decay."""
+
+    freeze_encoder: bool = False
+    freeze_layers: int | None = None
+    unfreeze_step: int | None = None
+    encoder_lr: float | None = None
+    layer_decay: float | None = None
+    lora: LoraSection | None = None
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     output_dir: str | None = None
@@ -157,6 +188,7 @@ class TrainConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     # -- derived ---------------------------------------------------------------------------
@@ -231,6 +263,21 @@ class TrainConfig:
         need(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
         need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
         need(s.power > 0, "schedule.power", f"must be > 0, got {s.power}")
+        ft = self.finetune
+        need(ft.freeze_layers is None or ft.freeze_layers >= 1, "finetune.freeze_layers",
+             f"must be >= 1 or null, got {ft.freeze_layers}")
+        need(not (ft.freeze_encoder and ft.freeze_layers), "finetune.freeze_layers",
+             "give freeze_encoder (all of it) or freeze_layers (the first k), not both")
+        need(ft.unfreeze_step is None or ft.unfreeze_step >= 1, "finetune.unfreeze_step",
+             f"must be >= 1 or null, got {ft.unfreeze_step}")
+        need(ft.unfreeze_step is None or ft.freeze_encoder or ft.freeze_layers, "finetune.unfreeze_step",
+             "nothing is frozen (set finetune.freeze_encoder or finetune.freeze_layers)")
+        need(ft.encoder_lr is None or ft.encoder_lr > 0, "finetune.encoder_lr", f"must be > 0, got {ft.encoder_lr}")
+        need(ft.layer_decay is None or 0 < ft.layer_decay <= 1, "finetune.layer_decay",
+             f"must be in (0, 1], got {ft.layer_decay}")
+        if ft.lora is not None:
+            need(ft.lora.r >= 1, "finetune.lora.r", f"must be >= 1, got {ft.lora.r}")
+            need(0 <= ft.lora.dropout < 1, "finetune.lora.dropout", f"must be in [0, 1), got {ft.lora.dropout}")
         t = self.train
         need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
         for k in ("log_interval", "eval_interval", "checkpoint_interval"):
@@ -397,4 +444,4 @@ def _deepcopy(d):
 
 
 __all__ = ["ConfigError", "TrainConfig", "DataSection", "AugmentSection", "MeshSection", "DeepSpeedSection",
-           "OptimizerSection", "ScheduleSection", "TrainSection", "load_config", "parse_override", "parse_grid_text"]
+           "OptimizerSection", "ScheduleSection", "TrainSection", "FinetuneSection", "LoraSection", "load_config", "parse_override", "parse_grid_text"]

@@ -27,6 +27,7 @@ was replaced anyway).
 from __future__ import annotations
 
 import copy
+import functools
 import csv
 import logging
 import math
@@ -204,14 +205,15 @@ def check_functionals() -> None:
 
 
 # --- optimiser and schedule ------------------------------------------------------------------------
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """A torch optimizer (DeepSpeed wraps it; no fused/compiled ops needed).
-    Weight decay on weights of rank >= 2 only (not on norms and biases)."""
+def make_optimizer(model, cfg: TrainConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """A torch optimizer (DeepSpeed wraps it; no fused/compiled ops needed) over
+    ``groups`` (default: finetune.param_groups: no weight decay on norms, biases
+    and position tables; encoder lr / layer decay / unfreeze step per group)."""
+    from .finetune import param_groups
+
     o = cfg.optimizer
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    if groups is None:
+        groups = param_groups(model, cfg)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -223,17 +225,30 @@ def apply_optimizer_config(scheduler, cfg: TrainConfig, step: int) -> None:
     learning rate of ``cfg`` (its lr, schedule and steps) replace the checkpoint's
     (``scheduler`` is the ``LambdaLR`` over the optimizer; its lambda reads ``cfg``)."""
     o, groups = cfg.optimizer, scheduler.optimizer.param_groups
-    scheduler.base_lrs = [o.lr] * len(groups)
-    lr = o.lr * lr_factor(step, cfg)
-    for i, g in enumerate(groups):
-        g["initial_lr"], g["lr"] = o.lr, lr
-        if g.get("weight_decay") or (i == 0 and len(groups) == 2):   # make_optimizer: [decay, no decay]
+    # each group keeps its lr_scale / decay / start_step (finetune.param_groups)
+    scheduler.base_lrs = [o.lr * g.get("lr_scale", 1.0) for g in groups]
+    lrs = [b * group_lr_factor(step, cfg, g.get("start_step", 0)) for b, g in zip(scheduler.base_lrs, groups)]
+    for i, (g, lr) in enumerate(zip(groups, lrs)):
+        g["initial_lr"], g["lr"] = scheduler.base_lrs[i], lr
+        if g.get("decay", bool(g.get("weight_decay"))):
             g["weight_decay"] = o.weight_decay
         if "betas" in g:
             g["betas"], g["eps"] = tuple(o.betas), o.eps
         if "momentum" in g:
             g["momentum"] = o.momentum
-    scheduler._last_lr = [lr] * len(groups)
+    scheduler._last_lr = lrs
+
+
+def group_lr_factor(step: int, cfg: TrainConfig, start_step: int = 0) -> float:
+    """:func:`lr_factor` for a group frozen (lr 0) before ``start_step`` (finetune.unfreeze_step)."""
+    return 0.0 if step < start_step else lr_factor(step, cfg)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of every parameter group (its own base lr, frozen before its ``start_step``)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, [functools.partial(group_lr_factor, cfg=cfg, start_step=g.get("start_step", 0))
+              for g in opt.param_groups])
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -370,6 +385,9 @@ class Trainer:
         if self.is0:
             for line in getattr(self.model, "load_reports", ()):  # one line per weights file loaded
                 self._log(line)
+        from .finetune import apply_freezing
+
+        self.frozen = apply_freezing(self.model, cfg, where=cfg.source_file)  # before SPIM and DeepSpeed
         self.align = int(getattr(self.model, "align", None) or 1)
         want = getattr(self.model.encoder, "in_chans", None) or self.model_cfg["encoder"].get("in_chans")
         if want is not None and int(want) != self.in_chans:
@@ -403,8 +421,13 @@ class Trainer:
         self.class_weight = torch.tensor(w, dtype=torch.float32) if w is not None else None
         self.aux_weight = float(getattr(self.model, "aux_weight", 0.0)) if getattr(self.model, "aux_head", None) else 0.0
 
-        opt = make_optimizer(self.model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+        from .finetune import describe, param_groups
+
+        groups = param_groups(self.model, cfg, self.frozen, where=cfg.source_file)
+        if self.is0 and (self.frozen or cfg.finetune != type(cfg.finetune)()):
+            self._log(describe(self.model, groups, self.frozen))
+        opt = make_optimizer(self.model, cfg, groups)
+        sched = make_scheduler(opt, cfg)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched,
                                                                  config=deepspeed_config(cfg, micro))
         if cfg.deepspeed.zero_stage == 3:
@@ -749,5 +772,6 @@ def _read_csv(p: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-__all__ = ["Trainer", "init_job", "build_model", "make_optimizer", "lr_factor", "apply_optimizer_config", "deepspeed_config",
+__all__ = ["Trainer", "init_job", "build_model", "make_optimizer", "make_scheduler", "group_lr_factor", "lr_factor",
+           "apply_optimizer_config", "deepspeed_config",
            "zero3_spatial_hooks", "check_functionals", "set_threads", "enable_activation_checkpointing", "quiet_deepspeed"]
