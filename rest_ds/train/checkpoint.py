@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data.samples import sha256_file
+from ..data.samples import chmod_like_open, sha256_file
 
 MANIFEST = "rest_ds.json"
 EXPORT_FORMAT = "rest_ds-model/1"
@@ -74,19 +74,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def chmod_like_open(path: str | os.PathLike) -> None:
-    """Give a ``tempfile.mkstemp`` file (always 0600) the mode a plain ``open``
-    would have given it: ``0666 & ~umask`` (shared checkpoints and models stay
-    readable by the group when the user's umask says so)."""
-    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextlib.contextmanager

@@ -377,13 +377,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .engine import quiet_deepspeed
 
         quiet_deepspeed()
-        probe = args.output.parent   # an unwritable destination is found before the consolidation
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if args.output.is_dir() or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            from .checkpoint import CheckpointError
-            raise CheckpointError(f"{args.output}: --output cannot be written ({probe} is not a writable folder"
-                                  f"{'' if not args.output.is_dir() else '; it is a folder'})")
+        from ..data.samples import unwritable_folder
+        from .checkpoint import CheckpointError
+
+        blocked = unwritable_folder(args.output)   # found before the consolidation, not after
+        if args.output.is_dir() or blocked is not None:
+            why = "it is a folder" if blocked is None else f"{blocked} is not a writable folder"
+            raise CheckpointError(f"{args.output}: --output cannot be written ({why})")
 
         root, tag, manifest = select_checkpoint(args.checkpoint, fallback=False)
         sd = consolidated_state_dict(root, tag, manifest)

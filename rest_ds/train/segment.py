@@ -116,6 +116,7 @@ def check_outputs(input: str, output: str, *, probs: str | None = None, preview:
     existing output without ``overwrite``. Raises
     :class:`~rest_ds.data.DataError` naming the path."""
     from ..data import DataError
+    from ..data.samples import unwritable_folder
 
     outs = [("--output", Path(output))] + [(k, Path(v)) for k, v in (("--probs", probs), ("--preview", preview)) if v]
     for flag, p in outs:
@@ -136,11 +137,9 @@ def check_outputs(input: str, output: str, *, probs: str | None = None, preview:
                 raise DataError(p, f"{flag} is an input of the scene ({src}); writing it would destroy the input")
         if p.exists() and not overwrite:
             raise DataError(p, f"{flag} exists; pass --overwrite to replace it")
-        probe = p.parent
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise DataError(p, f"{flag}: cannot write into {probe} (not a writable folder)")
+        blocked = unwritable_folder(p)
+        if blocked is not None:
+            raise DataError(p, f"{flag}: cannot write into {blocked} (not a writable folder)")
 
 
 def _ctx():

@@ -41,12 +41,12 @@ def check_output_dir(cfg) -> None:
     """``output_dir`` can be created and written, and no live run holds its lock."""
     from .lock import LOCK_NAME, RunLockError, _alive
 
+    from ..data.samples import unwritable_folder
+
     out = Path(cfg.out_dir)
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(cfg.source_file, "output_dir", f"{out}: cannot write there ({probe} is not a writable "
+    blocked = unwritable_folder(out / LOCK_NAME)
+    if blocked is not None:
+        raise ConfigError(cfg.source_file, "output_dir", f"{out}: cannot write there ({blocked} is not a writable "
                                                          f"folder)")
     lock = out / LOCK_NAME
     try:
