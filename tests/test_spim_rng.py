@@ -140,6 +140,23 @@ def test_random_ops_are_grid_invariant(grid):
     assert refusal is not None and "exponential_" in refusal and "grid-invariant" in refusal
 
 
+def test_checkpoint_recompute_replays_grid_invariant_draws():
+    # Block's dropout and DropPath (a plain bernoulli_) inside a non-reentrant
+    # checkpoint: the recompute in backward (outside the model's forward) must
+    # draw what the forward drew, or the gradients would not match the same
+    # model without checkpointing.
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = Block(4).double().train()
+        rng.install(m, 9)
+        x = torch.randn(3, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+        y = checkpoint(m, x, use_reentrant=False) if ckpt else m(x)
+        y.pow(2).sum().backward()
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_random_ops_change_the_result():
     # The comparison above must be able to fail: the random ops are live (train
     # differs from eval, and two forwards draw differently), so a tile that drew

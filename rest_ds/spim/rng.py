@@ -70,19 +70,28 @@ class SharedRNG:
             self._cuda = torch.cuda.get_rng_state() if _devices() else None
         self._saved: list = []
 
-    def enter(self) -> None:
-        self._saved.append((torch.get_rng_state(), torch.cuda.get_rng_state() if self._cuda is not None else None))
-        torch.set_rng_state(self._cpu)
-        if self._cuda is not None:
-            torch.cuda.set_rng_state(self._cuda)
+    def state(self) -> tuple:
+        """The stream's current position (CPU state, CUDA state or None)."""
+        return self._cpu, self._cuda
+
+    def enter(self, at: tuple | None = None) -> None:
+        """Make the stream the default generator, at its current position or at
+        ``at`` (a :meth:`state`; a replay, which leaves the stream's position as it is)."""
+        self._saved.append((torch.get_rng_state(), torch.cuda.get_rng_state() if self._cuda is not None else None,
+                            at is None))
+        cpu, cuda = at if at is not None else (self._cpu, self._cuda)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
     def exit(self) -> None:
         if not self._saved:
             return
-        self._cpu = torch.get_rng_state()
-        if self._cuda is not None:
-            self._cuda = torch.cuda.get_rng_state()
-        cpu, cuda = self._saved.pop()
+        cpu, cuda, advance = self._saved.pop()
+        if advance:
+            self._cpu = torch.get_rng_state()
+            if self._cuda is not None:
+                self._cuda = torch.cuda.get_rng_state()
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
@@ -461,13 +470,33 @@ def install(model: torch.nn.Module, seed: int) -> list:
         ctx.__enter__()
         stack().append(ctx)
 
+    # The caller's generator state at the start of recent forwards -> the stream's
+    # position then. Checkpointing the whole model recomputes its forward in backward
+    # with the caller's state of that forward put back; the stream must then replay
+    # from where that forward started, not go on.
+    starts: dict[bytes, tuple] = {}
+
     def root_pre(mod, args):
-        rng.enter()
+        key = torch.get_rng_state().numpy().tobytes()
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a checkpoint recompute
+            if key not in starts:
+                raise SPIMError("a recompute of the whole model in backward matches no forward's generator state "
+                                "(activation checkpointing with preserve_rng_state=False?): its random draws "
+                                "cannot be replayed")
+            rng.enter(at=starts[key])
+        else:
+            starts.pop(key, None)
+            starts[key] = rng.state()
+            while len(starts) > 16:
+                starts.pop(next(iter(starts)))
+            rng.enter()
         enter()
 
     def root_post(mod, args, out):
         if stack():
-            stack().pop().__exit__(None, None, None)
+            ctx = stack().pop()
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
         rng.exit()
 
     def sub_pre(mod, args):
