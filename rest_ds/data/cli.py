@@ -136,7 +136,7 @@ def _resolve_scene(text: str, cache):
         if not is_fetched(text, cache):
             raise DataError(None, f"sample '{text}' is not fetched; run 'rest-ds data fetch {text}'")
         return sample_dir(text, cache) / "scene.yaml"
-    raise DataError(text, "no such scene description (give a scene.yaml or a fetched sample name)")
+    raise DataError(text, "no such scene description (give a scene.yaml, a raster file or a fetched sample name)")
 
 
 def _info(args) -> int:
