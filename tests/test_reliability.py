@@ -365,3 +365,13 @@ def test_sample_archive_verified_before_use_without_pip(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"pkg-0.1.tar.gz: no verified download \(refused: .*sha256"):
         samples._download(fake, tmp_path / "cache", log=lambda m: None)
     assert not got.exists() and not list((tmp_path / "cache" / "downloads").iterdir())
+
+
+def test_unreadable_export_names_the_file(tmp_path):
+    from rest_ds.train.checkpoint import EXPORT_FORMAT, CheckpointError, read_export
+
+    w = tmp_path / "m.safetensors"
+    w.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")      # a header that is not JSON
+    (tmp_path / "m.json").write_text(json.dumps({"format": EXPORT_FORMAT, "weights": w.name}))
+    with pytest.raises(CheckpointError, match=f"{w}: not a readable safetensors file"):
+        read_export(w)
