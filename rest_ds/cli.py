@@ -105,9 +105,10 @@ reference's measured rounding noise (relative); and the check's class:
   PASS      error <= tol
   ROUNDING  error above tol but within 10x the reference's own rounding noise
             (an ill-conditioned quantity in this precision)
-  ZERO-REF  zero in exact arithmetic as measured (its float64 value is float64
-            rounding, e.g. the gradient of a bias feeding a train-mode
-            BatchNorm): its relative error is noise over zero; |ref| is shown
+  ZERO-REF  the same for a quantity zero in exact arithmetic as measured (its
+            float64 value is float64 rounding, e.g. the gradient of a bias
+            feeding a train-mode BatchNorm): its relative error is noise over
+            zero; |ref| is shown
   FAIL      error above tol + 10x the measured noise: SPIM differs
 Then the bytes sp rank 0 sent, per collective kind.
 

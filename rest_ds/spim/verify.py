@@ -18,14 +18,14 @@ rounds. With the run's reference ``ref`` (its own dtype), ``n`` the run dtype's
 noise and ``k = NOISE_K``:
 
 * ``FAIL``      ``max|sharded - ref| > tol * max|ref| + k * n``;
-* ``ZERO-REF``  otherwise, when the quantity is zero in exact arithmetic as
+* ``PASS``      ``max|sharded - ref| <= tol * max|ref|``;
+* ``ZERO-REF``  in between, for a quantity zero in exact arithmetic as
                 measured: ``max|ref64| <= k * n64`` (its float64 value is
                 float64 rounding; e.g. the gradient of a conv bias feeding a
                 train-mode BatchNorm). Its relative error is noise over zero;
                 the report gives its absolute size;
-* ``PASS``      ``max|sharded - ref| <= tol * max|ref|``;
-* ``ROUNDING``  in between: within the reference's own measured rounding noise
-                (an ill-conditioned quantity in this precision).
+* ``ROUNDING``  in between otherwise: within the reference's own measured
+                rounding noise (an ill-conditioned quantity in this precision).
 
 Only ``FAIL`` fails. Without a measured noise the rule is ``error <= tol``.
 """
@@ -103,10 +103,10 @@ class VerifyReport:
             err, size = self.abs_errors[name], self.sizes[name]
             if not err <= tol * size + k * n:
                 out[name] = "FAIL"
-            elif self.zero.get(name, False):
-                out[name] = "ZERO-REF"
-            else:
-                out[name] = "PASS" if err <= tol * size else "ROUNDING"
+            elif err <= tol * size:
+                out[name] = "PASS"
+            else:  # passes only thanks to the measured noise: say which kind
+                out[name] = "ZERO-REF" if self.zero.get(name, False) else "ROUNDING"
         return out
 
     def ok(self, tol: float) -> bool:
