@@ -19,6 +19,7 @@ tests/test_train_data.py (SYNTHETIC data), one CPU rank, few steps.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -375,3 +376,31 @@ def test_unreadable_export_names_the_file(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"format": EXPORT_FORMAT, "weights": w.name}))
     with pytest.raises(CheckpointError, match=f"{w}: not a readable safetensors file"):
         read_export(w)
+
+
+def test_resume_config_rules():
+    from rest_ds.train.checkpoint import CheckpointError, check_resume_config, resume_changes
+
+    cfg = {"model": {"encoder": {"name": "vit", "checkpoint": "/old/weights.pt"}}, "optimizer": {"name": "adamw",
+           "lr": 0.1}, "train": {"steps": 10, "resume": "auto"}, "output_dir": "runs/a"}
+    man = {"model": {"encoder": {"name": "vit", "checkpoint": "/old/weights.pt"}}, "classes": ["a", "b"],
+           "in_chans": 4, "config": cfg, "world_size": 2}
+    new_cfg = json.loads(json.dumps(cfg))
+    new_cfg["model"]["encoder"]["checkpoint"] = "/moved/weights.pt"   # where the first weights came from: free
+    new_cfg.update(output_dir="runs/b")                                # a moved run folder: ignored
+    new_cfg["train"].update(steps=20, resume="runs/a/checkpoints")
+    new = {**man, "model": new_cfg["model"], "config": new_cfg}
+    check_resume_config(man, new_cfg, 2, "ck")
+    assert resume_changes(man, new, "ck") == [("model.encoder.checkpoint", "/old/weights.pt", "/moved/weights.pt"),
+                                              ("train.steps", 10, 20)]
+    with pytest.raises(CheckpointError, match="written by 2 ranks; this job has 3"):
+        check_resume_config(man, new_cfg, 3, "ck")
+    for key, value, words in [("optimizer", {"name": "sgd", "lr": 0.1}, "optimizer.name (\"adamw\" -> \"sgd\")"),
+                              ("model", {"encoder": {"name": "swin"}}, "model.encoder.name (\"vit\" -> \"swin\")")]:
+        bad = {**new_cfg, key: value}
+        with pytest.raises(CheckpointError, match=re.escape(f"ck: cannot resume: the new config changes {words}")):
+            check_resume_config(man, bad, 2, "ck")
+    with pytest.raises(CheckpointError, match=re.escape("classes ([\"a\", \"b\"] -> [\"a\", \"c\"])")):
+        resume_changes(man, {**new, "classes": ["a", "c"]}, "ck")
+    with pytest.raises(CheckpointError, match=re.escape("in_chans (4 -> 6)")):
+        resume_changes(man, {**new, "in_chans": 6}, "ck")

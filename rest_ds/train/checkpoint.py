@@ -347,6 +347,13 @@ def load_checkpoint(engine, root: Path, tag: str, *, rank: int) -> dict | None:
 FIXED_ON_RESUME = ("model", "num_classes", "classes", "in_chans", "band_names")
 #: Config keys (and key prefixes) that cannot change on resume, for the same reason.
 FIXED_CONFIG_KEYS = ("model.", "optimizer.name", "deepspeed.precision", "deepspeed.zero_stage", "data.mode")
+#: Model keys that only say where the first weights came from: a resumed run takes its
+#: weights from the checkpoint, so these may differ (e.g. a moved pretrained file).
+INIT_MODEL_KEYS = ("model.encoder.checkpoint", "model.init_from")
+
+
+def _fixed(key: str) -> bool:
+    return key.startswith(FIXED_CONFIG_KEYS) and not key.startswith(INIT_MODEL_KEYS)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -379,7 +386,7 @@ def check_resume_config(manifest: dict, config: dict, world_size: int | None, wh
     a, b = _flatten(manifest.get("config") or {}), _flatten(config)
     # precision is compared after the trainer has settled it (bf16/fp16 run as fp32 on a CPU-only machine)
     _refuse(where, [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-                    if k.startswith(FIXED_CONFIG_KEYS) and k != "deepspeed.precision" and a.get(k) != b.get(k)])
+                    if _fixed(k) and k != "deepspeed.precision" and a.get(k) != b.get(k)])
     if world_size is not None and manifest.get("world_size") not in (None, world_size):
         raise CheckpointError(f"{where}: written by {manifest.get('world_size')} ranks; this job has {world_size}. "
                               f"Resume with the same, or export it ('rest-ds export') and start a new run from the "
@@ -394,13 +401,14 @@ def resume_changes(old: dict, new: dict, where: str | os.PathLike) -> list[tuple
     fixed = []
     for k in FIXED_ON_RESUME:
         a, b = _flatten(old.get(k), f"{k}."), _flatten(new.get(k), f"{k}.")
-        fixed += [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        fixed += [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
+                  if a.get(key) != b.get(key) and not key.startswith(INIT_MODEL_KEYS)]
     a, b = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
     changed = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key) or key in ("train.resume", "output_dir"):   # a moved run folder is fine
             continue
-        if key.startswith(FIXED_CONFIG_KEYS):
+        if _fixed(key):
             if not key.startswith("model."):   # model differences are reported from the full model config
                 fixed.append((key, a.get(key), b.get(key)))
         else:
