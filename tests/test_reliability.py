@@ -276,6 +276,13 @@ def test_stale_lock_taken_over_live_lock_refused(tmp_path):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
     with pytest.raises(RunLockError, match="host elsewhere, pid 1"):
         acquire_run_lock(tmp_path)                   # another host: cannot tell, refused
+    (tmp_path / LOCK_NAME).write_text("")            # its writer died between creating and writing it
+    with pytest.raises(RunLockError, match="host \\?, pid \\?"):
+        acquire_run_lock(tmp_path)                   # maybe being written right now: refused
+    os.utime(tmp_path / LOCK_NAME, (time.time() - 120, time.time() - 120))
+    notes.clear()
+    acquire_run_lock(tmp_path, log=notes.append).release()
+    assert len(notes) == 1 and "taking over an unreadable lock file" in notes[0]
 
 
 def test_data_info_bad_inputs_are_one_line(tmp_path, capsys):

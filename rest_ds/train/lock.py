@@ -46,6 +46,13 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 class RunLock:
     """A held lock; :meth:`release` (idempotent) removes the file if it is still ours."""
 
@@ -91,7 +98,16 @@ def acquire_run_lock(out_dir: str | os.PathLike, *, log: Callable[[str], None] |
                     continue
                 except (OSError, ValueError):
                     held = {}
+            held = held if isinstance(held, dict) else {}
             h, p = held.get("host"), held.get("pid")
+            if not held and _age(path) > 60:   # empty or unreadable for a minute: its writer died at once
+                if log:
+                    log(f"notice: {path}: taking over an unreadable lock file, {_age(path):.0f} s old")
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
             if h == host and isinstance(p, int) and p > 0 and not _alive(p, held.get("proc_start")):
                 if log:
                     log(f"notice: {path}: taking over the lock of run pid {p} on {h} (since {held.get('since')}), "
