@@ -5,9 +5,10 @@ Wiring (in ``rest_ds/cli.py``)::
     from .train import cli as train_cli
     train_cli.add_parser(sub)       # registers train, segment, export
 
-Exit status: 0 success; 1 a failure while running (a rank raised; the message
-names the rank); 2 bad input (config key or value, missing file, unusable
-checkpoint), with one line on stderr.
+Exit status: 0 success; 1 a failure while running (a rank raised, a peer died or
+stalled; the message names the rank); 2 bad input (config key or value, missing
+file, unusable or damaged checkpoint, an output that would destroy an input, an
+output folder in use by another run), with one line on stderr.
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ KEY=VALUE arguments override config keys (dotted, YAML values), e.g.
 Every key is validated: an unknown key or a bad value is named in the error.
 
 Writes into output_dir (default runs/NAME): train_log.csv, eval_log.csv,
-metrics.json, training_curve.png and checkpoints/ (DeepSpeed, atomic; a
-second run with train.resume=auto continues from the latest one)."""
+metrics.json, training_curve.png and checkpoints/ (DeepSpeed, atomic,
+checksummed; a second run with train.resume=auto continues from the latest
+complete one, applying changed steps/lr/schedule with a notice and refusing a
+changed model). One run at a time per output_dir (output_dir/.rest_ds.lock)."""
 
 SEGMENT_DESCRIPTION = """\
 Segment a whole scene into a georeferenced GeoTIFF with an exported model.
@@ -57,7 +60,9 @@ P ranks: under a launcher (deepspeed / torchrun / srun, as for train), or
 
 Output: uint8 class map (input CRS and transform, nodata 255 where the input is
 nodata, colour table, class names in the metadata, tiled and compressed);
---probs: float32 per-class probabilities; --preview: a PNG of the map."""
+--probs: float32 per-class probabilities; --preview: a PNG of the map.
+Outputs are checked before any compute: GeoTIFFs are named .tif/.tiff, none
+may be an input file or another output, an existing one needs --overwrite."""
 
 EXPORT_DESCRIPTION = """\
 Consolidate a DeepSpeed training checkpoint (any ZeRO stage, any number of
@@ -387,12 +392,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         root, tag, manifest = select_checkpoint(args.checkpoint, fallback=False)
         sd = consolidated_state_dict(root, tag, manifest)
+        lora = ((manifest.get("config") or {}).get("finetune") or {}).get("lora")
+        if lora:  # LoRA adapters merged into plain weights: the export is the plain model
+            from .finetune import merge_lora
+
+            sd = merge_lora(sd, lora["r"], lora["alpha"])
         meta = export_meta(manifest)
         # the weights must fit the model they claim to be
-        from .segment import CheckpointError
+        from .segment import CheckpointError, exported_model_config
         from .engine import build_model
 
-        model, _ = build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+        model, _ = build_model(exported_model_config(meta["model"]), num_classes=meta["num_classes"],
+                               in_chans=meta["in_chans"])
         res = model.load_state_dict(sd, strict=False)
         if res.missing_keys or res.unexpected_keys:
             raise CheckpointError(f"{root / tag}: consolidated weights do not match the model config "
