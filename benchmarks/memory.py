@@ -3,21 +3,10 @@
 ``reset_peak()`` resets the kernel's high-water mark (``VmHWM``) through
 ``/proc/self/clear_refs``; the peak of the work that follows is then
 ``rss_kib("VmHWM") - baseline``, with ``baseline = rss_kib("VmRSS")`` read
-right after the reset."""
+right after the reset. (The helpers live in :mod:`rest_ds.train.bench`,
+which ``rest-ds bench`` uses.)"""
 from __future__ import annotations
 
-import re
+from rest_ds.train.bench import reset_rss_peak as reset_peak, rss_kib
 
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+__all__ = ["reset_peak", "rss_kib"]

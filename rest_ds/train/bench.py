@@ -373,7 +373,8 @@ def uninstall() -> None:
 
 
 # --- memory ------------------------------------------------------------------------------------------
-def _rss_kib(field: str) -> int | None:
+def rss_kib(field: str) -> int | None:
+    """``VmRSS``, ``VmHWM``, ... of this process in KiB from ``/proc/self/status`` (None where absent)."""
     try:
         with open("/proc/self/status") as f:
             m = re.search(rf"{field}:\s+(\d+)", f.read())
@@ -382,7 +383,9 @@ def _rss_kib(field: str) -> int | None:
         return None
 
 
-def _reset_rss_peak() -> bool:
+def reset_rss_peak() -> bool:
+    """Reset the kernel's resident high-water mark (``VmHWM``) through ``/proc/self/clear_refs``;
+    False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -614,8 +617,8 @@ def run_config(job: dict) -> dict | None:
             gc.collect()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            _reset_rss_peak()
-            state["rss_before"] = _rss_kib("VmRSS")
+            reset_rss_peak()
+            state["rss_before"] = rss_kib("VmRSS")
         probe.reset()
         comm_stats().reset()
         probe.active = True
@@ -644,7 +647,7 @@ def run_config(job: dict) -> dict | None:
     try:
         trainer.fit()
         rss_before = state["rss_before"]
-        mem = {"rss_peak_kib": _rss_kib("VmHWM"), "rss_before_kib": rss_before,
+        mem = {"rss_peak_kib": rss_kib("VmHWM"), "rss_before_kib": rss_before,
                "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                "cuda_peak": torch.cuda.max_memory_allocated() if cuda else None}
         infer = []
@@ -1036,7 +1039,7 @@ def run_bench(config: str, overrides: list[str], scenes: list[str], layouts: lis
                             collective_timeout_s=max(120.0, timeout_s / 4))[0]
         if rank == 0:
             runs.append(rec)
-            doc = write_outputs(out, runs if not runs else [rec])
+            doc = write_outputs(out, [rec])
             mine = [r for r in doc["runs"] if r["key"] == rec["key"] and r["config"] == rec["config"]][0]
             log("  " + summary_line(mine))
     if rank != 0:
@@ -1045,7 +1048,7 @@ def run_bench(config: str, overrides: list[str], scenes: list[str], layouts: lis
     return doc
 
 
-__all__ = ["Layout", "parse_layout", "parse_scene", "square_grid", "Probe", "install", "uninstall", "analytic_bytes",
+__all__ = ["rss_kib", "reset_rss_peak", "Layout", "parse_layout", "parse_scene", "square_grid", "Probe", "install", "uninstall", "analytic_bytes",
            "run_config", "plan_jobs", "efficiencies", "write_outputs", "plot", "run_bench", "synthetic_scene", "SCHEMA"]
 
 

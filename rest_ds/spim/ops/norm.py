@@ -10,7 +10,9 @@ updated identically on every rank. Normalisation and affine transform are one
 autograd op that saves only its input and the statistics, as torch's native
 kernels do; its backward all-reduces the two sums of the fused normalisation
 backward (see :class:`_NormAffine`); batch norm of fp32/fp64 maps runs on
-torch's native kernels (:class:`_BatchNormScene`). Norms over non-sharded dims
+torch's native kernels (:class:`_BatchNormScene`), and so do group and instance
+norm (a batch norm of the ``(1, B*G, ...)`` view, then the per-channel
+affine). Norms over non-sharded dims
 (LayerNorm over channels after a permute, as in ConvNeXt) and batch norm in
 eval mode are local.
 """
