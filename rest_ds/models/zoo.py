@@ -68,6 +68,18 @@ def swin_tiny_upernet(num_classes: int = 7, in_chans: int = 3, channels: int = 1
     return Segmentor(encoder, decoder, align=encoder.align)
 
 
+def segformer_b0(num_classes: int = 7, in_chans: int = 3, channels: int = 256, dropout: float = 0.0,
+                 drop_path_rate: float = 0.0, **config_kwargs) -> Segmentor:
+    """SegFormer-B0: transformers' MiT-b0 encoder (spatial-reduction attention, sr 8/4/2/1) + the
+    all-MLP head ``channels`` wide; ``align`` 32 (stage strides x sr: 4x8 = 8x4 = 16x2 = 32x1)."""
+    from .decoders import SegFormerMLPHead
+    from .encoders.hf_segformer import HFSegformerEncoder
+
+    encoder = HFSegformerEncoder("mit_b0", in_chans=in_chans, drop_path_rate=drop_path_rate, **config_kwargs)
+    decoder = SegFormerMLPHead(encoder.out_channels, num_classes, channels, dropout)
+    return Segmentor(encoder, decoder, align=encoder.align)
+
+
 class TinyCNN(nn.Module):
     """A narrow CNN returning one feature map per width at strides 4, 8, 16, 32, ... (for fast tests).
 
@@ -106,6 +118,7 @@ FACTORIES = {
     "resnet18_upernet": resnet18_upernet,
     "convnext_nano_upernet": convnext_nano_upernet,
     "tiny_cnn_upernet": tiny_cnn_upernet,
+    "segformer_b0": segformer_b0,
 }
 
-__all__ = ["resnet18_upernet", "convnext_nano_upernet", "tiny_cnn_upernet", "TinyCNN", "FACTORIES"]
+__all__ = ["resnet18_upernet", "convnext_nano_upernet", "tiny_cnn_upernet", "segformer_b0", "TinyCNN", "FACTORIES"]
