@@ -6,6 +6,14 @@ dim is not sharded. A product of two token-sharded tensors (explicit attention,
 tokens in global order; ``F.scaled_dot_product_attention`` runs as
 sequence-parallel attention (rest_ds/spim/attention.py) without ever forming
 the whole score matrix.
+
+Spatial-reduction attention (SegFormer, PVT-v2): queries on the tile's tokens,
+keys/values on another token grid (the tokens reduced by a strided conv). In
+both forms the right operand / K and V are gathered whole in their own global
+order, so each rank computes its queries' rows exactly; keys/values that are
+replicated (plain tensors, e.g. after an adaptive pool to 7x7) are used as they
+are. The gather's backward returns each rank the sum of every rank's gradient
+for its tokens.
 """
 from __future__ import annotations
 
