@@ -249,6 +249,7 @@ FT_CASES = {
     "z1-freeze2-llrd": (1, {"freeze_layers": 2, "layer_decay": 0.5, "encoder_lr": 5e-3}),
     "z2-freeze_encoder-unfreeze1": (2, {"freeze_encoder": True, "unfreeze_step": 1}),
     "z3-freeze1-llrd": (3, {"freeze_layers": 1, "layer_decay": 0.7}),
+    "z2-lora": (2, {"lora": {"r": 4, "alpha": 8}}),
 }
 
 
@@ -271,7 +272,7 @@ def _ft_case(stage, finetune):
     from rest_ds.spim.verify import rel_error
     from rest_ds.train.engine import (build_model, check_functionals, make_optimizer, make_scheduler,
                                       zero3_spatial_hooks)
-    from rest_ds.train.finetune import apply_freezing, describe, param_groups
+    from rest_ds.train.finetune import apply_freezing, apply_lora, describe, merge_lora, param_groups
     from rest_ds.train.metrics import pixel_loss
 
     cfg = _ft_cfg(finetune)
@@ -283,7 +284,7 @@ def _ft_case(stage, finetune):
     def build():
         torch.manual_seed(0)
         m = build_model(FT_MODEL, num_classes=3, in_chans=4)[0]
-        frozen = apply_freezing(m, cfg)
+        frozen = apply_lora(m, cfg) | apply_freezing(m, cfg)
         groups = param_groups(m, cfg, frozen)
         return m, frozen, groups
 
@@ -327,7 +328,15 @@ def _ft_case(stage, finetune):
             rsched.step()
             for n, q in ref.named_parameters():
                 err[f"step {s + 1} {n}"] = rel_error(after[s][n], q.detach())
-        out = {"line": line, "frozen": sorted(frozen), "error": max(err.values()),
+        merged = None
+        if cfg.finetune.lora is not None:  # the adapters merged into plain weights give the same model
+            ref.eval()
+            plain = build_model(FT_MODEL, num_classes=3, in_chans=4)[0].eval()
+            lc = cfg.finetune.lora
+            plain.load_state_dict(merge_lora(ref.state_dict(), lc.r, lc.alpha), strict=True)
+            with torch.no_grad():
+                merged = rel_error(plain(x), ref(x))
+        out = {"merged": merged, "line": line, "frozen": sorted(frozen), "error": max(err.values()),
                "worst": max(err, key=err.get),
                "unchanged": [sorted(n for n in init if torch.equal(after[s][n], init[n])) for s in range(2)],
                "lrs": lrs, "no_wd": no_wd}
@@ -363,6 +372,12 @@ def test_finetune_controls_under_zero_and_spim(ft_results, case):
     print(f"{case}: {r['line']}; max rel error vs one process {r['error']:.1e} ({r['worst']})")
     assert r["error"] <= 1e-5, (r["worst"], r["error"])
     frozen = set(r["frozen"])
+    if "lora" in ft:  # only the adapters train in the encoder; the decoder trains
+        assert frozen and all(n.startswith("encoder.") and ".lora_" not in n for n in frozen)
+        assert "encoder.blocks.0.attn.qkv.base_layer.weight" in frozen and "encoder.blocks.0.norm1.weight" in frozen
+        assert set(r["unchanged"][1]) == frozen
+        assert r["merged"] is not None and r["merged"] <= 1e-6, r["merged"]
+        return
     if ft.get("freeze_encoder"):
         assert frozen and all(n.startswith("encoder.") for n in frozen)
         assert "encoder.blocks.1.mlp.fc2.weight" in frozen
@@ -382,3 +397,28 @@ def test_finetune_controls_under_zero_and_spim(ft_results, case):
         assert r["lrs"] == sorted({1.0, s} | {round(s * d ** (3 - i), 6) for i in range(k, 3)})
     assert "decoder.fpn_bottleneck.0.weight" not in r["no_wd"]
     assert {"encoder.blocks.1.norm1.weight", "encoder.blocks.1.attn.qkv.bias"} <= set(r["no_wd"])
+
+
+def test_lora_run_exports_merged_plain_weights(tmp_path):
+    """Launcher run with LoRA (2 steps, ZeRO-2, sp=2) -> export has plain keys -> segment on 2 ranks."""
+    from safetensors import safe_open
+
+    from tests.test_train_data import make_scene, tiny_config, write_config
+    from tests.test_train_launcher import launch, rest_ds
+
+    scene = make_scene(tmp_path / "scene")
+    cfg = tiny_config(scene, tmp_path / "run", train__steps=2, train__eval_interval=2)
+    cfg["finetune"] = {"lora": {"r": 4, "alpha": 8}}
+    p, _ = launch(["train", "--config", str(write_config(tmp_path / "lora.yaml", cfg))], tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "finetune: " in p.stdout and " frozen;" in p.stdout
+    e = rest_ds(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "m.safetensors")],
+                tmp_path)
+    assert e.returncode == 0, e.stderr[-3000:]
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+    assert "encoder.blocks.0.attn.qkv.weight" in keys
+    s = rest_ds(["segment", "--checkpoint", str(tmp_path / "m.safetensors"), "--input", str(scene), "--output",
+                 str(tmp_path / "map.tif"), "--nproc", "2"], tmp_path)
+    assert s.returncode == 0, s.stderr[-3000:]

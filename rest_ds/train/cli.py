@@ -392,12 +392,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         root, tag, manifest = select_checkpoint(args.checkpoint, fallback=False)
         sd = consolidated_state_dict(root, tag, manifest)
+        lora = ((manifest.get("config") or {}).get("finetune") or {}).get("lora")
+        if lora:  # LoRA adapters merged into plain weights: the export is the plain model
+            from .finetune import merge_lora
+
+            sd = merge_lora(sd, lora["r"], lora["alpha"])
         meta = export_meta(manifest)
         # the weights must fit the model they claim to be
-        from .segment import CheckpointError
+        from .segment import CheckpointError, exported_model_config
         from .engine import build_model
 
-        model, _ = build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+        model, _ = build_model(exported_model_config(meta["model"]), num_classes=meta["num_classes"],
+                               in_chans=meta["in_chans"])
         res = model.load_state_dict(sd, strict=False)
         if res.missing_keys or res.unexpected_keys:
             raise CheckpointError(f"{root / tag}: consolidated weights do not match the model config "

@@ -385,9 +385,11 @@ class Trainer:
         if self.is0:
             for line in getattr(self.model, "load_reports", ()):  # one line per weights file loaded
                 self._log(line)
-        from .finetune import apply_freezing
+        from .finetune import apply_freezing, apply_lora
 
-        self.frozen = apply_freezing(self.model, cfg, where=cfg.source_file)  # before SPIM and DeepSpeed
+        # before SPIM and DeepSpeed: they see the adapters and which parameters train
+        self.frozen = apply_lora(self.model, cfg, where=cfg.source_file)
+        self.frozen |= apply_freezing(self.model, cfg, where=cfg.source_file)
         self.align = int(getattr(self.model, "align", None) or 1)
         want = getattr(self.model.encoder, "in_chans", None) or self.model_cfg["encoder"].get("in_chans")
         if want is not None and int(want) != self.in_chans:

@@ -17,6 +17,9 @@ only see which parameters train and the groups' ``lr`` / ``weight_decay``):
   (BEiT / MAE fine-tuning), so the last block trains at ``base x decay``,
   the patch embedding at ``base x decay^(L+1)``; layers after the blocks
   (final norm, SAM neck) and the decoder at full lr.
+* ``lora``: ``peft`` LoRA adapters on the encoder's attention projections;
+  the encoder's own weights freeze, the adapters and the decoder train; an
+  export merges the adapters into plain weights (:func:`merge_lora`).
 * No weight decay on norms, biases (every parameter of rank < 2) and position
   tables / special tokens (names in :data:`NO_DECAY_NAMES`).
 
@@ -100,6 +103,61 @@ def apply_freezing(model: nn.Module, cfg, where: str | None = None) -> set[str]:
     return {f"encoder.{n}" for n in names}
 
 
+def lora_targets(encoder: nn.Module, targets: list[str] | None = None) -> list[str]:
+    """Dotted names (in the encoder) of the ``nn.Linear`` modules that get LoRA
+    adapters: those ending with one of ``targets`` (default: the attention
+    projections ``attn.qkv`` and ``attn.proj`` of timm / Prithvi / SAM blocks)."""
+    ends = tuple(targets) if targets else ("attn.qkv", "attn.proj")
+    return [n for n, m in encoder.named_modules()
+            if isinstance(m, nn.Linear) and (n in ends or n.endswith(tuple("." + e for e in ends)))]
+
+
+def apply_lora(model: nn.Module, cfg, where: str | None = None) -> set[str]:
+    """Inject ``peft`` LoRA adapters into the encoder (``finetune.lora``); the
+    encoder's own weights are frozen (``requires_grad=False``), the adapters and
+    everything outside the encoder train. Returns the frozen parameter names."""
+    lc = cfg.finetune.lora
+    if lc is None:
+        return set()
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ConfigError(where, "finetune.lora", f"needs the 'peft' package ({e})") from None
+    names = lora_targets(model.encoder, lc.targets)
+    if not names:
+        raise ConfigError(where, "finetune.lora.targets",
+                          f"no nn.Linear of the encoder ({type(model.encoder).__name__}) ends with "
+                          f"{lc.targets or ['attn.qkv', 'attn.proj']}")
+    conf = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=names, bias="none")
+    inject_adapter_in_model(conf, model.encoder)  # also marks only the adapters of the encoder trainable
+    return {f"encoder.{n}" for n, p in model.encoder.named_parameters() if not p.requires_grad}
+
+
+def merge_lora(state_dict: dict, r: int, alpha: float) -> dict:
+    """A state dict with every LoRA-adapted linear merged back into a plain one:
+    ``W = W0 + (alpha / r) B A`` under the original key (``X.weight``, ``X.bias``),
+    adapter keys removed (peft's layout: ``X.base_layer.*``, ``X.lora_A.<adapter>.weight``,
+    ``X.lora_B.<adapter>.weight``). Plain state dicts come back unchanged."""
+    out: dict = {}
+    scale = alpha / r
+    for k, v in state_dict.items():
+        if ".lora_A." in k or ".lora_B." in k or ".lora_dropout." in k:
+            continue
+        if ".base_layer." in k:
+            prefix, leaf = k.split(".base_layer.")
+            if leaf == "weight":
+                a = [x for x in state_dict if x.startswith(prefix + ".lora_A.")]
+                b = [x for x in state_dict if x.startswith(prefix + ".lora_B.")]
+                if len(a) != 1 or len(b) != 1:
+                    raise ValueError(f"{prefix}: expected one LoRA adapter, found {len(a)} A / {len(b)} B")
+                A, B = state_dict[a[0]].double(), state_dict[b[0]].double()
+                v = (v.double() + scale * (B @ A)).to(v.dtype)
+            out[f"{prefix}.{leaf}"] = v
+        else:
+            out[k] = v
+    return out
+
+
 def param_groups(model: nn.Module, cfg, frozen: set[str] = frozenset(), where: str | None = None) -> list[dict]:
     """The optimizer's parameter groups (module docstring) of the trainable parameters."""
     f, o = cfg.finetune, cfg.optimizer
@@ -142,4 +200,4 @@ def describe(model: nn.Module, groups: list[dict], frozen: set[str]) -> str:
 
 
 __all__ = ["NO_DECAY_NAMES", "encoder_blocks", "encoder_layer_ids", "no_weight_decay", "apply_freezing",
-           "param_groups", "describe"]
+           "lora_targets", "apply_lora", "merge_lora", "param_groups", "describe"]

@@ -45,16 +45,23 @@ from .inference import padded_shape, predict_slide, predict_whole, read_padded
 NODATA = 255
 
 
+def exported_model_config(model_cfg: dict) -> dict:
+    """The model config of an export without its weight sources: the export holds
+    every weight, so the pretrained files the training run started from
+    (``encoder.checkpoint``, ``init_from``) are not read again."""
+    mcfg = {**model_cfg, "init_from": None}
+    if isinstance(mcfg.get("encoder"), dict):
+        mcfg["encoder"] = {**mcfg["encoder"], "checkpoint": None}
+    return mcfg
+
+
 def load_exported_model(path: str | os.PathLike):
     """``(model in eval mode, meta)`` from an exported model (``rest-ds export``)."""
     from .engine import build_model
 
     meta, sd = read_export(path)
-    # the export holds every weight: the pretrained files the training run started from are not read again
-    mcfg = {**meta["model"], "init_from": None}
-    if isinstance(mcfg.get("encoder"), dict):
-        mcfg["encoder"] = {**mcfg["encoder"], "checkpoint": None}
-    model, _ = build_model(mcfg, num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model, _ = build_model(exported_model_config(meta["model"]), num_classes=meta["num_classes"],
+                           in_chans=meta["in_chans"])
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not match the model config (missing {result.missing_keys[:5]}, "
