@@ -13,6 +13,7 @@ output folder in use by another run), with one line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -104,8 +105,12 @@ def add_parser(subparsers) -> None:
                               description=SEGMENT_DESCRIPTION, formatter_class=fmt)
     p.add_argument("--checkpoint", required=True, metavar="MODEL",
                    help="exported model: NAME.safetensors (with NAME.json beside it) or its folder")
-    p.add_argument("--input", required=True, metavar="SCENE", help="sample name, scene YAML or raster file")
-    p.add_argument("--output", required=True, type=Path, metavar="MAP.tif", help="output class map (GeoTIFF)")
+    p.add_argument("--input", required=True, metavar="SCENE", action="append",
+                   help="sample name, scene YAML or raster file; repeat it, or give a folder, a quoted glob or "
+                        "@LIST.txt (one scene a line) to segment many scenes in one launch")
+    p.add_argument("--output", required=True, type=Path, metavar="MAP.tif",
+                   help="output class map (GeoTIFF); with several scenes a folder: one NAME.tif per scene, "
+                        "scenes already done there (segment_batch.json) are skipped on a rerun")
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole: REST whole-scene inference (default); slide: sliding-window baseline")
     p.add_argument("--crop", type=positive_int, metavar="N", help="slide: window size (default: the training crop size)")
@@ -312,7 +317,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
             return _fail(f"--grid: {e}")
     if args.overlap is not None and args.crop is not None and args.overlap >= args.crop:
         return _fail(f"--overlap {args.overlap} must be smaller than --crop {args.crop}")
-    kwargs = dict(checkpoint=str(args.checkpoint), input=str(args.input), output=str(args.output), mode=args.mode,
+    batch = len(args.input) > 1 or any(_many_scenes(r) for r in args.input)
+    if batch:
+        try:
+            from .segment import batch_outputs, expand_inputs
+
+            scenes = expand_inputs(args.input)
+            batch_outputs(scenes, str(args.output))
+        except ValueError as e:
+            return _fail(_one_line(e))
+        if args.probs or args.preview:
+            return _fail("--probs / --preview: one scene at a time (several inputs write one map per scene)")
+        if args.output.suffix.lower() in (".tif", ".tiff") or args.output.is_file():
+            return _fail(f"--output {args.output}: with several scenes it is a folder (one NAME.tif per scene)")
+    kwargs = dict(checkpoint=str(args.checkpoint), input=str(args.input[0]), output=str(args.output), mode=args.mode,
                   crop=args.crop, overlap=args.overlap, probs=str(args.probs) if args.probs else None,
                   preview=str(args.preview) if args.preview else None, grid=grid, stats=args.stats,
                   cache=args.cache, values=args.values, threads=args.threads, overwrite=args.overwrite)
@@ -320,8 +338,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from ..data import DataError
         from .segment import check_outputs
 
-        check_outputs(kwargs["input"], kwargs["output"], probs=kwargs["probs"], preview=kwargs["preview"],
-                      overwrite=args.overwrite, cache=args.cache)
+        if batch:
+            from .segment import BATCH_MANIFEST
+
+            try:
+                man = json.loads((args.output / BATCH_MANIFEST).read_text())
+            except (OSError, ValueError):
+                man = {}
+            for ref, out in zip(scenes, batch_outputs(scenes, str(args.output))):
+                st = (man.get(out.name) or {}).get("status")
+                if args.overwrite or st != "done" or not out.is_file():
+                    check_outputs(ref, str(out), overwrite=args.overwrite or st in ("started", "done"),
+                                  cache=args.cache)
+            del kwargs["input"], kwargs["probs"], kwargs["preview"]
+            kwargs["inputs"] = scenes
+        else:
+            check_outputs(kwargs["input"], kwargs["output"], probs=kwargs["probs"], preview=kwargs["preview"],
+                          overwrite=args.overwrite, cache=args.cache)
     except DataError as e:
         return _fail(_one_line(e))
     rank, world = _rank_env()
@@ -334,9 +367,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         # a relative path must mean the same in the ranks, whatever their cwd
         for k in ("checkpoint", "output", "probs", "preview"):
-            if kwargs[k]:
+            if kwargs.get(k):
                 kwargs[k] = os.path.abspath(kwargs[k])
-        if os.path.exists(kwargs["input"]):
+        if batch:
+            kwargs["inputs"] = [os.path.abspath(r) if os.path.exists(r) else r for r in kwargs["inputs"]]
+        elif os.path.exists(kwargs["input"]):
             kwargs["input"] = os.path.abspath(kwargs["input"])
         try:
             res = spawn(_segment_rank, args.nproc, kwargs, threads=args.threads or 1, timeout_s=args.timeout)
@@ -357,7 +392,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             from ..spim import init_distributed
             init_distributed()
             rank, world = dist.get_rank(), dist.get_world_size()
-        res = segment(**kwargs)
+        if batch:
+            from .segment import segment_batch
+
+            res = segment_batch(**kwargs)
+        else:
+            res = segment(**kwargs)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) and world == 1:
             return 130
@@ -368,7 +408,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _many_scenes(ref: str) -> bool:
+    """A --input value that names several scenes: @LIST, a glob, a folder without scene.yaml."""
+    p = Path(ref)
+    return ref.startswith("@") or any(c in ref for c in "*?[") or (p.is_dir() and not (p / "scene.yaml").is_file())
+
+
 def _print_segment(res: dict) -> None:
+    if "done" in res:  # a batch
+        for r in res["results"]:
+            _print_segment(r)
+        print(f"segment: {len(res['done'])} scene(s) done, {len(res['skipped'])} already done (skipped) -> "
+              f"{res['output']} on {res['ranks']} rank(s) [{res['seconds']:.1f} s]", flush=True)
+        return
     g = res["grid"]
     print(f"segment: {res['mode']} on {res['ranks']} rank(s), grid {g[0]}x{g[1]}, {res['shape'][0]}x{res['shape'][1]} px "
           f"-> {res['output']} [{res['seconds']:.1f} s]", flush=True)

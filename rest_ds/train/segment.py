@@ -348,7 +348,121 @@ def segment(checkpoint: str, input: str, output: str, *, mode: str = "whole", cr
 
 def _segment_rank(kwargs: dict) -> dict:
     """Entry point of a locally spawned rank (rest_ds.spim.spawn)."""
+    if "inputs" in kwargs:
+        return segment_batch(**kwargs)
     return segment(**kwargs)
 
 
-__all__ = ["segment", "check_outputs", "load_exported_model", "class_values", "write_windows", "preview_png", "NODATA"]
+# --- many scenes in one launch ---------------------------------------------------------------------
+SCENE_SUFFIXES = (".tif", ".tiff", ".yaml", ".yml", ".vrt", ".h5", ".hdf5", ".jp2")
+BATCH_MANIFEST = "segment_batch.json"
+
+
+def expand_inputs(refs: list[str]) -> list[str]:
+    """Scene references from ``--input`` values, in order, duplicates dropped: a
+    sample name, scene YAML or raster as is; a folder: its scene files (a folder
+    with a ``scene.yaml`` is one scene); a glob pattern (``*``, ``?``, ``[``); a
+    list file ``@FILE`` (one reference per line, ``#`` comments; relative to the
+    file). Sorted within a folder or glob, so every rank expands them alike.
+    Raises ValueError naming a value that matches nothing."""
+    import glob
+
+    out: list[str] = []
+    for ref in refs:
+        if ref.startswith("@"):
+            lst = Path(ref[1:])
+            if not lst.is_file():
+                raise ValueError(f"--input {ref}: list file not found")
+            lines = [ln.split("#", 1)[0].strip() for ln in lst.read_text().splitlines()]
+            items = [str(lst.parent / ln) if not Path(ln).is_absolute() and (lst.parent / ln).exists() else ln
+                     for ln in lines if ln]
+            found = expand_inputs(items)
+        elif any(c in ref for c in "*?["):
+            found = sorted(str(p) for p in glob.glob(ref) if Path(p).suffix.lower() in SCENE_SUFFIXES or
+                           (Path(p) / "scene.yaml").is_file())
+        elif Path(ref).is_dir() and not (Path(ref) / "scene.yaml").is_file():
+            d = Path(ref)
+            found = sorted(str(p) for p in d.iterdir()
+                           if (p.is_file() and p.suffix.lower() in SCENE_SUFFIXES and not p.name.startswith("."))
+                           or (p.is_dir() and (p / "scene.yaml").is_file()))
+        else:
+            found = [ref]
+        if not found:
+            raise ValueError(f"--input {ref}: no scene found (folders: {', '.join(SCENE_SUFFIXES)} files)")
+        out += [f for f in found if f not in out]
+    return out
+
+
+def batch_outputs(inputs: list[str], outdir: str) -> list[Path]:
+    """One map per scene in ``outdir``: ``<name>.tif`` (a scene YAML or a folder with
+    a scene.yaml: its parent folder's name when the file is called scene.yaml).
+    Raises ValueError when two scenes would write the same file."""
+    outs, seen = [], {}
+    for ref in inputs:
+        p = Path(ref)
+        stem = p.name if p.is_dir() else (p.parent.name if p.name in ("scene.yaml", "scene.yml") else p.stem)
+        o = Path(outdir) / f"{stem}.tif"
+        if o in seen:
+            raise ValueError(f"scenes {seen[o]} and {ref} would both write {o}; rename one or segment them apart")
+        seen[o] = ref
+        outs.append(o)
+    return outs
+
+
+def segment_batch(checkpoint: str, inputs: list[str], output: str, *, overwrite: bool = False, log=None,
+                  **kwargs) -> dict:
+    """Segment every scene of ``inputs`` (already expanded, :func:`expand_inputs`)
+    into the folder ``output``, one ``<name>.tif`` each, in one job (call on every
+    rank). A scene whose map a previous batch into this folder finished (recorded
+    in ``segment_batch.json``, and the file still there) is skipped unless
+    ``overwrite``; one that was started but not finished is redone. Other
+    existing files are refused as in :func:`check_outputs`. ``kwargs`` go to
+    :func:`segment` (``--probs``/``--preview`` are not supported per scene).
+    Returns ``{"done": [...], "skipped": [...], "seconds": s, "results": [summaries]}``."""
+    import json
+
+    rank, world, barrier = _ctx()
+    t0 = time.monotonic()
+    outdir = Path(output)
+    if rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    man_path = outdir / BATCH_MANIFEST
+    outs = batch_outputs(inputs, output)
+
+    def read_manifest() -> dict:
+        try:
+            return json.loads(man_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_manifest(m: dict) -> None:
+        if rank == 0:
+            tmp = man_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(m, indent=1))
+            os.replace(tmp, man_path)
+
+    man = read_manifest()
+    done, skipped, results = [], [], []
+    for ref, out in zip(inputs, outs):
+        entry = man.get(out.name) or {}
+        if not overwrite and entry.get("status") == "done" and out.is_file():
+            skipped.append(str(out))
+            if log is not None and rank == 0:
+                log(f"segment {ref}: {out} is done (skipped; --overwrite redoes it)")
+            continue
+        ours = entry.get("status") == "started"  # a map this batch began and did not finish: redo it
+        man[out.name] = {"input": ref, "status": "started", "model": str(checkpoint)}
+        write_manifest(man)
+        barrier()
+        res = segment(checkpoint, ref, str(out), overwrite=overwrite or ours, log=log, **kwargs)
+        man[out.name].update(status="done", seconds=round(res["seconds"], 3))
+        write_manifest(man)
+        done.append(str(out))
+        results.append(res)
+    barrier()
+    return {"done": done, "skipped": skipped, "seconds": time.monotonic() - t0, "results": results,
+            "ranks": world, "output": str(outdir)}
+
+
+__all__ = ["segment", "segment_batch", "expand_inputs", "batch_outputs", "check_outputs", "load_exported_model", "class_values", "write_windows", "preview_png", "NODATA"]
