@@ -411,3 +411,17 @@ def test_resume_config_rules():
         resume_changes(man, {**new, "classes": ["a", "c"]}, "ck")
     with pytest.raises(CheckpointError, match=re.escape("in_chans (4 -> 6)")):
         resume_changes(man, {**new, "in_chans": 6}, "ck")
+
+
+def test_scan_refuses_payloads_without_unpickling(tmp_path):
+    """``train`` scans the checkpoint it would resume from before any rank starts."""
+    from rest_ds.train.checkpoint import CheckpointError, scan_checkpoint
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({"w": torch.ones(2)}, tmp_path / "a_clean.pt")
+    (tmp_path / "b_truncated.pt").write_bytes((tmp_path / "a_clean.pt").read_bytes()[:100])
+    scan_checkpoint(tmp_path)                          # clean and damaged files pass (damage is found later)
+    torch.save({"w": torch.ones(2), "x": _Payload(marker)}, tmp_path / "c_evil.pt")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'c_evil.pt'}: refused: it pickles the type .*open"):
+        scan_checkpoint(tmp_path)
+    assert not marker.exists()

@@ -164,6 +164,23 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, mmap:
                               f"{' '.join(str(e).split())[:200]})") from None
 
 
+def scan_checkpoint(folder: Path) -> None:
+    """Without unpickling anything: raise :class:`CheckpointError` naming the first
+    ``.pt`` file of ``folder`` that pickles a type outside the allow-list (cheap: only
+    each file's pickle stream is read, so a job refuses it before starting up).
+    Unreadable files are left to :func:`verify_checkpoint` and the loader."""
+    allowed = set(DEEPSPEED_SAFE_GLOBALS)
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            bad = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(f) if g not in allowed]
+        except Exception:  # damaged: named by verify_checkpoint or safe_torch_load
+            continue
+        if bad:
+            raise CheckpointError(f"{f}: refused: it pickles the type {bad[0]}, which is not on rest_ds's "
+                                  f"allow-list of checkpoint types (loading it could run code from the file; "
+                                  f"was it made by another program or modified?)")
+
+
 @contextlib.contextmanager
 def safe_loading():
     """Within the block every ``torch.load`` (DeepSpeed's ``engine.load_checkpoint``,
@@ -509,4 +526,4 @@ __all__ = ["CheckpointError", "MANIFEST", "tag_of", "list_checkpoints", "find_ch
            "load_checkpoint", "consolidated_state_dict", "export_model", "read_export", "atomic_write_json",
            "atomic_write_bytes", "sha256_file", "safe_torch_load", "safe_loading", "DEEPSPEED_SAFE_GLOBALS",
            "verify_checkpoint", "select_checkpoint", "file_record", "chmod_like_open", "resume_changes",
-           "describe_changes", "FIXED_ON_RESUME", "FIXED_CONFIG_KEYS", "check_resume_config"]
+           "describe_changes", "FIXED_ON_RESUME", "FIXED_CONFIG_KEYS", "check_resume_config", "scan_checkpoint"]

@@ -69,7 +69,8 @@ def check_output_dir(cfg) -> None:
 def check_resume(cfg, world_size: int | None = None) -> None:
     """An explicit ``train.resume`` path names an existing folder, and the checkpoint
     it (or ``auto``) would resume from has the same model, optimizer type, precision,
-    ZeRO stage, data mode and (when given) world size (only its manifest is read)."""
+    ZeRO stage, data mode and (when given) world size (its manifest is read), and
+    none of its files pickles a type outside the allow-list (checkpoint.scan_checkpoint)."""
     from . import checkpoint as ckpt
 
     r = cfg.train.resume
@@ -85,6 +86,7 @@ def check_resume(cfg, world_size: int | None = None) -> None:
             return
         raise
     ckpt.check_resume_config(manifest, cfg.to_dict(), world_size, root / tag)
+    ckpt.scan_checkpoint(root / tag)
 
 
 def check_train_config(cfg, world_size: int | None = None) -> None:
