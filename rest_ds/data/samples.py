@@ -412,8 +412,8 @@ def _archive_urls(sample: Sample) -> list[str]:
     project = re.sub(r"[-_.]+", "-", sample.requirement.split("==")[0]).lower()
     for index in indexes:
         page = f"{index}/{project}/"
-        try:
-            with urllib.request.urlopen(page, timeout=60) as r:
+        try:  # a file:// index is a folder per project holding index.html (as pip reads it)
+            with urllib.request.urlopen(page + ("index.html" if page.startswith("file:") else ""), timeout=60) as r:
                 text = r.read().decode("utf-8", "replace")
         except (OSError, ValueError):
             continue
