@@ -62,6 +62,39 @@ def test_counter_generator_matches_splitmix64_and_has_sane_statistics():
         assert not torch.equal(F.dropout(ones, 0.5), F.dropout(ones, 0.5))
 
 
+class _FakeMesh:
+    """Just the geometry a Spec reads (grid, this rank's cell): no process group."""
+
+    def __init__(self, grid, coord):
+        self.grid, self.coord, self.sp = grid, coord, grid[0] * grid[1]
+        self.sp_index = coord[0] * grid[1] + coord[1]
+
+
+def test_element_index_is_the_global_index_in_every_layout():
+    # Every rank's tile, in grid layout (channels-last, sharded dims 1, 2) and in
+    # token layout with prefix tokens, a lead factor (time steps) and a trail
+    # factor (heads), on an uneven 2x3 grid: element_index must be the element's
+    # row-major index in the whole tensor, which is what the plain run uses.
+    from rest_ds.spim.tensor import Spec, wrap
+
+    B, H, W, C, lead, trail, P = 2, 5, 7, 3, 2, 3, 2
+    rows, cols = (0, 3, 5), (0, 2, 5, 7)
+    grid_full = torch.arange(B * H * W * C).view(B, H, W, C)
+    tok = torch.arange(B * (P + lead * H * W * trail) * C).view(B, P + lead * H * W * trail, C)
+    tok_grid = tok[:, P:].view(B, lead, H, W, trail, C)
+    for r in range(2):
+        for c in range(3):
+            mesh = _FakeMesh((2, 3), (r, c))
+            (r0, r1), (c0, c1) = rows[r:r + 2], cols[c:c + 2]
+            g = wrap(grid_full[:, r0:r1, c0:c1].clone(), Spec(mesh, (1, 2), rows, cols))
+            assert torch.equal(rng.element_index(g), grid_full[:, r0:r1, c0:c1])
+            local = torch.cat([tok[:, :P], tok_grid[:, :, r0:r1, c0:c1].reshape(B, -1, C)], 1)
+            t = wrap(local.clone(), Spec(mesh, (1,), rows, cols, prefix=P, lead=lead, trail=trail))
+            assert torch.equal(rng.element_index(t), local)
+            # a channel mask over (sample, token): the index of the (B, N, 1) mask
+            assert torch.equal(rng.element_index(t, 2), local[..., :1] // C)
+
+
 class Block(nn.Module):
     """conv -> dropout -> DropPath residual; run under non-reentrant checkpointing."""
 
