@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,8 @@ def test_outputs_written_with_sane_fields(study):
         assert len(mem["rss_peak_mib"]) == P and min(mem["rss_peak_mib"]) > 50 and mem["cuda_peak_mib"] is None
         assert r["infer_s"] > 0 and math.isclose(r["infer_pixels_per_s"], H * W / r["infer_s"], rel_tol=1e-9)
         assert r["model"]["params"] > 100_000 and r["model"]["encoder"] == "timm_cnn"
+        # rest-ds plan --calibration loads the config a run names
+        assert Path(r["config"]).is_file() and r["config_name"] == "conv" and r["overrides"] == []
     one, two = runs[f"{H}x{W}x4|1"], runs[f"{H}x{W}x4|1x2"]
     assert one["efficiency"]["strong"] == 1.0 and one["efficiency"]["weak"] is None
     assert math.isclose(two["efficiency"]["strong"], two["pixels_per_s"] / (2 * one["pixels_per_s"]), rel_tol=1e-9)
@@ -130,6 +133,9 @@ def test_weak_plan_and_efficiencies(tmp_path):
     assert [(j["ranks"], j["grid"], j["scene_name"]) for j in weak] == [
         (1, "1x1", "weak 32x48x4 (32x48)"), (2, "1x2", "weak 32x48x4 (32x96)"), (4, "1x4", "weak 32x48x4 (32x192)")]
     assert [j["grid"] for j in jobs if not j["weak_base"]] == [None, None, "1x4"]
+    variant = plan_jobs(str(cfg), ["train.steps=3"], ["real"], [Layout(1, 2)], [], steps=1, warmup=0, infer=0,
+                        out=tmp_path, classes=3, make_scenes=False)
+    assert [j["key"] for j in variant] == ["real|2|train.steps=3"]
 
     def run(key, ranks, name, pps, base=None):
         return {"key": key, "config": "c", "ranks": ranks, "pixels_per_s": pps, "pixels_per_s_per_rank": pps / ranks,

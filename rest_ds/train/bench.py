@@ -51,8 +51,10 @@ JSON schema (``bench.json``; version 1)::
 
     {"schema": 1, "runs": [RUN, ...]}
     RUN = {
-      "key": str,                      # scene|layout, unique in the file
-      "config": str, "model": {"encoder": str, "decoder": str, "params": int, "align": int},
+      "key": str,                      # scene|layout[|overrides], unique per config in the file
+      "config": str,                   # the training config's absolute path
+      "config_name": str, "overrides": [str],   # its file stem; the KEY=VALUE overrides given
+      "model": {"encoder": str, "decoder": str, "params": int, "align": int},
       "scene": {"name": str, "height": int, "width": int, "bands": int,
                 "synthetic": bool, "weak_base": "HxWxC" | null},
       "ranks": int, "dp": int, "sp": int, "grid": [ph, pw],
@@ -725,7 +727,8 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
     mib = 1024.0
     mems = [r["mem"] for r in ranks]
     return {
-        "key": job["key"], "config": job["config_name"],
+        "key": job["key"], "config": job["config"], "config_name": job["config_name"],
+        "overrides": list(job["overrides"]),
         "model": {"encoder": mcfg["encoder"]["name"], "decoder": mcfg["decoder"]["name"], "params": int(params),
                   "align": trainer.align},
         "scene": {"name": job["scene_name"], "height": H, "width": W, "bands": C, "synthetic": job["scene"] is not None,
@@ -800,6 +803,8 @@ def plan_jobs(config: str, overrides: list[str], scenes: list[str], layouts: lis
     def job(scene_ref, name, lay: Layout, grid, weak_base=None):
         g = f"{grid[0]}x{grid[1]}" if grid else None
         key = f"{name}|{lay.label if not weak_base else (f'dp{lay.dp}:' if lay.dp > 1 else '') + g}"
+        if overrides:  # another variant of the config: its own runs (and its own 1-rank reference)
+            key += "|" + " ".join(overrides)
         return {"key": key, "config": str(Path(config).resolve()), "config_name": cname, "overrides": list(overrides),
                 "scene": scene_ref, "scene_name": name, "ranks": lay.ranks, "dp": lay.dp, "sp": lay.sp, "grid": g,
                 "steps": steps, "warmup": warmup, "infer": infer, "weak_base": weak_base}
@@ -835,13 +840,15 @@ def efficiencies(runs: list[dict]) -> None:
         r["efficiency"] = {"strong": None, "weak": None}
         base = r["scene"].get("weak_base")
         if base:
-            ref = [q for q in runs if q["scene"].get("weak_base") == base and q["ranks"] == 1]
+            ref = [q for q in runs if q["scene"].get("weak_base") == base and q["ranks"] == 1
+                   and q["config"] == r["config"] and q.get("overrides") == r.get("overrides")]
             if ref and ref[0]["pixels_per_s_per_rank"]:
                 r["efficiency"]["weak"] = r["pixels_per_s_per_rank"] / ref[0]["pixels_per_s_per_rank"]
         else:
             ref = [q for q in runs if not q["scene"].get("weak_base") and q["ranks"] == 1
                    and q["scene"]["name"] == r["scene"]["name"] and q["scene"]["height"] == r["scene"]["height"]
-                   and q["scene"]["width"] == r["scene"]["width"] and q["config"] == r["config"]]
+                   and q["scene"]["width"] == r["scene"]["width"] and q["config"] == r["config"]
+                   and q.get("overrides") == r.get("overrides")]
             if ref and ref[0]["pixels_per_s"]:
                 r["efficiency"]["strong"] = r["pixels_per_s"] / (r["ranks"] * ref[0]["pixels_per_s"])
 
@@ -904,7 +911,7 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
         base = r["scene"].get("weak_base")
         name = (f"weak {base}" if base else r["scene"]["name"] if r["scene"]["synthetic"]
                 else f"{r['scene']['name']} {r['scene']['height']}x{r['scene']['width']}")
-        groups[f"{r['config']}: {name}"].append(r)
+        groups[f"{r.get('config_name') or Path(r['config']).stem}: {name}"].append(r)
     for g in groups.values():
         g.sort(key=lambda r: (r["ranks"], r["key"]))
 
