@@ -26,11 +26,14 @@ per pixel pair: attention scores, whose keys are the whole scene's tokens under
 SPIM) are MEASURED from the model itself: one forward/backward of the plain
 model, in training mode, on small synthetic scenes of three sizes, in one
 process, with the torch profiler's allocator events (live bytes of every CPU
-tensor allocation, peak over the step), then ``peak(A) = a A + q A^2 + b``
-fitted by least squares (``b`` holds the gradients, which the static term
-counts). Activation checkpointing is measured the same way with it enabled.
-``c_act`` (SPIM's halo buffers and padded copies, 1.0 on one rank) and
-``c_fixed`` are the CALIBRATED coefficients: fitted to measured per-rank
+tensor allocation, peak over the pass; the gradients are allocated before it,
+so that a large model's gradients do not hide its activations), then
+``peak(A) = a A + q A^2 + b`` fitted by least squares (the probe sides,
+:func:`probe_sides`, shrink for large models to bound their CPU cost).
+Activation checkpointing is measured the same way with it enabled. The
+``c_act_*`` multipliers (SPIM's halo buffers and padded copies, the
+recomputation's peak) and the fixed overheads are the CALIBRATED coefficients:
+fitted to measured per-rank
 peaks of real training steps (:func:`measure_step`: DeepSpeed engine, SPIM,
 the same allocator measure) by :func:`calibrate`; the defaults below came
 from CPU runs of tiny ResNet-UPerNet / ViT-UPerNet configurations
@@ -41,9 +44,9 @@ not the process RSS: it counts tensors (parameters, gradients, optimizer state,
 activations, DeepSpeed's buffers) and not the Python heap, libraries, gloo's
 own buffers or shared-memory segments; a device's allocator cache adds to it
 on GPU. Step time: forward/backward time per tile pixel measured on this
-machine, scaled to the tile (x 1.3 with activation checkpointing, measured
-too); it is this machine's time, not a GPU's, unless a calibration from
-``rest-ds bench`` on the target machine is given.
+machine (with checkpointing: measured with it), scaled to the tile; it is this
+machine's time, not a GPU's, unless ``c_time`` is calibrated from ``rest-ds
+bench`` runs on the target machine. Communication time is not modelled.
 """
 from __future__ import annotations
 
@@ -66,8 +69,8 @@ GIB = 1024 ** 3
 # c_fixed: bytes per rank. The fitted model was within -3.2..+4.3 % of those runs; tests/test_plan.py
 # checks other configurations. (Repeats of one 2-rank run vary by about 4-8 %: the lifetimes of
 # communication buffers depend on timing.)
-DEFAULT_COEFFS = {"c_act_sp": 1.25, "c_act_sp_ckpt": 1.40, "c_act_one": 1.155, "c_act_one_ckpt": 1.37,
-                  "c_fixed_sp": 1.47e6, "c_fixed": 0.0}
+DEFAULT_COEFFS = {"c_act_sp": 1.245, "c_act_sp_ckpt": 1.39, "c_act_one": 1.146, "c_act_one_ckpt": 1.37,
+                  "c_fixed_sp": 1.46e6, "c_fixed": 0.0}
 
 
 # --- the allocator measure -----------------------------------------------------------------------------
@@ -194,7 +197,8 @@ class ModelProfile:
     """What :func:`profile_model` measured of a model (one process, plain model,
     training mode): ``params``; per activation-checkpointing setting (``"0"``/``"1"``)
     the fit ``peak(A) = a A + q A^2 + b`` of one forward/backward's peak live bytes
-    over scene pixels ``A`` and the seconds per pixel of that forward/backward."""
+    over scene pixels ``A`` (gradients already allocated, so the fit holds activations and
+    backward temporaries) and the seconds per pixel of that forward/backward."""
 
     encoder: str
     params: int
@@ -219,11 +223,28 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
     return float(max(a, 0.0)), 0.0, float(b)
 
 
+PROBE_BUDGET = 2e12  # parameters x probe pixels: bounds the probes' forward/backward cost on a CPU
+
+
+def probe_sides(params: int, align: int) -> tuple[int, int, int]:
+    """Three probe scene sides, multiples of ``align``: ``8, 12, 16 x max(align, 16)``,
+    the largest at most 512 px and ``sqrt(PROBE_BUDGET / params)`` (a 300 M-parameter
+    encoder is probed on 64-96 px scenes, seconds each on a CPU core), at least 3 x align."""
+    base = max(align, 16)
+    cap = min(512, int(math.sqrt(PROBE_BUDGET / max(params, 1))))
+    cap = max(3 * align, cap // align * align)
+    sides = [max(align, min(cap, k * base) // align * align) for k in (8, 12, 16)]
+    if len(set(sides)) < 3:  # the cap merged them: the three largest multiples of align up to it
+        sides = [cap - 2 * align, cap - align, cap]
+    return tuple(sides)
+
+
 def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tuple[bool, ...] = (False,),
                   sides: tuple[int, ...] | None = None) -> ModelProfile:
-    """Measure ``model_cfg`` on small synthetic square scenes (three sides, multiples of
-    the model's alignment, default ``8, 12, 16 x max(align, 16)`` capped at 512 px) in this process;
-    a few seconds for small models. The weights are random (the values do not matter)."""
+    """Measure ``model_cfg`` (with activation checkpointing too when ``act_ckpt`` holds True
+    and the encoder has the switch) on small synthetic square scenes (three sides, multiples of
+    the model's alignment, :func:`probe_sides`) in this process; a few seconds for
+    small models, about a minute for a 300 M-parameter encoder on a CPU core. The weights are random (the values do not matter)."""
     import torch
 
     from .engine import build_model, enable_activation_checkpointing
@@ -233,8 +254,7 @@ def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tu
     model, mcfg = build_model(model_cfg, num_classes=num_classes, in_chans=in_chans)
     align = int(getattr(model, "align", None) or 1)
     if sides is None:
-        base = max(align, 16)
-        sides = tuple(max(align, min(512, k * base) // align * align) for k in (8, 12, 16))
+        sides = probe_sides(sum(p.numel() for p in model.parameters()), align)
     params = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     aux = float(getattr(model, "aux_weight", 0.0)) if getattr(model, "aux_head", None) else 0.0
@@ -244,20 +264,26 @@ def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tu
     gen = torch.Generator().manual_seed(1)
     for ck in act_ckpt:
         if ck:
-            enable_activation_checkpointing(model)
+            try:
+                enable_activation_checkpointing(model)
+            except ConfigError:  # the encoder has no switch: no checkpointing choice
+                continue
         points, secs = [], []
         for s in sides:
             x = torch.randn((1, in_chans, s, s), generator=gen)
             y = torch.randint(0, num_classes, (1, s, s), generator=gen)
-            model.zero_grad(set_to_none=True)
-            with LiveBytes() as lb:
-                loss = segmentation_loss(model(x), y, aux_weight=aux)
-                loss.backward()
-            model.zero_grad(set_to_none=True)
+            # the gradients exist before the measured pass (accumulated into in place): their
+            # allocation would otherwise hide the activations of a large model at a small probe
             t0 = time.perf_counter()
             segmentation_loss(model(x), y, aux_weight=aux).backward()
             secs.append((time.perf_counter() - t0) / (s * s))
+            model.zero_grad(set_to_none=False)
+            with LiveBytes() as lb:
+                loss = segmentation_loss(model(x), y, aux_weight=aux)
+                loss.backward()
+            del loss
             points.append((float(s * s), float(lb.peak)))
+        model.zero_grad(set_to_none=True)
         a, q, b = _fit(points)
         prof.fits["1" if ck else "0"] = {"a": a, "q": q, "b": b, "s_per_px": min(secs)}
     return prof
@@ -375,17 +401,6 @@ def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, f
 # --- a run's candidates ----------------------------------------------------------------------------
 def _factor_grids(sp: int) -> list[tuple[int, int]]:
     return [(a, sp // a) for a in range(1, sp + 1) if sp % a == 0]
-
-
-def _ckpt_possible(model_cfg: dict, in_chans: int, num_classes: int) -> bool:
-    from .config import ConfigError
-    from .engine import build_model, enable_activation_checkpointing
-
-    try:
-        enable_activation_checkpointing(build_model(model_cfg, num_classes=num_classes, in_chans=in_chans)[0])
-        return True
-    except ConfigError:
-        return False
 
 
 def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int | None = None,
@@ -529,8 +544,8 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
     if info["in_chans"] is None or info["num_classes"] is None:
         raise ConfigError(cfg.source_file, "model", "bands and classes unknown: give model.encoder.in_chans and "
                                                     "model.num_classes, or a fetched scene")
-    ck_ok = _ckpt_possible(cfg.model, info["in_chans"], info["num_classes"])
-    prof = profile_model(cfg.model, info["in_chans"], info["num_classes"], act_ckpt=(False, True) if ck_ok else (False,))
+    prof = profile_model(cfg.model, info["in_chans"], info["num_classes"], act_ckpt=(False, True))
+    ck_ok = "1" in prof.fits
     sp, grid = check_grid(cfg, ranks, prof.align, hw)
     o = cfg.optimizer
     kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs)
@@ -681,9 +696,7 @@ def cmd_plan(args) -> int:
             from .preflight import preflight
 
             info = preflight(cfg, args.devices)
-            prof = profile_model(cfg.model, info["in_chans"], info["num_classes"],
-                                 act_ckpt=(False, True) if _ckpt_possible(cfg.model, info["in_chans"],
-                                                                          info["num_classes"]) else (False,))
+            prof = profile_model(cfg.model, info["in_chans"], info["num_classes"], act_ckpt=(False, True))
             aspect = args.scene[0] / args.scene[1] if args.scene else 1.0
             o = cfg.optimizer
             best = max_scene(prof, devices=args.devices, memory_bytes=mem, aspect=aspect,
