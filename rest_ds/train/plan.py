@@ -322,10 +322,11 @@ def static_bytes(params: int, world: int, stage: int, precision: str, opt_values
 
 def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], world: int, zero_stage: int,
              precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9, act_ckpt: bool = False,
-             coeffs: dict | None = None) -> dict[str, Any]:
+             coeffs: dict | None = None, batch: int = 1) -> dict[str, Any]:
     """Per-rank peak bytes (and their parts) and step seconds of one configuration:
     a scene of ``hw`` pixels (padded to the model's alignment) over ``grid`` (the sp
-    ranks), ``world = dp x sp`` ranks. The peak is that of the rank with the largest tile."""
+    ranks), ``world = dp x sp`` ranks, ``batch`` such scenes per rank and step (crop
+    mode: the crops). The peak is that of the rank with the largest tile."""
     from ..spim.tiling import TileLayout
     from .inference import padded_shape
 
@@ -341,12 +342,12 @@ def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], 
     w = 4 if precision == "fp32" else 2
     key = "c_act_one" if sp == 1 else "c_act_sp"
     c_act = c.get(f"{key}_ckpt", c[key]) if act_ckpt else c[key]
-    act = (fit["a"] * tile + fit["q"] * tile * H * W) * c_act * w / 4
+    act = batch * (fit["a"] * tile + fit["q"] * tile * H * W) * c_act * w / 4
     parts = static_bytes(prof.params, world, zero_stage, precision, _opt_values(optimizer, momentum),
                          prof.largest_layer)
     parts["activations"] = act
     parts["overhead"] = c["c_fixed"] + (c["c_fixed_sp"] if sp > 1 else 0.0)
-    step_s = fit["s_per_px"] * tile * c.get("c_time", 1.0)
+    step_s = batch * fit["s_per_px"] * tile * c.get("c_time", 1.0)
     return {"grid": tuple(grid), "sp": sp, "dp": world // sp, "world": world, "zero_stage": zero_stage,
             "act_ckpt": act_ckpt, "precision": precision, "scene": (H, W), "tile_px": tile,
             # pixels along the interior tile borders: what the halo exchanges scale with
@@ -406,7 +407,7 @@ def _factor_grids(sp: int) -> list[tuple[int, int]]:
 def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int | None = None,
                grid: tuple[int, int] | None = None, stages=(0, 1, 2, 3), ckpt=(False, True),
                precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9,
-               coeffs: dict | None = None) -> list[dict]:
+               coeffs: dict | None = None, batch: int = 1) -> list[dict]:
     """:func:`estimate` of every layout of ``ranks`` ranks (sp dividing ``ranks``, or the
     given ``sp`` / ``grid``), ZeRO stage and activation-checkpointing choice."""
     from .inference import padded_shape
@@ -423,7 +424,8 @@ def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int |
                     if c and str(1) not in prof.fits:
                         continue
                     out.append(estimate(prof, hw=hw, grid=g, world=ranks, zero_stage=z, precision=precision,
-                                        optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs))
+                                        optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs,
+                                        batch=batch))
     return out
 
 
@@ -549,14 +551,19 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
     sp, grid = check_grid(cfg, ranks, prof.align, hw)
     o = cfg.optimizer
     kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs)
+    if cfg.data.mode == "crop":  # each rank: crops_per_rank crops of crop_size (capped by the scene), sp = 1
+        n = min(cfg.data.crop_size, *hw)
+        hw, kw["batch"] = (n, n), cfg.data.crops_per_rank
     configured = estimate(prof, hw=hw, grid=grid, world=ranks, zero_stage=cfg.deepspeed.zero_stage,
                           act_ckpt=cfg.train.activation_checkpointing and ck_ok, **kw)
     if all_choices:
-        cands = candidates(prof, hw=hw, ranks=ranks, sp=cfg.mesh.sp, grid=cfg.grid(),
+        cands = candidates(prof, hw=hw, ranks=ranks, sp=1 if cfg.data.mode == "crop" else cfg.mesh.sp,
+                           grid=(1, 1) if cfg.data.mode == "crop" else cfg.grid(),
                            ckpt=(False, True) if ck_ok else (False,), **kw)
     else:
         cands = [configured]
-    return {"profile": prof, "hw": tuple(hw), "ranks": ranks, "memory_bytes": memory_bytes, "configured": configured,
+    return {"profile": prof, "hw": tuple(hw), "batch": kw.get("batch", 1), "ranks": ranks,
+            "memory_bytes": memory_bytes, "configured": configured,
             "candidates": cands, "recommended": recommend(cands, memory_bytes), "notes": info["notes"],
             "checkpointing_possible": ck_ok}
 
@@ -580,7 +587,8 @@ def format_plan(plan: dict, *, top: int = 12) -> str:
     prof, mem = plan["profile"], plan["memory_bytes"]
     H, W = plan["hw"]
     fit0 = prof.fits["0"]
-    lines = [f"plan: {prof.encoder} model, {prof.params / 1e6:.2f} M parameters, align {prof.align}; scene {H}x{W} px "
+    what = f"scene {H}x{W} px" if plan.get("batch", 1) == 1 else f"crops {plan['batch']} x {H}x{W} px per rank"
+    lines = [f"plan: {prof.encoder} model, {prof.params / 1e6:.2f} M parameters, align {prof.align}; {what} "
              f"on {plan['ranks']} rank(s); device memory "
              + (f"{mem / GIB:.1f} GiB (fits: peak <= 90%)" if mem else "not given (--memory GiB)"),
              f"  measured: {fit0['a']:.0f} B/px activations (+{fit0['q']:.2g} B/px^2), "
