@@ -77,7 +77,9 @@ def _adaptive_avg_pool2d(func, args, kwargs):
         cols = spec.cols if keep_cols else (0, o_w)
         return wrap(y, Spec(spec.mesh, spec.dims, rows, cols))
     o_h, o_w = int(out[0]), int(out[1])
-    acc = torch.float32 if loc.dtype in (torch.float16, torch.bfloat16) else loc.dtype
+    # Sum in float64 below double precision: torch's CPU kernel accumulates fp32 bins in double, and a
+    # BatchNorm over a few 1x1 pooled values (ASPP image pooling at small batch) amplifies any difference.
+    acc = torch.float64 if loc.dtype in (torch.float16, torch.bfloat16, torch.float32) else loc.dtype
     mr = overlap_matrix(H, o_h, r0, r1, acc, loc.device)
     mc = overlap_matrix(W, o_w, c0, c1, acc, loc.device)
     part = torch.matmul(mr, torch.matmul(loc.to(acc), mc.t()))  # (..., o_h, o_w) sums of my overlaps
