@@ -34,8 +34,14 @@ Start it with a launcher; each rank runs this command:
   srun python -m rest_ds train --config configs/NAME.yaml   (MASTER_ADDR/PORT set; launch/sbatch.slurm)
 
 (on CPU the deepspeed launcher's --num_gpus is the number of CPU ranks; see
-launch/). Without a launcher it runs as one rank. gloo on CPU (set
-OMP_NUM_THREADS per rank), nccl on GPU.
+launch/). Without a launcher it runs as one rank. gloo on CPU, nccl on GPU;
+torch threads per rank: train.threads, else OMP_NUM_THREADS, else the cores
+divided by the ranks on the node.
+
+Before a long queue wait: 'rest-ds train --check --config FILE --ranks N
+[--memory GIB]' checks the config, encoder arguments, scene headers, grid and
+output folder in seconds, without starting ranks, and prints the memory plan
+(rest-ds plan); bad input exits 2 with one line naming the file and key.
 
 KEY=VALUE arguments override config keys (dotted, YAML values), e.g.
   train.steps=200 optimizer.lr=3e-4 mesh.grid=2x1 deepspeed.zero_stage=3
