@@ -191,3 +191,32 @@ def test_two_nodes_one_step_equals_one_process(two_node_runs, launcher):
         with open(out / "train_log.csv", newline="") as f:
             return float(list(csv.DictReader(f))[-1]["loss"])
     assert loss(d / launcher) == pytest.approx(loss(d / "one"), rel=1e-5)
+
+
+def test_threads_per_rank_without_omp_num_threads(monkeypatch):
+    """Remote nodes get no OMP_NUM_THREADS from DeepSpeed's ssh mode: a rank divides its cores
+    by the ranks on its node (launcher variables), or takes SLURM's cpus per task."""
+    from rest_ds.train.engine import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(k, raising=False)
+    assert default_threads() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("LOCAL_SIZE", "2")                      # the deepspeed launcher
+    assert default_threads() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))      # torchrun, more ranks than cores
+    assert default_threads() == 1
+
+
+def test_multi_node_script_needs_a_host_line(tmp_path):
+    import subprocess
+
+    from tests.test_train_launcher import ROOT
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# copied from hostfile.example, hosts not filled in\n\n   # indented comment\n")
+    p = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed_multi_node.sh"), str(hostfile), "x.yaml"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "names no host" in p.stderr, p.stderr
