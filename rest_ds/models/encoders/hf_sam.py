@@ -17,6 +17,16 @@ weights) interpolates ``pos_embed`` bicubically to the scene's token grid and
 the global blocks' ``rel_pos_h`` / ``rel_pos_w`` linearly to ``2 n - 1`` rows
 (the interpolation SAM's ``get_rel_pos`` itself applies at forward time).
 
+At run time any input size works (a rotated or other scene): the forward skips
+``SamPatchEmbeddings``' fixed-size check and resamples ``pos_embed`` to the
+input's *global* token grid (bicubic, in the parameter's dtype; under SPIM once
+on the replicated table, then each rank adds its tile); the global blocks'
+relative-position tables are interpolated by transformers' own ``get_rel_pos``.
+A checkpoint is read from a file or a ``save_pretrained`` folder (``SamModel``:
+the prompt encoder and mask decoder are dropped). Built from scratch, the
+encoder uses ``initializer_range`` 0.02 (transformers' default 1e-10 cannot
+learn) and a trunc-normal(0.02) ``pos_embed``.
+
 Features: the hidden states of chosen layers (``B x H/p x W/p x C`` permuted to
 NCHW, stride p) and/or the neck output (``output_channels``, stride p).
 """

@@ -7,7 +7,15 @@ another size is resampled once, at load time (timm's
 ``VisionTransformerSAM`` the ``(1, h, w, C)`` table is resampled bicubically and
 the global blocks' decomposed relative-position tables linearly, as SAM's own
 ``get_rel_pos`` would at forward time). Under SPIM each rank then adds its tile
-of the table. Features are the outputs of chosen blocks
+of the table.
+
+Any input size works at run time (a rotated scene, another scene, inference on
+a larger one): ``VisionTransformer`` is built with ``dynamic_img_size`` and
+every forward resamples the table, kept at ``img_size``'s grid, to the input's
+*global* token grid (bicubic, antialiased: timm's rule, but in the parameter's
+dtype); ``samvit_*`` does the same (its global blocks interpolate their
+relative-position tables themselves). Under SPIM the resampling runs once on the
+replicated parameter and each rank adds its tile of the result. Features are the outputs of chosen blocks
 (``forward_intermediates``), NCHW, all at stride = patch size.
 """
 from __future__ import annotations
