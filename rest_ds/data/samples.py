@@ -607,6 +607,20 @@ def synthetic_cube(*, bands: int = 32, height: int = 96, width: int = 80, classe
     return cube, label, wl
 
 
+def synthetic_regions(height: int, width: int, block: int = 16) -> dict:
+    """Regions ``train``/``val``/``test`` of a synthetic scene as pixel windows: block
+    ``(bi, bj)`` of ``block`` px goes to ``(bi + 2 bj) mod 5`` in {0, 1, 2} -> train,
+    3 -> val, 4 -> test (the rule of nc-landsat7's ``regions.tif``); a region that
+    gets no block (tiny scenes) is left out."""
+    out: dict = {"train": [], "val": [], "test": []}
+    for r0 in range(0, height, block):
+        for c0 in range(0, width, block):
+            k = (r0 // block + 2 * (c0 // block)) % 5
+            name = "train" if k < 3 else ("val" if k == 3 else "test")
+            out[name].append([r0, min(r0 + block, height), c0, min(c0 + block, width)])
+    return {k: {"windows": v} for k, v in out.items() if v}
+
+
 def synthetic_hyperspectral(out_dir: str | os.PathLike, *, format: str = "hdf5", bands: int = 32, height: int = 96,
                             width: int = 80, classes: int = 5, seed: int = 0,
                             name: str = "synthetic-hyperspectral") -> Path:
@@ -665,6 +679,9 @@ def synthetic_hyperspectral(out_dir: str | os.PathLike, *, format: str = "hdf5",
         "band_names": [f"{w:.0f}nm" for w in wl],
         "label": {**lab, "unlabeled": [0]},
         "classes": [{"value": k + 1, "name": f"synthetic_{k + 1}"} for k in range(classes)],
+        # train / val / test: 16-px blocks split as nc-landsat7's regions (nc_region_codes), as windows so
+        # that every format (also the ungeoreferenced .mat) carries them
+        "regions": synthetic_regions(height, width),
     }
     scene = Scene.from_dict(desc, root=out)
     scene.to_yaml(out / "scene.yaml")
