@@ -47,7 +47,10 @@ SEED = 5
 # Scenes and their uneven layouts (each tile at least the deepest layer's halo:
 # dilated ResNet-50's layer4 needs 4 px at stride 8, MobileNetV3's dilated 5x5
 # 4 px at stride 16, at stride 32 ConvNeXt's 7x7 3 px and MixNet's 9x9 4 px
-# for a middle tile).
+# for a middle tile). The torchvision models run on 2-way splits only: ASPP's
+# rate-36 3x3 conv on a 12 px map reads (clipped to the scene) the whole map,
+# which a 3-way split refuses (a halo may only come from adjacent tiles; it
+# would take a 288 px tile at stride 8).
 SCENES = {
     # name -> (batch, (H, W), align, {grid: TileLayout})
     "r50": (2, (96, 96), 8, {(1, 2): TileLayout((0, 96), (0, 40, 96)),
