@@ -192,6 +192,7 @@ def _same_error_everywhere(results, case, exc_type=SPIMError):
 def test_tiles_smaller_than_halo(three_ranks, case):
     msg = _same_error_everywhere(three_ranks, case)
     assert "smaller than the op's halo" in msg and "grid row" in msg and "tile sizes [2, 2, 2]" in msg, msg
+    assert msg.startswith("module '"), msg  # names the layer
 
 
 @pytest.mark.timeout(600)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import _STATS, _phase, from_wire, to_wire, wire_buffer
+from . import context
 from .errors import SPIMError
 from .mesh import SpatialMesh
 from .tiling import Partition
@@ -43,7 +44,7 @@ def check_needs(part: Partition, needs: tuple[Range, ...], axis: str, op: str) -
         if lo < first or hi > last:
             sizes = [b - a for a, b in zip(part[:-1], part[1:])]
             raise SPIMError(
-                f"{op}: the tile in grid {axis} {i} (global {axis}s {part[i]}:{part[i + 1]}) needs "
+                f"{context.where()}: {op}: the tile in grid {axis} {i} (global {axis}s {part[i]}:{part[i + 1]}) needs "
                 f"{axis}s {lo}:{hi}, which reach past its neighbouring tiles (tile sizes {sizes}); "
                 f"tiles are smaller than the op's halo: use fewer ranks along this axis or a larger scene"
             )
