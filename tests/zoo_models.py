@@ -20,8 +20,10 @@ NUM_CLASSES = 3
 # --- torchvision segmentation models ------------------------------------------
 
 def tv_deeplabv3_mobilenet_v3_large() -> nn.Module:
+    """With the auxiliary FCN head (a second output, {'out', 'aux'})."""
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
-    return deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+    return deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
+                                        aux_loss=True)
 
 
 def tv_deeplabv3_resnet50() -> nn.Module:
