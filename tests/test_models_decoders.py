@@ -351,6 +351,7 @@ def _cfg_dict():
                     "kwargs": {"pool_scales": [1, 2], "ppm_norm": "none"}},
         "aux_head": {"name": "fcn", "level": -2, "weight": 0.4, "channels": 8, "norm": "bn", "dropout": 0.0,
                      "kwargs": {"num_convs": 1}},
+        "init_from": None,  # every field of the schema (to_dict is one to one with it), 8d7dac8 added this one
     }
 
 
