@@ -86,6 +86,7 @@ CASES = {
     "timm_mobilenetv3_large_075_features": (Z.timm_mobilenetv3_large_075_features, "s32"),
     "timm_resnet26d_features": (Z.timm_resnet26d_features, "s32"),
     "timm_resnet18d_os8_features": (Z.timm_resnet18d_os8_features, "s32"),
+    "timm_gcresnet33ts_features": (Z.timm_gcresnet33ts_features, "s32"),
     "hf_upernet_convnext": (Z.hf_upernet_convnext, "s32"),
 }
 

@@ -126,6 +126,11 @@ def timm_resnet18d_os8_features() -> nn.Module:
     return _timm("resnet18d", features_only=True, output_stride=8)
 
 
+def timm_gcresnet33ts_features() -> nn.Module:
+    """GCNet global-context blocks: softmax over the scene's tokens, a matmul contracting over them."""
+    return _timm("gcresnet33ts", features_only=True)
+
+
 def timm_regnety_002_classifier() -> nn.Module:
     """With its classifier: global average pool + linear head (replicated output)."""
     return _timm("regnety_002", num_classes=NUM_CLASSES)

@@ -14,6 +14,10 @@ order, so each rank computes its queries' rows exactly; keys/values that are
 replicated (plain tensors, e.g. after an adaptive pool to 7x7) are used as they
 are. The gather's backward returns each rank the sum of every rank's gradient
 for its tokens.
+
+A product that contracts over the tokens (``x.view(B, C, H*W) @ attn``, GCNet's
+attention pooling), both operands sharded alike, is a local product plus one
+autograd all-reduce; the result is replicated.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from .. import context
 from ..attention import gather_tokens, sequence_parallel_attention
+from ..comm import all_reduce_sum
 from ..tensor import SpatialTensor, funcs_named, op_name, register, wrap
 from .pointwise import align_plain
 
@@ -59,6 +64,8 @@ def _matmul(func, args, kwargs):
     if sa.same_layout(sb) and a.dim() == b.dim() and all(d < a.dim() - 2 for d in sa.dims):
         # sharded on a batch dim of the product (e.g. windows x heads): independent per tile
         return wrap(torch.matmul(a._local, b._local), sa)
+    if _contracts_tokens(a, b):
+        return _contract_tokens(a, b)
     # both sharded on tokens: the left operand keeps its token sharding on dim -2; the
     # right one (keys or values) may live on another token grid (spatial-reduction
     # attention: K/V on a strided-conv-reduced grid), it is gathered whole either way
@@ -70,6 +77,23 @@ def _matmul(func, args, kwargs):
         raise context.unsupported(op, "the right operand's token dim must be one of its last two dims")
     b_full = gather_tokens(b._local, sb.dims[0], sb)
     return wrap(torch.matmul(a._local, b_full), sa)
+
+
+def _contracts_tokens(a: SpatialTensor, b: SpatialTensor) -> bool:
+    """``a @ b`` contracting over the token dim: ``a`` sharded on its last dim,
+    ``b`` on its dim -2, both the same token layout (no prefix tokens), batch
+    dims not sharded (GCNet's attention pooling ``x.view(B, C, H*W) @ attn``)."""
+    sa, sb = a._spec, b._spec
+    return (sa.is_tokens and sb.is_tokens and a.dim() >= 2 and b.dim() >= 2 and sa.dims[0] == a.dim() - 1
+            and sb.dims[0] == b.dim() - 2 and sa.mesh == sb.mesh and sa.same_layout(sb.with_dims(sa.dims))
+            and not sa.prefix)
+
+
+def _contract_tokens(a: SpatialTensor, b: SpatialTensor) -> torch.Tensor:
+    """Exact ``a @ b`` summed over the scene's tokens: each rank's tokens (the
+    same tokens in both operands) give a partial product, one autograd
+    all-reduce sums them; the result is replicated (a plain tensor)."""
+    return all_reduce_sum(torch.matmul(a._local, b._local), a._spec.mesh)
 
 
 def _queries_times_replicated(a: SpatialTensor, b: torch.Tensor) -> bool:

@@ -10,8 +10,10 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
 from .. import context
+from ..comm import all_reduce_, all_reduce_sum
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
 from .pointwise import align_plain, localize
@@ -271,6 +273,9 @@ def _along_dim(func, args, kwargs):
     if dim is None:
         raise context.unsupported(op_name(func), "without an explicit dim it reduces over the sharded dims")
     dim = _norm_dim(dim, x.dim())
+    if dim in _spatial_set(x) and name in ("softmax", "log_softmax"):
+        return _softmax_sharded(x, dim, name == "log_softmax", kwargs.get("dtype", next(
+            (a for a in args[2:] if isinstance(a, torch.dtype)), None)), op_name(func))
     if dim in _spatial_set(x):
         raise context.unsupported(op_name(func), f"along sharded dim {dim}")
     ndim = max(a.dim() for a in args if isinstance(a, torch.Tensor))
@@ -279,6 +284,54 @@ def _along_dim(func, args, kwargs):
     keep = kwargs.get("keepdim", False) or name not in ("argmax", "argmin", "cosine_similarity")
     dims = x._spec.dims if keep else tuple(d - 1 if d > dim else d for d in x._spec.dims)
     return wrap(out, x._spec.with_dims(dims))
+
+
+def _scene_reduce(part: torch.Tensor, spec: Spec, dim: int, is_max: bool) -> torch.Tensor:
+    """Sum (differentiable: all_reduce_sum) or max (no autograd) along sharded
+    ``dim`` over the whole scene, from ``part``, this rank's keepdim reduction of
+    its tile along ``dim``; returns this tile's share (``part``'s shape).
+
+    A token dim spans every rank: one all-reduce over sp. A grid dim spans only
+    the ranks of this tile's grid row (col): each rank places its part at its
+    global position along the other grid dim in a scene-size buffer (0 / -inf
+    elsewhere), one all-reduce over sp then holds every grid row's (col's) own
+    result, of which each rank keeps its tile's part."""
+    mesh = spec.mesh
+    if not spec.is_tokens:
+        axis = 1 - spec.dims.index(dim)  # the grid axis the result stays sharded on
+        other = spec.dims[axis]
+        lo, hi = (spec.row_range, spec.col_range)[axis]
+        n = spec.global_hw[axis]
+        fill = float("-inf") if is_max else 0.0
+        shape = list(part.shape)
+        bands = []
+        for size in (lo, n - hi):
+            shape[other] = size
+            bands.append(part.new_full(shape, fill))
+        part = torch.cat([bands[0], part, bands[1]], other)
+    if is_max:
+        out = all_reduce_(part.detach().clone(), mesh, dist.ReduceOp.MAX)
+    else:
+        out = all_reduce_sum(part, mesh)
+    return out if spec.is_tokens else out.narrow(other, lo, hi - lo)
+
+
+def _softmax_sharded(x: SpatialTensor, dim: int, log: bool, dtype, op: str) -> SpatialTensor:
+    """softmax / log_softmax along a sharded dim (a token dim, e.g. GCNet's
+    attention pooling over ``H*W``, or one grid dim), exact: the scene's max
+    along ``dim`` (a shift, constant for autograd: softmax does not depend on
+    it), the scene's sum of ``exp`` (an autograd all-reduce, whose backward
+    supplies the global sum of ``grad * y``), then the tile normalised locally.
+    Same layout as ``x``."""
+    spec = x._spec
+    if spec.is_tokens and spec.prefix:
+        raise context.unsupported(op, f"along a token dim that holds {spec.prefix} replicated prefix tokens")
+    t = x._local if dtype is None else x._local.to(dtype)
+    m = _scene_reduce(t.detach().amax(dim, keepdim=True), spec, dim, True)
+    z = t - m
+    e = z.exp()
+    s = _scene_reduce(e.sum(dim, keepdim=True), spec, dim, False)
+    return wrap(z - s.log() if log else e / s, spec)
 
 
 @register(*funcs_named("cat", "concat", "concatenate", "stack", owners=(torch,)))

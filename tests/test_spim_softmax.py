@@ -1,0 +1,92 @@
+"""softmax / log_softmax along a sharded dim (a token dim and each grid dim) and
+a matmul that contracts over the scene's tokens (GCNet-style attention pooling:
+``x.view(B, C, H*W) @ softmax(attn).view(B, H*W, 1)``), float64 on an uneven
+2x2 grid vs one process: output, input grad, parameter grads and parameters
+after one SGD step at 1e-10."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rest_ds.spim import SpatialMesh, TileLayout
+from rest_ds.spim.verify import compare_sharded
+
+from .harness import check_report, offset_scene, run_grid
+
+TOL = 1e-10
+LAYOUT = TileLayout((0, 5, 12), (0, 7, 10))  # uneven 2x2 tiles of a 12x10 scene
+
+
+class SoftmaxNet(nn.Module):
+    """softmax over ``which``: 'tokens' (B, C, H*W) dim -1; 'tokens_trail' a token
+    dim with channels merged behind the grid; 'rows' / 'cols' one grid dim of
+    NCHW; 'cols_nhwc' the column dim of channels-last."""
+
+    def __init__(self, which: str, log: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.which, self.log = which, log
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, C, H, W = y.shape
+        sm = F.log_softmax if self.log else F.softmax
+        w = self.which
+        if w == "tokens":
+            return sm(y.reshape(B, C, H * W) * 3, dim=-1).view(B, C, H, W) * y
+        if w == "tokens_trail":
+            t = y.permute(0, 2, 3, 1).reshape(B, H * W * C)
+            return (t.log_softmax(1) if self.log else t.softmax(dim=1)).view(B, H, W, C).permute(0, 3, 1, 2) * y
+        if w == "rows":
+            return sm(y, dim=2) + y
+        if w == "cols":
+            return (torch.log_softmax(y, -1) if self.log else torch.softmax(y, -1)) * y
+        if w == "cols_nhwc":
+            return sm(y.permute(0, 2, 3, 1), dim=2).permute(0, 3, 1, 2) + y
+        raise ValueError(w)
+
+
+class GlobalContextPool(nn.Module):
+    """timm GlobalContext's attention pooling, then a gate, plus a second
+    contraction with a wider right operand (B, H*W, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.attn = nn.Conv2d(4, 1, 1)
+        self.proj = nn.Conv2d(4, 2, 1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, C, H, W = y.shape
+        a = F.softmax(self.attn(y).reshape(B, 1, H * W), dim=-1).unsqueeze(3)  # (B, 1, HW, 1)
+        ctx = y.reshape(B, C, H * W).unsqueeze(1) @ a  # (B, 1, C, 1), replicated
+        gated = y * torch.sigmoid(self.fc(ctx.view(B, C))).view(B, C, 1, 1)
+        v = self.proj(y).flatten(2).transpose(1, 2)  # (B, HW, 2)
+        m = torch.matmul(y.flatten(2), v)  # (B, C, 2), replicated
+        return gated, m
+
+
+CASES = {f"{w}_{'log' if log else 'softmax'}": (lambda w=w, log=log: SoftmaxNet(w, log))
+         for w in ("tokens", "tokens_trail", "rows", "cols", "cols_nhwc") for log in (False, True)}
+CASES["global_context"] = GlobalContextPool
+
+
+def _rank(grid):
+    mesh = SpatialMesh.build(grid=grid)
+    x = offset_scene(2, 3, LAYOUT.shape, torch.float64)
+    out = {}
+    for name, factory in CASES.items():
+        rep = compare_sharded(factory, x, mesh, LAYOUT, train=True, step=True, dtype=torch.float64)
+        out[name] = (rep.errors, rep.refused)
+    return out
+
+
+def test_softmax_and_token_contraction_exact():
+    res = run_grid(_rank, (2, 2))
+    for name, (errors, refused) in res.items():
+        check_report(errors, refused, TOL, name)
+        assert any(k.startswith("grad conv") for k in errors) and "input grad" in errors, (name, sorted(errors))
+    assert set(res) == set(CASES)
