@@ -2,7 +2,7 @@
 
 (a) Bytes per global-attention layer (B = 1, width d, N tokens, fp32), summed
     over all P ranks, measured by SPIM's accounting against the analytic volumes:
-    Ulysses 4 (P-1)/P N d elements per pass (q, k, v out, o back; DESIGN.md
+    Ulysses 4 (P-1)/P N d elements per pass (q, k, v out, o back; docs/design.md
     writes it per rank as 4 (N/P) d (P-1)/P), all-gather of K/V 2 (P-1) N d.
 (b) Per-rank peak memory (resident high-water mark, fresh processes) of a
     ViT-B-sized SAM image encoder (transformers SamVisionEncoder: width 768, 12

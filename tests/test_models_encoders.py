@@ -19,7 +19,7 @@ Non-square SAM scenes (64 x 128) run through transformers' square-only
 ``SamVisionEncoder`` (hf_sam.py resizes it).
 
 Precision: float64 at 1e-10 for every case, float32 at 1e-5 for the
-well-conditioned ones (DESIGN.md's contract). Two things keep the float32
+well-conditioned ones (docs/design.md's contract). Two things keep the float32
 comparison meaningful: the linear head has no norm (a BatchNorm right after the
 features cancels the gradient of the last bias exactly, leaving rounding noise
 of a zero gradient), and transformers' SAM is re-initialised with std 0.02

@@ -9,7 +9,7 @@ one process. One spawn per grid runs every case.
 
 Two precisions, because of one ill-conditioned layer:
 
-* float32, batch 4, tolerance 1e-5 (DESIGN.md's contract).
+* float32, batch 4, tolerance 1e-5 (docs/design.md's contract).
 * float64, batch 2, tolerance 1e-10. With batch 2 the BatchNorm after PPM's
   1x1 bin normalises two values per channel; for the channels where the two
   happen to be close (variance near ``eps``) it amplifies rounding by orders

@@ -3,7 +3,7 @@ activation checkpointing, and element-wise random ops (dropout and its
 channel/alpha variants, rand_like, randn_like, bernoulli_, uniform_, normal_,
 rrelu) are a function of the seed and each element's global index, so a model
 with them gives the same outputs and gradients on every grid as the plain model
-in one process (DESIGN.md section 3)."""
+in one process (docs/design.md section 3)."""
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,5 @@
 """Whole-scene data: scene descriptions, windowed readers, labels, normalisation,
-rank-consistent augmentation and sample scenes (DESIGN.md sections 5 and 6).
+rank-consistent augmentation and sample scenes (docs/design.md sections 5 and 6).
 
 A rank reads only its own tile window from disk; see :mod:`rest_ds.data.tiles`
 for the per-rank flow and :mod:`rest_ds.data.samples` for the real sample scenes

@@ -40,9 +40,9 @@ to ``ppm_norm='none'`` (1x1 conv with bias + ReLU) whatever ``norm`` is;
 exactly, ``'gn'`` is also accepted.
 
 Dropout before the classifier is elementwise (``nn.Dropout``; mmseg uses
-``Dropout2d``): under SPIM the masks of different tiles are independent draws,
-which DESIGN.md allows. ``dropout=0`` (an ``nn.Identity``) keeps training
-deterministic, which exactness checks need.
+``Dropout2d``): under SPIM each element's mask is a function of the seed and
+its global index (docs/design.md section 3), so a dropout head computes the
+same on every grid and ``verify`` checks it exactly.
 """
 from __future__ import annotations
 

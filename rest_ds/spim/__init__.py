@@ -2,7 +2,7 @@
 
 A scene is split over the ``sp`` ranks of a mesh as a ``ph x pw`` grid of tiles;
 ``parallelize(model, mesh)`` makes an ordinary single-device model compute on
-the tiles exactly what it computes on the whole scene (DESIGN.md section 2).
+the tiles exactly what it computes on the whole scene (docs/design.md section 2).
 """
 from .comm import CommStats, comm_stats, track_comm
 from .errors import SPIMError, SPIMUnsupportedError

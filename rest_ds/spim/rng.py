@@ -1,4 +1,4 @@
-"""Randomness under SPIM: one run, whatever the grid (DESIGN.md section 3).
+"""Randomness under SPIM: one run, whatever the grid (docs/design.md section 3).
 
 Two mechanisms, both here:
 

@@ -3,7 +3,7 @@
 A *partition* of an extent ``n`` over ``parts`` ranks is the tuple of
 ``parts + 1`` global boundaries ``(0, b1, ..., n)``; rank ``i`` owns
 ``[b_i, b_{i+1})``. Interior boundaries of a scene partition lie on multiples of
-the alignment ``A``; only the last tile takes the remainder (DESIGN.md section 1).
+the alignment ``A``; only the last tile takes the remainder (docs/design.md section 1).
 """
 from __future__ import annotations
 

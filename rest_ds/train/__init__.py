@@ -1,5 +1,5 @@
 """Training and inference: DeepSpeed engine with SPIM, evaluation, checkpoints,
-export and whole-scene segmentation to GeoTIFF (DESIGN.md sections 4-5).
+export and whole-scene segmentation to GeoTIFF (docs/design.md sections 4-5).
 
 Heavy imports (deepspeed, rasterio) happen in the submodules, on use:
 

@@ -4,7 +4,7 @@ Every rank builds the same model (same seed), ``parallelize`` s it over its sp
 group and hands it with a torch optimizer to ``deepspeed.initialize``; the
 DeepSpeed data-parallel group is the whole world (``dp x sp`` ranks).
 
-**Gradients (DESIGN.md section 4), the route chosen.** SPIM's loss is the
+**Gradients (docs/design.md section 4), the route chosen.** SPIM's loss is the
 whole-scene loss, replicated on the sp ranks; back-propagating it on every
 rank gives each rank ``sp x`` its tile's share of the gradient (comm.py), so
 the *average* over the sp ranks is the exact whole-scene gradient. DeepSpeed's

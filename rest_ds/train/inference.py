@@ -6,7 +6,7 @@ pixels invalid), so any scene size works with any model; results are cropped
 back to the scene. Training and inference pad the same way.
 
 * :func:`predict_whole`: this rank's tile of the padded scene through the
-  parallelized model (exactly the whole-scene logits, DESIGN.md section 2).
+  parallelized model (exactly the whole-scene logits, docs/design.md section 2).
 * :func:`predict_slide`: the logits of this rank's tile as the average of the
   logits of every ``crop x crop`` window (stride ``crop - overlap``, mmseg's
   ``slide_inference`` window rule) that overlaps the tile. Each window is a

@@ -1,6 +1,6 @@
 """Pixel loss on sharded logits, confusion matrices and segmentation metrics.
 
-The loss follows DESIGN.md section 4: ``sum over valid pixels / global count of
+The loss follows docs/design.md section 4: ``sum over valid pixels / global count of
 valid pixels``. On a :class:`~rest_ds.spim.SpatialTensor` the sum and the count
 are all-reduced over the sp group by SPIM's ``F.cross_entropy`` rule, so the
 loss is the whole-scene loss, the same value on every sp rank. Gradients are
