@@ -271,43 +271,16 @@ def _term_conv_backward(g, region, w, stride, dilation, groups, mask):
     return (None if gi is None else gi.unsqueeze(2 + a)), (None if gw is None else gw.unsqueeze(2 + a))
 
 
-_IM2COL_MAX_BYTES = 64 << 20
-
-
 def _strip_conv(region, weight, bias, stride, dilation, groups) -> torch.Tensor:
-    """conv2d of a strip's window (no padding). Strips are a few outputs
-    thin, a shape where oneDNN's conv runs several times slower than on the
-    tile (and reorders the weight on every call), so:
-
-    * groups == 1: one GEMM of the weight, viewed (C_out, C_in*kh*kw), with the
-      window's im2col columns (a strided view copied once);
-    * grouped, one output thin: conv1d along the strip with the kernel's other
-      axis folded into the channels.
-
-    Either way each output is one dot product over its whole window, as on
-    one device."""
-    n, c = region.shape[:2]
-    kh, kw = weight.shape[2:]
-    oh = (region.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (region.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if groups == 1 and n * c * kh * kw * oh * ow * region.element_size() <= _IM2COL_MAX_BYTES:
-        v = region.unfold(2, dilation[0] * (kh - 1) + 1, stride[0]).unfold(3, dilation[1] * (kw - 1) + 1, stride[1])
-        v = v[..., :: dilation[0], :: dilation[1]]  # (N, C, oh, ow, kh, kw)
-        cols = v.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, oh * ow)
-        w = weight.reshape(1, weight.shape[0], -1).expand(n, -1, -1)
-        out = torch.bmm(w, cols) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w, cols)
-        return out.view(n, weight.shape[0], oh, ow)
-    for a in (0, 1):
-        k, d = weight.shape[2 + a], dilation[a]
-        if region.shape[2 + a] == d * (k - 1) + 1:  # one output along axis a
-            b = 1 - a
-            taps = region if d == 1 else region.unfold(2 + a, 1, d).squeeze(-1)  # every d-th row or column
-            if a == 0:  # (N, C, k, L): rows into channels, channel-major
-                inp, w = taps.reshape(n, c * k, taps.shape[3]), weight.reshape(weight.shape[0], -1, weight.shape[3])
-            else:  # (N, C, L, k) -> (N, C, k, L)
-                inp = taps.transpose(2, 3).reshape(n, c * k, taps.shape[2])
-                w = weight.transpose(2, 3).reshape(weight.shape[0], -1, weight.shape[2])
-            return F.conv1d(inp, w, bias, stride[b], 0, dilation[b], groups).unsqueeze(2 + a)
+    """conv2d of a strip's window (no padding), with torch's own conv: the same
+    kernel as the tile's conv and the one-process conv, so each border output
+    is summed in the same order and rounds to the same bits as on one device
+    (checked bitwise on oneDNN for 1- and 2-output strips, grouped, strided
+    and dilated convs). A GEMM over the im2col columns or a conv1d with a
+    kernel axis folded into the channels is 1.3-2x faster on these thin
+    shapes but sums in another order: a last-bit difference at a tile border
+    then flips a max-pool near-tie or a ReLU in fp32 (ViTDet pyramid + UPerNet
+    input grad off by 3.6e-2 vs one process), which exactness forbids."""
     return F.conv2d(region, weight, bias, stride, 0, dilation, groups)
 
 
