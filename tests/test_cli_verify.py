@@ -77,8 +77,8 @@ MODELS = textwrap.dedent("""
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PixelShuffle(2))
 
 
-    def big_kernel():
-        return nn.Conv2d(3, 4, 7, padding=3)
+    def coarse_stride():
+        return nn.Conv2d(3, 4, 4, stride=4)
 
 
     NOT_A_FACTORY = 3
@@ -219,12 +219,12 @@ def test_refused_model_exits_2_naming_the_module(models):
 
 @pytest.mark.timeout(600)
 def test_failing_rank_is_one_line_error(models, capsys):
-    # 7x7 kernel on tiles of 2 rows: the halo reaches past the neighbouring tiles.
-    p = rest_ds_inproc(capsys, "verify", f"{models}:big_kernel", "--input-shape", "1,3,6,12", "--grid", "3x1")
+    # a stride-4 conv with one output row over tiles of 2 rows: the middle tile would own no output
+    p = rest_ds_inproc(capsys, "verify", f"{models}:coarse_stride", "--input-shape", "1,3,6,12", "--grid", "3x1")
     assert p.returncode == 2, _show(p)
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: rank") and "SPIMError" in lines[0], _show(p)
-    assert "halo" in lines[0]
+    assert "owns no output rows" in lines[0]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -10,6 +10,15 @@ neighbour's first output, e.g. a stride that does not divide the tile).
 The exchange talks to the 8 neighbours (corners included) with one batch of
 point-to-point sends. Its backward sends the halo gradients back to their owners,
 which add them to their tile gradient.
+
+Halos that reach past the adjacent tiles (a dilated conv wider than a tile,
+e.g. DeepLab's rate-36 ASPP branch on a small map or a 3-way split): the plan
+is then *far* on every rank alike (it depends only on the global partitions
+and needs). Each rank works out from that geometry which part of its tile
+every other rank's window holds, and the pieces travel in one
+``all_to_all_single`` over the sp group (gloo cannot all-gather unequal
+sizes), as do their gradients in the backward. Only those ops take the
+collective; every other exchange stays neighbour-to-neighbour.
 """
 from __future__ import annotations
 
@@ -34,8 +43,29 @@ def _inter(a: Range, b: Range) -> Range | None:
     return (lo, hi) if hi > lo else None
 
 
+def reaches_far(part: Partition, needs: tuple[Range, ...]) -> bool:
+    """Whether some grid row's (col's) need, clipped to the scene, reaches past
+    its own and the adjacent tiles."""
+    n = part[-1]
+    for i, need in enumerate(needs):
+        lo, hi = _clip(need, n)
+        if lo < part[max(i - 1, 0)] or hi > part[min(i + 2, len(part) - 1)]:
+            return True
+    return False
+
+
+def check_nonempty(needs: tuple[Range, ...], n: int, axis: str, op: str) -> None:
+    """Every grid row's (col's) need must hold some input of the scene."""
+    for i, need in enumerate(needs):
+        lo, hi = _clip(need, n)
+        if hi <= lo:
+            raise SPIMError(f"{context.where()}: {op}: the tile in grid {axis} {i} needs an empty input range "
+                            f"{need} of a scene of {n} {axis}s")
+
+
 def check_needs(part: Partition, needs: tuple[Range, ...], axis: str, op: str) -> None:
-    """Every grid row's need must lie within its own and the adjacent tiles."""
+    """Every grid row's need must lie within its own and the adjacent tiles
+    (the neighbour exchange; :func:`make_plan` takes a far plan instead)."""
     n = part[-1]
     for i, need in enumerate(needs):
         lo, hi = _clip(need, n)
@@ -52,10 +82,11 @@ def check_needs(part: Partition, needs: tuple[Range, ...], axis: str, op: str) -
             raise SPIMError(f"{op}: the tile in grid {axis} {i} needs an empty input range {need}")
 
 
-def _blocks(part: Partition, idx: int, need: Range):
-    """(offset in grid, global range) pieces of ``need`` held by tile idx-1, idx, idx+1."""
+def _blocks(part: Partition, idx: int, need: Range, far: bool = False):
+    """(offset in grid, global range) pieces of ``need`` held by tile idx-1, idx,
+    idx+1 (``far``: by any tile)."""
     out = []
-    for d in (-1, 0, 1):
+    for d in (range(-idx, len(part) - 1 - idx) if far else (-1, 0, 1)):
         j = idx + d
         if 0 <= j < len(part) - 1:
             r = _inter(need, (part[j], part[j + 1]))
@@ -81,19 +112,22 @@ def _box_shape(shape, dims, rows: Range, cols: Range) -> list[int]:
 
 
 class _Plan:
-    """Who sends what to whom for one exchange on this rank (global ranges)."""
+    """Who sends what to whom for one exchange on this rank (global ranges).
+    ``far``: some rank's window reaches past its adjacent tiles (the same on
+    every rank); pieces then come from any tile, in one all-to-all."""
 
-    def __init__(self, mesh, rows, cols, need_rows, need_cols):
+    def __init__(self, mesh, rows, cols, need_rows, need_cols, far: bool = False):
         r, c = mesh.coord
         H, W = rows[-1], cols[-1]
+        self.far = far
         self.origin = (rows[r], cols[c])
         my_r, my_c = _clip(need_rows[r], H), _clip(need_cols[c], W)
         self.ext = (my_r, my_c)
         # pieces I assemble: (src rank or None for self, rows, cols)
         self.recv = []
         self.own = None
-        for dr, rr in _blocks(rows, r, my_r):
-            for dc, cc in _blocks(cols, c, my_c):
+        for dr, rr in _blocks(rows, r, my_r, far):
+            for dc, cc in _blocks(cols, c, my_c, far):
                 if dr == 0 and dc == 0:
                     self.own = (rr, cc)
                 else:
@@ -101,8 +135,8 @@ class _Plan:
         # pieces neighbours need from me
         self.send = []
         mine_r, mine_c = (rows[r], rows[r + 1]), (cols[c], cols[c + 1])
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
+        for dr in range(-r, len(rows) - 1 - r) if far else (-1, 0, 1):
+            for dc in range(-c, len(cols) - 1 - c) if far else (-1, 0, 1):
                 if (dr, dc) == (0, 0):
                     continue
                 i, j = r + dr, c + dc
@@ -153,9 +187,43 @@ def start_exchange(send_items, recv_items, mesh, kind_bytes_phase, kind: str = "
     return wait
 
 
-def exchange(send_items, recv_items, mesh, kind_bytes_phase):
-    """Batched p2p: send_items [(dst, tensor)], recv_items [(src, buffer)]."""
-    start_exchange(send_items, recv_items, mesh, kind_bytes_phase)()
+def start_all_to_all(send_items, recv_items, like: torch.Tensor, mesh: SpatialMesh, phase: str,
+                     kind: str = "halo"):
+    """:func:`start_exchange` as one ``all_to_all_single`` over the sp group
+    (every sp rank must call it, with or without items: a far plan's exchange).
+    ``send_items`` [(dst global rank, tensor)], ``recv_items`` [(src, buffer)],
+    at most one of each per peer; ``like`` gives dtype and device. Returns
+    ``wait()``, after which the buffers hold the data."""
+    g, P = mesh.sp_group, mesh.sp
+    at = {rank: i for i, rank in enumerate(mesh.sp_ranks)}
+    sends, recvs = [None] * P, [None] * P
+    for dst, t in send_items:
+        sends[at[dst]] = t
+    for src, buf in recv_items:
+        recvs[at[src]] = buf
+    in_splits = [0 if t is None else t.numel() for t in sends]
+    out_splits = [0 if b is None else b.numel() for b in recvs]
+    flat = [t.reshape(-1) for t in sends if t is not None]
+    send = torch.cat(flat) if flat else like.new_empty(0)
+    _STATS.record(kind, sum(n for i, n in enumerate(in_splits) if i != mesh.sp_index) * like.element_size(), phase)
+    recv = wire_buffer(like, (sum(out_splits),), g)
+    work = dist.all_to_all_single(recv, to_wire(send, g), out_splits, in_splits, group=g, async_op=True)
+
+    def wait():
+        work.wait()
+        got = recv.to(like.device).split(out_splits)
+        for buf, part in zip(recvs, got):
+            if buf is not None:
+                buf.copy_(part.view(buf.shape))
+
+    return wait
+
+
+def _start_plan_exchange(plan: "_Plan", send_items, recv_items, like: torch.Tensor, mesh: SpatialMesh, phase: str):
+    """The exchange of ``plan``: neighbour p2p, or one all-to-all for a far plan."""
+    if plan.far:
+        return start_all_to_all(send_items, recv_items, like, mesh, phase)
+    return start_exchange(send_items, recv_items, mesh, phase)
 
 
 def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0) -> torch.Tensor:
@@ -189,7 +257,7 @@ def start_fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims):
         buf = x.new_empty(_box_shape(x.shape, dims, rr, cc))
         pieces[(rr, cc)] = buf
         recvs.append((src, buf))
-    wait = start_exchange(sends, recvs, mesh, "forward")
+    wait = _start_plan_exchange(plan, sends, recvs, x, mesh, "forward")
     if plan.own is not None:
         pieces[plan.own] = _slice(x, dims, plan.origin, *plan.own)
     return pieces, wait
@@ -206,7 +274,7 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
     base = (plan.ext[0][0], plan.ext[1][0])
     sends = [(src, _slice(g, dims, base, rr, cc)) for src, rr, cc in plan.recv]
     recvs = [(dst, g.new_empty(_box_shape(g.shape, dims, rr, cc)), rr, cc) for dst, rr, cc in plan.send]
-    exchange(sends, [(r, b) for r, b, _, _ in recvs], mesh, "backward")
+    _start_plan_exchange(plan, sends, [(r, b) for r, b, _, _ in recvs], g, mesh, "backward")()
     del sends
     whole = ((plan.origin[0], plan.origin[0] + x_shape[dims[0]]), (plan.origin[1], plan.origin[1] + x_shape[dims[1]]))
     if reuse and plan.own == whole:
@@ -276,8 +344,8 @@ class WindowGrads:
     def send(self, mesh: SpatialMesh) -> None:
         self.recvs = [(dst, self.like.new_empty(_box_shape(self.shape, self.dims, rr, cc)), rr, cc)
                       for dst, rr, cc in self.plan.send]
-        self.wait = start_exchange([(src, self.halos[(rr, cc)]) for src, rr, cc in self.plan.recv],
-                                   [(r, b) for r, b, _, _ in self.recvs], mesh, "backward")
+        self.wait = _start_plan_exchange(self.plan, [(src, self.halos[(rr, cc)]) for src, rr, cc in self.plan.recv],
+                                         [(r, b) for r, b, _, _ in self.recvs], self.like, mesh, "backward")
 
     def finish(self, gx: torch.Tensor) -> torch.Tensor:
         """``gx``: the rest of this rank's tile gradient, written in place and returned."""
@@ -325,10 +393,13 @@ class _HaloExchange(torch.autograd.Function):
 
 def make_plan(mesh: SpatialMesh, rows: Partition, cols: Partition, need_rows: tuple[Range, ...],
               need_cols: tuple[Range, ...], op: str) -> _Plan:
-    """Validate the needs (same error on every rank) and plan this rank's exchange."""
-    check_needs(rows, need_rows, "row", op)
-    check_needs(cols, need_cols, "col", op)
-    return _Plan(mesh, rows, cols, need_rows, need_cols)
+    """Validate the needs (same error on every rank) and plan this rank's
+    exchange: with the neighbours, or a far plan (one all-to-all) when some
+    rank's window reaches past its adjacent tiles."""
+    check_nonempty(need_rows, rows[-1], "row", op)
+    check_nonempty(need_cols, cols[-1], "col", op)
+    far = reaches_far(rows, need_rows) or reaches_far(cols, need_cols)
+    return _Plan(mesh, rows, cols, need_rows, need_cols, far)
 
 
 def halo_exchange(
@@ -348,6 +419,6 @@ def halo_exchange(
     outside the scene. Differentiable."""
     dims = tuple(d % x.dim() for d in dims)
     plan = make_plan(mesh, rows, cols, need_rows, need_cols, op)
-    if mesh.sp == 1 or (not plan.send and not plan.recv):
+    if mesh.sp == 1 or (not plan.send and not plan.recv and not plan.far):  # a far plan's collective needs every rank
         return _slice(x, dims, plan.origin, *plan.own)
     return _HaloExchange.apply(x, mesh, plan, dims)
