@@ -5,7 +5,9 @@ the (padded) scene, computes its tile of the class map and writes only that
 window of the output GeoTIFF; no rank holds the whole map.
 
 * ``mode='whole'`` (REST): the model is parallelized over the P ranks, so each
-  tile's logits are the whole-scene logits (docs/design.md section 2).
+  tile's logits are the whole-scene logits to fp32 rounding (docs/design.md
+  section 2), so the map equals one process's except at top-2 ties within
+  that rounding.
 * ``mode='slide'`` (the cropping baseline): each rank averages the logits of
   the ``crop x crop`` windows overlapping its tile (inference.py); bit-identical
   for any P.
