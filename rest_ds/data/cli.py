@@ -64,6 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--width", type=int, default=80)
     q.add_argument("--classes", type=int, default=5)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dates", type=int, default=1, metavar="T",
+                   help="a time series of T dates (T * bands bands, date-major; scene key dates: T)")
     p.set_defaults(func=run)
     return p
 
@@ -190,6 +192,6 @@ def _synthetic(args) -> int:
     from .samples import synthetic_hyperspectral
 
     path = synthetic_hyperspectral(args.out, format=args.format, bands=args.bands, height=args.height,
-                                   width=args.width, classes=args.classes, seed=args.seed)
+                                   width=args.width, classes=args.classes, seed=args.seed, dates=args.dates)
     print(f"SYNTHETIC hyperspectral scene (not real data): {path}")
     return EXIT_OK

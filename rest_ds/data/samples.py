@@ -581,10 +581,17 @@ def write_mat73(path: str | os.PathLike, variables: dict[str, np.ndarray]) -> No
 
 
 def synthetic_cube(*, bands: int = 32, height: int = 96, width: int = 80, classes: int = 5, seed: int = 0,
-                   nodata: float = -9999.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   nodata: float = -9999.0, dates: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """**Synthetic** hyperspectral data: ``(cube float32 C x H x W, label uint8 H x W
     with values 1..classes and 0 = unlabeled, wavelengths nm)``. A corner triangle
-    of the cube is ``nodata`` in every band."""
+    of the cube is ``nodata`` in every band.
+
+    ``dates`` T > 1: a time series, ``T * C`` bands date-major (band ``t * C + c``);
+    class k's spectrum at date t is scaled by a phenology curve
+    ``1 + 0.3 cos(2 pi (t / T + k / classes))``, and the last class has the first
+    one's spectrum (with another phase), so only the dates tell those two apart."""
+    if dates < 1:
+        raise DataError(None, f"synthetic: dates must be >= 1, not {dates}")
     rng = np.random.default_rng(seed)
     wl = np.linspace(400.0, 2500.0, bands)
     seeds = rng.uniform(0, 1, size=(classes * 3, 2)) * [height, width]
@@ -597,8 +604,15 @@ def synthetic_cube(*, bands: int = 32, height: int = 96, width: int = 80, classe
         widths = rng.uniform(80, 400, 3)
         amps = rng.uniform(0.05, 0.4, 3)
         spectra[k] = 0.05 + (amps[:, None] * np.exp(-0.5 * ((wl[None] - centres[:, None]) / widths[:, None]) ** 2)).sum(0)
+    if dates > 1:  # (T, K, C): phenology per class; the last class shares the first one's spectrum
+        spectra[-1] = spectra[0]
+        phase = 2 * np.pi * (np.arange(dates)[:, None] / dates + np.arange(classes)[None] / classes)
+        spectra = (spectra[None] * (1.0 + 0.3 * np.cos(phase))[..., None]).reshape(dates, classes, bands)
+    else:
+        spectra = spectra[None]
     illum = 1.0 + 0.1 * np.sin(yy / max(height, 1) * 3.1) * np.cos(xx / max(width, 1) * 2.3)
-    cube = spectra[label - 1].transpose(2, 0, 1) * illum[None] + rng.normal(0, 0.005, size=(bands, height, width))
+    cube = np.concatenate([sp[label - 1].transpose(2, 0, 1) for sp in spectra]) * illum[None]
+    cube = cube + rng.normal(0, 0.005, size=(dates * bands, height, width))
     cube = cube.astype(np.float32)
     corner = (yy + xx) < min(height, width) // 6
     cube[:, corner] = np.float32(nodata)
@@ -623,13 +637,15 @@ def synthetic_regions(height: int, width: int, block: int = 16) -> dict:
 
 def synthetic_hyperspectral(out_dir: str | os.PathLike, *, format: str = "hdf5", bands: int = 32, height: int = 96,
                             width: int = 80, classes: int = 5, seed: int = 0,
-                            name: str = "synthetic-hyperspectral") -> Path:
+                            name: str = "synthetic-hyperspectral", dates: int = 1) -> Path:
     """Write a **synthetic** labelled hyperspectral scene (:func:`synthetic_cube`) in
     ``format`` (``hdf5``: ``cube.h5`` with ``/reflectance`` C x H x W and ``/label``;
     ``envi``: ``cube.img``/``cube.hdr`` + ``label.img``; ``tif``: ``cube.tif`` +
     ``label.tif``; ``mat``/``mat73``: ``cube.mat`` with MATLAB ``H x W x C``
     ``reflectance`` and ``H x W`` ``label``, v5 or v7.3) and its ``scene.yaml``;
-    returns the YAML path. Georeferenced (EPSG:32633, 5 m pixels) where the format allows."""
+    returns the YAML path. Georeferenced (EPSG:32633, 5 m pixels) where the format allows.
+    ``dates`` T > 1: a time series of ``T * bands`` bands, date-major, with ``dates: T``
+    in the scene description and band names ``t{t}_{wavelength}nm``."""
     import rasterio
     from affine import Affine
 
@@ -639,7 +655,8 @@ def synthetic_hyperspectral(out_dir: str | os.PathLike, *, format: str = "hdf5",
     out.mkdir(parents=True, exist_ok=True)
     nodata = -9999.0
     cube, label, wl = synthetic_cube(bands=bands, height=height, width=width, classes=classes, seed=seed,
-                                     nodata=nodata)
+                                     nodata=nodata, dates=dates)
+    bands = cube.shape[0]  # T * C
     crs, transform = "EPSG:32633", Affine(5.0, 0.0, 500000.0, 0.0, -5.0, 5000000.0)
     geo = {"crs": crs, "transform": list(transform)[:6]}
     if format == "hdf5":
@@ -673,10 +690,12 @@ def synthetic_hyperspectral(out_dir: str | os.PathLike, *, format: str = "hdf5",
         lab = {"path": "cube.mat", "dataset": "label"}
     desc = {
         "name": name,
-        "description": f"SYNTHETIC hyperspectral scene (not real data): {bands} bands 400-2500 nm, {height}x{width}, "
-                       f"{classes} classes, seed {seed}",
+        "description": f"SYNTHETIC hyperspectral scene (not real data): {len(wl)} bands 400-2500 nm"
+                       + (f" x {dates} dates" if dates > 1 else "") + f", {height}x{width}, {classes} classes, seed {seed}",
         "image": image,
-        "band_names": [f"{w:.0f}nm" for w in wl],
+        "band_names": ([f"t{t}_{w:.0f}nm" for t in range(dates) for w in wl] if dates > 1 else
+                       [f"{w:.0f}nm" for w in wl]),
+        **({"dates": dates} if dates > 1 else {}),
         "label": {**lab, "unlabeled": [0]},
         "classes": [{"value": k + 1, "name": f"synthetic_{k + 1}"} for k in range(classes)],
         # train / val / test: 16-px blocks split as nc-landsat7's regions (nc_region_codes), as windows so

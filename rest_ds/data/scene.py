@@ -29,6 +29,8 @@ A scene description, with paths relative to the YAML file::
       train: {windows: [[0, 300, 0, 489]]}   # [row0, row1, col0, col1], half-open, pixels
       val: {path: val_mask.tif}              # or a mask raster on the scene grid (non-zero = in)
     stats: {mean: [...], std: [...]}  # optional; otherwise computed and cached (stats.py)
+    dates: 1                          # T > 1: a time series on one grid, T * C bands date-major
+                                      # (band t * C + c); tiles keep that (T * C, h, w) order
 
 Unknown keys are an error (a typo must not silently change nothing).
 
@@ -142,6 +144,7 @@ class Scene:
     regions: dict[str, Region] = field(default_factory=dict)
     stats: StatsSpec | None = None
     description: str | None = None
+    dates: int = 1
     source_file: str | None = None
 
     # -- loading -----------------------------------------------------------------------------
@@ -193,7 +196,8 @@ class Scene:
             stats = StatsSpec([float(v) for v in s["mean"]], [float(v) for v in s["std"]])
         scene = cls(name=str(data["name"]), image=image, band_names=data.get("band_names"), label=label,
                     classes=classes, ignore_index=int(data.get("ignore_index", IGNORE_INDEX)), regions=regions,
-                    stats=stats, description=data.get("description"), source_file=source_file)
+                    stats=stats, description=data.get("description"), dates=data.get("dates", 1),
+                    source_file=source_file)
         scene.validate()
         return scene
 
@@ -202,6 +206,8 @@ class Scene:
         where = self.source_file
         if not self.name:
             raise DataError(where, "the scene needs a name")
+        if isinstance(self.dates, bool) or not isinstance(self.dates, int) or self.dates < 1:
+            raise DataError(where, f"dates must be a whole number >= 1 (dates of the time series), not {self.dates!r}")
         if self.label is not None and not self.classes:
             raise DataError(where, "a label is given but no classes (list the raw label values, in id order)")
         values = [c.value for c in self.classes]
@@ -240,6 +246,8 @@ class Scene:
                               for c in self.classes]
         if self.ignore_index != IGNORE_INDEX:
             out["ignore_index"] = self.ignore_index
+        if self.dates != 1:
+            out["dates"] = self.dates
         if self.regions:
             out["regions"] = {k: _drop_defaults(clean(r), Region) for k, r in self.regions.items()}
         if self.stats is not None:
@@ -487,6 +495,9 @@ class SceneReader:
             C, H, W = self.image.shape
             if C == 0 or H == 0 or W == 0:
                 raise DataError(self.image.path, f"empty scene: the image is {C} bands x {H} x {W} pixels")
+            if C % scene.dates:
+                raise DataError(self.image.path, f"the image has {C} bands, not a multiple of the scene's "
+                                                 f"dates: {scene.dates} (date-major: band t * C + c)")
             if scene.band_names is not None and len(scene.band_names) != C:
                 raise DataError(self.image.path, f"the image has {C} bands but the scene names {len(scene.band_names)} "
                                                  f"({', '.join(map(str, scene.band_names))})")
@@ -539,6 +550,12 @@ class SceneReader:
     @property
     def num_classes(self) -> int:
         return len(self.scene.classes)
+
+    @property
+    def dates(self) -> int:
+        """T, the dates of a time series (scene key ``dates``): the image's ``T * C``
+        bands are date-major (band ``t * C + c`` is band c of date t)."""
+        return self.scene.dates
 
     # -- reading ----------------------------------------------------------------------------
     def read_image(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:

@@ -134,9 +134,13 @@ def quiet_deepspeed() -> None:
 
 
 # --- model -----------------------------------------------------------------------------------------
-def build_model(model_cfg: dict, *, num_classes: int | None, in_chans: int | None, where: str | None = None):
+def build_model(model_cfg: dict, *, num_classes: int | None, in_chans: int | None, where: str | None = None,
+                dates: int = 1):
     """``(Segmentor, full model config dict)`` from the ``model`` section;
-    ``num_classes`` and ``encoder.in_chans`` default to the scene's."""
+    ``num_classes`` and ``encoder.in_chans`` default to the scene's. ``dates`` T > 1
+    (a time-series scene, ``in_chans`` = T * C bands date-major): the encoder gets
+    ``kwargs.num_frames`` = T and ``in_chans`` = C by default, and must read its
+    ``(B, T*C, H, W)`` input as T dates (Prithvi encoders: ``input_channels``)."""
     from ..models.config import ModelConfig, build_segmentor
 
     d = copy.deepcopy(model_cfg)
@@ -145,10 +149,25 @@ def build_model(model_cfg: dict, *, num_classes: int | None, in_chans: int | Non
     elif num_classes is not None and d["num_classes"] != num_classes:
         raise ConfigError(where, "model.num_classes", f"is {d['num_classes']} but the scenes have {num_classes} classes")
     enc = d.get("encoder")
+    if isinstance(enc, dict) and dates > 1:
+        enc["kwargs"] = {**(enc.get("kwargs") or {})}
+        enc["kwargs"].setdefault("num_frames", dates)
+        if in_chans:
+            in_chans //= dates
     if isinstance(enc, dict) and enc.get("in_chans") is None and not enc.get("bands") and in_chans:
         enc["in_chans"] = in_chans
     mcfg = ModelConfig.from_dict(d, where)
-    model = build_segmentor(mcfg)
+    refusal = ConfigError(where, "model.encoder", f"the scenes are time series of {dates} dates; the encoder "
+                          f"({mcfg.encoder.name}) must take them (a prithvi encoder with num_frames {dates} and "
+                          f"in_chans {in_chans})")
+    try:
+        model = build_segmentor(mcfg)
+    except TypeError as e:
+        if dates > 1 and "num_frames" in str(e):  # an encoder without dates
+            raise refusal from None
+        raise
+    if dates > 1 and getattr(model.encoder, "input_channels", None) != (in_chans or 0) * dates:
+        raise refusal
     return model, mcfg.to_dict()
 
 
@@ -372,6 +391,9 @@ class Trainer:
         self.ignore_index = first.scene.ignore_index
         for sc in self.train_scenes + self.val_scenes:
             r = sc.reader
+            if r.dates != first.dates:
+                raise ConfigError(cfg.source_file, "data.scenes", f"scene '{sc.name}' has dates: {r.dates}, "
+                                  f"'{self.train_scenes[0].name}' has {first.dates}")
             if r.shape[0] != self.in_chans or r.scene.class_names != self.class_names:
                 raise ConfigError(cfg.source_file, "data.scenes",
                                   f"scene '{sc.name}' has {r.shape[0]} bands and classes {r.scene.class_names}; "
@@ -381,7 +403,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model, self.model_cfg = build_model(cfg.model, num_classes=self.num_classes, in_chans=self.in_chans,
-                                                 where=cfg.source_file)
+                                                 where=cfg.source_file, dates=first.dates)
         if self.is0:
             for line in getattr(self.model, "load_reports", ()):  # one line per weights file loaded
                 self._log(line)
@@ -391,7 +413,8 @@ class Trainer:
         self.frozen = apply_lora(self.model, cfg, where=cfg.source_file)
         self.frozen |= apply_freezing(self.model, cfg, where=cfg.source_file)
         self.align = int(getattr(self.model, "align", None) or 1)
-        want = getattr(self.model.encoder, "in_chans", None) or self.model_cfg["encoder"].get("in_chans")
+        want = (getattr(self.model.encoder, "input_channels", None) or getattr(self.model.encoder, "in_chans", None)
+                or self.model_cfg["encoder"].get("in_chans"))
         if want is not None and int(want) != self.in_chans:
             raise ConfigError(cfg.source_file, "model.encoder.in_chans",
                               f"the model takes {want} bands but scene '{self.train_scenes[0].name}' has "

@@ -139,7 +139,9 @@ class PrithviViT(nn.Module):
     """Prithvi-EO-2.0 encoder (module docstring) returning a list of NCHW features.
 
     ``forward(x, temporal_coords=None, location_coords=None)``: ``x`` is
-    ``(B, C, H, W)`` (one frame) or ``(B, C, T, H, W)``; ``temporal_coords``
+    ``(B, C, H, W)`` (one frame), ``(B, C, T, H, W)``, or, with ``num_frames`` T > 1,
+    ``(B, T*C, H, W)`` date-major (channel ``t * C + c``: a scene with ``dates: T``),
+    which is read as ``(B, C, T, H, W)`` (``input_channels`` = T*C); ``temporal_coords``
     ``(B, T, 2)`` and ``location_coords`` ``(B, 2)`` are used when the encoder was
     built with ``coords_encoding`` containing ``'time'`` / ``'location'`` (and
     skipped when None, as in TerraTorch). ``H, W`` must be multiples of
@@ -171,6 +173,8 @@ class PrithviViT(nn.Module):
         if bands is not None:
             in_chans = len(bands)
         self.in_chans, self.embed_dim, self.num_frames = in_chans, embed_dim, num_frames
+        # a 4-D input with this many channels is T = num_frames dates, date-major (_embed)
+        self.input_channels = in_chans * num_frames
         self.patch_embed = PrithviPatchEmbed(in_chans, embed_dim, patch_size, tubelet_size)
         self.temporal_encoding = "time" in coords_encoding
         self.location_encoding = "location" in coords_encoding
@@ -247,7 +251,12 @@ class PrithviViT(nn.Module):
                                        bands=bands_note + " (pos_embed: fixed sin-cos, recomputed for the scene)")
 
     def _embed(self, x, temporal_coords, location_coords):
-        if x.dim() == 4:
+        if x.dim() == 4 and self.num_frames > 1 and x.shape[1] == self.input_channels:
+            # a time-series scene's tile (B, T*C, H, W), date-major (scene key `dates`) -> (B, C, T, H, W);
+            # only channels move, so under SPIM every rank does the same to its tile
+            B, _, H, W = x.shape
+            x = x.reshape(B, self.num_frames, self.in_chans, H, W).transpose(1, 2)
+        elif x.dim() == 4:
             x = x.unsqueeze(2)
         if x.dim() != 5:
             raise ValueError(f"prithvi: input must be (B, C, H, W) or (B, C, T, H, W), not {tuple(x.shape)}")
