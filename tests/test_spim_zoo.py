@@ -36,7 +36,7 @@ import torch
 
 from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
 from rest_ds.spim.errors import SPIMError
-from rest_ds.spim.verify import compare_sharded
+from rest_ds.spim.verify import CLASSES, compare_sharded
 
 from . import zoo_models as Z
 from .harness import offset_scene, run_grid
@@ -179,6 +179,80 @@ def test_zoo_layouts_are_uneven_and_aligned():
                      if len(part) > 2]
             assert len(set(sizes)) > 1, (name, grid, sizes)
     assert math.prod(max(g) for g in GRIDS) > 1
+
+
+# --- `rest-ds verify` at its defaults on the whole zoo -------------------------
+# The default verdict (float32, the reference's rounding noise measured from a
+# float64 reference, classes PASS / ROUNDING / ZERO-REF / FAIL at tol 1e-5,
+# rest_ds/spim/verify.py) on every zoo factory, train mode, one SGD step, on one
+# uneven 1x2 grid. The transformers below are exact in float64 in their own
+# tests (tests/test_models_swin.py, tests/test_spim_sr_attention.py); their
+# scenes are those tests'.
+VERIFY_TOL = 1e-5  # rest-ds verify's default --tol
+VERIFY_GRID = (1, 2)
+VERIFY_SCENES = {
+    "swin": (2, (128, 320), 128, TileLayout((0, 128), (0, 256, 320))),
+    "sr32": (2, (64, 152), 32, TileLayout((0, 64), (0, 64, 152))),
+}
+VERIFY_EXTRA = {
+    "timm_swin_tiny_features": (Z.timm_swin_tiny_features, "swin"),
+    "timm_swinv2_tiny_features": (Z.timm_swinv2_tiny_features, "swin"),
+    "hf_swin_backbone": (Z.hf_swin_backbone, "swin"),
+    "timm_pvt_v2_b0_features": (Z.timm_pvt_v2_b0_features, "sr32"),
+    "hf_segformer": (Z.hf_segformer, "sr32"),
+}
+
+
+def _verify_scene(case: str):
+    if case in VERIFY_EXTRA:
+        factory, scene = VERIFY_EXTRA[case]
+        return (factory, *VERIFY_SCENES[scene])
+    factory, scene = CASES[case]
+    batch, hw, align, layouts = SCENES[scene]
+    return factory, batch, hw, align, layouts[VERIFY_GRID]
+
+
+def default_verify_reports(grid: tuple[int, int]) -> dict:
+    """Rank body: every zoo case in float32 with the measured noise, as
+    ``rest-ds verify --train`` (``verify(..., noise_floor=True)`` runs exactly
+    this ``compare_sharded``); ``case -> (VerifyReport or message, seconds)``."""
+    mesh = SpatialMesh.build(grid=grid)
+    out = {}
+    for name in list(CASES) + list(VERIFY_EXTRA):
+        factory, batch, hw, align, layout = _verify_scene(name)
+        x = offset_scene(batch, 3, hw, torch.float32)
+        t0 = time.perf_counter()
+        try:
+            rep = compare_sharded(factory, x, mesh, layout, train=True, step=True, seed=SEED, align=align,
+                                  dtype=torch.float32, noise_floor=True)
+        except SPIMError as e:
+            rep = f"{type(e).__name__}: {e}"
+        out[name] = (rep, time.perf_counter() - t0)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_zoo_default_verify_verdict():
+    reports = run_grid(default_verify_reports, VERIFY_GRID)
+    bad = {}
+    for name, (rep, seconds) in reports.items():
+        if isinstance(rep, str) or rep.refused is not None:
+            bad[name] = rep if isinstance(rep, str) else f"refused: {rep.refused}"
+            print(f"{name}: {bad[name]}")
+            continue
+        cls = rep.classify(VERIFY_TOL)
+        counts = {c: sum(1 for v in cls.values() if v == c) for c in CLASSES}
+        fails = {k: rep.errors[k] for k, c in cls.items() if c == "FAIL"}
+        print(f"{VERIFY_GRID[0]}x{VERIFY_GRID[1]} {name} ({seconds:.0f} s): "
+              + " ".join(f"{c} {n}" for c, n in counts.items())
+              + f", max rel error {rep.max_error:.1e}, " + ("FAIL" if fails else "PASS"))
+        assert len(cls) > 2 and any(k.startswith("output[") for k in cls), name
+        assert rep.noise_abs, name  # the verdict used a measured noise
+        if fails:
+            bad[name] = ", ".join(f"{k}={v:.2e} (noise {rep.noise_floor.get(k, math.nan):.1e})"
+                                  for k, v in sorted(fails.items(), key=lambda kv: -kv[1])[:5])
+    assert not bad, bad
 
 
 # --- vector norms over the scene (ConvNeXt-V2's GlobalResponseNorm) -----------

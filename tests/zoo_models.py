@@ -152,3 +152,46 @@ def hf_upernet_convnext() -> nn.Module:
     cfg = UperNetConfig(backbone_config=backbone, hidden_size=16, pool_scales=[1, 2, 3, 6],
                         use_auxiliary_head=False, num_labels=NUM_CLASSES)
     return UperNetForSemanticSegmentation(cfg)
+
+
+# --- transformers / timm vision transformers (tiny widths) ---------------------
+# Swin: patch 4 x window 4 x 2**3 = 128 px alignment (tests/test_models_swin.py);
+# SegFormer / PVT-v2: stride 32 with the reduced-key attention of stage 1
+# (sr ratio 8) on a 32-px grid (tests/test_spim_sr_attention.py).
+
+_SWIN_TINY = dict(embed_dim=24, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4)
+
+
+def timm_swin_tiny_features() -> nn.Module:
+    """timm Swin v1 (shifted windows: roll, window partition, relative position bias);
+    ``strict_img_size=False`` lets it take scenes other than its 224 px reference.
+    Features are NHWC."""
+    return _timm("swin_tiny_patch4_window7_224", features_only=True, strict_img_size=False, **_SWIN_TINY)
+
+
+def timm_swinv2_tiny_features() -> nn.Module:
+    """timm Swin-V2: cosine attention with a learned scale, continuous position bias MLP."""
+    return _timm("swinv2_tiny_window8_256", features_only=True, strict_img_size=False, **_SWIN_TINY)
+
+
+def timm_pvt_v2_b0_features() -> nn.Module:
+    """timm PVT-v2: spatial-reduction attention (keys/values from a strided conv), DWConv MLP."""
+    return _timm("pvt_v2_b0", features_only=True, embed_dims=[8, 16, 24, 32], num_heads=[1, 1, 2, 2],
+                 depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
+
+
+def hf_segformer() -> nn.Module:
+    """``SegformerForSemanticSegmentation`` (MiT encoder + all-MLP head; logits at stride 4)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    cfg = SegformerConfig(num_channels=3, num_labels=NUM_CLASSES, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                          num_attention_heads=[1, 1, 2, 2], sr_ratios=[8, 4, 2, 1], decoder_hidden_size=16)
+    return SegformerForSemanticSegmentation(cfg)
+
+
+def hf_swin_backbone() -> nn.Module:
+    """transformers ``SwinBackbone`` (every stage's NCHW map; pads to window multiples itself)."""
+    from transformers import SwinConfig
+    from transformers.models.swin.modeling_swin import SwinBackbone
+    cfg = SwinConfig(num_channels=3, embed_dim=24, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
+                     out_features=["stage1", "stage2", "stage3", "stage4"])
+    return SwinBackbone(cfg)
