@@ -179,6 +179,10 @@ def test_zoo_layouts_are_uneven_and_aligned():
                      if len(part) > 2]
             assert len(set(sizes)) > 1, (name, grid, sizes)
     assert math.prod(max(g) for g in GRIDS) > 1
+    for name, (batch, hw, align, layout) in VERIFY_SCENES.items():
+        assert layout.grid == VERIFY_GRID and layout.shape == hw, name
+        check_aligned(layout.cols, align)
+        assert len({b - a for a, b in zip(layout.cols[:-1], layout.cols[1:])}) > 1, name
 
 
 # --- `rest-ds verify` at its defaults on the whole zoo -------------------------
@@ -244,9 +248,12 @@ def test_zoo_default_verify_verdict():
         cls = rep.classify(VERIFY_TOL)
         counts = {c: sum(1 for v in cls.values() if v == c) for c in CLASSES}
         fails = {k: rep.errors[k] for k, c in cls.items() if c == "FAIL"}
+        top = {c: max((rep.errors[k] for k, v in cls.items() if v == c), default=0.0) for c in CLASSES}
+        zero_abs = max((rep.abs_errors[k] for k, v in cls.items() if v == "ZERO-REF"), default=0.0)
         print(f"{VERIFY_GRID[0]}x{VERIFY_GRID[1]} {name} ({seconds:.0f} s): "
               + " ".join(f"{c} {n}" for c, n in counts.items())
-              + f", max rel error {rep.max_error:.1e}, " + ("FAIL" if fails else "PASS"))
+              + f"; max rel error {rep.max_error:.1e} (PASS {top['PASS']:.1e}, ROUNDING {top['ROUNDING']:.1e},"
+              f" ZERO-REF abs {zero_abs:.1e}); " + ("FAIL" if fails else "PASS"))
         assert len(cls) > 2 and any(k.startswith("output[") for k in cls), name
         assert rep.noise_abs, name  # the verdict used a measured noise
         if fails:
