@@ -36,7 +36,7 @@ import torch
 
 from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
 from rest_ds.spim.errors import SPIMError
-from rest_ds.spim.verify import CLASSES, compare_sharded
+from rest_ds.spim.verify import CLASSES, NOISE_K, compare_sharded
 
 from . import zoo_models as Z
 from .harness import offset_scene, run_grid
@@ -235,6 +235,12 @@ def default_verify_reports(grid: tuple[int, int]) -> dict:
     return out
 
 
+def _verdict_margin(rep) -> float:
+    """max over the checks of ``|sharded - ref| / (tol * |ref| + k * noise)`` (FAIL above 1)."""
+    return max((rep.abs_errors[k] / (VERIFY_TOL * rep.sizes[k] + NOISE_K * rep.noise_abs[k])
+                for k in rep.noise_abs if VERIFY_TOL * rep.sizes[k] + NOISE_K * rep.noise_abs[k] > 0), default=0.0)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_zoo_default_verify_verdict():
@@ -253,7 +259,8 @@ def test_zoo_default_verify_verdict():
         print(f"{VERIFY_GRID[0]}x{VERIFY_GRID[1]} {name} ({seconds:.0f} s): "
               + " ".join(f"{c} {n}" for c, n in counts.items())
               + f"; max rel error {rep.max_error:.1e} (PASS {top['PASS']:.1e}, ROUNDING {top['ROUNDING']:.1e},"
-              f" ZERO-REF abs {zero_abs:.1e}); " + ("FAIL" if fails else "PASS"))
+              f" ZERO-REF abs {zero_abs:.1e}); largest error / allowed {_verdict_margin(rep):.2f}; "
+              + ("FAIL" if fails else "PASS"))
         assert len(cls) > 2 and any(k.startswith("output[") for k in cls), name
         assert rep.noise_abs, name  # the verdict used a measured noise
         if fails:
