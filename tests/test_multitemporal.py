@@ -151,3 +151,22 @@ def test_dates_must_divide_the_bands(tmp_path):
     d["dates"] = 0
     with pytest.raises(DataError, match="dates must be a whole number"):
         Scene.from_dict(d, root=tmp_path)
+
+
+def test_wavelengths_given_as_config_text():
+    """configs/hyperspectral_128_hls.yaml lists the 128 bands in nm; the config reads them as text ("417"),
+    scene band names are "417nm": both are wavelengths for band_rule: spectral (names stay names)."""
+    from pathlib import Path
+
+    from rest_ds.models.encoders.bands import band_mapping, wavelength
+    from rest_ds.train.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "hyperspectral_128_hls.yaml")
+    bands = cfg.model["encoder"]["bands"]
+    assert len(bands) == 128 and [wavelength(b) for b in bands[:2]] == [400.0, 417.0]
+    assert wavelength("417nm") == 417.0 and wavelength("RED") == 664.6
+    assert wavelength("foo") is None and wavelength("nan") is None
+    m = band_mapping(6, 128, ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"], bands, "spectral")
+    # each new band interpolates the pretrained ones (rows scaled by 6/128 to keep the activation's scale)
+    assert tuple(m.shape) == (128, 6) and bool((m >= 0).all())
+    assert torch.allclose(m.sum(1), torch.full((128,), 6 / 128, dtype=m.dtype))

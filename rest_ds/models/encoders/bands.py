@@ -30,6 +30,8 @@ wavelength) or a centre wavelength in nanometres (``float``).
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence, Union
 
 import torch
@@ -77,7 +79,15 @@ def wavelength(band: Band) -> float | None:
     if isinstance(band, (int, float)):
         return float(band)
     role = canonical(band)
-    return BANDS[role][0] if role in BANDS else None
+    if role in BANDS:
+        return BANDS[role][0]
+    # a wavelength as text: config values arrive as strings ("417"), scene band names as "417nm"
+    text = role[:-2].strip() if role.endswith("nm") else role
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _resolve_rule(rule: str, src: Sequence[Band] | None, dst: Sequence[Band] | None, c: int) -> str:
