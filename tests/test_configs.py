@@ -39,7 +39,24 @@ NARROW = {
 # configs whose map is also written by `rest-ds segment` on 2 ranks (the others: export, then the exported
 # model is rebuilt and loaded as segment does; the whole-scene prediction itself ran in the evaluation)
 SEGMENT = {"nc_landsat7_vit.yaml", "nc_landsat7_sam.yaml", "nc_landsat7_crop.yaml"}
+# hyperspectral_* configs train on the walkthrough's SYNTHETIC scene (rest-ds data synthetic arguments);
+# hyperspectral_hls_pretrain.yaml trains on nc-landsat7
+SYNTHETIC = {"hyperspectral_synthetic.yaml": {}, "hyperspectral_128.yaml": {"bands": 128},
+             "hyperspectral_128_hls.yaml": {"bands": 128}, "hyperspectral_multitemporal.yaml": {"bands": 6, "dates": 3}}
 SHORT = ["train.steps=3", "train.eval_interval=3", "train.checkpoint_interval=3", "train.log_interval=1"]
+
+
+def hls_prithvi_pt(path: Path) -> Path:
+    """A 6-band (HLS) Prithvi encoder of hyperspectral_128_hls.yaml's size, random weights, saved in the
+    MAE layout of the released .pt files (encoder.* keys)."""
+    import torch
+
+    from rest_ds.models.registry import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("prithvi_vit", in_chans=6, embed_dim=64, depth=2, num_heads=2, patch_size=8)
+    torch.save({f"encoder.{k}": v for k, v in enc.state_dict().items()}, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +70,8 @@ def test_every_config_is_covered():
     assert {"nc_landsat7_vit.yaml", "nc_landsat7_sam.yaml", "nc_landsat7_prithvi.yaml", "nc_landsat7_rest.yaml",
             "nc_landsat7_crop.yaml", "nc_landsat7_resnet18.yaml", "nc_landsat7_convnext.yaml"} <= set(CONFIGS)
     assert set(NARROW) <= set(CONFIGS)
+    assert set(SYNTHETIC) <= set(CONFIGS)
+    assert {n for n in CONFIGS if n.startswith("hyperspectral_")} - set(SYNTHETIC) == {"hyperspectral_hls_pretrain.yaml"}
 
 
 @pytest.mark.slow
@@ -63,11 +82,13 @@ def test_shipped_config_trains_and_segments(name, nc_landsat7, tmp_path):
 
     out = tmp_path / "run"
     extra, scene = [], "nc-landsat7"
-    if name.startswith("hyperspectral_"):  # the walkthrough's SYNTHETIC scene, made as docs/hyperspectral.md says
+    if name in SYNTHETIC:  # the walkthrough's SYNTHETIC scene, made as docs/hyperspectral.md says
         from rest_ds.data.samples import synthetic_hyperspectral
 
-        scene = str(synthetic_hyperspectral(tmp_path / "synthetic-hyperspectral"))
+        scene = str(synthetic_hyperspectral(tmp_path / "synthetic-hyperspectral", **SYNTHETIC[name]))
         extra = [f"data.scenes=[{scene}]"]
+        if name == "hyperspectral_128_hls.yaml":  # a 6-band HLS Prithvi .pt (random weights) stands in for the export
+            extra.append(f"model.encoder.checkpoint={hls_prithvi_pt(tmp_path / 'hls.pt')}")
     p, secs = launch(["train", "--config", str(ROOT / "configs" / name), f"output_dir={out}", *SHORT,
                       *NARROW.get(name, []), *extra], tmp_path, timeout=1100)
     log = p.stdout + p.stderr
@@ -86,7 +107,8 @@ def test_shipped_config_trains_and_segments(name, nc_landsat7, tmp_path):
         from rest_ds.train.segment import load_exported_model
 
         net, meta = load_exported_model(model)
-        assert (meta["num_classes"], meta["in_chans"]) == ((5, 32) if extra else (7, 6)) and not net.training
+        bands = SYNTHETIC[name].get("bands", 32) * SYNTHETIC[name].get("dates", 1) if extra else 6
+        assert (meta["num_classes"], meta["in_chans"]) == ((5 if extra else 7), bands) and not net.training
         return
     s = rest_ds(["segment", "--checkpoint", str(model), "--input", "nc-landsat7", "--output",
                  str(tmp_path / "map.tif"), "--nproc", "2"], tmp_path, timeout=900)
