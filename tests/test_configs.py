@@ -51,6 +51,7 @@ def hls_prithvi_pt(path: Path) -> Path:
     MAE layout of the released .pt files (encoder.* keys)."""
     import torch
 
+    import rest_ds.models.encoders  # noqa: F401  (registers the encoders)
     from rest_ds.models.registry import build_encoder
 
     torch.manual_seed(0)
