@@ -76,6 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rest_ds.models.zoo import resnet18_upernet, swin_tiny_upernet  # noqa: E402
 from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard  # noqa: E402
 from rest_ds.spim.spawn import spawn  # noqa: E402
+from rest_ds.train.bench import border_needs, halo_bytes  # noqa: E402
 
 from memory import reset_peak, rss_kib  # noqa: E402
 from sr_attention_volumes import build_segformer_b0, layer_bytes_report, layer_kind_hooks  # noqa: E402
@@ -120,26 +121,10 @@ def build(name: str, stack_channels: int, stack_layers: int) -> nn.Module:
 
 def analytic_halo_bytes(rows, cols, batch: int, in_channels: list[int], halo: int = 1) -> int:
     """Bytes all ranks send in one forward of a stack of stride-1 convs with a
-    ``halo``-pixel border each side, from the tile geometry alone: each rank
-    sends every neighbour (corners included) the part of its own tile that lies
-    within ``halo`` pixels of that neighbour's tile."""
-    def overlap(part, i, j):  # extent of tile i that tile j needs (j = i or an adjacent tile)
-        if i == j:
-            return part[i + 1] - part[i]
-        return min(halo, part[i + 1] - part[i])
-
-    total = 0
-    ph, pw = len(rows) - 1, len(cols) - 1
-    for r in range(ph):
-        for c in range(pw):
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    i, j = r + dr, c + dc
-                    if (dr, dc) == (0, 0) or not (0 <= i < ph and 0 <= j < pw):
-                        continue
-                    pixels = overlap(rows, r, i) * overlap(cols, c, j)
-                    total += pixels * batch * sum(in_channels) * DTYPE_BYTES
-    return total
+    ``halo``-pixel border each side, from the tile geometry alone
+    (``rest_ds.train.bench.halo_bytes``, the model ``rest-ds bench`` reports)."""
+    return halo_bytes(rows, cols, border_needs(rows, halo, halo), border_needs(cols, halo, halo),
+                      batch * sum(in_channels) * DTYPE_BYTES)
 
 
 def analytic_roll_bytes(rows, cols, batch: int, size: int, patch: int = 4, window: int = 7,

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from rest_ds.spim import comm_stats
+from rest_ds.train.bench import border_needs, halo_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32 = 4
@@ -100,22 +101,7 @@ def _split(part, stride: int) -> list[int]:
 
 def _halo(rows, cols, before: int, after: int, per_pixel: int) -> int:
     """Bytes all ranks send for a halo of ``before`` / ``after`` lines per axis (corners included)."""
-    def piece(part, mine, theirs):
-        ext = part[mine + 1] - part[mine]
-        if mine == theirs:
-            return ext
-        return min(before if theirs > mine else after, ext)  # the tile after me needs my last `before` lines
-
-    total, ph, pw = 0, len(rows) - 1, len(cols) - 1
-    for r in range(ph):
-        for c in range(pw):
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    i, j = r + dr, c + dc
-                    if (dr, dc) == (0, 0) or not (0 <= i < ph and 0 <= j < pw):
-                        continue
-                    total += piece(rows, r, i) * piece(cols, c, j) * per_pixel
-    return total
+    return halo_bytes(rows, cols, border_needs(rows, before, after), border_needs(cols, before, after), per_pixel)
 
 
 def _conv(rows, cols, stride_in: int, k: int, s: int, p: int, channels: int, batch: int) -> int:

@@ -397,7 +397,12 @@ def reset_rss_peak() -> bool:
 
 
 # --- analytic communication volumes ------------------------------------------------------------------
-def _halo_bytes(rows, cols, need_rows, need_cols, per_pixel: int) -> int:
+def border_needs(part, before: int, after: int) -> list[tuple[int, int]]:
+    """Needed input window of each tile of ``part`` for an op reading ``before`` / ``after`` lines beyond it."""
+    return [(part[i] - before, part[i + 1] + after) for i in range(len(part) - 1)]
+
+
+def halo_bytes(rows, cols, need_rows, need_cols, per_pixel: int) -> int:
     """Bytes all ranks send in one halo exchange: every rank sends each of its 8
     neighbours the part of its own tile inside that neighbour's needed window
     (the rule of rest_ds.spim.halo)."""
@@ -466,7 +471,7 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
         rows, cols = part_of(h, Hin, layout.rows), part_of(w, Win, layout.cols)
         o_r = output_partition(rows, n_out[0], ke[0], s[0], p[0], op, "row")
         o_c = output_partition(cols, n_out[1], ke[1], s[1], p[1], op, "col")
-        n = _halo_bytes(rows, cols, needs(o_r, ke[0], s[0], p[0]), needs(o_c, ke[1], s[1], p[1]),
+        n = halo_bytes(rows, cols, needs(o_r, ke[0], s[0], p[0]), needs(o_c, ke[1], s[1], p[1]),
                         B * C * dtype_bytes)
         out["halo"] += n * (1 if id(x) in seen_input else 2)
 
@@ -522,7 +527,7 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
                 lo, hi = idx.min(0).values, idx.max(0).values
                 need.append(tuple((int(lo[a:b].min()), int(hi[a:b].max()) + 1)
                                   for a, b in zip(opart[:-1], opart[1:])))
-            n = _halo_bytes(rows, cols, need[0], need[1], B * C * dtype_bytes)
+            n = halo_bytes(rows, cols, need[0], need[1], B * C * dtype_bytes)
             out["halo"] += n * (1 if id(input) in seen_input else 2)
         return y
 
