@@ -47,3 +47,15 @@ def train_step_reports(grid: tuple[int, int], cases: dict, layouts: dict, channe
     return {name: compare_sharded(factory, offset_scene(batch, channels, layout.shape, dtype), mesh, layout,
                                   train=True, step=True, seed=seed, align=align)
             for name, (factory, dtype, batch) in cases.items()}
+
+
+def init_deepspeed_rank() -> None:
+    """Rank body prologue of the DeepSpeed engine tests: DeepSpeed's gloo process
+    group, its logging quietened, deterministic algorithms on."""
+    import deepspeed
+
+    from rest_ds.train.engine import quiet_deepspeed
+
+    quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.use_deterministic_algorithms(True)

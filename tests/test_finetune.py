@@ -19,7 +19,7 @@ import torch
 from rest_ds.spim import SpatialMesh, TileLayout
 from rest_ds.spim.verify import compare_sharded
 
-from .harness import run_grid
+from .harness import init_deepspeed_rank, run_grid
 from .test_models_encoders import Seg, _randomize, scene
 
 P = functools.partial
@@ -347,13 +347,7 @@ def _ft_case(stage, finetune):
 
 
 def _ft_all(cases):
-    import deepspeed
-
-    from rest_ds.train.engine import quiet_deepspeed
-
-    quiet_deepspeed()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.use_deterministic_algorithms(True)
+    init_deepspeed_rank()
     return {name: _ft_case(*c) for name, c in cases.items()}
 
 

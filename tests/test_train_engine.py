@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from rest_ds.spim.spawn import spawn
+from tests.harness import init_deepspeed_rank
 
 K = 3
 SHAPE = (1, 4, 44, 58)          # uneven tiles: rows (0, 24, 44) / cols (0, 32, 58) at align 8
@@ -137,13 +138,7 @@ def _case(stage, grid, opt_name, steps, act_ckpt):
 
 
 def _all_cases(cases):
-    import deepspeed
-
-    from rest_ds.train.engine import quiet_deepspeed
-
-    quiet_deepspeed()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.use_deterministic_algorithms(True)
+    init_deepspeed_rank()
     return {c: _case(*c) for c in cases}
 
 
