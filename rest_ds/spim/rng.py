@@ -492,11 +492,14 @@ def install(model: torch.nn.Module, seed: int) -> list:
             rng.enter()
         enter()
 
-    def root_post(mod, args, out):
+    def leave():
         if stack():
             ctx = stack().pop()
             if ctx is not None:
                 ctx.__exit__(None, None, None)
+
+    def root_post(mod, args, out):
+        leave()
         rng.exit()
 
     def sub_pre(mod, args):
@@ -506,10 +509,7 @@ def install(model: torch.nn.Module, seed: int) -> list:
             enter()
 
     def sub_post(mod, args, out):
-        if stack():
-            ctx = stack().pop()
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+        leave()
 
     handles = [model.register_forward_pre_hook(root_pre),
                model.register_forward_hook(root_post, always_call=True)]
