@@ -24,9 +24,7 @@ from typing import Sequence
 import torch
 
 from . import __version__
-from .cli_args import nonneg_float, positive_int
-
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+from .cli_args import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, nonneg_float, one_line, parse_grid, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,30 +34,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
-
-
 # --- argument types ------------------------------------------------------------
-def parse_grid(text: str) -> tuple[int, int]:
-    """``'2x3'`` -> ``(2, 3)`` (rows x columns of tiles, each >= 1)."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        ph, pw = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not PHxPW (rows x columns of tiles, e.g. 2x2 or 1x3)") from None
-    if ph < 1 or pw < 1:
-        raise argparse.ArgumentTypeError(f"grid '{text}' must have at least one row and one column of tiles")
-    return ph, pw
-
-
 def parse_shape(text: str) -> tuple[int, int, int, int]:
     """``'2,3,256,256'`` -> ``(2, 3, 256, 256)`` (B, C, H, W; all >= 1)."""
     parts = [p.strip() for p in text.replace("x", ",").split(",")]
@@ -188,23 +163,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         load_factory(target)
     except SPIMError as e:
-        return _fail(_one_line(e))
+        return fail(e)
     except Exception as e:  # an import error, a syntax error in the user's file, ...
         if args.debug:
             import traceback
             traceback.print_exc()
-        return _fail(f"cannot load '{args.target}': {type(e).__name__}: {_one_line(e)}")
+        return fail(f"cannot load '{args.target}': {type(e).__name__}: {one_line(e)}")
 
     if args.json is not None and args.json.is_dir():
-        return _fail(f"--json {args.json} is a directory")
+        return fail(f"--json {args.json} is a directory")
     if args.device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda: torch sees no CUDA device on this machine")
+        return fail("--device cuda: torch sees no CUDA device on this machine")
     B, C, H, W = args.input_shape
     ph, pw = args.grid
     try:
         layout = TileLayout.even(H, W, (ph, pw), args.align)
     except SPIMError as e:
-        return _fail(_one_line(e))
+        return fail(e)
 
     print(f"verify {args.target}: input {B}x{C}x{H}x{W}, grid {ph}x{pw} ({ph * pw} gloo ranks on {args.device}), "
           f"{'train' if args.train else 'eval'} mode, tile rows {list(layout.rows)} cols {list(layout.cols)}",
@@ -218,7 +193,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.debug and e.tb:
             print(e.tb, file=sys.stderr)
         who = f"rank {e.rank}" if e.rank >= 0 else "ranks"
-        return _fail(f"{who}: {e.exc_type}: {_one_line(e.message)}")
+        return fail(f"{who}: {e.exc_type}: {one_line(e.message)}")
     elapsed = time.monotonic() - t0
 
     if report.refused is not None:
@@ -252,7 +227,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not errors:
         print(f"FAIL: nothing was compared (the model produced no tensor output) [{elapsed:.1f} s]")
         _write_json(args, report, elapsed, status="fail")
-        return EXIT_MISMATCH
+        return EXIT_FAIL
     counts = ", ".join(f"{sum(1 for c in classes.values() if c == k)} {k}" for k in ("PASS", "ROUNDING", "ZERO-REF")
                        if any(c == k for c in classes.values()))
     judged = [k for k in errors if classes[k] in ("PASS", "ROUNDING", "FAIL")]
@@ -263,7 +238,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
               f"measured rounding noise; max {_fmt_err(errors[worst])} at '{worst}'); the others: {counts} "
               f"[{elapsed:.1f} s]")
         _write_json(args, report, elapsed, status="fail")
-        return EXIT_MISMATCH
+        return EXIT_FAIL
     print(f"PASS: {len(errors)} checks: {counts} at tol {tol:g} (max error {_fmt_err(errors[worst])} at "
           f"'{worst}', ZERO-REF excluded) [{elapsed:.1f} s]")
     _write_json(args, report, elapsed, status="pass")
@@ -341,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from ..cli_args import EXIT_OK, fail
 
 DATA_DESCRIPTION = """\
 Sample scenes and scene checks.
@@ -70,25 +70,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def run(args: argparse.Namespace) -> int:
     """Run a ``data`` sub-command; returns the exit status."""
     from .errors import DataError
 
     cmd = getattr(args, "data_command", None)
     if cmd is None:
-        return _fail("give a sub-command: list, fetch, info or synthetic (see 'rest-ds data --help')")
+        return fail("give a sub-command: list, fetch, info or synthetic (see 'rest-ds data --help')")
     try:
         return {"list": _list, "fetch": _fetch, "info": _info, "synthetic": _synthetic}[cmd](args)
     except DataError as e:
-        return _fail(str(e))
+        return fail(e)
     except (OSError, ValueError) as e:  # bad input that reached a library (one line, not a traceback)
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        return _fail(f"{where}{type(e).__name__}: {' '.join(str(e).split())}")
+        return fail(f"{where}{type(e).__name__}: {e}")
 
 
 def _list(args) -> int:

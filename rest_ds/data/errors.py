@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from ..cli_args import one_line
+
 
 class DataError(ValueError):
     """Bad scene input: a missing or corrupt file, a band count that does not match
@@ -20,14 +22,10 @@ class DataError(ValueError):
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
         self.path = None if path is None else str(path)
-        self.problem = _one_line(problem)
+        self.problem = one_line(problem)
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
 
 
 class DataWarning(UserWarning):
     """Something accepted but worth knowing (e.g. label and image CRSs that differ
     only in datum realisation, a constant band whose std is replaced by 1)."""
-
-
-def _one_line(text: object) -> str:
-    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())

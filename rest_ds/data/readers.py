@@ -32,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError, _one_line
+from ..cli_args import one_line
+from .errors import DataError
 
 Window = tuple[slice, slice]
 
@@ -115,10 +116,10 @@ def window_bounds(rows: slice, cols: slice, height: int, width: int, what: str =
 
 
 def _raster_error(path, exc: Exception, doing: str = "cannot open as a raster") -> DataError:
-    msg = _one_line(exc)
+    msg = one_line(exc)
     cause = exc.__cause__ or exc.__context__
     if cause is not None and "previous exception" in msg:
-        msg = _one_line(cause)        # GDAL's own reason (e.g. a truncated strip)
+        msg = one_line(cause)        # GDAL's own reason (e.g. a truncated strip)
     if not os.path.exists(path):
         return DataError(path, "file not found")
     # GDAL repeats the path in its message; keep the reason only.
@@ -194,7 +195,7 @@ class Reader:
             try:
                 self.crs = CRS.from_user_input(crs)
             except Exception as e:
-                raise DataError(self.path, f"invalid crs {crs!r} ({_one_line(e)})") from None
+                raise DataError(self.path, f"invalid crs {crs!r} ({one_line(e)})") from None
         if transform is not None:
             from affine import Affine
 
@@ -357,7 +358,7 @@ class BandStackReader(Reader):
             raise
         except Exception as e:
             self.close()
-            raise DataError(self.path, f"band stack: cannot build the resampled stack ({_one_line(e)})") from None
+            raise DataError(self.path, f"band stack: cannot build the resampled stack ({one_line(e)})") from None
         self.shape = (count, ref.height, ref.width)
         self.dtype = np.result_type(*dtypes)
         self.nodata = tuple(nodata_out)
@@ -412,7 +413,7 @@ def _open_h5(path: str, counter: IOCounter | None, what: str = "HDF5"):
     except Exception as e:
         if fobj is not None:
             fobj.close()
-        raise DataError(path, f"not a readable {what} file ({_one_line(e)})") from None
+        raise DataError(path, f"not a readable {what} file ({one_line(e)})") from None
 
 
 def _h5_datasets(f) -> list[str]:
@@ -501,7 +502,7 @@ class HDF5Reader(Reader):
             arr = self._ds[tuple(idx)]
         except Exception as e:
             raise DataError(self.path, f"cannot read '{self.dataset}' rows [{r0}, {r1}) cols [{c0}, {c1}) "
-                                       f"({_one_line(e)})") from None
+                                       f"({one_line(e)})") from None
         if self._c is None:
             arr = arr[None]
         elif self._c == 2:
@@ -527,7 +528,7 @@ def mat_version(path) -> str:
     try:
         return "7.3" if h5py.is_hdf5(os.fspath(path)) else "5"
     except OSError as e:
-        raise DataError(path, f"cannot read ({_one_line(e)})") from None
+        raise DataError(path, f"cannot read ({one_line(e)})") from None
 
 
 class MatReader(Reader):
@@ -590,7 +591,7 @@ class MatReader(Reader):
         try:
             info = scipy.io.whosmat(self.path)
         except Exception as e:
-            raise DataError(self.path, f"not a readable MATLAB file ({_one_line(e)})") from None
+            raise DataError(self.path, f"not a readable MATLAB file ({one_line(e)})") from None
         names = [n for n, _, _ in info]
         if variable is None:
             cubes = [(n, s, c) for n, s, c in info if len(s) in (2, 3)]
@@ -617,7 +618,7 @@ class MatReader(Reader):
             else:
                 data = scipy.io.loadmat(self.path, variable_names=[self.variable])
         except Exception as e:
-            raise DataError(self.path, f"cannot load variable '{self.variable}' ({_one_line(e)})") from None
+            raise DataError(self.path, f"cannot load variable '{self.variable}' ({one_line(e)})") from None
         arr = np.asarray(data[self.variable])
         if arr.shape != self._mshape:
             raise DataError(self.path, f"variable '{self.variable}' loads as {arr.shape}, header said {self._mshape}")
@@ -634,7 +635,7 @@ class MatReader(Reader):
                 arr = self._ds[tuple(idx)]
             except Exception as e:
                 raise DataError(self.path, f"cannot read '{self.variable}' rows [{r0}, {r1}) cols [{c0}, {c1}) "
-                                           f"({_one_line(e)})") from None
+                                           f"({one_line(e)})") from None
             arr = arr.transpose(tuple(reversed(range(nd))))  # back to MATLAB's axis order
         else:
             full = self._load_v5()

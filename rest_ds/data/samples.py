@@ -93,7 +93,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DataError, _one_line
+from ..cli_args import one_line
+from .errors import DataError
 from .scene import Scene
 
 CACHE_ENV = "REST_DS_DATA"
@@ -452,7 +453,7 @@ def _download(sample: Sample, cache: Path, log: Callable[[str], None]) -> Path:
             os.replace(tmp, target)
             return target
         except (OSError, ValueError) as e:
-            tried.append(f"{url}: {_one_line(e)}")
+            tried.append(f"{url}: {one_line(e)}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -480,7 +481,7 @@ def _extract(sample: Sample, archive: Path, folder: Path) -> None:
                     if m.name in wanted and m.isfile():
                         found[m.name] = t.extractfile(m).read()
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        raise DataError(archive, f"cannot read the archive ({_one_line(e)})") from None
+        raise DataError(archive, f"cannot read the archive ({one_line(e)})") from None
     missing = [m for m in wanted if m not in found]
     if missing:
         raise DataError(archive, f"archive lacks {', '.join(missing)}")

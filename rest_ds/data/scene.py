@@ -60,7 +60,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DataError, DataWarning, _one_line
+from ..cli_args import one_line
+from .errors import DataError, DataWarning
 from .readers import IOCounter, Reader, open_reader, window_bounds
 
 IGNORE_INDEX = -100
@@ -159,7 +160,7 @@ class Scene:
             with open(path) as f:
                 data = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise DataError(path, f"not valid YAML ({_one_line(e)})") from None
+            raise DataError(path, f"not valid YAML ({one_line(e)})") from None
         return cls.from_dict(data, root=os.path.dirname(os.path.abspath(path)), source_file=path)
 
     @classmethod

@@ -1121,7 +1121,8 @@ def add_parser(subparsers) -> None:
 
 def cmd_bench(args) -> int:
     """``rest-ds bench``: exit 0 done, 1 a rank failed, 2 bad input."""
-    from .cli import _die, _fail, _one_line, _rank_env, _usage_errors
+    from ..cli_args import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, one_line
+    from .cli import _die, _rank_env, _usage_errors
     from .config import ConfigError, load_config
 
     rank, world = _rank_env()
@@ -1137,11 +1138,11 @@ def cmd_bench(args) -> int:
             raise ValueError("give at least one layout and one scene")
         load_config(args.config, args.overrides)
     except ValueError as e:
-        return _fail(str(e)) if rank == 0 else 2
+        return fail(e) if rank == 0 else EXIT_USAGE
     except ConfigError as e:
-        return _fail(_one_line(e)) if rank == 0 else 2
+        return fail(e) if rank == 0 else EXIT_USAGE
     if args.out.exists() and not args.out.is_dir():
-        return _fail(f"--out {args.out} is not a folder")
+        return fail(f"--out {args.out} is not a folder")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
     try:
         doc = run_bench(str(args.config), list(args.overrides), scenes, layouts, weak, steps=args.steps,
@@ -1151,12 +1152,12 @@ def cmd_bench(args) -> int:
         from ..spim.spawn import RankError
 
         if isinstance(e, KeyboardInterrupt) and world == 1:
-            return 130
+            return EXIT_INTERRUPTED
         if isinstance(e, RankError):
             if args.debug and e.tb:
                 print(e.tb, file=sys.stderr)
-            code = 2 if e.exc_type in {c.__name__ for c in _usage_errors()} else 1
-            return _fail(f"{'rank %d: ' % e.rank if e.rank >= 0 else ''}{e.exc_type}: {_one_line(e.message)}", code)
+            code = EXIT_USAGE if e.exc_type in {c.__name__ for c in _usage_errors()} else EXIT_FAIL
+            return fail(f"{'rank %d: ' % e.rank if e.rank >= 0 else ''}{e.exc_type}: {one_line(e.message)}", code)
         return _die(e, args.debug, rank, world)
     if doc is not None:
         print(f"bench: {len(doc['runs'])} configuration(s) in {args.out}/bench.json, bench.csv, throughput.png, "
@@ -1164,4 +1165,4 @@ def cmd_bench(args) -> int:
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
         from .cli import _finish
         _finish()
-    return 0
+    return EXIT_OK

@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_args import nonneg_int, positive_int
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from ..cli_args import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, nonneg_int, one_line, parse_grid, positive_int
 
 TRAIN_DESCRIPTION = """\
 Train a segmentation model on whole scenes (SPIM spatial parallelism inside
@@ -80,15 +78,6 @@ normalisation, bands), the input of 'rest-ds segment' on any number of ranks.
 
 CHECKPOINT is a run folder, its checkpoints/ folder (the latest complete
 checkpoint is used) or one checkpoints/step_N/ folder."""
-
-
-def _one_line(text) -> str:
-    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return code
 
 
 def add_parser(subparsers) -> None:
@@ -177,7 +166,7 @@ def _die(e: BaseException, debug: bool, rank: int, world: int) -> int:
         import traceback
         traceback.print_exc()
     who = f"rank {rank}: " if world > 1 else ""
-    text = _one_line(e)
+    text = one_line(e)
     if world > 1 and _peer_lost(e):
         text = f"a collective failed: another rank stopped or timed out (its error comes first) [{text[:300]}]"
     print(f"error: {who}{type(e).__name__}: {text}", file=sys.stderr, flush=True)
@@ -203,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        return _fail(_one_line(e)) if world == 1 or rank == 0 else EXIT_USAGE
+        return fail(e) if world == 1 or rank == 0 else EXIT_USAGE
     if args.print_config:
         if rank == 0:
             print(cfg.to_yaml(), end="")
@@ -221,8 +210,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         scene_headers(cfg)  # headers only; samples not fetched yet are left to rank 0
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
-            return 130
-        return _fail(_one_line(e)) if world == 1 or rank == 0 else EXIT_USAGE
+            return EXIT_INTERRUPTED
+        return fail(e) if world == 1 or rank == 0 else EXIT_USAGE
     try:
         from .engine import Trainer, init_job
 
@@ -234,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if isinstance(e, KeyboardInterrupt) and world == 1:
             if lock is not None:
                 lock.release()
-            return 130
+            return EXIT_INTERRUPTED
         if lock is not None:
             lock.release()
         return _die(e, args.debug, rank, world)
@@ -286,7 +275,7 @@ def _check(cfg, args: argparse.Namespace, world: int) -> int:
         plan = plan_run(cfg, ranks=ranks, memory_bytes=mem, scenes=info)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
-            return 130
+            return EXIT_INTERRUPTED
         return _die(e, args.debug, 0, 1)
     seen = [s for s in info["scenes"] if s["fetched"]]
     print(f"check: config {cfg.source_file}: OK; {len(info['scenes'])} scene(s) "
@@ -315,16 +304,14 @@ def _finish() -> None:
 
 # --- segment ----------------------------------------------------------------------------------------
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .config import parse_grid_text
-
     grid = None
     if args.grid:
         try:
-            grid = parse_grid_text(args.grid)
+            grid = parse_grid(args.grid)
         except ValueError as e:
-            return _fail(f"--grid: {e}")
+            return fail(f"--grid: {e}")
     if args.overlap is not None and args.crop is not None and args.overlap >= args.crop:
-        return _fail(f"--overlap {args.overlap} must be smaller than --crop {args.crop}")
+        return fail(f"--overlap {args.overlap} must be smaller than --crop {args.crop}")
     batch = len(args.input) > 1 or any(_many_scenes(r) for r in args.input)
     if batch:
         try:
@@ -333,11 +320,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
             scenes = expand_inputs(args.input)
             batch_outputs(scenes, str(args.output))
         except ValueError as e:
-            return _fail(_one_line(e))
+            return fail(e)
         if args.probs or args.preview:
-            return _fail("--probs / --preview: one scene at a time (several inputs write one map per scene)")
+            return fail("--probs / --preview: one scene at a time (several inputs write one map per scene)")
         if args.output.suffix.lower() in (".tif", ".tiff") or args.output.is_file():
-            return _fail(f"--output {args.output}: with several scenes it is a folder (one NAME.tif per scene)")
+            return fail(f"--output {args.output}: with several scenes it is a folder (one NAME.tif per scene)")
     kwargs = dict(checkpoint=str(args.checkpoint), input=str(args.input[0]), output=str(args.output), mode=args.mode,
                   crop=args.crop, overlap=args.overlap, probs=str(args.probs) if args.probs else None,
                   preview=str(args.preview) if args.preview else None, grid=grid, stats=args.stats,
@@ -364,11 +351,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
             check_outputs(kwargs["input"], kwargs["output"], probs=kwargs["probs"], preview=kwargs["preview"],
                           overwrite=args.overwrite, cache=args.cache)
     except DataError as e:
-        return _fail(_one_line(e))
+        return fail(e)
     rank, world = _rank_env()
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if launched and args.nproc > 1:
-        return _fail("--nproc starts local ranks; do not combine it with a launcher")
+        return fail("--nproc starts local ranks; do not combine it with a launcher")
     if not launched and args.nproc > 1:
         from ..spim.spawn import RankError, spawn
         from .segment import _segment_rank
@@ -388,7 +375,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 print(e.tb, file=sys.stderr)
             who = f"rank {e.rank}: " if e.rank >= 0 else ""
             bad_input = e.exc_type in {t.__name__ for t in _usage_errors()}   # one exit status for bad input
-            return _fail(f"{who}{e.exc_type}: {_one_line(e.message)}", EXIT_USAGE if bad_input else EXIT_FAIL)
+            return fail(f"{who}{e.exc_type}: {one_line(e.message)}", EXIT_USAGE if bad_input else EXIT_FAIL)
         _print_segment(res[0])
         return EXIT_OK
     try:
@@ -408,7 +395,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             res = segment(**kwargs)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) and world == 1:
-            return 130
+            return EXIT_INTERRUPTED
         return _die(e, args.debug, rank, world)
     if rank == 0:
         _print_segment(res)
@@ -471,7 +458,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out, js = export_model(sd, meta, args.output)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
-            return 130
+            return EXIT_INTERRUPTED
         return _die(e, args.debug, 0, 1)
     n = sum(v.numel() for v in sd.values())
     print(f"export {root / tag} (step {manifest['step']}, ZeRO {manifest.get('zero_stage')}, "

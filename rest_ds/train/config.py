@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..cli_args import parse_grid
 from ..config_schema import ConfigError, parse_dataclass
 
 
@@ -198,7 +199,7 @@ class TrainConfig:
 
     def grid(self) -> tuple[int, int] | None:
         """The configured grid, or None for ``auto``."""
-        return None if self.mesh.grid == "auto" else parse_grid_text(self.mesh.grid)
+        return None if self.mesh.grid == "auto" else parse_grid(self.mesh.grid)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -233,9 +234,9 @@ class TrainConfig:
         need(self.mesh.sp is None or self.mesh.sp >= 1, "mesh.sp", f"must be >= 1 or null, got {self.mesh.sp}")
         if self.mesh.grid != "auto":
             try:
-                g = parse_grid_text(self.mesh.grid)
+                g = parse_grid(self.mesh.grid)
             except ValueError as e:
-                raise ConfigError(w, "mesh.grid", str(e)) from None
+                raise ConfigError(w, "mesh.grid", f"{e}, or 'auto'") from None
             need(self.mesh.sp is None or g[0] * g[1] == self.mesh.sp, "mesh.grid",
                  f"{self.mesh.grid} has {g[0] * g[1]} tiles but mesh.sp is {self.mesh.sp}")
         if self.data.mode == "crop":
@@ -306,20 +307,6 @@ class TrainConfig:
         if m.get("num_classes") is None:
             m["num_classes"] = 1  # filled in from the scenes
         ModelConfig.from_dict(m, w)
-
-
-def parse_grid_text(text: str) -> tuple[int, int]:
-    """``'2x3'`` -> ``(2, 3)``; ValueError with a readable message otherwise."""
-    parts = str(text).lower().replace("*", "x").split("x")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        ph, pw = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise ValueError(f"'{text}' is not 'auto' or PHxPW (rows x columns of tiles, e.g. 2x1)") from None
-    if ph < 1 or pw < 1:
-        raise ValueError(f"grid '{text}' needs at least one row and one column")
-    return ph, pw
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -444,4 +431,4 @@ def _deepcopy(d):
 
 
 __all__ = ["ConfigError", "TrainConfig", "DataSection", "AugmentSection", "MeshSection", "DeepSpeedSection",
-           "OptimizerSection", "ScheduleSection", "TrainSection", "FinetuneSection", "LoraSection", "load_config", "parse_override", "parse_grid_text"]
+           "OptimizerSection", "ScheduleSection", "TrainSection", "FinetuneSection", "LoraSection", "load_config", "parse_override"]

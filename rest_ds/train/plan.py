@@ -689,8 +689,7 @@ def _coeffs_from(path: str | None, cfg) -> dict | None:
 
 
 def cmd_plan(args) -> int:
-    import sys
-
+    from ..cli_args import EXIT_FAIL, EXIT_OK, fail
     from ..data import DataError
     from .config import load_config
 
@@ -714,7 +713,7 @@ def cmd_plan(args) -> int:
             if best is None:
                 print(f"max-scene: nothing fits {args.devices} x {args.memory:g} GiB (the model's fixed memory "
                       f"alone is too large)", flush=True)
-                return 1
+                return EXIT_FAIL
             H, W = best["scene"]
             print(f"max-scene: {H}x{W} px ({H * W / 1e6:.1f} Mpx) on {args.devices} x {mem / GIB:g} GiB: "
                   f"mesh.grid={best['grid'][0]}x{best['grid'][1]} mesh.sp={best['sp']} "
@@ -731,9 +730,8 @@ def cmd_plan(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1, default=list)
     except (ConfigError, DataError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return fail(e)
+    return EXIT_OK
 
 
 __all__ = ["LiveBytes", "ModelProfile", "profile_model", "static_bytes", "estimate", "candidates", "recommend",

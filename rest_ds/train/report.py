@@ -126,6 +126,8 @@ def comparison_png(scene_ref: str, maps: dict[str, str], png: str | Path, titles
 
 
 def main(argv=None) -> int:
+    from ..cli_args import EXIT_OK, fail
+
     p = argparse.ArgumentParser(prog="python -m rest_ds.train.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scene", required=True, help="sample name or scene YAML (with label and regions)")
@@ -145,8 +147,7 @@ def main(argv=None) -> int:
     try:
         res = evaluate_maps(a.scene, maps, a.regions, a.cache)
     except Exception as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return fail(f"{type(e).__name__}: {e}")
     if a.extra is not None and a.extra.is_file():
         res.update(json.loads(a.extra.read_text()))
     r0 = a.regions[0]
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     if a.png:
         titles = {n: f"{n} (mIoU {r0} {res['maps'][n][r0]['mIoU']:.3f})" for n in names}
         comparison_png(a.scene, maps, a.png, titles, a.cache)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
