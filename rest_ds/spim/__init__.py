@@ -8,6 +8,7 @@ from .comm import CommStats, comm_stats, track_comm
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh, init_distributed
 from .parallelize import average_gradients, parallelize
+from .rng import rng_state, set_rng_state
 from .sharding import from_local, gather, shard, to_local
 from .tensor import SpatialTensor, Spec
 from .tiling import TileLayout, check_aligned, choose_grid, split_extent
@@ -18,5 +19,5 @@ __all__ = [
     "CommStats", "comm_stats", "track_comm", "SPIMError", "SPIMUnsupportedError", "SpatialMesh",
     "init_distributed", "parallelize", "average_gradients", "from_local", "gather", "shard", "to_local",
     "SpatialTensor", "Spec", "TileLayout", "check_aligned", "choose_grid", "split_extent",
-    "VerifyReport", "compare_sharded", "rel_error", "verify",
+    "VerifyReport", "compare_sharded", "rel_error", "verify", "rng_state", "set_rng_state",
 ]

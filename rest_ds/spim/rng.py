@@ -74,6 +74,13 @@ class SharedRNG:
         """The stream's current position (CPU state, CUDA state or None)."""
         return self._cpu, self._cuda
 
+    def set_state(self, cpu: torch.Tensor, cuda: torch.Tensor | None = None) -> None:
+        """Move the stream to a position :meth:`state` returned (a checkpoint's). The
+        CUDA state is kept when ``cuda`` is None (a checkpoint written on CPU)."""
+        self._cpu = cpu.clone()
+        if cuda is not None and self._cuda is not None:
+            self._cuda = cuda.clone()
+
     def enter(self, at: tuple | None = None) -> None:
         """Make the stream the default generator, at its current position or at
         ``at`` (a :meth:`state`; a replay, which leaves the stream's position as it is)."""
@@ -517,3 +524,34 @@ def install(model: torch.nn.Module, seed: int) -> list:
         if name:
             handles += [m.register_forward_pre_hook(sub_pre), m.register_forward_hook(sub_post, always_call=True)]
     return handles
+
+
+def rng_state(model: torch.nn.Module) -> dict | None:
+    """The position of ``model``'s grid-invariant stream (installed by :func:`install`,
+    which ``parallelize`` calls): ``{"cpu": uint8 tensor, "cuda": uint8 tensor or None}``,
+    the same on every sp rank of a dp replica; None for a model without one. Save it in
+    a checkpoint with the model and give it back with :func:`set_rng_state` to resume
+    the same random draws (dropout masks, DropPath) on any grid."""
+    rng = getattr(model, "_spim_rng", None)
+    if rng is None:
+        return None
+    cpu, cuda = rng.state()
+    return {"cpu": cpu.clone(), "cuda": cuda.clone() if cuda is not None else None}
+
+
+def set_rng_state(model: torch.nn.Module, state: dict | torch.Tensor | None) -> None:
+    """Move ``model``'s grid-invariant stream to ``state`` (from :func:`rng_state`; a
+    bare CPU state tensor is accepted too). ``None`` leaves it as it is. Raises
+    :class:`SPIMError` when ``model`` has no stream or ``state`` is not one."""
+    if state is None:
+        return
+    rng = getattr(model, "_spim_rng", None)
+    if rng is None:
+        raise SPIMError("set_rng_state: the model has no SPIM random stream (parallelize it, or "
+                        "rest_ds.spim.rng.install(model, seed), first)")
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state, "cuda": None}
+    cpu = state.get("cpu") if isinstance(state, dict) else None
+    if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.dim() != 1:
+        raise SPIMError(f"set_rng_state: expected the dict rng_state() returns, got {type(state).__name__}")
+    rng.set_state(cpu, state.get("cuda"))

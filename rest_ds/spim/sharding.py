@@ -41,13 +41,26 @@ def shard(x: torch.Tensor, mesh: SpatialMesh, layout: TileLayout | None = None,
 
 def from_local(t: torch.Tensor, mesh: SpatialMesh, dims: tuple[int, int] = (-2, -1), align: int = 1,
                layout: TileLayout | None = None) -> SpatialTensor:
-    """Wrap this rank's tile ``t``; tile sizes are exchanged over the sp group.
+    """Wrap this rank's tile ``t`` (any dtype: images ``(B, C, h, w)`` with the
+    default ``dims``, integer label tiles ``(B, h, w)`` with ``dims=(1, 2)``).
 
-    All ranks must call it. Raises the same :class:`SPIMError` on every rank when
-    the tiles do not form a grid: ranks of one grid row must share a height,
-    ranks of one grid column a width, and every other dim must be equal."""
+    Without ``layout``, tile sizes are exchanged over the sp group: all ranks
+    must call it, and it raises the same :class:`SPIMError` on every rank when
+    the tiles do not form a grid (ranks of one grid row must share a height,
+    ranks of one grid column a width, and every other dim must be equal).
+    With the global ``layout`` (a :class:`TileLayout` of the mesh's grid) nothing
+    is exchanged; a tile whose size is not this rank's tile of ``layout`` raises."""
     dims = _norm_dims(dims, t.dim())
     if layout is not None:
+        if len(dims) != 2 or dims[0] == dims[1]:
+            raise SPIMError(f"from_local: dims {dims} must name two different dims of the {t.dim()}-d tile")
+        if layout.grid != mesh.grid:
+            raise SPIMError(f"from_local: layout grid {layout.grid} does not match the mesh grid {mesh.grid}")
+        rs, cs = layout.tile(*mesh.coord)
+        if (t.shape[dims[0]], t.shape[dims[1]]) != (rs.stop - rs.start, cs.stop - cs.start):
+            raise SPIMError(f"from_local: sp rank {mesh.sp_index} (grid {mesh.coord[0]},{mesh.coord[1]}) has a "
+                            f"{t.shape[dims[0]]}x{t.shape[dims[1]]} tile on dims {dims}, but the layout gives it "
+                            f"{rs.stop - rs.start}x{cs.stop - cs.start}")
         return SpatialTensor(t, Spec(mesh, dims, layout.rows, layout.cols))
     shapes = all_gather_object(tuple(t.shape), mesh)
     ph, pw = mesh.grid
