@@ -19,11 +19,13 @@ from torch import nn
 
 from rest_ds.spim import SPIMError, SpatialMesh, TileLayout, gather, parallelize, shard
 from rest_ds.spim.parallelize import average_gradients
-from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded, rel_error
 
-TOL = 1e-5
+from .harness import TOL32 as TOL
+from .harness import expected_check_names, grid_params, run_ranks
+
 GRIDS = [(1, 2), (2, 1), (2, 2), (1, 3), (2, 3), (3, 2)]
+FAST_GRID = (2, 2)  # the fast tier's grid: both axes split (corner halos)
 SEED = 5
 
 
@@ -479,29 +481,17 @@ def _run_grid(grid):
     return reports, refusals, extra
 
 
-@pytest.fixture(scope="module", params=GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.fixture(scope="module", params=grid_params(GRIDS, FAST_GRID))
 def grid_results(request):
     grid = request.param
-    per_rank = spawn(_run_grid, grid[0] * grid[1], grid, timeout_s=600)
-    return grid, per_rank
+    return grid, run_ranks(_run_grid, grid[0] * grid[1], grid)
 
 
 def _expected(factory, shape, train) -> set[str]:
     torch.manual_seed(SEED)
-    model = factory()
-    model.train(train)
-    x = torch.randn(shape)
-    outs = model(x)
-    n_out = len(outs) if isinstance(outs, tuple) else 1
-    names = {f"output[{i}]" for i in range(n_out)} | {"input grad"}
-    names |= {f"grad {n}" for n, p in model.named_parameters() if p.requires_grad}
-    if train:
-        names |= {f"param after step {n}" for n, _ in model.named_parameters()}
-        names |= {f"buffer {n}" for n, _ in model.named_buffers()}
-    return names
+    return expected_check_names(factory().train(train), torch.randn(shape), step=train)
 
 
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(CASES))
 def test_exact(grid_results, case):
     grid, per_rank = grid_results
@@ -514,7 +504,6 @@ def test_exact(grid_results, case):
     assert rep.ok(TOL), rep.failures(TOL)
 
 
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(KEEP_AXIS))
 def test_keep_axis_pool(grid_results, case):
     grid, per_rank = grid_results
@@ -527,7 +516,6 @@ def test_keep_axis_pool(grid_results, case):
         assert rep.ok(TOL), rep.failures(TOL)
 
 
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals_on_every_rank(grid_results, case):
     grid, per_rank = grid_results
@@ -538,7 +526,6 @@ def test_refusals_on_every_rank(grid_results, case):
         assert REFUSALS[case][2] in msg and "module '" in msg, msg
 
 
-@pytest.mark.timeout(600)
 def test_bad_target_raises_on_every_rank(grid_results):
     grid, per_rank = grid_results
     for _, refusals, _ in per_rank:
@@ -546,7 +533,6 @@ def test_bad_target_raises_on_every_rank(grid_results):
         assert msg is not None and "cross_entropy" in msg and "outside [0, 5)" in msg, msg
 
 
-@pytest.mark.timeout(600)
 def test_two_batchnorm_steps(grid_results):
     grid, per_rank = grid_results
     errors = per_rank[0][2]["two_bn_steps"]
@@ -556,7 +542,6 @@ def test_two_batchnorm_steps(grid_results):
     assert not bad, bad
 
 
-@pytest.mark.timeout(600)
 def test_replicated_interpolate_routing(grid_results):
     grid, per_rank = grid_results
     for _, _, extra in per_rank:
