@@ -8,18 +8,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from rest_ds.spim import SpatialMesh, TileLayout, gather, parallelize, shard
-from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
 
-from .harness import check_report, run_grid
+from .harness import TOL32 as TOL
+from .harness import check_report, grid_params, run_grid, run_ranks
 
-TOL = 1e-5
 H, W = 30, 34
 
 # Uneven partitions per grid side (rows of H=30, cols of W=34).
 ROWS = {1: (0, 30), 2: (0, 13, 30), 3: (0, 9, 20, 30)}
 COLS = {1: (0, 34), 2: (0, 19, 34), 3: (0, 10, 21, 34)}
 GRIDS = [(1, 2), (2, 1), (2, 2), (1, 3), (2, 3), (3, 2)]
+FAST_GRID = (2, 2)  # the fast tier's grid: both axes split (corner halos)
 
 
 class Residual(nn.Module):
@@ -117,8 +117,7 @@ def _results(grid):
     return run_grid(_rank, grid)
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("grid", grid_params(GRIDS, FAST_GRID))
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_exact(grid, case):
     errors, refused = _results(grid)[case]
@@ -140,13 +139,12 @@ def _halo_rank(grid, B, C):
     return dict(comm_stats().by_phase)
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("grid", [(2, 3), (3, 2)], ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("grid", grid_params([(2, 3), (3, 2)], (2, 3)))
 def test_halo_bytes_match_analytic_volume(grid):
     """A 3x3 'same' conv moves one row/column per interior border and direction,
     plus one pixel per corner pair: exactly that, forward and backward."""
     B, C = 2, 5
-    per_rank = spawn(_halo_rank, grid[0] * grid[1], grid, B, C)
+    per_rank = run_ranks(_halo_rank, grid[0] * grid[1], grid, B, C)
     ph, pw = grid
     analytic = B * C * 4 * (2 * W * (ph - 1) + 2 * H * (pw - 1) + 4 * (ph - 1) * (pw - 1))
     assert sum(r[("halo", "forward")] for r in per_rank) == analytic
@@ -172,7 +170,6 @@ def _bitwise_rank(grid):
     return unequal
 
 
-@pytest.mark.timeout(300)
 def test_conv_forward_is_bitwise_one_process():
     """fp32 conv forwards equal one process to the bit on every tile border and
     corner (2x3 uneven grid): border strips run on the tile conv's own kernel,
