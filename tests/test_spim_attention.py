@@ -17,15 +17,14 @@ from transformers.models.sam.modeling_sam import SamVisionLayer
 from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, shard
 from rest_ds.spim.attention import choose_algorithm
 from rest_ds.spim.errors import SPIMError
-from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
 
-from .harness import check_report, run_grid
+from .harness import TOL, check_report, grid_params, run_grid, run_ranks
 
-TOL = 1e-5
 H, W = 12, 14          # token grid
 LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 5, 14)), (2, 2): TileLayout((0, 7, 12), (0, 9, 14)),
            (1, 3): TileLayout((0, 12), (0, 4, 9, 14))}
+FAST_GRID = (1, 2)  # the fast tier's grid: Ulysses (4 heads) and all-gather (3 heads) both run on it
 
 
 class TokenBlock(nn.Module):
@@ -102,12 +101,11 @@ def _results(grid):
     return run_grid(_rank, grid)
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("grid", list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("grid", grid_params(LAYOUTS, FAST_GRID))
 @pytest.mark.parametrize("case", list(CASES) + ["sam_global_fp64"])
 def test_attention_exact(grid, case):
     errors, refused = _results(grid)[case]
-    check_report(errors, refused, 1e-10 if case.endswith("fp64") else TOL, f"{case} on {grid}")
+    check_report(errors, refused, TOL[torch.float64 if case.endswith("fp64") else torch.float32], f"{case} on {grid}")
     assert any(k.startswith("grad ") for k in errors)
 
 
@@ -130,7 +128,6 @@ def _bytes_rank(grid, algorithm, heads, window):
     return dict(comm_stats().by_phase)
 
 
-@pytest.mark.timeout(300)
 @pytest.mark.parametrize("algorithm,heads", [("ulysses", 4), ("allgather", 3)])
 def test_global_attention_bytes_match_analytic(algorithm, heads):
     """Per global-attention layer, over all ranks (B = 1, d = width, N tokens, fp32):
@@ -138,7 +135,7 @@ def test_global_attention_bytes_match_analytic(algorithm, heads):
     same backward; all-gather K/V moves 2 (P-1) N d forward and backward."""
     grid = (2, 2)
     P, N, d = 4, H * W, 24
-    per_rank = spawn(_bytes_rank, P, grid, algorithm, heads, None)
+    per_rank = run_ranks(_bytes_rank, P, grid, algorithm, heads, None)
     fwd = sum(r.get(("all_to_all", "forward"), 0) for r in per_rank)
     bwd = sum(r.get(("all_to_all", "backward"), 0) for r in per_rank)
     analytic = 4 * (4 * (P - 1) / P * N * d if algorithm == "ulysses" else 2 * (P - 1) * N * d)
@@ -146,11 +143,10 @@ def test_global_attention_bytes_match_analytic(algorithm, heads):
     assert all(r.get(("halo", "forward"), 0) == 0 for r in per_rank)
 
 
-@pytest.mark.timeout(300)
 def test_windowed_attention_moves_zero_bytes():
     """Tiles on the window grid (4 x 4 tokens; the scene's 12 x 14 pads to 12 x 16
     at the bottom/right only): each window lives on one rank, nothing is sent."""
-    per_rank = spawn(_bytes_rank, 4, (2, 2), "auto", 2, 4)
+    per_rank = run_ranks(_bytes_rank, 4, (2, 2), "auto", 2, 4)
     assert all(sum(r.values()) == 0 for r in per_rank), per_rank
 
 
@@ -165,9 +161,8 @@ def _misaligned_rank():
     return None
 
 
-@pytest.mark.timeout(300)
 def test_windows_across_tile_borders_are_refused_by_name():
-    msgs = spawn(_misaligned_rank, 2)
+    msgs = run_ranks(_misaligned_rank, 2)
     assert all(m and "window" in m and "layer" in m for m in msgs), msgs
 
 
