@@ -1,17 +1,34 @@
 """YAML mappings to typed dataclass configs: the one parsing rule of every
-rest_ds config (model, training).
+rest_ds YAML file (training configs, model configs, scene descriptions).
 
 A field's type hint is its schema: ``int``, ``float``, ``str``, ``bool``,
 ``Any``, ``Literal[...]``, ``list[T]``, ``dict[str, T]``, ``T | None`` and
 nested dataclasses. Unknown keys (with a did-you-mean), missing required keys,
-wrong types and values outside a ``Literal`` raise :class:`ConfigError`, whose
-message names the file and the dotted key. Fields with ``metadata={"internal":
-True}`` are not read from the mapping.
+wrong types, values outside a ``Literal`` and values outside a field's range
+raise :class:`ConfigError`, whose one-line message names the file and the
+dotted key (``scene.yaml: classes[1].value: expected a number, got 'x'``).
+
+Field metadata (``dataclasses.field(metadata=...)``, or :func:`bounded`):
+
+* ``internal: True``: not read from the mapping (set by the loader);
+* ``range``: ``(lo, lo_open, hi, hi_open)``, checked on a number, on every
+  item of a list and every value of a mapping (``None`` is not checked);
+* ``parse``: ``fn(value) -> value`` run instead of the type conversion (a
+  ValueError or TypeError becomes a :class:`ConfigError` naming the key).
+
+A dataclass with a ``config_shorthand(value) -> dict`` static method also
+accepts that shorthand where a mapping is expected (a scene's ``image:
+img.tif`` for ``image: {path: img.tif}``).
+
+:func:`load_yaml` reads a file (one-line errors for a missing file or bad
+YAML); every YAML file the project reads goes through it.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from typing import Any, Literal, Union
@@ -21,8 +38,63 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
 
     def __init__(self, where: str | None, key: str, message: str):
-        self.where, self.key = where, key
+        self.where, self.key, self.message = where, key, message
         super().__init__(f"{where + ': ' if where else ''}{key}: {message}")
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, **field_kwargs) -> Any:
+    """A dataclass field whose value (each item of a list) must lie in the range
+    given by ``ge``/``gt`` (lower bound) and ``le``/``lt`` (upper bound)."""
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise TypeError("bounded: give at most one of ge/gt and one of le/lt")
+    lo, hi = (ge if gt is None else gt), (le if lt is None else lt)
+    metadata = {**field_kwargs.pop("metadata", {}), "range": (lo, gt is not None, hi, lt is not None)}
+    return dataclasses.field(default=default, metadata=metadata, **field_kwargs)
+
+
+def range_text(rng: tuple) -> str:
+    lo, lo_open, hi, hi_open = rng
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def check_range(rng: tuple, value: Any, where: str | None, key: str) -> None:
+    """:class:`ConfigError` unless ``value`` (each item of a list / mapping) lies in ``rng``."""
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_range(rng, v, where, f"{key}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_range(rng, v, where, f"{key}.{k}")
+        return
+    lo, lo_open, hi, hi_open = rng
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value) and not (
+        lo is not None and (value <= lo if lo_open else value < lo)) and not (
+        hi is not None and (value >= hi if hi_open else value > hi))
+    if not ok:
+        raise ConfigError(where, key, f"must be {range_text(rng)}, got {value!r}")
+
+
+def load_yaml(path: "str | os.PathLike", key: str = "config") -> Any:
+    """The parsed content of YAML file ``path``; :class:`ConfigError` (naming the
+    file and ``key``) when it is missing or not valid YAML."""
+    import yaml
+
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise ConfigError(where, key, "file not found")
+    try:
+        with open(where) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(where, key, f"not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def type_name(tp) -> str:
@@ -109,6 +181,9 @@ def parse_dataclass(cls, data: Any, where: str | None, key: str):
     ``key`` is the mapping's dotted path in the file ("" for the top level)."""
     if isinstance(data, cls):
         data = dataclasses.asdict(data)
+    shorthand = getattr(cls, "config_shorthand", None)
+    if shorthand is not None and not isinstance(data, dict):
+        data = shorthand(data)
     prefix = f"{key}." if key else ""
     fields = public_fields(cls)
     if not isinstance(data, dict):
@@ -123,7 +198,17 @@ def parse_dataclass(cls, data: Any, where: str | None, key: str):
     values = {}
     for name, f in fields.items():
         if name in data:
-            values[name] = convert(hints[name], data[name], where, f"{prefix}{name}")
+            k = f"{prefix}{name}"
+            parse = f.metadata.get("parse")
+            if parse is not None and data[name] is not None:
+                try:
+                    values[name] = parse(data[name])
+                except (ValueError, TypeError) as e:
+                    raise ConfigError(where, k, str(e)) from None
+            else:
+                values[name] = convert(hints[name], data[name], where, k)
+            if "range" in f.metadata:
+                check_range(f.metadata["range"], values[name], where, k)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(where, f"{prefix}{name}", "missing required key")
     return cls(**values)

@@ -72,14 +72,33 @@ def test_yaml_loading_resolves_paths_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("patch, message", [
-    ({"bandnames": ["x"]}, "unknown key 'bandnames' in scene"),
-    ({"image": {"path": "img.tif", "dataset_path": "/x"}}, "unknown key 'dataset_path' in image"),
-    ({"image": {"path": "img.tif", "paths": ["img.tif"]}}, "give exactly one of path"),
-    ({"classes": [{"value": 10, "name": "a", "colour": "#ff0000"}]}, "unknown key 'colour' in classes[0]"),
-    ({"classes": [10, 10]}, "duplicate raw values"),
-    ({"classes": []}, "a label is given but no classes"),
-    ({"regions": {"train": {"rows": [0, 3]}}}, "unknown key 'rows' in regions.train"),
-    ({"stats": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, "every std must be finite and > 0"),
+    # unknown keys: the dotted key path and a did-you-mean (rest_ds.config_schema, like training configs)
+    ({"bandnames": ["x"]}, "bandnames: unknown key (did you mean 'band_names'?"),
+    ({"ignore_indx": 5}, "ignore_indx: unknown key (did you mean 'ignore_index'?"),
+    ({"image": {"path": "img.tif", "dataset_path": "/x"}}, "image.dataset_path: unknown key (did you mean 'dataset'?"),
+    ({"classes": [{"value": 10, "name": "a", "colour": "#ff0000"}]},
+     "classes[0].colour: unknown key (did you mean 'color'?"),
+    ({"regions": {"train": {"rows": [0, 3]}}}, "regions.train.rows: unknown key"),
+    # wrong types and out-of-range values, named
+    ({"dates": "two"}, "dates: expected an integer, got 'two'"),
+    ({"dates": 0}, "dates: must be >= 1, got 0"),
+    ({"ignore_index": 1.5}, "ignore_index: expected an integer, got 1.5"),
+    ({"image": {"path": "img.tif", "reference": -1}}, "image.reference: must be >= 0, got -1"),
+    ({"image": {"path": "img.tif", "bands": [0, -2]}}, "image.bands[1]: must be >= 0, got -2"),
+    ({"image": {"path": "img.tif", "format": "hdf"}}, "image.format: 'hdf' is not one of auto, raster, hdf5, mat; "
+                                                      "did you mean 'hdf5'?"),
+    ({"image": 5}, "image: expected a mapping with keys path, paths,"),
+    ({"classes": [{"value": "ten"}]}, "classes[0].value: expected"),
+    ({"classes": [{"value": 10, "color": "#ff00"}]}, "classes[0].color: '#ff00' is not '#rrggbb' or [r, g, b]"),
+    ({"classes": [{"value": 10, "color": [0, 300, 0]}]}, "classes[0].color: [0, 300, 0] is not '#rrggbb'"),
+    ({"classes": [{"name": "a"}]}, "classes[0].value: missing required key"),
+    ({"regions": {"train": {"windows": [[0, "a", 0, 3]]}}}, "regions.train.windows[0][1]: expected an integer"),
+    ({"stats": {"mean": [0, 0, 0]}}, "stats.std: missing required key"),
+    # consistency checks after parsing
+    ({"image": {"path": "img.tif", "paths": ["img.tif"]}}, "image: give exactly one of path"),
+    ({"classes": [10, 10]}, "classes: duplicate raw values"),
+    ({"classes": []}, "classes: a label is given but no classes"),
+    ({"stats": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, "stats.std: every std must be finite and > 0"),
 ])
 def test_malformed_description_is_one_line_error(tmp_path, patch, message):
     path, _, _ = make_scene(tmp_path, extra=patch)

@@ -32,7 +32,10 @@ A scene description, with paths relative to the YAML file::
     dates: 1                          # T > 1: a time series on one grid, T * C bands date-major
                                       # (band t * C + c); tiles keep that (T * C, h, w) order
 
-Unknown keys are an error (a typo must not silently change nothing).
+Parsed by ``rest_ds.config_schema`` like every config: unknown keys are an
+error with a did-you-mean (a typo must not silently change nothing), values are
+typed (``dates`` >= 1, band indices >= 0, colours ``'#rrggbb'`` or ``[r, g, b]``),
+and an error is one :class:`DataError` line naming the file and the key.
 
 **Validity.** A pixel is valid when every band differs from that band's nodata
 (NaN nodata: is not NaN). Labels of invalid pixels, of label-nodata pixels, of
@@ -56,11 +59,11 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ..cli_args import one_line
+from ..config_schema import ConfigError, bounded, load_yaml, parse_dataclass
 from .errors import DataError, DataWarning
 from .readers import IOCounter, Reader, open_reader, window_bounds
 
@@ -72,21 +75,27 @@ _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 # --- description ------------------------------------------------------------------------------
+def _path_shorthand(value: Any) -> Any:
+    return {"path": value} if isinstance(value, (str, os.PathLike)) else value
+
+
 @dataclass
 class Source:
     """Where an image, label or region mask lives (see the module docstring)."""
 
     path: str | None = None
     paths: list[str] | None = None
-    format: str = "auto"
+    format: Literal["auto", "raster", "hdf5", "mat"] = "auto"
     dataset: str | None = None
     layout: str | None = None
-    bands: list[int] | None = None
-    reference: int = 0
+    bands: list[int] | None = bounded(None, ge=0)
+    reference: int = bounded(0, ge=0)
     resampling: str | list[str] = "bilinear"
     nodata: float | list[float] | None = None
     crs: str | None = None
     transform: list[float] | None = None
+
+    config_shorthand = staticmethod(_path_shorthand)  # ``image: img.tif``
 
     def files(self) -> list[str]:
         return list(self.paths) if self.paths is not None else ([self.path] if self.path is not None else [])
@@ -102,14 +111,42 @@ class Source:
 class LabelSource(Source):
     """A label raster (one band); ``unlabeled`` raw values become ``ignore_index``."""
 
-    unlabeled: list[float] = field(default_factory=list)
+    unlabeled: list[int | float] = field(default_factory=list)
+
+
+def _parse_color(color: Any) -> tuple[int, int, int]:
+    """``'#rrggbb'`` or ``[r, g, b]`` (0..255) -> ``(r, g, b)``; ValueError otherwise."""
+    try:
+        if isinstance(color, str):
+            s = color.lstrip("#")
+            if len(s) != 6:
+                raise ValueError
+            return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16)
+        if isinstance(color, bool) or not isinstance(color, (list, tuple)):
+            raise ValueError
+        rgb = tuple(int(v) for v in color)
+        if len(rgb) != 3 or not all(0 <= v <= 255 and v == c for v, c in zip(rgb, color)):
+            raise ValueError
+        return rgb  # type: ignore[return-value]
+    except (ValueError, TypeError):
+        raise ValueError(f"{color!r} is not '#rrggbb' or [r, g, b] in 0..255") from None
 
 
 @dataclass
 class ClassInfo:
-    value: float          # raw value in the label file
-    name: str
-    color: tuple[int, int, int] | None = None
+    """One class: its raw ``value`` in the label file, ``name`` (default
+    ``class_<value>``) and display ``color`` (``'#rrggbb'`` or ``[r, g, b]``)."""
+
+    value: int | float
+    name: str | None = None
+    color: tuple[int, int, int] | None = field(default=None, metadata={"parse": _parse_color})
+
+    # ``classes: [1, 5]`` for ``[{value: 1}, {value: 5}]``
+    config_shorthand = staticmethod(lambda v: {"value": v} if isinstance(v, (int, float)) else v)
+
+    def __post_init__(self):
+        if self.name is None:
+            self.name = f"class_{self.value}"
 
 
 @dataclass
@@ -119,7 +156,7 @@ class Region:
 
     windows: list[list[int]] | None = None
     path: str | None = None
-    format: str = "auto"
+    format: Literal["auto", "raster", "hdf5", "mat"] = "auto"
     dataset: str | None = None
     layout: str | None = None
     values: list[float] | None = None
@@ -145,60 +182,48 @@ class Scene:
     regions: dict[str, Region] = field(default_factory=dict)
     stats: StatsSpec | None = None
     description: str | None = None
-    dates: int = 1
-    source_file: str | None = None
+    dates: int = bounded(1, ge=1)
+    source_file: str | None = field(default=None, metadata={"internal": True})
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Scene":
-        import yaml
-
+        """Read and check a scene YAML file (:class:`DataError` naming the file and key)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise DataError(path, "scene description not found")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise DataError(path, f"not valid YAML ({one_line(e)})") from None
+            data = load_yaml(path, "scene")
+        except ConfigError as e:
+            raise DataError(path, e.message) from None
         return cls.from_dict(data, root=os.path.dirname(os.path.abspath(path)), source_file=path)
 
     @classmethod
     def from_dict(cls, data: Any, root: str | os.PathLike | None = None, source_file: str | None = None) -> "Scene":
-        """Build from a parsed description; relative paths are taken from ``root``."""
+        """Build from a parsed description (rest_ds.config_schema: types, ranges,
+        unknown keys with a did-you-mean); relative paths are taken from ``root``.
+        Raises :class:`DataError` naming ``source_file`` and the key."""
         where = source_file
-        if not isinstance(data, dict):
-            raise DataError(where, "a scene description must be a mapping (name, image, ...)")
-        _check_keys(data, cls, where, "scene", skip={"source_file"})
-        for key in ("name", "image"):
-            if key not in data:
-                raise DataError(where, f"missing required key '{key}'")
+        try:
+            scene = parse_dataclass(cls, data, where, "")
+        except ConfigError as e:
+            raise DataError(where, f"{e.key}: {e.message}") from None
+        scene.source_file = source_file
         root = os.fspath(root) if root is not None else os.getcwd()
-        image = _source(data["image"], Source, root, where, "image")
-        label = _source(data["label"], LabelSource, root, where, "label") if data.get("label") is not None else None
-        classes = [_class(c, i, where) for i, c in enumerate(data.get("classes") or [])]
-        regions = {}
-        for rname, r in (data.get("regions") or {}).items():
-            if not isinstance(r, dict):
-                raise DataError(where, f"regions.{rname} must be a mapping (windows or path)")
-            _check_keys(r, Region, where, f"regions.{rname}")
-            reg = Region(**r)
+        for what, src in (("image", scene.image), ("label", scene.label)):
+            if src is None:
+                continue
+            if (src.path is None) == (src.paths is None):
+                raise DataError(where, f"{what}: give exactly one of path (one file) and paths (one file per band)")
+            if src.paths is not None and not src.paths:
+                raise DataError(where, f"{what}.paths: must be a non-empty list of files")
+            if src.path is not None:
+                src.path = _abs(src.path, root)
+            if src.paths is not None:
+                src.paths = [_abs(p, root) for p in src.paths]
+        for reg in scene.regions.values():
             if reg.path is not None:
                 reg.path = _abs(reg.path, root)
-            regions[str(rname)] = reg
-        stats = None
-        if data.get("stats") is not None:
-            s = data["stats"]
-            if not isinstance(s, dict):
-                raise DataError(where, "stats must be a mapping with mean and std")
-            _check_keys(s, StatsSpec, where, "stats")
-            if "mean" not in s or "std" not in s:
-                raise DataError(where, "stats needs both mean and std")
-            stats = StatsSpec([float(v) for v in s["mean"]], [float(v) for v in s["std"]])
-        scene = cls(name=str(data["name"]), image=image, band_names=data.get("band_names"), label=label,
-                    classes=classes, ignore_index=int(data.get("ignore_index", IGNORE_INDEX)), regions=regions,
-                    stats=stats, description=data.get("description"), dates=data.get("dates", 1),
-                    source_file=source_file)
         scene.validate()
         return scene
 
@@ -206,20 +231,20 @@ class Scene:
         """Checks of the description alone (no file is opened)."""
         where = self.source_file
         if not self.name:
-            raise DataError(where, "the scene needs a name")
+            raise DataError(where, "name: the scene needs a name")
         if isinstance(self.dates, bool) or not isinstance(self.dates, int) or self.dates < 1:
-            raise DataError(where, f"dates must be a whole number >= 1 (dates of the time series), not {self.dates!r}")
+            raise DataError(where, f"dates: must be a whole number >= 1 (dates of the time series), not {self.dates!r}")
         if self.label is not None and not self.classes:
-            raise DataError(where, "a label is given but no classes (list the raw label values, in id order)")
+            raise DataError(where, "classes: a label is given but no classes (list the raw label values, in id order)")
         values = [c.value for c in self.classes]
         if len(set(values)) != len(values):
             raise DataError(where, f"classes: duplicate raw values {sorted(v for v in values if values.count(v) > 1)}")
         if self.classes and self.ignore_index in range(len(self.classes)):
-            raise DataError(where, f"ignore_index {self.ignore_index} collides with a class id (0..{len(self.classes) - 1})")
+            raise DataError(where, f"ignore_index: {self.ignore_index} collides with a class id (0..{len(self.classes) - 1})")
         if self.stats is not None and len(self.stats.mean) != len(self.stats.std):
             raise DataError(where, f"stats: {len(self.stats.mean)} means but {len(self.stats.std)} stds")
         if self.stats is not None and not all(s > 0 and math.isfinite(s) for s in self.stats.std):
-            raise DataError(where, "stats: every std must be finite and > 0")
+            raise DataError(where, "stats.std: every std must be finite and > 0")
         for rname, r in self.regions.items():
             if (r.windows is None) == (r.path is None):
                 raise DataError(where, f"regions.{rname}: give exactly one of windows and path")
@@ -298,62 +323,9 @@ def _drop_defaults(d: dict, cls) -> dict:
     return {k: v for k, v in d.items() if defaults.get(k, object()) != v}
 
 
-def _check_keys(d: dict, cls, where, what: str, skip: set[str] = frozenset()) -> None:
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    unknown = [k for k in d if k not in known]
-    if unknown:
-        raise DataError(where, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)} "
-                               f"in {what} (known: {', '.join(known)})")
-
-
 def _abs(p, root: str) -> str:
     p = os.path.expanduser(os.fspath(p))
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
-
-
-def _source(d, cls, root: str, where, what: str):
-    if isinstance(d, str):
-        d = {"path": d}
-    if not isinstance(d, dict):
-        raise DataError(where, f"{what} must be a file path or a mapping (path/paths, format, ...)")
-    _check_keys(d, cls, where, what)
-    src = cls(**d)
-    if (src.path is None) == (src.paths is None):
-        raise DataError(where, f"{what}: give exactly one of path (one file) and paths (one file per band)")
-    if src.path is not None:
-        src.path = _abs(src.path, root)
-    if src.paths is not None:
-        if not isinstance(src.paths, list) or not src.paths:
-            raise DataError(where, f"{what}.paths must be a non-empty list of files")
-        src.paths = [_abs(p, root) for p in src.paths]
-    return src
-
-
-def _class(c, i: int, where) -> ClassInfo:
-    if isinstance(c, (int, float)):
-        return ClassInfo(value=c, name=f"class_{c}")
-    if not isinstance(c, dict) or "value" not in c:
-        raise DataError(where, f"classes[{i}] must be a raw value or a mapping with value, name, color")
-    _check_keys(c, ClassInfo, where, f"classes[{i}]")
-    color = c.get("color")
-    if color is not None:
-        color = _parse_color(color, where, i)
-    return ClassInfo(value=c["value"], name=str(c.get("name", f"class_{c['value']}")), color=color)
-
-
-def _parse_color(color, where, i) -> tuple[int, int, int]:
-    try:
-        if isinstance(color, str):
-            s = color.lstrip("#")
-            if len(s) != 6:
-                raise ValueError
-            return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16)
-        rgb = tuple(int(v) for v in color)
-        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-            raise ValueError
-        return rgb  # type: ignore[return-value]
-    except (ValueError, TypeError):
-        raise DataError(where, f"classes[{i}].color {color!r} is not '#rrggbb' or [r, g, b] in 0..255") from None
 
 
 # --- grid comparison --------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config_schema import ConfigError, parse_dataclass
+from ..config_schema import ConfigError, load_yaml, parse_dataclass
 from . import decoders as _decoders  # noqa: F401  (registers the decoders)
 from .decoders import NORMS
 from .necks import NECKS, build_neck
@@ -130,17 +130,10 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
-        import yaml
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ConfigError(path, "model", "config file not found")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(path, "model", f"not valid YAML ({' '.join(str(e).split())})") from None
-        return cls.from_dict(data, where=path)
+        return cls.from_dict(load_yaml(path, "model"), where=path)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, nested dataclasses as mappings (the inverse of :meth:`from_dict`)."""

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import yaml
 
 from ..cli_args import parse_grid
-from ..config_schema import ConfigError, parse_dataclass
+from ..config_schema import ConfigError, load_yaml, parse_dataclass
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -356,13 +356,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if data is None:
         if where is None:
             raise ConfigError(None, "config", "no config given")
-        if not os.path.isfile(where):
-            raise ConfigError(where, "config", "file not found")
-        try:
-            with open(where) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(where, "config", f"not valid YAML ({' '.join(str(e).split())})") from None
+        data = load_yaml(where, "config") or {}
     data = _deepcopy(data)
     if not isinstance(data, dict):
         raise ConfigError(where, "config", "must be a mapping of sections (model, data, mesh, ...)")
@@ -380,8 +374,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         mpath = _resolve(ref, base)
         if not os.path.isfile(mpath):
             raise ConfigError(where, "model", f"model config '{ref}' not found")
-        with open(mpath) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = load_yaml(mpath, "model") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(mpath, "model", "a model config must be a mapping")
         # 'from: file.yaml' plus keys: the file, with those keys merged over it
