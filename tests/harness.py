@@ -15,6 +15,7 @@ launcher tests (:func:`rest_ds`, :func:`launch`, :func:`read_csv`, ``free_port``
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -134,6 +135,24 @@ def expected_check_names(model: torch.nn.Module, x: torch.Tensor, *, step: bool 
         names |= {f"param after step {n}" for n, _ in model.named_parameters()}
     names |= {f"buffer {n}" for n, _ in model.named_buffers()}
     return names
+
+
+_KINDS = ("grad ", "param after step ", "buffer ")
+
+
+def zero_reference(rep, tol: float) -> dict[str, float]:
+    """Checks of a VerifyReport above ``tol`` that pass as zero-in-exact-arithmetic
+    quantities: a parameter gradient, stepped parameter or buffer whose absolute
+    error is at most ``tol`` times the largest reference value of its kind (all
+    parameter gradients, all parameters, all buffers); name -> absolute error."""
+    scale = {k: max((v for n, v in rep.sizes.items() if n.startswith(k)), default=0.0) for k in _KINDS}
+    out = {}
+    for name in rep.failures(tol):
+        kind = next((k for k in _KINDS if name.startswith(k)), None)
+        err = rep.abs_errors.get(name, math.inf)
+        if kind is not None and err <= tol * scale[kind]:
+            out[name] = err
+    return out
 
 
 # --- subprocesses: the CLI and the launchers ----------------------------------------------------

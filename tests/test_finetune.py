@@ -20,7 +20,7 @@ from rest_ds.spim import SpatialMesh, TileLayout
 from rest_ds.spim.verify import compare_sharded
 
 from .harness import init_deepspeed_rank, run_grid
-from .test_models_encoders import Seg, _randomize, scene
+from .nets import Seg, randomize_positions, scene
 
 P = functools.partial
 
@@ -30,7 +30,7 @@ def vit_enc(cls=False):
 
     enc = build_encoder("timm_vit", model_name="vit_tiny_patch16_224", img_size=(64, 96), indices=[0, 1], depth=2,
                         embed_dim=64, num_heads=4, patch_size=8, class_token=cls)
-    return Seg(_randomize(enc), "linear")
+    return Seg(randomize_positions(enc), "linear")
 
 
 def samvit_enc():
@@ -39,7 +39,7 @@ def samvit_enc():
     enc = build_encoder("timm_vit", model_name="samvit_base_patch16", img_size=(64, 128), indices=[0, 1], depth=2,
                         embed_dim=64, num_heads=2, patch_size=8, window_size=4, global_attn_indexes=(1,),
                         use_rel_pos=True, neck_chans=32, norm=True)
-    return Seg(_randomize(enc), "linear")
+    return Seg(randomize_positions(enc), "linear")
 
 
 def hfsam_enc():
@@ -48,7 +48,7 @@ def hfsam_enc():
     enc = build_encoder("hf_sam", img_size=(64, 128), variant=None, hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=2, patch_size=8, window_size=4, global_attn_indexes=[1],
                         output_channels=32, indices=[0])
-    return Seg(_randomize(enc), "linear")
+    return Seg(randomize_positions(enc), "linear")
 
 
 def _double(f):
@@ -232,8 +232,8 @@ def test_weight_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump({"model": cfg, "data": {"scenes": ["nc-landsat7"]}}))
     monkeypatch.chdir(tmp_path)
     c = load_config(tmp_path / "cfg" / "run.yaml")
-    assert c.model["encoder"]["checkpoint"] == str(tmp_path / "cfg" / "weights" / "vit.pth")
-    assert c.model["init_from"] == str(tmp_path / "cfg" / "weights" / "model.safetensors")
+    assert c.model.encoder.checkpoint == str(tmp_path / "cfg" / "weights" / "vit.pth")
+    assert c.model.init_from == str(tmp_path / "cfg" / "weights" / "model.safetensors")
 
 
 # --- fine-tuning controls under DeepSpeed ZeRO 1-3 and SPIM (sp=2) ---------------------------------

@@ -42,48 +42,16 @@ from torch import nn
 import rest_ds.models.encoders  # noqa: F401  (registers the encoders)
 from rest_ds.models.encoders import bands as B
 from rest_ds.models.encoders.prithvi import PRITHVI_VARIANTS, sincos_3d
-from rest_ds.models.registry import ENCODERS, build_decoder, build_encoder
+from rest_ds.models.registry import ENCODERS, build_encoder
 from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
 from rest_ds.spim.attention import choose_algorithm
 from rest_ds.spim.verify import compare_sharded
 
-from .harness import run_grid
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+from .harness import TOL, run_grid
+from .nets import Seg, randomize_positions, scene
 
 
 # --- models under test (module level: the ranks unpickle them) -----------------
-
-class Seg(nn.Module):
-    """encoder -> registered decoder -> bilinear upsampling to the input's H x W
-    (also for 5-D ``(B, C, T, H, W)`` inputs). With ``coords`` the Prithvi
-    encoder gets fixed temporal and location coordinates."""
-
-    def __init__(self, encoder: nn.Module, head: str, coords: bool = False):
-        super().__init__()
-        kw = dict(channels=16, pool_scales=(1, 2, 3), dropout=0.0) if head == "upernet" else dict(dropout=0.0, norm="none")
-        self.encoder = encoder
-        self.decoder = build_decoder(head, encoder.out_channels, encoder.strides, 3, **kw)
-        self.coords = coords
-
-    def forward(self, x):
-        if self.coords:
-            b, t = x.shape[0], (x.shape[2] if x.dim() == 5 else 1)
-            tc = torch.tensor([[[2019.0 + i + s, 40.0 + 30 * i + 90 * s] for i in range(t)] for s in range(b)])
-            lc = torch.tensor([[45.0 - 50 * s, 7.0 + 60 * s] for s in range(b)])
-            f = self.encoder(x, tc.to(x.dtype), lc.to(x.dtype))
-        else:
-            f = self.encoder(x)
-        return F.interpolate(self.decoder(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def _randomize(m: nn.Module, names=("rel_pos", "pos_embed"), std=0.1) -> nn.Module:
-    with torch.no_grad():  # zero-initialised position tables would hide a wrong slice
-        for n, p in m.named_parameters():
-            if any(s in n for s in names):
-                p.normal_(0, std)
-    return m
-
 
 def vit(head="linear", ckpt=False, cls=False, heads=4, drop_path=0.0):
     enc = build_encoder("timm_vit", model_name="vit_tiny_patch16_224", img_size=(64, 96), indices=[0, 2], depth=3,
@@ -96,14 +64,14 @@ def samvit(head="linear", ckpt=False, size=(64, 128)):
     enc = build_encoder("timm_vit", model_name="samvit_base_patch16", img_size=size, indices=[0, 1], depth=2,
                         embed_dim=64, num_heads=2, patch_size=8, window_size=4, global_attn_indexes=(1,),
                         use_rel_pos=True, neck_chans=32, norm=True, grad_checkpointing=ckpt)
-    return Seg(_randomize(enc), head)
+    return Seg(randomize_positions(enc), head)
 
 
 def hfsam(head="linear", ckpt=False, size=(64, 128)):
     enc = build_encoder("hf_sam", img_size=size, variant=None, hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=2, patch_size=8, window_size=4, global_attn_indexes=[1],
                         output_channels=32, indices=[0], initializer_range=0.02, grad_checkpointing=ckpt)
-    return Seg(_randomize(enc), head)
+    return Seg(randomize_positions(enc), head)
 
 
 def prithvi(head="linear", ckpt=False, frames=1):
@@ -167,12 +135,6 @@ def grid_cases(grid) -> dict:
     for name, (f, shape, layout, attn) in EXTRA[grid].items():
         out[f"{name}-fp64"] = (P(_double, f), shape, layout, attn, torch.float64)
     return out
-
-
-def scene(shape, dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    offset = 2 * torch.randn(shape[:2] + (1,) * (len(shape) - 2), generator=g)
-    return (torch.randn(shape, generator=g) + offset).to(dtype)
 
 
 def _run_grid(grid):

@@ -46,10 +46,8 @@ from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
 from rest_ds.spim.ops.roll import roll_pieces
 from rest_ds.spim.verify import compare_sharded
 
-from .harness import run_grid
-from .test_models_encoders import Seg, scene
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+from .harness import TOL, run_grid
+from .nets import Seg, scene
 LAYOUTS = {(1, 2): TileLayout((0, 128), (0, 256, 320)), (3, 1): TileLayout((0, 128, 256, 320), (0, 96)),
            (2, 2): TileLayout((0, 128, 192), (0, 256, 320))}
 GRIDS = list(LAYOUTS)

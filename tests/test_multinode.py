@@ -24,9 +24,8 @@ from rest_ds.spim import SpatialMesh
 from rest_ds.spim.mesh import placement_warning
 from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
-from tests.test_spim_shm import _model
-
-TOL64 = 1e-10
+from tests.harness import TOL64
+from tests.nets import conv_bn_pool_net
 # name -> (host of each of the 4 ranks, grid of an sp group)
 HOST_CASES = {
     "one host, sp=4": (["a", "a", "a", "a"], (2, 2)),
@@ -48,7 +47,7 @@ def _hosts_rank(cases):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             mesh = SpatialMesh.build(grid=grid)
-        rep = compare_sharded(_model, x, mesh, train=True, step=True, dtype=torch.float64)
+        rep = compare_sharded(conv_bn_pool_net, x, mesh, train=True, step=True, dtype=torch.float64)
         out[name] = {"shm": mesh.shm is not None, "errors": rep.errors, "refused": rep.refused,
                      "warnings": [str(w.message) for w in caught if "cross hosts" in str(w.message)]}
     return out

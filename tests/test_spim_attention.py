@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionLayer
@@ -20,36 +18,12 @@ from rest_ds.spim.errors import SPIMError
 from rest_ds.spim.verify import compare_sharded
 
 from .harness import TOL, check_report, grid_params, run_grid, run_ranks
+from .nets import TOKENS_HW, TokenBlock
 
-H, W = 12, 14          # token grid
+H, W = TOKENS_HW       # token grid
 LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 5, 14)), (2, 2): TileLayout((0, 7, 12), (0, 9, 14)),
            (1, 3): TileLayout((0, 12), (0, 4, 9, 14))}
 FAST_GRID = (1, 2)  # the fast tier's grid: Ulysses (4 heads) and all-gather (3 heads) both run on it
-
-
-class TokenBlock(nn.Module):
-    """(B, C, H, W) -> tokens -> ViT block(s) -> (B, C, H, W); optional class token."""
-
-    def __init__(self, dim=24, heads=4, depth=1, cls=False, fused=True):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, heads, qkv_bias=True) for _ in range(depth)])
-        for b in self.blocks:
-            b.attn.fused_attn = fused
-        self.cls = nn.Parameter(torch.randn(1, 1, dim)) if cls else None
-        self.pos = nn.Parameter(0.1 * torch.randn(1, H * W + (1 if cls else 0), dim))
-
-    def forward(self, x):
-        B, C, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)
-        if self.cls is not None:
-            t = torch.cat([self.cls.expand(B, -1, -1), t], dim=1)
-        t = t + self.pos
-        for b in self.blocks:
-            t = b(t)
-        if self.cls is not None:
-            cls_out, t = t[:, 0], t[:, 1:]
-            return t.transpose(1, 2).reshape(B, C, h, w), cls_out
-        return t.transpose(1, 2).reshape(B, C, h, w)
 
 
 def _sam_layer(window, attn="eager"):

@@ -13,13 +13,14 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from rest_ds.spim import SpatialMesh, TileLayout
 from rest_ds.spim.comm import all_gather_equal, all_reduce_, start_all_reduce_
 from rest_ds.spim.halo import start_exchange
 from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
+
+from .nets import conv_bn_pool_net
 
 
 def _message(src: int, dst: int, rnd: int, numel: int) -> torch.Tensor:
@@ -146,17 +147,11 @@ def test_waiting_rank_times_out_with_a_message():
     assert 3.5 < r0["after_s"] < 10.0
 
 
-def _model():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
-                         nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6),
-                         nn.Upsample(scale_factor=2, mode="bilinear"))
-
-
 def _model_rank(shm_env):
     os.environ["REST_DS_SHM"] = shm_env
     mesh = SpatialMesh.build(grid=(2, 2))
     x = torch.randn(2, 3, 22, 26, generator=torch.Generator().manual_seed(3))
-    rep = compare_sharded(_model, x, mesh, TileLayout((0, 10, 22), (0, 14, 26)), train=True, step=True)
+    rep = compare_sharded(conv_bn_pool_net, x, mesh, TileLayout((0, 10, 22), (0, 14, 26)), train=True, step=True)
     return {"shm": mesh.shm is not None, "errors": rep.errors, "refused": rep.refused}
 
 

@@ -39,9 +39,8 @@ from rest_ds.spim.errors import SPIMError
 from rest_ds.spim.verify import CLASSES, NOISE_K, compare_sharded
 
 from . import zoo_models as Z
-from .harness import offset_scene, run_grid
-
-TOL = 1e-10
+from .harness import TOL64 as TOL
+from .harness import offset_scene, run_grid, zero_reference
 SEED = 5
 
 # Scenes and their uneven layouts (each tile at least the deepest layer's halo:
@@ -117,22 +116,6 @@ def zoo_reports(grid: tuple[int, int], only=None) -> dict:
     return out
 
 
-_KINDS = ("grad ", "param after step ", "buffer ")
-
-
-def zero_reference(rep) -> dict[str, float]:
-    """Checks above TOL that pass as zero-in-exact-arithmetic quantities: a
-    parameter gradient, stepped parameter or buffer whose absolute error is at
-    most ``TOL`` times the largest reference value of its kind (all parameter
-    gradients, all parameters, all buffers); name -> absolute error."""
-    scale = {k: max((v for n, v in rep.sizes.items() if n.startswith(k)), default=0.0) for k in _KINDS}
-    out = {}
-    for name in rep.failures(TOL):
-        kind = next((k for k in _KINDS if name.startswith(k)), None)
-        err = rep.abs_errors.get(name, math.inf)
-        if kind is not None and err <= TOL * scale[kind]:
-            out[name] = err
-    return out
 
 
 # (grid, case) for every grid a case's scene is tiled on
@@ -156,7 +139,7 @@ def test_zoo_model_exact(grid, case):
     assert not missing, sorted(missing)[:10]
     assert any(k.startswith("output[") for k in rep.errors)
     assert rep.comm_bytes.get("halo", 0) > 0, rep.comm_bytes
-    zero = zero_reference(rep)
+    zero = zero_reference(rep, TOL)
     bad = {k: v for k, v in rep.failures(TOL).items() if k not in zero}
     worst = {g: max((v for k, v in rep.errors.items() if k.startswith(g) and k not in zero), default=0.0)
              for g in ("output", "input grad", "grad ", "param after step", "buffer")}
