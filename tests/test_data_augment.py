@@ -9,8 +9,7 @@ import pytest
 
 from rest_ds.data import (AugmentConfig, AugmentPlan, DataError, IOCounter, Scene, SceneReader, gaussian_field,
                           plan_augmentation, prepare_scene, read_rank_tile, read_tile, scene_layout)
-from tests.test_data_formats import cube
-from tests.test_data_scene import make_scene
+from tests.rasters import cube, labelled_scene
 
 CONFIG = AugmentConfig(flip=True, rot90=True, crop=(0.5, 1.0), brightness=0.2, shift=0.1, noise=0.3)
 GRIDS = [(1, 2), (2, 1), (2, 2), (2, 3)]
@@ -21,7 +20,7 @@ SEEDS = range(20)   # covers all 8 symmetries (asserted below)
 def scene(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aug")
     a = cube("float32", (3, 23, 31), seed=21)
-    path, a, lab = make_scene(tmp, image=a)
+    path, a, lab = labelled_scene(tmp, image=a)
     reader, _, stats = prepare_scene(path)
     reader.close()
     return Scene.from_yaml(path), stats

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 
 from rest_ds.data import IOCounter, open_reader
 from rest_ds.data.readers import BandStackReader, MatReader
 from rest_ds.data.samples import write_mat73
 from rest_ds.spim.tiling import TileLayout
-
-C, H, W = 5, 37, 29
-CRS = "EPSG:32633"
-TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
+from tests.rasters import TRANSFORM, C, H, W, cube, write_h5, write_raster
 
 LAYOUTS = [
     TileLayout.even(H, W, (1, 1)),
@@ -26,28 +22,6 @@ LAYOUTS = [
     TileLayout.even(H, W, (3, 2)),
     TileLayout(rows=(0, 5, 37), cols=(0, 20, 29)),    # very uneven
 ]
-
-
-def cube(dtype="float32", shape=(C, H, W), seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    a = rng.uniform(0, 1000, size=shape)
-    return a.astype(dtype)
-
-
-def write_raster(path, arr, driver="GTiff", nodata=None, crs=CRS, transform=TRANSFORM, **opts):
-    c, h, w = arr.shape
-    with rasterio.open(path, "w", driver=driver, width=w, height=h, count=c, dtype=arr.dtype.name, crs=crs,
-                       transform=transform, nodata=nodata, **opts) as dst:
-        dst.write(arr)
-    return path
-
-
-def write_h5(path, name, arr, chunks=None):
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        f.create_dataset(name, data=arr, chunks=chunks)
-    return path
 
 
 def write_mat5(path, variables, compress=False):

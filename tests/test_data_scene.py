@@ -15,37 +15,10 @@ from rest_ds.data import (DataError, DataWarning, IOCounter, Scene, SceneReader,
                           read_rank_tile, read_tile, scan_scene)
 from rest_ds.data.stats import BandMoments, stats_cache_paths
 from rest_ds.spim.tiling import TileLayout
-from tests.test_data_formats import CRS, TRANSFORM, cube, write_h5, write_raster
+from tests.rasters import (CLASS_VALUES, CRS, LABELLED_HW, NODATA, TRANSFORM, cube, labelled_scene, write_h5,
+                           write_raster)
 
-H, W = 23, 31
-NODATA = -9999.0
-CLASS_VALUES = [10, 20, 30]
-
-
-def make_scene(tmp_path, *, label_crs=CRS, label_transform=TRANSFORM, label_shape=(H, W), extra=None,
-               image=None) -> tuple[str, np.ndarray, np.ndarray]:
-    """A 3-band float32 GeoTIFF with nodata pixels, a uint8 label (values 10/20/30,
-    0 = unlabeled, 255 = nodata) and scene.yaml; returns (yaml path, image, raw label)."""
-    a = cube("float32", (3, H, W), seed=11) if image is None else image
-    a[:, 0, :4] = NODATA                   # invalid pixels (all bands)
-    a[1, 5, 7] = NODATA                    # invalid pixel (one band is enough)
-    write_raster(tmp_path / "img.tif", a, nodata=NODATA)
-    rng = np.random.default_rng(12)
-    lab = rng.choice(np.array([0, 10, 20, 30, 255], np.uint8), size=label_shape, p=[0.05, 0.4, 0.3, 0.2, 0.05])
-    write_raster(tmp_path / "lab.tif", lab[None], nodata=255, crs=label_crs, transform=label_transform)
-    desc = {
-        "name": "tiny",
-        "image": {"path": "img.tif"},
-        "band_names": ["red", "green", "nir"],
-        "label": {"path": "lab.tif", "unlabeled": [0]},
-        "classes": [{"value": 10, "name": "a", "color": "#ff0000"}, {"value": 20, "name": "b"},
-                    {"value": 30, "name": "c", "color": [0, 0, 255]}],
-        "regions": {"train": {"windows": [[0, 12, 0, 31]]}, "val": {"windows": [[12, 23, 0, 16], [12, 23, 16, 31]]}},
-    }
-    desc.update(extra or {})
-    path = tmp_path / "scene.yaml"
-    path.write_text(yaml.safe_dump(desc))
-    return str(path), a, lab
+H, W = LABELLED_HW
 
 
 def expected_ids(a, lab, region_mask=None):
@@ -61,7 +34,7 @@ def expected_ids(a, lab, region_mask=None):
 
 # --- description ----------------------------------------------------------------------------
 def test_yaml_loading_resolves_paths_and_round_trips(tmp_path):
-    path, _, _ = make_scene(tmp_path)
+    path, _, _ = labelled_scene(tmp_path)
     s = Scene.from_yaml(path)
     assert s.image.path == str(tmp_path / "img.tif") and s.label.path == str(tmp_path / "lab.tif")
     assert s.class_names == ["a", "b", "c"] and s.ignore_index == -100
@@ -101,7 +74,7 @@ def test_yaml_loading_resolves_paths_and_round_trips(tmp_path):
     ({"stats": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, "stats.std: every std must be finite and > 0"),
 ])
 def test_malformed_description_is_one_line_error(tmp_path, patch, message):
-    path, _, _ = make_scene(tmp_path, extra=patch)
+    path, _, _ = labelled_scene(tmp_path, extra=patch)
     with pytest.raises(DataError) as e:
         Scene.from_yaml(path)
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
@@ -109,7 +82,7 @@ def test_malformed_description_is_one_line_error(tmp_path, patch, message):
 
 # --- labels -------------------------------------------------------------------------------------
 def test_labels_map_to_contiguous_ids_with_ignore(tmp_path):
-    path, a, lab = make_scene(tmp_path)
+    path, a, lab = labelled_scene(tmp_path)
     ids, valid = expected_ids(a, lab)
     with open_scene(path) as r:
         assert r.shape == (3, H, W) and r.num_classes == 3
@@ -125,7 +98,7 @@ def test_labels_map_to_contiguous_ids_with_ignore(tmp_path):
 
 
 def test_unknown_label_value_is_an_error(tmp_path):
-    path, _, lab = make_scene(tmp_path)
+    path, _, lab = labelled_scene(tmp_path)
     lab[4, 9] = 40
     write_raster(tmp_path / "lab.tif", lab[None], nodata=255)
     with open_scene(path) as r:
@@ -139,7 +112,7 @@ def test_datum_realisation_crs_accepted_with_warning(tmp_path):
     the nc-landsat7 situation."""
     nc = Affine(28.5, 0.0, 630534.0, 0.0, -28.5, 228114.0)
     a = cube("float32", (3, H, W), seed=11)
-    path, _, _ = make_scene(tmp_path, label_crs="EPSG:3358", label_transform=nc)
+    path, _, _ = labelled_scene(tmp_path, label_crs="EPSG:3358", label_transform=nc)
     write_raster(tmp_path / "img.tif", a, crs="EPSG:32119", transform=nc, nodata=NODATA)
     with pytest.warns(DataWarning, match="EPSG:3358 and image CRS EPSG:32119 differ only in datum realisation"):
         open_scene(path).close()
@@ -152,7 +125,7 @@ def test_datum_realisation_crs_accepted_with_warning(tmp_path):
     ({"label_crs": "EPSG:4326"}, "label CRS EPSG:4326 differs"),
 ])
 def test_label_grid_mismatch_is_an_error(tmp_path, kwargs, message):
-    path, _, _ = make_scene(tmp_path, **kwargs)
+    path, _, _ = labelled_scene(tmp_path, **kwargs)
     with pytest.raises(DataError) as e:
         open_scene(path)
     assert message in str(e.value) and str(tmp_path / "lab.tif") in str(e.value)
@@ -163,7 +136,7 @@ def test_regions_from_windows_and_mask_raster(tmp_path):
     mask[3:17, 5:20] = 2
     mask[18:, :] = 1
     write_raster(tmp_path / "reg.tif", mask[None])
-    path, a, lab = make_scene(tmp_path, extra={"regions": {
+    path, a, lab = labelled_scene(tmp_path, extra={"regions": {
         "train": {"windows": [[0, 12, 0, 31]]},
         "val": {"windows": [[12, 23, 0, 16], [12, 23, 16, 31]]},
         "test": {"path": "reg.tif", "values": [2]},
@@ -202,7 +175,7 @@ def test_hdf5_label_without_georeferencing_checks_shape_only(tmp_path):
 
 # --- normalisation ------------------------------------------------------------------------------
 def test_streaming_stats_equal_numpy_and_are_cached_next_to_the_data(tmp_path):
-    path, a, lab = make_scene(tmp_path)
+    path, a, lab = labelled_scene(tmp_path)
     valid = (a != NODATA).all(axis=0)
     counter = IOCounter()
     reader, summary, stats = prepare_scene(path, counter=counter, block_rows=4)   # 6 blocks
@@ -236,7 +209,7 @@ def test_streaming_stats_equal_numpy_and_are_cached_next_to_the_data(tmp_path):
 
 
 def test_stats_from_config_take_precedence_and_normalise(tmp_path):
-    path, a, _ = make_scene(tmp_path, extra={"stats": {"mean": [1.0, 2.0, 3.0], "std": [2.0, 4.0, 8.0]}})
+    path, a, _ = labelled_scene(tmp_path, extra={"stats": {"mean": [1.0, 2.0, 3.0], "std": [2.0, 4.0, 8.0]}})
     reader, summary, stats = prepare_scene(path)
     with reader:
         assert stats.source == "config"
@@ -267,14 +240,14 @@ def _one_line_error(fn, *args, **kwargs) -> str:
 
 
 def test_missing_file(tmp_path):
-    path, _, _ = make_scene(tmp_path)
+    path, _, _ = labelled_scene(tmp_path)
     os.remove(tmp_path / "img.tif")
     assert _one_line_error(open_scene, path) == f"{tmp_path / 'img.tif'}: file not found"
 
 
 @pytest.mark.parametrize("name", ["img.tif", "lab.tif"])
 def test_corrupt_file(tmp_path, name):
-    path, _, _ = make_scene(tmp_path)
+    path, _, _ = labelled_scene(tmp_path)
     (tmp_path / name).write_bytes(b"II*\x00 definitely not a TIFF" + bytes(100))
     msg = _one_line_error(open_scene, path)
     assert msg.startswith(f"{tmp_path / name}: cannot open as a raster")
@@ -290,17 +263,17 @@ def test_corrupt_hdf5_and_mat(tmp_path):
 
 
 def test_band_count_mismatch_with_model(tmp_path):
-    path, _, _ = make_scene(tmp_path)
+    path, _, _ = labelled_scene(tmp_path)
     msg = _one_line_error(open_scene, path, expected_bands=6)
     assert msg == f"{tmp_path / 'img.tif'}: the image has 3 bands but the model expects 6"
-    path, _, _ = make_scene(tmp_path, extra={"band_names": ["a", "b"]})
+    path, _, _ = labelled_scene(tmp_path, extra={"band_names": ["a", "b"]})
     assert "the image has 3 bands but the scene names 2" in _one_line_error(open_scene, path)
 
 
 def test_nan_and_inf_in_the_image(tmp_path):
     a = cube("float32", (3, H, W), seed=11)
     a[2, 7, 11] = np.nan
-    path, _, _ = make_scene(tmp_path, image=a)
+    path, _, _ = labelled_scene(tmp_path, image=a)
     with open_scene(path) as r:                      # opening reads no pixels
         msg = _one_line_error(scan_scene, r)         # the validation pass finds it
         assert msg.startswith(f"{tmp_path / 'img.tif'}: image has NaN at band 2, pixel (row 7, col 11)")
@@ -320,7 +293,7 @@ def test_nan_and_inf_in_the_image(tmp_path):
 
 def test_empty_scene(tmp_path):
     a = np.full((3, H, W), NODATA, np.float32)
-    path, _, _ = make_scene(tmp_path, image=a)
+    path, _, _ = labelled_scene(tmp_path, image=a)
     msg = _one_line_error(prepare_scene, path)
     assert msg.startswith(f"{tmp_path / 'img.tif'}: empty scene: none of the 23x31 pixels is valid")
     write_h5(tmp_path / "e.h5", "cube", np.zeros((0, 4, 4), np.float32))
@@ -350,7 +323,7 @@ def test_missing_scene_description(tmp_path):
 
 
 def test_truncated_file_fails_when_read_naming_the_window(tmp_path):
-    path, _, _ = make_scene(tmp_path)
+    path, _, _ = labelled_scene(tmp_path)
     data = (tmp_path / "img.tif").read_bytes()
     (tmp_path / "img.tif").write_bytes(data[:len(data) // 2])       # header intact, strips cut off
     with open_scene(path) as r:
