@@ -279,6 +279,19 @@ class ShmChannel:
 
         return finish
 
+    @property
+    def all_pairs(self) -> bool:
+        """Every ordered pair of the group has a mailbox (grids up to 2x2, or
+        1x2 / 2x1): an all-to-all can then go point-to-point. The same on
+        every rank (a function of the grid)."""
+        return len(self.layout.pairs) == self.layout.sp * (self.layout.sp - 1)
+
+    def all_to_all(self, sends, recvs) -> None:
+        """Blocking all-to-all as one p2p exchange with every peer (needs
+        :attr:`all_pairs`): ``sends`` [(dst global rank, tensor)], ``recvs``
+        [(src global rank, buffer)] as in :meth:`start_exchange`."""
+        self.start_exchange(sends, recvs, "all_to_all")()
+
     # -- collectives --------------------------------------------------------------
     def fits_collective(self, t: torch.Tensor) -> bool:
         return t.numel() * t.element_size() <= self.layout.collective_bytes
