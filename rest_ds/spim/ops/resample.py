@@ -41,6 +41,7 @@ refuses by name.
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -214,28 +215,38 @@ def _proportional(part: Partition, n_in: int, n_out: int, axis: str) -> Partitio
     return bounds
 
 
-def _needs(out_part: Partition, idx: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    lo = idx.min(0).values
-    hi = idx.max(0).values
-    return tuple((int(lo[a:b].min()), int(hi[a:b].max()) + 1) for a, b in zip(out_part[:-1], out_part[1:]))
+@functools.lru_cache(maxsize=256)
+def _cached_taps(n_in: int, n_out: int, mode: str, align_corners: bool, scale: float | None, dtype: torch.dtype,
+                 device: torch.device):
+    """:func:`axis_taps` plus the first and last input index of each output (as
+    tuples), computed once per distinct axis: a model resamples the same sizes
+    every step, and the taps cost ~10 small tensor ops (~0.1 ms) per axis and
+    call. Callers must not modify the returned tensors."""
+    idx, w = axis_taps(n_in, n_out, mode, align_corners, scale, dtype, device)
+    return idx, w, tuple(idx.min(0).values.tolist()), tuple(idx.max(0).values.tolist())
 
 
-def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_out: int, idx: torch.Tensor):
-    """(output partition, needs per grid index) for one axis. A registered
-    partition of size ``n_out`` is preferred when its windows fit the halo rule."""
+def _needs(out_part: Partition, lo: tuple[int, ...], hi: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((min(lo[a:b]), max(hi[a:b]) + 1) for a, b in zip(out_part[:-1], out_part[1:]))
+
+
+def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_out: int, lo, hi):
+    """(output partition, needs per grid index) for one axis (``lo``/``hi``: first
+    and last input index of each output). A registered partition of size
+    ``n_out`` is preferred when its windows fit the halo rule."""
     name = ("row", "col")[axis]
     reg = context.layout_for(axis, parts, n_out)
     if in_part is None:  # replicated input: any partition works, nothing to exchange
         return reg, None
     if reg is not None:
-        needs = _needs(reg, idx)
+        needs = _needs(reg, lo, hi)
         try:
             check_needs(in_part, needs, name, "interpolate")
             return reg, needs
         except SPIMError:
             pass  # e.g. a coincidental size: fall back to the proportional split
     out_part = _proportional(in_part, n_in, n_out, name)
-    return out_part, _needs(out_part, idx)
+    return out_part, _needs(out_part, lo, hi)
 
 
 def _native_factors(mode: str, ac: bool, n_in, out_hw, scales) -> tuple[int, int] | None:
@@ -335,9 +346,10 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
     or, with ``in_spec`` None, the whole replicated input."""
     taps, plans = [], []
     for axis in range(2):
-        idx, w = axis_taps(n_in[axis], out_hw[axis], mode, ac, scales[axis], x_local.dtype, x_local.device)
+        idx, w, lo, hi = _cached_taps(n_in[axis], out_hw[axis], mode, ac, scales[axis], x_local.dtype,
+                                      x_local.device)
         in_part = None if in_spec is None else (in_spec.rows, in_spec.cols)[axis]
-        plans.append(_axis_plan(axis, mesh.grid[axis], in_part, n_in[axis], out_hw[axis], idx))
+        plans.append(_axis_plan(axis, mesh.grid[axis], in_part, n_in[axis], out_hw[axis], lo, hi))
         taps.append((idx, w))
     (rows, need_r), (cols, need_c) = plans
     r, c = mesh.coord
