@@ -297,7 +297,7 @@ _KIND = {"batch_isend_irecv": "halo", "isend": "halo", "irecv": "halo", "send": 
 _DIST_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single",
              "all_to_all", "broadcast", "broadcast_object_list", "batch_isend_irecv", "send", "recv",
              "reduce_scatter", "reduce_scatter_tensor", "reduce", "barrier")
-_SHM_OPS = ("start_exchange", "start_all_reduce_", "all_gather")
+_SHM_OPS = ("start_exchange", "start_all_reduce_", "all_gather", "all_to_all")
 
 
 def _ds_volume(op: str):
