@@ -6,6 +6,7 @@ the tiles exactly what it computes on the whole scene (docs/design.md section 2)
 """
 from .comm import CommStats, comm_stats, track_comm
 from .errors import SPIMError, SPIMUnsupportedError
+from .halo import reference_paths, set_reference_paths
 from .mesh import SpatialMesh, init_distributed
 from .parallelize import average_gradients, parallelize
 from .rng import rng_state, set_rng_state
@@ -20,4 +21,5 @@ __all__ = [
     "init_distributed", "parallelize", "average_gradients", "from_local", "gather", "shard", "to_local",
     "SpatialTensor", "Spec", "TileLayout", "check_aligned", "choose_grid", "split_extent",
     "VerifyReport", "compare_sharded", "rel_error", "verify", "rng_state", "set_rng_state",
+    "reference_paths", "set_reference_paths",
 ]

@@ -22,36 +22,44 @@ collective; every other exchange stays neighbour-to-neighbour.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from .comm import _STATS, _phase, from_wire, to_wire, wire_buffer
 from . import context
 from .errors import SPIMError
+from . import geometry
+from .geometry import Partition, Range, reaches_far  # noqa: F401  (reaches_far: importable from here)
 from .mesh import SpatialMesh
-from .tiling import Partition
 
-Range = tuple[int, int]
+# the range arithmetic is geometry.py's; these short names are used below
+_clip, _inter, _box = geometry.clip, geometry.intersect, geometry.box_intersect
 
-
-def _clip(r: Range, n: int) -> Range:
-    return max(r[0], 0), min(r[1], n)
+REFERENCE_ENV = "REST_DS_SPIM_REFERENCE"
 
 
-def _inter(a: Range, b: Range) -> Range | None:
-    lo, hi = max(a[0], b[0]), min(a[1], b[1])
-    return (lo, hi) if hi > lo else None
+def reference_paths() -> bool:
+    """Whether sharded ops take their reference paths (environment variable
+    ``REST_DS_SPIM_REFERENCE`` set and not ``0``): the simplest exact route,
+    every window exchanged in one all-to-all over sp (the far plan, which
+    serves any geometry), torch's own op on the assembled window and torch's
+    autograd through both, instead of the neighbour exchange and the
+    padded-tile / hand-written-backward fast paths. For testing the fast paths
+    against it; it must be set alike on every rank of an sp group (they would
+    otherwise wait in different collectives). Read at every op, so it may be
+    switched between forwards."""
+    return os.environ.get(REFERENCE_ENV, "0") not in ("", "0")
 
 
-def reaches_far(part: Partition, needs: tuple[Range, ...]) -> bool:
-    """Whether some grid row's (col's) need, clipped to the scene, reaches past
-    its own and the adjacent tiles."""
-    n = part[-1]
-    for i, need in enumerate(needs):
-        lo, hi = _clip(need, n)
-        if lo < part[max(i - 1, 0)] or hi > part[min(i + 2, len(part) - 1)]:
-            return True
-    return False
+def set_reference_paths(enabled: bool) -> bool:
+    """Select the reference paths (True) or the fast paths (False) for this
+    process and the processes it starts afterwards (:func:`reference_paths`);
+    returns the previous setting."""
+    before = reference_paths()
+    os.environ[REFERENCE_ENV] = "1" if enabled else "0"
+    return before
 
 
 def check_nonempty(needs: tuple[Range, ...], n: int, axis: str, op: str) -> None:
@@ -82,27 +90,8 @@ def check_needs(part: Partition, needs: tuple[Range, ...], axis: str, op: str) -
             raise SPIMError(f"{op}: the tile in grid {axis} {i} needs an empty input range {need}")
 
 
-def _blocks(part: Partition, idx: int, need: Range, far: bool = False):
-    """(offset in grid, global range) pieces of ``need`` held by tile idx-1, idx,
-    idx+1 (``far``: by any tile)."""
-    out = []
-    for d in (range(-idx, len(part) - 1 - idx) if far else (-1, 0, 1)):
-        j = idx + d
-        if 0 <= j < len(part) - 1:
-            r = _inter(need, (part[j], part[j + 1]))
-            if r is not None:
-                out.append((d, r))
-    return out
-
-
 def _slice(t: torch.Tensor, dims, base: tuple[int, int], rows: Range, cols: Range) -> torch.Tensor:
     return t.narrow(dims[0], rows[0] - base[0], rows[1] - rows[0]).narrow(dims[1], cols[0] - base[1], cols[1] - cols[0])
-
-
-def _box(key, rows: Range, cols: Range):
-    """The part of piece ``key`` = (rows, cols) inside rows x cols, or None."""
-    r, c = _inter(key[0], rows), _inter(key[1], cols)
-    return None if r is None or c is None else (r, c)
 
 
 def _box_shape(shape, dims, rows: Range, cols: Range) -> list[int]:
@@ -112,40 +101,18 @@ def _box_shape(shape, dims, rows: Range, cols: Range) -> list[int]:
 
 
 class _Plan:
-    """Who sends what to whom for one exchange on this rank (global ranges).
-    ``far``: some rank's window reaches past its adjacent tiles (the same on
-    every rank); pieces then come from any tile, in one all-to-all."""
+    """Who sends what to whom for one exchange on this rank (global ranges):
+    :func:`geometry.exchange_plan` of this rank's tile, with grid coordinates
+    turned into global ranks. ``far``: some rank's window reaches past its
+    adjacent tiles (the same on every rank); pieces then come from any tile,
+    in one all-to-all."""
 
     def __init__(self, mesh, rows, cols, need_rows, need_cols, far: bool = False):
-        r, c = mesh.coord
-        H, W = rows[-1], cols[-1]
-        self.far = far
-        self.origin = (rows[r], cols[c])
-        my_r, my_c = _clip(need_rows[r], H), _clip(need_cols[c], W)
-        self.ext = (my_r, my_c)
-        # pieces I assemble: (src rank or None for self, rows, cols)
-        self.recv = []
-        self.own = None
-        for dr, rr in _blocks(rows, r, my_r, far):
-            for dc, cc in _blocks(cols, c, my_c, far):
-                if dr == 0 and dc == 0:
-                    self.own = (rr, cc)
-                else:
-                    self.recv.append((mesh.rank_at(r + dr, c + dc), rr, cc))
-        # pieces neighbours need from me
-        self.send = []
-        mine_r, mine_c = (rows[r], rows[r + 1]), (cols[c], cols[c + 1])
-        for dr in range(-r, len(rows) - 1 - r) if far else (-1, 0, 1):
-            for dc in range(-c, len(cols) - 1 - c) if far else (-1, 0, 1):
-                if (dr, dc) == (0, 0):
-                    continue
-                i, j = r + dr, c + dc
-                if not (0 <= i < len(rows) - 1 and 0 <= j < len(cols) - 1):
-                    continue
-                rr = _inter(_clip(need_rows[i], H), mine_r)
-                cc = _inter(_clip(need_cols[j], W), mine_c)
-                if rr is not None and cc is not None:
-                    self.send.append((mesh.rank_at(i, j), rr, cc))
+        g = geometry.exchange_plan(rows, cols, need_rows, need_cols, mesh.coord, far)
+        self.far, self.origin, self.ext, self.own = g.far, g.origin, g.ext, g.own
+        # pieces I assemble: (src rank, rows, cols); pieces others need from me: (dst rank, rows, cols)
+        self.recv = [(mesh.rank_at(*ij), rr, cc) for ij, rr, cc in g.recv]
+        self.send = [(mesh.rank_at(*ij), rr, cc) for ij, rr, cc in g.send]
 
 
 def start_exchange(send_items, recv_items, mesh, kind_bytes_phase, kind: str = "halo"):
@@ -363,21 +330,10 @@ def box_view(t: torch.Tensor, dims, rows: Range, cols: Range) -> torch.Tensor:
 
 
 def border_strips(plan: _Plan, tile_shape, dims, n, first, last_from_end):
-    """The outputs of an op over a tile that read a neighbour's halo, as strips
-    (local output rows, local output cols) of [start, end) pairs. ``n``: output
-    count per axis; per axis the first ``first[a]`` outputs read the halo
-    before the tile and the last ``last_from_end[a]`` the one after it, where
-    there is a neighbour on that side (per ``plan``). The top and bottom strips
-    span all columns, the left and right ones the rows in between, so each
-    output lies in at most one."""
-    t0 = plan.origin
-    t1 = (t0[0] + tile_shape[dims[0]], t0[1] + tile_shape[dims[1]])
-    f = [min(n[a], first[a]) if any(rc[a][0] < t0[a] for _, *rc in plan.recv) else 0 for a in (0, 1)]
-    last = [max(f[a], n[a] - last_from_end[a]) if any(rc[a][1] > t1[a] for _, *rc in plan.recv) else n[a]
-            for a in (0, 1)]
-    (nr, nc), (fr, fc), (lr, lc) = n, f, last
-    out = (((0, fr), (0, nc)), ((lr, nr), (0, nc)), ((fr, lr), (0, fc)), ((fr, lr), (lc, nc)))
-    return [(r, c) for r, c in out if r[1] > r[0] and c[1] > c[0]]
+    """:func:`geometry.border_strips` of this rank's tile (``tile_shape`` with
+    row and column dims ``dims``) and the halo pieces of ``plan``."""
+    return geometry.border_strips(plan.origin, (tile_shape[dims[0]], tile_shape[dims[1]]),
+                                  [(rr, cc) for _, rr, cc in plan.recv], n, first, last_from_end)
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -392,13 +348,14 @@ class _HaloExchange(torch.autograd.Function):
 
 
 def make_plan(mesh: SpatialMesh, rows: Partition, cols: Partition, need_rows: tuple[Range, ...],
-              need_cols: tuple[Range, ...], op: str) -> _Plan:
+              need_cols: tuple[Range, ...], op: str, far: bool = False) -> _Plan:
     """Validate the needs (same error on every rank) and plan this rank's
     exchange: with the neighbours, or a far plan (one all-to-all) when some
-    rank's window reaches past its adjacent tiles."""
+    rank's window reaches past its adjacent tiles or ``far`` asks for one
+    (the reference path: then on every rank)."""
     check_nonempty(need_rows, rows[-1], "row", op)
     check_nonempty(need_cols, cols[-1], "col", op)
-    far = reaches_far(rows, need_rows) or reaches_far(cols, need_cols)
+    far = far or reaches_far(rows, need_rows) or reaches_far(cols, need_cols)
     return _Plan(mesh, rows, cols, need_rows, need_cols, far)
 
 
@@ -411,14 +368,16 @@ def halo_exchange(
     need_cols: tuple[Range, ...],
     dims: tuple[int, int],
     op: str = "halo exchange",
+    far: bool = False,
 ) -> torch.Tensor:
     """Return this rank's input window ``need ∩ scene`` (global rows x cols).
 
     ``x`` is this rank's local tile (``dims`` are its row and column dims,
     laid out by ``rows``/``cols``). The caller pads the parts of ``need`` that lie
-    outside the scene. Differentiable."""
+    outside the scene. Differentiable. ``far``: through one all-to-all even
+    where the neighbours would do (every rank of the sp group alike)."""
     dims = tuple(d % x.dim() for d in dims)
-    plan = make_plan(mesh, rows, cols, need_rows, need_cols, op)
+    plan = make_plan(mesh, rows, cols, need_rows, need_cols, op, far)
     if mesh.sp == 1 or (not plan.send and not plan.recv and not plan.far):  # a far plan's collective needs every rank
         return _slice(x, dims, plan.origin, *plan.own)
     return _HaloExchange.apply(x, mesh, plan, dims)

@@ -1,61 +1,19 @@
-"""Tile geometry: how a global extent is split across the ranks of a grid.
+"""Tile layouts: how a scene is split across the ranks of a ``ph x pw`` grid.
 
 A *partition* of an extent ``n`` over ``parts`` ranks is the tuple of
 ``parts + 1`` global boundaries ``(0, b1, ..., n)``; rank ``i`` owns
 ``[b_i, b_{i+1})``. Interior boundaries of a scene partition lie on multiples of
 the alignment ``A``; only the last tile takes the remainder (docs/design.md section 1).
+The arithmetic of partitions and windows is in :mod:`rest_ds.spim.geometry`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .errors import SPIMError
-
-Partition = tuple[int, ...]
-
-
-def split_extent(n: int, parts: int, align: int = 1) -> Partition:
-    """Split ``n`` into ``parts`` tiles with interior boundaries on multiples of
-    ``align``; tiles are as even as the alignment allows, the last one takes the
-    remainder. Raises :class:`SPIMError` when a tile would be empty."""
-    if parts < 1 or align < 1:
-        raise SPIMError(f"split_extent: parts ({parts}) and align ({align}) must be >= 1")
-    units = n // align  # whole alignment units; the remainder joins the last tile
-    if units < parts:
-        raise SPIMError(
-            f"cannot split an extent of {n} px into {parts} tiles aligned to {align} px: "
-            f"only {units} whole units of {align} px; use fewer ranks along this axis "
-            f"or a smaller alignment"
-        )
-    base, extra = divmod(units, parts)
-    bounds = [0]
-    for i in range(parts - 1):
-        bounds.append(bounds[-1] + (base + (1 if i < extra else 0)) * align)
-    bounds.append(n)
-    return tuple(bounds)
-
-
-def partition_from_sizes(sizes: list[int] | tuple[int, ...]) -> Partition:
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + int(s))
-    return tuple(out)
-
-
-def tile_sizes(part: Partition) -> tuple[int, ...]:
-    return tuple(b - a for a, b in zip(part[:-1], part[1:]))
-
-
-def check_aligned(part: Partition, align: int, what: str = "tile") -> None:
-    """Interior boundaries must be multiples of ``align``."""
-    bad = [b for b in part[1:-1] if b % align]
-    if bad:
-        raise SPIMError(
-            f"{what} boundaries {list(part)} are not aligned: {bad} are not multiples "
-            f"of the alignment {align} (the lcm of the network's stride products); "
-            f"use rest_ds.spim.split_extent(n, parts, align={align})"
-        )
+# the partition arithmetic lives in geometry.py; these names stay importable from here
+from .geometry import (Partition, check_aligned, lcm, partition_from_sizes, split_extent,  # noqa: F401
+                       tile_sizes)
 
 
 @dataclass(frozen=True)
@@ -112,10 +70,3 @@ def choose_grid(height: int, width: int, sp: int, align: int = 1, halo: int = 1)
             f"every factorisation gives tiles smaller than one alignment unit"
         )
     return best[1]
-
-
-def lcm(*values: int) -> int:
-    out = 1
-    for v in values:
-        out = out * v // math.gcd(out, v)
-    return out

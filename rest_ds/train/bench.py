@@ -109,6 +109,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# the halo geometry is rest_ds.spim.geometry's; border_needs stays importable from here
+from ..spim.geometry import border_needs, halo_volume  # noqa: F401
+
 SCHEMA = 1
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "other", "loop")
 
@@ -397,33 +400,12 @@ def reset_rss_peak() -> bool:
 
 
 # --- analytic communication volumes ------------------------------------------------------------------
-def border_needs(part, before: int, after: int) -> list[tuple[int, int]]:
-    """Needed input window of each tile of ``part`` for an op reading ``before`` / ``after`` lines beyond it."""
-    return [(part[i] - before, part[i + 1] + after) for i in range(len(part) - 1)]
-
-
 def halo_bytes(rows, cols, need_rows, need_cols, per_pixel: int) -> int:
-    """Bytes all ranks send in one halo exchange: every rank sends each of its 8
-    neighbours the part of its own tile inside that neighbour's needed window
-    (the rule of rest_ds.spim.halo)."""
-    H, W = rows[-1], cols[-1]
-    ph, pw = len(rows) - 1, len(cols) - 1
-
-    def inter(a, b):
-        return max(0, min(a[1], b[1]) - max(a[0], b[0]))
-
-    total = 0
-    for r in range(ph):
-        for c in range(pw):
-            mine_r, mine_c = (rows[r], rows[r + 1]), (cols[c], cols[c + 1])
-            for i in range(max(r - 1, 0), min(r + 2, ph)):
-                for j in range(max(c - 1, 0), min(c + 2, pw)):
-                    if (i, j) == (r, c):
-                        continue
-                    nr = (max(need_rows[i][0], 0), min(need_rows[i][1], H))
-                    nc = (max(need_cols[j][0], 0), min(need_cols[j][1], W))
-                    total += inter(nr, mine_r) * inter(nc, mine_c) * per_pixel
-    return total
+    """Bytes all ranks send in one halo exchange: every rank sends each other
+    rank the part of its own tile inside that rank's needed window, clipped to
+    the scene (the rule of rest_ds.spim.halo: its 8 neighbours, any rank for a
+    far plan); ``per_pixel`` bytes per pixel."""
+    return halo_volume(rows, cols, need_rows, need_cols) * per_pixel
 
 
 def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], layout, attention: str = "auto",
@@ -449,7 +431,7 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
     import torch.nn.functional as F
 
     from ..spim.ops.resample import _DEFAULTS, _NAMES, _proportional, axis_taps, bind_args, parse
-    from ..spim.ops.window import needs, output_partition, pool_out
+    from ..spim.geometry import conv_out, kernel_extent, needs, output_partition, pool_out, scale_partition
 
     ph, pw = len(layout.rows) - 1, len(layout.cols) - 1
     P = ph * pw
@@ -459,15 +441,13 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
     replicated: set[int] = set()     # ids of scene-global results (adaptive pooling and what follows it)
     keep: list = []                  # keeps those tensors alive, so that their ids stay unique
 
-    def part_of(n: int, full: int, part) -> tuple[int, ...]:
-        # tile borders of a feature map of size n: the input borders scaled (aligned, so exact)
-        return (0,) + tuple(b * n // full for b in part[1:-1]) + (n,)
+    part_of = scale_partition  # tile borders of a feature map: the input borders scaled (aligned, so exact)
 
     def add_window(x, k, s, p, d, n_out, op):
         B, C, h, w = x.shape
         if k[0] * d[0] - d[0] + 1 == 1 and k[1] * d[1] - d[1] + 1 == 1 and p == (0, 0):
             return
-        ke = [d[a] * (k[a] - 1) + 1 for a in range(2)]
+        ke = [kernel_extent(k[a], d[a]) for a in range(2)]
         rows, cols = part_of(h, Hin, layout.rows), part_of(w, Win, layout.cols)
         o_r = output_partition(rows, n_out[0], ke[0], s[0], p[0], op, "row")
         o_c = output_partition(cols, n_out[1], ke[1], s[1], p[1], op, "col")
@@ -498,7 +478,7 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
                 p = tuple((d[a] * (k[a] - 1)) // 2 if mod.padding == "same" else 0 for a in range(2))
             else:
                 p = pair(mod.padding)
-            n_out = tuple((x.shape[2 + a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(2))
+            n_out = tuple(conv_out(x.shape[2 + a], kernel_extent(k[a], d[a]), s[a], 2 * p[a]) for a in range(2))
             add_window(x, k, s, p, d, n_out, "conv2d")
         elif isinstance(mod, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
             k = pair(mod.kernel_size)

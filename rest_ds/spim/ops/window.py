@@ -18,6 +18,12 @@ a neighbour's halo (:class:`_BorderConv2d`): no window-size copy, and the
 tile's backward is torch's fused one. Other convs run on the assembled window
 (:class:`_HaloConv2d`).
 
+The fast paths above stay behind a switch: with ``REST_DS_SPIM_REFERENCE=1``
+(:func:`rest_ds.spim.set_reference_paths`) every window op takes its
+reference path instead: the window through one all-to-all (the far plan),
+torch's own op on it without padding and torch's autograd through both.
+The geometry (partitions, windows, strips) is :mod:`rest_ds.spim.geometry`.
+
 Memory: the window (tile + halos + scene padding) is a transient. Convs keep
 the tile and the received halos for backward (and rebuild the window there
 when they need it); pooling keeps what torch keeps (max: the argmax indices;
@@ -26,7 +32,6 @@ With one rank (sp = 1) the tile is the scene and torch's own op runs.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -34,10 +39,12 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import (WindowGrads, assemble, border_strips, box_view, fetch, halo_exchange, make_plan, return_grads,
+from ..halo import (WindowGrads, assemble, box_view, fetch, halo_exchange, make_plan, reference_paths, return_grads,
                     start_fetch, window_part)
+from .. import geometry
+# the window arithmetic is geometry.py's; conv_out, needs, pool_out stay importable from here
+from ..geometry import Partition, axis_term, conv_out, halo_strips, needs, padded_fit, pool_out  # noqa: F401
 from ..tensor import SpatialTensor, Spec, register, wrap
-from ..tiling import Partition
 
 
 def _pair(v, name="") -> tuple[int, int]:
@@ -50,33 +57,8 @@ def _pair(v, name="") -> tuple[int, int]:
 
 
 def output_partition(part: Partition, n_out: int, ke: int, s: int, p: int, op: str, axis: str) -> Partition:
-    c = (ke - 1) // 2
-    bounds = [0] + [min(max(math.ceil((b + p - c) / s), 0), n_out) for b in part[1:-1]] + [n_out]
-    for i in range(len(bounds) - 1):
-        if bounds[i + 1] <= bounds[i]:
-            raise SPIMError(
-                f"{context.where()}: {op}: the tile in grid {axis} {i} (input {axis}s {part[i]}:{part[i + 1]}) "
-                f"owns no output {axis}s (output size {n_out}, stride {s}); tiles are too small for this "
-                f"network: use fewer ranks along this axis or a larger scene"
-            )
-    return tuple(bounds)
-
-
-def needs(out_part: Partition, ke: int, s: int, p: int) -> tuple[tuple[int, int], ...]:
-    return tuple((o0 * s - p, (o1 - 1) * s - p + ke) for o0, o1 in zip(out_part[:-1], out_part[1:]))
-
-
-def conv_out(n: int, ke: int, s: int, p_total: int) -> int:
-    return (n + p_total - ke) // s + 1
-
-
-def pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    ke = d * (k - 1) + 1
-    num = n + 2 * p - ke + ((s - 1) if ceil_mode else 0)
-    out = num // s + 1
-    if ceil_mode and (out - 1) * s >= n + p:
-        out -= 1
-    return out
+    """:func:`geometry.output_partition`, its error naming the module."""
+    return geometry.output_partition(part, n_out, ke, s, p, op, axis, context.where())
 
 
 def _check_nchw(x: SpatialTensor, op: str) -> None:
@@ -107,15 +89,16 @@ def window_plan(x: SpatialTensor, op: str, ke, s, p, n_out):
     return plan, pads, out_spec, ranges
 
 
-def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pad_value=0.0):
-    """Fetch each rank's input window and pad at the scene border.
+def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pad_value=0.0, far: bool = False):
+    """Fetch each rank's input window and pad at the scene border (``far``:
+    through one all-to-all, on every rank alike: the reference path).
 
     Returns (extended local input, output Spec, per-axis (o0, o1))."""
     plan, pads, out_spec, ranges = window_plan(x, op, ke, s, p, n_out)
     spec = x._spec
     ext = halo_exchange(x._local, spec.mesh, spec.rows, spec.cols,
                         needs(out_spec.rows, ke[0], s[0], p[0]), needs(out_spec.cols, ke[1], s[1], p[1]),
-                        spec.dims, op)
+                        spec.dims, op, far)
     if any(pads):
         if pad_mode == "constant":
             ext = F.pad(ext, pads, value=pad_value)
@@ -199,21 +182,6 @@ class _PieceTerm(NamedTuple):
     pads: tuple
 
 
-def _axis_term(a: int, b: int, lo: int, s: int, k: int, d: int, n: int):
-    """Along one axis, for a piece of global inputs [a, b): the local outputs
-    [o0, o1) whose windows (output o reads ``lo + o s + j d``, tap j < k) touch
-    it, the taps [j0, j1) that do for some of them, and the region's zero pads
-    before and after the piece. None when no tap reads the piece."""
-    o0, o1 = max(0, -(-(a - lo - (k - 1) * d) // s)), min(n, (b - 1 - lo) // s + 1)
-    if o0 >= o1:
-        return None
-    j0, j1 = max(0, -(-(a - lo - (o1 - 1) * s) // d)), min(k, (b - 1 - lo - o0 * s) // d + 1)
-    if j0 >= j1:
-        return None
-    start, end = lo + o0 * s + j0 * d, lo + (o1 - 1) * s + (j1 - 1) * d + 1
-    return (o0, o1), (j0, j1), (a - start, end - b)
-
-
 class _BorderGeometry:
     """How a conv over the halo-extended window differs from the conv over the
     tile with torch's own zero padding ``pad``. Per axis: window start ``lo``
@@ -233,7 +201,7 @@ class _BorderGeometry:
         self.strips = _halo_strips(plan, x_shape, dims, lo, s, ke, n)
         self.terms = []
         for _, rr, cc in plan.recv:
-            axes = [_axis_term(*r, lo[a], s[a], k[a], d[a], n[a]) for a, r in enumerate((rr, cc))]
+            axes = [axis_term(*r, lo[a], s[a], k[a], d[a], n[a]) for a, r in enumerate((rr, cc))]
             if None not in axes:
                 (orow, trow, prow), (ocol, tcol, pcol) = axes
                 self.terms.append(_PieceTerm((rr, cc), (orow, ocol), (trow, tcol), pcol + prow))
@@ -343,22 +311,10 @@ class _BorderConv2d(torch.autograd.Function):
 
 
 def _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s):
-    """Per axis (pad, window start, output count) when the op run on the tile
-    with torch's own symmetric padding ``pad`` has exactly this rank's outputs:
-    the window starts at or before the tile (``pad = tile start - window start``
-    >= 0) and reaches at most ``pad`` beyond its end. Else None."""
-    pad, lo, n = [], [], []
-    for a in (0, 1):
-        t0, h = plan.origin[a], x_shape[dims[a]]
-        w0, w1 = need[a]
-        n_out = out_ranges[a][1] - out_ranges[a][0]
-        p = t0 - w0
-        if p < 0 or w1 - (t0 + h) > p or (h + 2 * p - ke[a]) // s[a] + 1 != n_out:
-            return None
-        pad.append(p)
-        lo.append(w0)
-        n.append(n_out)
-    return tuple(pad), tuple(lo), tuple(n)
+    """:func:`geometry.padded_fit` of this rank's tile: per axis (pad, window
+    start, output count) when the op on the tile with torch's own padding has
+    exactly this rank's outputs, else None."""
+    return padded_fit(plan.origin, (x_shape[dims[0]], x_shape[dims[1]]), need, out_ranges, ke, s)
 
 
 def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, ke, s):
@@ -372,16 +328,9 @@ def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, ke, s):
 
 
 def _halo_strips(plan, x_shape, dims, lo, s, ke, n):
-    """:func:`halo.border_strips` of an op over the padded tile (window start
-    ``lo``, stride ``s``, kernel extent ``ke``, ``n`` outputs per axis), each as
-    ``(out rows, out cols, in rows, in cols)`` with the global inputs it reads."""
-    t0 = plan.origin
-    t1 = (t0[0] + x_shape[dims[0]], t0[1] + x_shape[dims[1]])
-    first = [-(-(t0[a] - lo[a]) // s[a]) for a in (0, 1)]
-    from_end = [n[a] - ((t1[a] - lo[a] - ke[a]) // s[a] + 1) for a in (0, 1)]
-    return [(orows, ocols) + tuple((lo[a] + o[0] * s[a], lo[a] + (o[1] - 1) * s[a] + ke[a])
-                                   for a, o in enumerate((orows, ocols)))
-            for orows, ocols in border_strips(plan, x_shape, dims, n, first, from_end)]
+    """:func:`geometry.halo_strips` of this rank's tile and ``plan``'s halo pieces."""
+    return halo_strips(plan.origin, (x_shape[dims[0]], x_shape[dims[1]]), [(rr, cc) for _, rr, cc in plan.recv],
+                       lo, s, ke, n)
 
 
 class _BorderMaxPool2d(torch.autograd.Function):
@@ -494,23 +443,19 @@ def _conv2d(func, args, kwargs):
     k = tuple(weight.shape[-2:])
     ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
     padding = a.get("padding", 0)
-    if padding == "valid":
-        pb, pt = (0, 0), (0, 0)
-    elif padding == "same":
-        if s != (1, 1):
-            raise context.unsupported("conv2d", "padding='same' with stride > 1")
-        pb = tuple((ke[i] - 1) // 2 for i in range(2))
-        pt = tuple(ke[i] - 1 for i in range(2))
-    else:
-        pb = _pair(padding)
-        pt = (2 * pb[0], 2 * pb[1])
+    if padding == "same" and s != (1, 1):
+        raise context.unsupported("conv2d", "padding='same' with stride > 1")
+    pb, pt = zip(*(geometry.conv_padding(v, ke[i])
+                   for i, v in enumerate((padding, padding) if isinstance(padding, str) else _pair(padding))))
     H, W = x._spec.global_hw
     n_out = (conv_out(H, ke[0], s[0], pt[0]), conv_out(W, ke[1], s[1], pt[1]))
     if min(n_out) < 1:
         raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
     plan, pads, spec, ranges = window_plan(x, "conv2d", ke, s, pb, n_out)
-    if isinstance(a.get("bias"), SpatialTensor):
-        ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out)
+    reference = reference_paths()
+    if isinstance(a.get("bias"), SpatialTensor) or reference:
+        # the window, then torch's conv on it and torch's autograd (halo.reference_paths)
+        ext, spec, _ = windowed(x, "conv2d", ke, s, pb, n_out, far=reference)
         return wrap(F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1)), spec)
     if x.mesh.sp == 1:  # the tile is the scene: torch's own conv, its padding included
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
@@ -543,6 +488,9 @@ def _max_pool2d(func, args, kwargs):
     plan, pads, spec, ranges = window_plan(x, "max_pool2d", ke, s, p, n_out)
     if x.mesh.sp == 1:  # the tile is the scene: torch's own pooling
         return wrap(F.max_pool2d(x._local, k, s, p, d, ceil), spec)
+    if reference_paths():  # the window (-inf at the scene border), torch's pooling and autograd
+        ext, spec, _ = windowed(x, "max_pool2d", ke, s, p, n_out, pad_value=float("-inf"), far=True)
+        return wrap(F.max_pool2d(ext, k, s, 0, d), spec)
     r, c = x.mesh.coord
     need = (needs(spec.rows, ke[0], s[0], p[0])[r], needs(spec.cols, ke[1], s[1], p[1])[c])
     dims = (x.dim() - 2, x.dim() - 1)
@@ -584,7 +532,10 @@ def _avg_pool2d(func, args, kwargs):
     if x.mesh.sp == 1:  # the tile is the scene: torch's own pooling
         return wrap(F.avg_pool2d(loc, k, s, p, ceil, include_pad, a.get("divisor_override")), spec)
     # window sums, then torch's divisor for each global output position
-    total = _HaloSumPool2d.apply(loc, x.mesh, plan, pads, k, s)
+    if reference_paths():  # the window, torch's pooling and autograd
+        total = F.avg_pool2d(windowed(x, "avg_pool2d", k, s, p, n_out, far=True)[0], k, s, 0, False, True, 1)
+    else:
+        total = _HaloSumPool2d.apply(loc, x.mesh, plan, pads, k, s)
     if a.get("divisor_override"):
         return wrap(total / a["divisor_override"], spec)
     dh = _avg_divisor(r0, r1, H, k[0], s[0], p[0], include_pad, loc.device, loc.dtype)

@@ -1,0 +1,85 @@
+"""The window ops' fast paths and their reference path
+(``rest_ds.spim.set_reference_paths``: every window through one all-to-all,
+torch's op on it, torch's autograd) both equal one process: a conv/pool
+stack, float64 at 1e-10, output, input and parameter gradients and one
+optimizer step, on a 1x2 and an uneven 2x2 grid (one spawn per grid). The
+autograd graph shows which path ran."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rest_ds.spim import SpatialMesh, TileLayout, parallelize, set_reference_paths, shard, to_local
+from rest_ds.spim.verify import compare_sharded
+
+from .harness import check_report, offset_scene, run_grid
+
+TOL = 1e-10
+H, W = 30, 34
+LAYOUTS = {(1, 2): TileLayout((0, H), (0, 19, W)), (2, 2): TileLayout((0, 13, H), (0, 19, W))}
+FAST = {"_BorderConv2dBackward", "_HaloConv2dBackward", "_BorderMaxPool2dBackward", "_HaloMaxPool2dBackward",
+        "_HaloSumPool2dBackward"}
+
+
+class ConvPool(nn.Module):
+    """Each window op family and both fast paths of each: padded-tile (border
+    strips) and assembled-window convs and max pools, avg pooling, ceil_mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 5)
+        self.b = nn.Conv2d(4, 4, 3, stride=2)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.c = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.avg = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.ceil = nn.MaxPool2d(2, ceil_mode=True)
+        self.d = nn.Conv2d(4, 2, 5, padding=2)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.d(self.ceil(self.avg(torch.tanh(self.c(y)))))
+
+
+def _backward_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo.extend(n for n, _ in f.next_functions)
+    return names
+
+
+def _rank(grid):
+    mesh = SpatialMesh.build(grid=grid)
+    layout = LAYOUTS[grid]
+    x = offset_scene(2, 3, (H, W), torch.float64)
+    out = {}
+    for reference in (False, True):
+        before = set_reference_paths(reference)
+        try:
+            rep = compare_sharded(ConvPool, x, mesh, layout, train=True, step=True, dtype=torch.float64)
+            torch.manual_seed(0)
+            model = parallelize(ConvPool().double(), mesh)
+            nodes = _backward_nodes(to_local(model(shard(x.clone().requires_grad_(), mesh, layout))))
+        finally:
+            set_reference_paths(before)
+        out["reference" if reference else "fast"] = (rep.errors, rep.refused, nodes)
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("grid", list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
+def test_fast_and_reference_paths_equal_one_process(grid):
+    res = run_grid(_rank, grid)
+    for path in ("fast", "reference"):
+        errors, refused, _ = res[path]
+        check_report(errors, refused, TOL, f"{path} paths on {grid}")
+        assert any(k.startswith("grad ") for k in errors), errors
+    fast_nodes, ref_nodes = res["fast"][2], res["reference"][2]
+    # the fast run took both kinds of conv and of max pool path; the reference run none of them
+    assert FAST <= fast_nodes, FAST - fast_nodes
+    assert not FAST & ref_nodes and {"_HaloExchangeBackward", "ConvolutionBackward0"} <= ref_nodes, ref_nodes
