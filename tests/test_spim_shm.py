@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from rest_ds.spim import SpatialMesh, TileLayout
-from rest_ds.spim.comm import all_gather_equal, all_reduce_, start_all_reduce_
+from rest_ds.spim.comm import all_gather_equal, all_reduce_, all_to_all, start_all_reduce_
 from rest_ds.spim.halo import start_exchange
 from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
@@ -42,8 +42,17 @@ def _exchange_rank(grid, sizes, shm_env):
         for p, buf in recvs:
             if not torch.equal(buf, _message(p, me, rnd, 2 * numel)[::2]):
                 bad.append((rnd, p))
+    # all-to-all (attention's K/V gather): chunk sizes differ per (src, dst), one empty, the own chunk kept
+    for rnd, numel in enumerate(sizes):
+        def size(src, dst):
+            return 0 if (src, dst) == (1, 0) else numel + 3 * src + dst
+        got = all_to_all([_message(me, j, 50 + rnd, size(me, j)) for j in range(mesh.sp)],
+                         [size(j, me) for j in range(mesh.sp)], mesh)
+        bad += [("a2a", rnd, j) for j in range(mesh.sp) if not torch.equal(got[j], _message(j, me, 50 + rnd,
+                                                                                            size(j, me)))]
     mailboxes = {p: mesh.shm.has_mailbox(me, p) for p in peers} if mesh.shm is not None else None
     return {"bad": bad, "shm": mesh.shm is not None, "mailboxes": mailboxes,
+            "a2a_shm": mesh.shm is not None and mesh.shm.all_pairs,
             "slot_bytes": mesh.shm.layout.slot_bytes if mesh.shm is not None else None}
 
 
@@ -54,6 +63,7 @@ def test_point_to_point_any_size_between_neighbours():
     out = spawn(_exchange_rank, 4, (2, 2), sizes, "1")
     for o in out:
         assert o["shm"] and all(o["mailboxes"].values())
+        assert o["a2a_shm"]  # every pair of a 2x2 grid touches: all-to-alls go through the mailboxes too
         assert 200_000 * 8 > 2 * o["slot_bytes"]  # the big message needs more than both slots
         assert o["bad"] == []
 
@@ -64,6 +74,7 @@ def test_non_neighbours_fall_back_to_gloo():
     out = spawn(_exchange_rank, 3, (1, 3), [5, 70_000], "1")
     assert out[0]["mailboxes"] == {1: True, 2: False}
     assert out[2]["mailboxes"] == {0: False, 1: True}
+    assert [o["a2a_shm"] for o in out] == [False] * 3  # the same choice on every rank: gloo's all-to-all
     assert all(o["bad"] == [] for o in out)
 
 
@@ -71,6 +82,7 @@ def test_non_neighbours_fall_back_to_gloo():
 def test_disabled_by_environment_uses_gloo():
     out = spawn(_exchange_rank, 2, (1, 2), [3, 100_000], "0")
     assert [o["shm"] for o in out] == [False, False]
+    assert [o["a2a_shm"] for o in out] == [False, False]
     assert all(o["bad"] == [] for o in out)
 
 
