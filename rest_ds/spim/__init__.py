@@ -8,7 +8,7 @@ from .comm import CommStats, comm_stats, track_comm
 from .errors import SPIMError, SPIMUnsupportedError
 from .halo import reference_paths, set_reference_paths
 from .mesh import SpatialMesh, init_distributed
-from .parallelize import average_gradients, parallelize
+from .parallelize import average_gradients, parallelize, unparallelize
 from .rng import rng_state, set_rng_state
 from .sharding import from_local, gather, shard, to_local
 from .tensor import SpatialTensor, Spec
@@ -18,7 +18,8 @@ from . import ops  # noqa: F401  (registers the sharded op rules)
 
 __all__ = [
     "CommStats", "comm_stats", "track_comm", "SPIMError", "SPIMUnsupportedError", "SpatialMesh",
-    "init_distributed", "parallelize", "average_gradients", "from_local", "gather", "shard", "to_local",
+    "init_distributed", "parallelize", "unparallelize", "average_gradients", "from_local", "gather", "shard",
+    "to_local",
     "SpatialTensor", "Spec", "TileLayout", "check_aligned", "choose_grid", "split_extent",
     "VerifyReport", "compare_sharded", "rel_error", "verify", "rng_state", "set_rng_state",
     "reference_paths", "set_reference_paths",

@@ -1,56 +1,124 @@
-"""Where in the model the op being run lives, for error messages.
+"""The state of a parallelized model's forward, found by the ops that run inside it.
 
-``parallelize`` registers forward pre/post hooks that push and pop the dotted
-module path, so a refusal raised inside an op reads
-``module 'decode_head.ppm.1' (Conv2d): ...``.
+State model: :func:`~rest_ds.spim.parallelize.parallelize` creates one
+:class:`SPIMRun` per model (held as ``model._spim_run``). The model's root
+forward pre-hook *enters* it and the root post-hook (always called, so an
+exception leaves it too) *leaves* it; a submodule called outside its root's
+forward (a checkpointed block recomputed in backward) enters it for that call.
+Ops find the run being executed with :func:`current`: the innermost entered
+run of this thread (a ``ContextVar`` holding an immutable stack), so two
+parallelized models, run interleaved or one inside the other's forward, each
+see only their own state. Nothing in this module is mutable process-wide
+state.
+
+A run holds:
+
+* the module path stack, for error messages: a refusal raised inside an op
+  reads ``module 'decode_head.ppm.1' (Conv2d): ...`` (:func:`where`,
+  :func:`unsupported`); outside any run, "outside any module";
+* the model's ``attention`` setting (:func:`attention`; 'auto' outside runs);
+* the partitions of the sharded tensors created in this forward
+  (:func:`note_layout`, :func:`layout_for`; ops/resample.py).
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from .errors import SPIMUnsupportedError
 
-_STACK: list[tuple[str, str]] = []
-
-# Per-forward settings of the parallelized model being run (set by its root pre-hook).
-settings: dict = {"attention": "auto"}
-
-# Partitions of the sharded tensors created in the current forward, keyed by
-# (axis 0=rows/1=cols, number of tiles, global size); first one wins. Resampling
-# reuses them so that an upsampled map lines up with the map of that size it is
-# added to or concatenated with (ops/resample.py). Built from global
-# information only, so identical on every rank.
-_LAYOUTS: dict[tuple[int, int, int], tuple[int, ...]] = {}
+# Layout keys: (axis 0=rows/1=cols, number of tiles, global size).
+LayoutKey = tuple[int, int, int]
 
 
-def push(path: str, type_name: str) -> None:
-    _STACK.append((path, type_name))
+class SPIMRun:
+    """The per-model state of one parallelized model (see the module docstring).
+
+    ``attention`` is fixed at ``parallelize``; ``frames`` (module path stack:
+    ``(dotted path, type name, whether this frame entered the run)``) and
+    ``layouts`` are per forward: cleared when the root forward starts."""
+
+    def __init__(self, attention: str = "auto"):
+        self.attention = attention
+        self.frames: list[tuple[str, str, bool]] = []
+        # First one wins: resampling reuses them so that an upsampled map lines up
+        # with the map of that size it is added to or concatenated with. Built from
+        # global information only, so identical on every rank.
+        self.layouts: dict[LayoutKey, tuple[int, ...]] = {}
+
+    def push(self, path: str, type_name: str, *, fresh: bool = False) -> bool:
+        """Enter module ``path`` (``fresh``: the root's forward starts: forget the last
+        forward's frames and layouts). Enters the run too when it is not the current one;
+        returns whether it did."""
+        entered = current() is not self
+        if fresh:
+            self.frames.clear()
+            self.layouts.clear()
+        if entered:
+            _RUNS.set(_RUNS.get() + (self,))
+        self.frames.append((path, type_name, entered))
+        return entered
+
+    def pop(self, path: str) -> bool:
+        """Leave module ``path``: drop its frame (and any inner ones an exception left
+        behind) and leave the run if that frame entered it. Returns whether the run was
+        left. A call whose frame is not on the stack (its pre-hook never ran) does nothing."""
+        for i in range(len(self.frames) - 1, -1, -1):
+            if self.frames[i][0] == path:
+                entered = self.frames[i][2]
+                del self.frames[i:]
+                if entered:
+                    runs = _RUNS.get()
+                    # the innermost occurrence (normally the top: inner runs have left already)
+                    j = max(k for k, r in enumerate(runs) if r is self) if self in runs else None
+                    if j is not None:
+                        _RUNS.set(runs[:j] + runs[j + 1:])
+                return entered
+        return False
+
+    def where(self) -> str:
+        if not self.frames:
+            return "outside any module"
+        path, type_name, _ = self.frames[-1]
+        return f"module '{path or '<root>'}' ({type_name})"
 
 
-def pop() -> None:
-    if _STACK:
-        _STACK.pop()
+# The runs entered in this thread/context, innermost last (an immutable tuple:
+# set() replaces it, so no state is shared between threads).
+_RUNS: ContextVar[tuple[SPIMRun, ...]] = ContextVar("rest_ds_spim_runs", default=())
 
 
-def reset() -> None:
-    _STACK.clear()
-    _LAYOUTS.clear()
+def current() -> SPIMRun | None:
+    """The run being executed in this thread (the innermost), or None outside any."""
+    runs = _RUNS.get()
+    return runs[-1] if runs else None
+
+
+def attention() -> str:
+    """The current run's sequence-parallel attention algorithm ('auto' outside runs)."""
+    run = current()
+    return run.attention if run is not None else "auto"
 
 
 def note_layout(rows: tuple[int, ...], cols: tuple[int, ...]) -> None:
-    """Record the row and column partitions of a sharded tensor."""
-    _LAYOUTS.setdefault((0, len(rows) - 1, rows[-1]), rows)
-    _LAYOUTS.setdefault((1, len(cols) - 1, cols[-1]), cols)
+    """Record the row and column partitions of a sharded tensor in the current run
+    (nothing outside a run)."""
+    run = current()
+    if run is not None:
+        run.layouts.setdefault((0, len(rows) - 1, rows[-1]), rows)
+        run.layouts.setdefault((1, len(cols) - 1, cols[-1]), cols)
 
 
 def layout_for(axis: int, parts: int, size: int) -> tuple[int, ...] | None:
-    """The partition of a sharded tensor of global ``size`` along ``axis`` seen so far, or None."""
-    return _LAYOUTS.get((axis, parts, size))
+    """The partition of a sharded tensor of global ``size`` along ``axis`` seen so far
+    in the current run, or None (also outside any run)."""
+    run = current()
+    return run.layouts.get((axis, parts, size)) if run is not None else None
 
 
 def where() -> str:
-    if not _STACK:
-        return "outside any module"
-    path, type_name = _STACK[-1]
-    return f"module '{path or '<root>'}' ({type_name})"
+    """The module being run, for error messages ("outside any module" outside runs)."""
+    run = current()
+    return run.where() if run is not None else "outside any module"
 
 
 def unsupported(op: str, why: str) -> SPIMUnsupportedError:

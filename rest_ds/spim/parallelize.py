@@ -12,6 +12,11 @@ and returned:
 * modules that SPIM knows it cannot run exactly are refused up front, naming the
   module.
 
+The SPIM state of a forward (module path for errors, attention setting, tile
+layouts seen) lives in the model's own :class:`~.context.SPIMRun`, entered by
+the root's hooks, so several parallelized models coexist in one process;
+:func:`unparallelize` removes every hook and attribute again.
+
 Gradients: a loss computed through SPIM ops has the same value on every sp rank.
 After ``loss.backward()`` on every rank, :func:`average_gradients` (or a
 data-parallel wrapper that averages over all ``dp x sp`` ranks, such as
@@ -25,11 +30,11 @@ from torch import nn
 
 from . import context
 from .comm import all_reduce_
-from .errors import SPIMUnsupportedError
+from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
 from . import rng
 from .sharding import from_local
-from .tensor import SpatialTensor
+from .tensor import FUNCTION_GUARD, SpatialTensor
 
 # Modules SPIM refuses outright: their result depends on the whole scene in a
 # way no local rule reproduces (or they would run a second, conflicting sync).
@@ -91,10 +96,18 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
     for name, m in model.named_modules():
         _check_module(name, m)
 
+    run = context.SPIMRun(attention=attention)
+
+    def enter(name: str, mod: nn.Module, fresh: bool = False) -> None:
+        if run.push(name, type(mod).__name__, fresh=fresh):
+            FUNCTION_GUARD.acquire()  # the autograd.Function guard, only while a run is entered
+
+    def leave(name: str) -> None:
+        if run.pop(name):
+            FUNCTION_GUARD.release()
+
     def root_pre_hook(mod, args, kwargs):
-        context.reset()
-        context.settings["attention"] = attention
-        context.push("", type(mod).__name__)
+        enter("", mod, fresh=True)
         args = list(args)
         for i, a in enumerate(args):
             if isinstance(a, SpatialTensor):
@@ -104,25 +117,54 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
                 break
         return tuple(args), kwargs
 
+    def root_post(mod, args, out):
+        leave("")
+
     def pre(name):
+        # a submodule called outside the root's forward (a checkpointed block recomputed
+        # in backward) enters the run for that call
         def hook(mod, args):
-            context.push(name, type(mod).__name__)
+            enter(name, mod)
         return hook
 
-    def post(mod, args, out):
-        context.pop()
+    def post(name):
+        def hook(mod, args, out):
+            leave(name)
+        return hook
 
+    # always_call: a forward that raises still leaves the run (and the guard)
     handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
-               model.register_forward_hook(post)]
+               model.register_forward_hook(root_post, always_call=True)]
     for name, m in model.named_modules():
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post))
+            handles.append(m.register_forward_hook(post(name), always_call=True))
     # replicated -> sharded resampling (PPM, image pooling); see ops/resample.py
     handles += ops.resample.routing_hooks(model, mesh)
     handles += _shared_rng_hooks(model, mesh, rng_seed)
+    model._spim_run = run
     model._spim_mesh = mesh
     model._spim_handles = handles
+    return model
+
+
+def unparallelize(model: nn.Module) -> nn.Module:
+    """Undo :func:`parallelize` in place; returns ``model``.
+
+    Removes every hook ``parallelize`` registered (its own, the resampling routing
+    and the shared-RNG ones) and the ``_spim_*`` attributes; parameters, buffers
+    and their values are left as they are, so the model then computes exactly
+    what a never-parallelized copy with the same weights computes. Raises
+    :class:`SPIMError` if ``model`` is not parallelized or its forward is running."""
+    run = getattr(model, "_spim_run", None)
+    if getattr(model, "_spim_mesh", None) is None:
+        raise SPIMError("unparallelize: this model is not parallelized")
+    if run is not None and run.frames:
+        raise SPIMError("unparallelize: the model's forward is running")
+    for h in model._spim_handles:
+        h.remove()
+    for k in [k for k in vars(model) if k.startswith("_spim_")]:
+        delattr(model, k)
     return model
 
 

@@ -19,6 +19,7 @@ returns plain tensors (replicated results) or SpatialTensors.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -323,7 +324,9 @@ def _requires_grad_(func, args, kwargs):
 # its forward on the wrapper (under no_grad) and return a result detached from
 # the tile's graph, so every gradient before it would silently be missing. SPIM
 # cannot know what such a Function computes, so it refuses by name, on every
-# rank alike (the check depends only on the arguments' types).
+# rank alike (the check depends only on the arguments' types). The guard is
+# installed only while a parallelized forward runs (FUNCTION_GUARD, entered by
+# parallelize's hooks): importing SPIM leaves every other Function untouched.
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
@@ -349,5 +352,39 @@ def _guarded_apply(cls, *args, **kwargs):
     return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
 
 
-if torch.autograd.Function.__dict__.get("apply") is _FUNCTION_APPLY:
-    torch.autograd.Function.apply = classmethod(_guarded_apply)
+class _FunctionGuard:
+    """``torch.autograd.Function.apply`` replaced by the guard while at least one
+    parallelized forward runs in this process (any thread), the original put back
+    when the last one leaves. The count is process-wide because the patched class
+    attribute is; ``acquire``/``release`` are balanced by parallelize's hooks."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = None      # what Function.__dict__["apply"] held before acquire
+        self._installed = None  # the classmethod put in its place
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._active += 1
+            if self._active == 1:
+                cur = torch.autograd.Function.__dict__.get("apply")
+                # only the stock apply is wrapped: another library's replacement is left alone
+                if cur is _FUNCTION_APPLY:
+                    self._saved, self._installed = cur, classmethod(_guarded_apply)
+                    torch.autograd.Function.apply = self._installed
+
+    def release(self) -> None:
+        with self._lock:
+            self._active = max(0, self._active - 1)
+            if self._active == 0 and self._installed is not None:
+                if torch.autograd.Function.__dict__.get("apply") is self._installed:
+                    torch.autograd.Function.apply = self._saved
+                self._saved = self._installed = None
+
+    @property
+    def active(self) -> bool:
+        return self._active > 0
+
+
+FUNCTION_GUARD = _FunctionGuard()

@@ -199,7 +199,7 @@ def _sdpa(func, args, kwargs):
         return wrap(F.scaled_dot_product_attention(q._local, kf, vf, attn_mask=mask._local, scale=a.get("scale"),
                                                    enable_gqa=a.get("enable_gqa", False)), spec)
     out = sequence_parallel_attention(q._local, k._local, v._local, spec.token_counts(), spec.mesh,
-                                      scale=a.get("scale"), algorithm=context.settings["attention"],
+                                      scale=a.get("scale"), algorithm=context.attention(),
                                       enable_gqa=a.get("enable_gqa", False), prefix=spec.prefix)
     return wrap(out, spec)
 

@@ -418,15 +418,19 @@ def interpolate_replicated(mesh, args, kwargs) -> SpatialTensor | None:
 
 
 class _RouteReplicated(TorchFunctionMode):
-    """Active during a parallelized model's forward; see the module docstring."""
+    """Active during a parallelized model's forward; see the module docstring.
+    Routes only while that model's run is the current one (not inside another
+    parallelized model called from its forward, which has its own mode)."""
 
-    def __init__(self, mesh):
+    def __init__(self, mesh, run):
         super().__init__()
         self.mesh = mesh
+        self.run = run
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.interpolate and not any(issubclass(t, SpatialTensor) for t in types):
+        if (func is F.interpolate and context.current() is self.run
+                and not any(issubclass(t, SpatialTensor) for t in types)):
             out = interpolate_replicated(self.mesh, args, kwargs)
             if out is not None:
                 return out
@@ -443,7 +447,7 @@ def routing_hooks(model: torch.nn.Module, mesh) -> list:
         for v in list(args) + list(kwargs.values()):
             if isinstance(v, SpatialTensor):
                 context.note_layout(v._spec.rows, v._spec.cols)
-        m = _RouteReplicated(mesh)
+        m = _RouteReplicated(mesh, context.current())  # parallelize's root pre-hook entered the run
         m.__enter__()
         active.append(m)
 
