@@ -40,10 +40,11 @@ TOL32, TOL64 = TOL[torch.float32], TOL[torch.float64]
 
 
 @lru_cache(maxsize=None)
-def run_ranks(rank_fn: Callable, world: int, *args: Any) -> list:
+def run_ranks(rank_fn: Callable, world: int, *args: Any, timeout_s: float = 600.0) -> list:
     """``rank_fn(*args)`` on ``world`` gloo ranks, once per (function, world, args)
-    in this pytest process (args must be hashable); returns every rank's result."""
-    return spawn(rank_fn, world, *args)
+    in this pytest process (args must be hashable); returns every rank's result.
+    A rank that raises fails the calling test with its traceback (RankError)."""
+    return spawn(rank_fn, world, *args, timeout_s=timeout_s)
 
 
 def run_grid(rank_fn: Callable, grid: tuple[int, int], *args: Any):

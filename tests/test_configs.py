@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train_launcher import ROOT, launch, rest_ds
+from tests.harness import ROOT, launch, rest_ds
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 NARROW = {

@@ -397,8 +397,8 @@ def test_lora_run_exports_merged_plain_weights(tmp_path):
     """Launcher run with LoRA (2 steps, ZeRO-2, sp=2) -> export has plain keys -> segment on 2 ranks."""
     from safetensors import safe_open
 
-    from tests.test_train_data import make_scene, tiny_config, write_config
-    from tests.test_train_launcher import launch, rest_ds
+    from tests.harness import launch, rest_ds
+    from tests.train_scene import make_scene, tiny_config, write_config
 
     scene = make_scene(tmp_path / "scene")
     cfg = tiny_config(scene, tmp_path / "run", train__steps=2, train__eval_interval=2)

@@ -88,7 +88,7 @@ def test_placement_warning_cases():
 def _two_node_config(d):
     """Two synthetic scenes, no augmentation (the dp replicas' scenes are then exactly micro-steps
     0 and 1 of one process with 2 accumulation steps), SGD, one step, a final checkpoint."""
-    from tests.test_train_data import make_scene, tiny_config, write_config
+    from tests.train_scene import make_scene, tiny_config, write_config
 
     scenes = [make_scene(d / f"scene{i}", height=48, width=64, seed=i) for i in range(2)]
     cfg = tiny_config(scenes[0], d / "out")
@@ -128,7 +128,7 @@ def _run_nodes(cmds, cwd, envs, timeout=600):
 def two_node_runs(tmp_path_factory):
     import subprocess
 
-    from tests.test_train_launcher import BIN, ROOT, free_port
+    from tests.harness import BIN, ROOT, free_port
 
     d = tmp_path_factory.mktemp("two_nodes")
     cfg = _two_node_config(d)
@@ -176,7 +176,7 @@ def test_two_nodes_one_step_equals_one_process(two_node_runs, launcher):
     assert manifest["world_size"] == 4 and manifest["mesh"]["dp"] == 2 and manifest["mesh"]["sp"] == 2
     assert sorted(got) == sorted(ref) and len(ref) > 10
     from rest_ds.train.engine import build_model
-    from tests.test_train_data import TINY_MODEL
+    from tests.train_scene import TINY_MODEL
 
     torch.manual_seed(0)  # the config's seed: the weights before the step
     init = build_model(TINY_MODEL, num_classes=3, in_chans=4)[0].state_dict()
@@ -212,7 +212,7 @@ def test_threads_per_rank_without_omp_num_threads(monkeypatch):
 def test_multi_node_script_needs_a_host_line(tmp_path):
     import subprocess
 
-    from tests.test_train_launcher import ROOT
+    from tests.harness import ROOT
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# copied from hostfile.example, hosts not filled in\n\n   # indented comment\n")

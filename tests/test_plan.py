@@ -13,7 +13,7 @@ import pytest
 
 from rest_ds.spim.spawn import spawn
 from rest_ds.train.plan import estimate, measure_steps, profile_model
-from tests.test_train_data import TINY_MODEL
+from tests.train_scene import TINY_MODEL
 
 RES18 = {"encoder": {"name": "timm_cnn", "in_chans": 3, "kwargs": {"model_name": "resnet18", "out_indices": [1, 2, 3, 4]}},
          "decoder": {"name": "upernet", "channels": 32, "norm": "bn", "dropout": 0.0, "kwargs": {"pool_scales": [1, 2]}}}
@@ -65,7 +65,7 @@ def test_predicted_peak_within_15_percent(measured, profiles, case):
 # --- rest-ds plan / rest-ds train --check (in this process: no ranks are started) -----------------------
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):
-    from tests.test_train_data import make_scene, tiny_config, write_config
+    from tests.train_scene import make_scene, tiny_config, write_config
 
     d = tmp_path_factory.mktemp("check")
     scene = make_scene(d / "scene", height=48, width=64)

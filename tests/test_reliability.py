@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_data import make_scene, tiny_config, write_config
-from tests.test_train_launcher import ROOT, read_csv, rest_ds
+from tests.harness import ROOT, read_csv, rest_ds
+from tests.train_scene import make_scene, tiny_config, write_config
 
 
 def _config(d: Path, out: Path, scene_dir: Path | None = None, **train) -> Path:

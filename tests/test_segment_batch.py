@@ -13,8 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_train_segment import model_and_scene  # noqa: F401  (module fixture: the exported tiny model)
-from tests.test_train_data import make_scene
+from tests.train_scene import make_scene
 
 
 def _read(p):
@@ -25,7 +24,7 @@ def _read(p):
 
 
 @pytest.fixture(scope="module")
-def scenes(model_and_scene, tmp_path_factory):  # noqa: F811
+def scenes(model_and_scene, tmp_path_factory):  # model_and_scene: tests/conftest.py
     d = tmp_path_factory.mktemp("batch")
     (d / "in").mkdir()
     for name, (h, w) in {"a": (61, 101), "b": (48, 40), "c": (33, 70)}.items():

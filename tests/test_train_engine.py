@@ -22,16 +22,12 @@ import copy
 import pytest
 import torch
 
-from rest_ds.spim.spawn import spawn
-from tests.harness import init_deepspeed_rank
+from tests.harness import TOL32 as TOL
+from tests.harness import init_deepspeed_rank, run_ranks, selected
+from tests.train_scene import TINY_MODEL  # a small Prithvi-style ViT + UPerNet, GroupNorm (well conditioned at batch 1)
 
 K = 3
 SHAPE = (1, 4, 44, 58)          # uneven tiles: rows (0, 24, 44) / cols (0, 32, 58) at align 8
-TINY_MODEL = {  # a small Prithvi-style ViT + UPerNet, GroupNorm (well conditioned at batch 1)
-    "encoder": {"name": "prithvi_vit",
-                "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "indices": [0, 1]}},
-    "decoder": {"name": "upernet", "channels": 16, "norm": "gn", "dropout": 0.0, "kwargs": {"pool_scales": [1, 2]}},
-}
 # (ZeRO stage, grid, optimizer, steps, activation checkpointing)
 CASES = [
     (0, (1, 2), "sgd", 1, False),
@@ -43,7 +39,7 @@ CASES = [
     (3, (2, 1), "adamw", 2, False),
     (2, (1, 2), "sgd", 1, True),
 ]
-TOL = 1e-5
+FAST_CASE = (2, (2, 1), "sgd", 1, False)  # the fast tier's one DeepSpeed step (ZeRO-2, as the main job)
 
 
 def _optimizer(name, params):
@@ -143,12 +139,17 @@ def _all_cases(cases):
 
 
 @pytest.fixture(scope="module")
-def results():
-    return spawn(_all_cases, 2, CASES, timeout_s=900)[0]
+def results(request):
+    # one spawn for the cases this run selected (all of them in the full suite)
+    return run_ranks(_all_cases, 2, selected(request, "case"), timeout_s=900)[0]
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"zero{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}" + ("-actckpt" if c[4] else ""))
+def _case_id(c) -> str:
+    return f"zero{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}" + ("-actckpt" if c[4] else "")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c), marks=() if c == FAST_CASE else pytest.mark.slow)
+                                  for c in CASES])
 def test_deepspeed_step_equals_single_process(results, case):
     r = results[case]
     print(f"{case}: grad error {r['grad_error']:.2e} ({r['grad_worst']}), param error {r['param_error']:.2e} "

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_data import make_scene, tiny_config, write_config
-from tests.test_train_launcher import BIN, ROOT, free_port, launch
+from tests.harness import BIN, ROOT, free_port, launch
+from tests.train_scene import make_scene, tiny_config, write_config
 
 
 def _bad_scene_config(d: Path) -> Path:

@@ -8,52 +8,15 @@ the training-time evaluation).
 """
 from __future__ import annotations
 
-import csv
 import glob
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_train_data import make_scene, tiny_config, write_config
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None, port: int | None = None):
-    """``deepspeed --num_gpus 2 --no_local_rank --module rest_ds ARGS`` (CPU: 2 ranks)."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(port or free_port()),
-           "--module", "rest_ds", *args]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
-    return p, time.monotonic() - t0
-
-
-def rest_ds(args: list[str], cwd: Path, timeout: float = 600):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([str(BIN / "rest-ds"), *args], cwd=cwd, env=e, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def read_csv(p: Path) -> list[dict]:
-    with open(p, newline="") as f:
-        return list(csv.DictReader(f))
+from tests.harness import free_port, launch, read_csv, rest_ds
+from tests.train_scene import make_scene, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")

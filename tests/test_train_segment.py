@@ -15,42 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.test_train_data import CLASSES, EPSG, NODATA, TINY_MODEL, TRANSFORM, make_scene
+from tests.train_scene import EPSG, NODATA, TRANSFORM, make_scene
 
-
-@pytest.fixture(scope="module")
-def model_and_scene(tmp_path_factory):
-    import torch.nn.functional as F
-
-    from rest_ds.data import prepare_scene
-    from rest_ds.train.checkpoint import export_model
-    from rest_ds.train.engine import build_model
-    from rest_ds.train.inference import padded_shape, read_padded
-
-    d = tmp_path_factory.mktemp("segment")
-    scene = make_scene(d / "scene", height=61, width=101)          # not multiples of the alignment
-    reader, _, stats = prepare_scene(scene)
-    torch.manual_seed(0)
-    model, mcfg = build_model(TINY_MODEL, num_classes=3, in_chans=4)
-    H, W = reader.shape[1:]
-    Hp, Wp = padded_shape((H, W), model.align)
-    img, lab, _ = read_padded(reader, slice(0, Hp), slice(0, Wp), (H, W), stats=stats, region="train")
-    reader.close()
-    x, y = torch.from_numpy(img)[None], torch.from_numpy(lab)[None]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(25):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y, ignore_index=-100).backward()
-        opt.step()
-    meta = {"model": mcfg, "align": model.align, "num_classes": 3, "in_chans": 4,
-            "classes": [{"value": c["value"], "name": c["name"], "color": [int(c["color"][i:i + 2], 16)
-                                                                          for i in (1, 3, 5)]} for c in CLASSES],
-            "ignore_index": -100, "band_names": None, "crop_size": 32, "slide_overlap": 8,
-            "normalization": {"mean": list(stats.mean), "std": list(stats.std)}}
-    out, _ = export_model(model.state_dict(), meta, d / "model" / "tiny.safetensors")
-    return {"dir": d, "model": out, "image": d / "scene" / "image.tif"}
+# model_and_scene (the exported tiny model and its scene): tests/conftest.py
 
 
 def _segment(m, name, P, *extra):
