@@ -352,15 +352,11 @@ def install(probe: Probe) -> None:
         fn = ShmChannel.__dict__[name]
         _INSTALLED.append((ShmChannel, name, fn))
         setattr(ShmChannel, name, probe.comm_wrap(name, fn))
-    try:
-        from deepspeed.comm import comm as ds_comm
-        cdb = ds_comm.cdb
-    except Exception:  # pragma: no cover
-        cdb = None
+    from .deepspeed_compat import COMM_OPS, comm_backend
+
+    cdb = comm_backend()   # DeepSpeed's own collectives (None before deepspeed.init_distributed)
     if cdb is not None:
-        for name in ("all_reduce", "inference_all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter",
-                     "reduce_scatter_tensor", "all_gather", "all_gather_into_tensor", "all_gather_base",
-                     "all_gather_coalesced", "broadcast", "all_to_all_single", "barrier"):
+        for name in COMM_OPS:
             fn = getattr(cdb, name, None)
             if fn is not None:
                 _INSTALLED.append((cdb, name, None))  # instance attribute: delete to restore

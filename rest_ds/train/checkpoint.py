@@ -52,6 +52,7 @@ from typing import Any, Callable
 import torch
 
 from ..data.samples import chmod_like_open, sha256_file
+from .deepspeed_compat import CHECKPOINT_GLOBALS, checkpoint_globals, fp32_state_dict
 
 MANIFEST = "rest_ds.json"
 EXPORT_FORMAT = "rest_ds-model/1"
@@ -115,31 +116,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 # --- loading without running code -----------------------------------------------------------------
-#: The non-tensor types DeepSpeed 0.19.8 pickles into its checkpoint files (found with
-#: ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints and by reading
-#: the optimizers' ``state_dict``): the ZeRO stage enum, the loss scalers of ZeRO 1-3 (fp32 and
-#: fp16), and the fragment addresses of ZeRO 1/2's parameter slice mappings. All are plain data
-#: classes: unpickling them sets attributes and calls no code of the file's choosing.
-DEEPSPEED_SAFE_GLOBALS = (
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
+#: The non-tensor types DeepSpeed pickles into its checkpoint files: plain data classes
+#: (deepspeed_compat.CHECKPOINT_GLOBALS, which says how they were found).
+DEEPSPEED_SAFE_GLOBALS = CHECKPOINT_GLOBALS
 _TORCH_LOAD: Callable = torch.load   # the real torch.load, whatever safe_loading() does to the module
 
 
 def _safe_globals() -> list:
-    import importlib
-
-    out = []
-    for name in DEEPSPEED_SAFE_GLOBALS:
-        mod, _, attr = name.rpartition(".")
-        try:
-            out.append(getattr(importlib.import_module(mod), attr))
-        except (ImportError, AttributeError):  # another DeepSpeed version: its files are refused by name
-            continue
-    return out
+    # another DeepSpeed version without one of them: warned, and its files are refused by name
+    return checkpoint_globals()
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, mmap: bool | None = None) -> Any:
@@ -445,12 +430,8 @@ def consolidated_state_dict(root: Path, tag: str, manifest: dict) -> dict[str, t
     """The full fp32 model state dict of a checkpoint, in one process."""
     stage = int(manifest.get("zero_stage", 0))
     if stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        import io
-        # zero_to_fp32 prints progress on stdout and a progress bar on stderr
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), safe_loading():
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        with safe_loading():
+            sd = fp32_state_dict(root, tag)
     else:
         f = root / tag / "mp_rank_00_model_states.pt"
         if not f.is_file():

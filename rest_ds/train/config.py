@@ -93,12 +93,17 @@ class MeshSection:
 class DeepSpeedSection:
     """``zero_stage`` 0-3 over all ``dp x sp`` ranks; ``precision``: fp32 (CPU),
     bf16 or fp16 (GPU); ``gradient_clipping``: max global norm (0: off);
-    ``config``: further raw DeepSpeed config keys, merged last."""
+    ``reduce_bucket_size`` / ``allgather_bucket_size``: ZeRO 1-3's gradient
+    buckets in values (null: min(5e8, the model's parameter count), so a small
+    model does not allocate DeepSpeed's 5e8-value default; ``rest-ds plan`` uses
+    the same value); ``config``: further raw DeepSpeed config keys, merged last."""
 
     zero_stage: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_clipping: float = 0.0
     gradient_accumulation_steps: int = 1
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -247,12 +252,18 @@ class TrainConfig:
         need(d.gradient_clipping >= 0, "deepspeed.gradient_clipping", f"must be >= 0, got {d.gradient_clipping}")
         need(d.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps",
              f"must be >= 1, got {d.gradient_accumulation_steps}")
+        for k in ("reduce_bucket_size", "allgather_bucket_size"):
+            v = getattr(d, k)
+            need(v is None or v >= 2, f"deepspeed.{k}", f"must be >= 2 values (or null: sized to the model), got {v}")
+        need(d.allgather_bucket_size is None or d.allgather_bucket_size % 2 == 0, "deepspeed.allgather_bucket_size",
+             f"must be even (DeepSpeed aligns all-gathers to 2 values), got {d.allgather_bucket_size}")
         reserved = {"optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "gradient_clipping",
                     "gradient_accumulation_steps", "train_micro_batch_size_per_gpu", "train_batch_size"}
         for k in d.config:
             need(k not in reserved, f"deepspeed.config.{k}",
                  "is set from the other keys of the config (optimizer:, deepspeed.zero_stage, ...)"
-                 if k != "zero_optimization" else "set deepspeed.zero_stage; other ZeRO options are not exposed")
+                 if k != "zero_optimization" else "set deepspeed.zero_stage, deepspeed.reduce_bucket_size and "
+                 "deepspeed.allgather_bucket_size; other ZeRO options are not exposed")
         o = self.optimizer
         need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
         need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -18,18 +18,19 @@ test checks one step of each stage against one process on the whole scene.
 **ZeRO-3** gathers parameters in module hooks; those work unchanged under
 SPIM. Two of its features apply an ``autograd.Function`` to SpatialTensors,
 which would attach the graph to the wrapper and silently detach the tile:
-its backward-ordering hooks on every module output (:func:`zero3_spatial_hooks`
-applies them to the local tile instead) and ``memory_efficient_linear``,
-which replaces ``torch.nn.functional.linear`` process-wide (turned off in
-:func:`deepspeed_config`; :func:`check_functionals` refuses to train if it
-was replaced anyway).
+its backward-ordering hooks on every module output
+(``deepspeed_compat.zero3_spatial_hooks`` applies them to the local tile
+instead) and ``memory_efficient_linear``, which replaces
+``torch.nn.functional.linear`` process-wide (turned off in
+``deepspeed_compat.ds_config``; ``check_functionals`` refuses to train if it
+was replaced anyway). Every DeepSpeed-specific adaptation, with its version
+check, is in :mod:`.deepspeed_compat`.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import csv
-import logging
 import math
 import os
 import sys
@@ -41,13 +42,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..spim import SpatialMesh, init_distributed, parallelize
+from ..spim import SpatialMesh, from_local, init_distributed, parallelize, rng_state, set_rng_state
 from ..spim.comm import all_reduce_
-from ..spim.sharding import from_local
-from ..spim.tensor import SpatialTensor, Spec, wrap
 from ..spim.tiling import choose_grid
 from . import checkpoint as ckpt
+from . import deepspeed_compat as dsc
 from .config import ConfigError, TrainConfig
+# the DeepSpeed adaptations live in deepspeed_compat; these names stay importable from here
+from .deepspeed_compat import check_functionals, quiet as quiet_deepspeed, zero3_spatial_hooks
+from .deepspeed_compat import ds_config as deepspeed_config
 from .data import CropData, WholeSceneData, auto_grid, open_scenes, scene_tile_layout
 from .inference import predict_slide, predict_whole, read_padded, slide_windows
 from .metrics import class_weights_from_counts, confusion_matrix, segmentation_loss, segmentation_metrics
@@ -93,44 +96,8 @@ def init_job(timeout_s: float | None = None) -> tuple[int, int]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         init_distributed(timeout_s=timeout_s)
-    quiet_deepspeed()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-    _unlink_deepspeed_shm()
+    dsc.init_comm()
     return dist.get_rank(), dist.get_world_size()
-
-
-def _unlink_deepspeed_shm() -> None:
-    """DeepSpeed's CPU all-reduce (all ranks on one host, ``LOCAL_SIZE`` == world)
-    maps a ~66 MiB ``/dev/shm`` file per rank and never unlinks it: every CPU
-    job would leave them behind, filling the RAM-backed /dev/shm. Once every
-    rank has mapped its peers' files (they do so inside ``init_distributed``,
-    before the barrier), each rank unlinks its own; the mappings stay valid."""
-    world = dist.get_world_size()
-    if os.environ.get("LOCAL_SIZE") != str(world) or torch.cuda.is_available():
-        return
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass
-
-
-def quiet_deepspeed() -> None:
-    """DeepSpeed logs every step at INFO; keep warnings and errors."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    import warnings
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
-    try:
-        from deepspeed.utils import logger
-        logger.setLevel(logging.WARNING)
-    except Exception:  # pragma: no cover
-        pass
 
 
 # --- model -----------------------------------------------------------------------------------------
@@ -185,42 +152,6 @@ def enable_activation_checkpointing(model) -> None:
     raise ConfigError(None, "train.activation_checkpointing",
                       f"the encoder ({type(enc).__name__}) has no activation checkpointing switch")
 
-
-class _SpatialAware:
-    """An ``autograd.Function`` class whose ``apply`` acts on a SpatialTensor's tile."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def apply(self, x, *args):
-        if isinstance(x, SpatialTensor):
-            return wrap(self.fn.apply(x._local, *args), x._spec)
-        return self.fn.apply(x, *args)
-
-
-def zero3_spatial_hooks(module) -> int:
-    """Make ZeRO-3's per-module backward hooks act on SpatialTensor tiles; returns
-    the number of hooks adapted (see the module docstring)."""
-    n = 0
-    for m in module.modules():
-        for attr in ("pre_bwd_fn", "post_bwd_fn"):
-            fn = m.__dict__.get(attr)
-            if fn is not None and not isinstance(fn, _SpatialAware):
-                setattr(m, attr, _SpatialAware(fn))
-                n += 1
-    return n
-
-
-def check_functionals() -> None:
-    """Raise if ``torch.nn.functional.linear`` was replaced (DeepSpeed ZeRO-3's
-    ``memory_efficient_linear``): SPIM's rule for it would be bypassed."""
-    import torch.nn.functional as F
-
-    if F.linear is not torch._C._nn.linear:
-        raise RuntimeError(f"torch.nn.functional.linear was replaced by {getattr(F.linear, '__module__', '?')}."
-                           f"{getattr(F.linear, '__name__', '?')} "
-                           f"(DeepSpeed ZeRO-3 memory_efficient_linear?); SPIM would compute wrong gradients. "
-                           f"Do not set zero_optimization.memory_efficient_linear")
 
 
 # --- optimiser and schedule ------------------------------------------------------------------------
@@ -288,30 +219,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * f
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
-    d = cfg.deepspeed
-    if d.precision != "fp32" and not torch.cuda.is_available():
-        raise ConfigError(cfg.source_file, "deepspeed.precision",
-                          f"{d.precision} needs a GPU; on CPU use fp32")
-    out = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": d.gradient_accumulation_steps,
-        # memory_efficient_linear would replace torch.nn.functional.linear process-wide by an
-        # autograd.Function that SPIM's tensor subclass cannot see into (the tile would be detached)
-        "zero_optimization": {"stage": d.zero_stage, **({"memory_efficient_linear": False} if d.zero_stage == 3 else {})},
-        "zero_allow_untested_optimizer": True,   # a plain torch optimizer; ZeRO partitions its state
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if d.gradient_clipping > 0:
-        out["gradient_clipping"] = d.gradient_clipping
-    if d.precision == "bf16":
-        out["bf16"] = {"enabled": True}
-    elif d.precision == "fp16":
-        out["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    out.update(copy.deepcopy(d.config))
-    return out
-
 
 # --- data off the critical path ---------------------------------------------------------------------
 class Prefetcher:
@@ -361,8 +268,6 @@ class Trainer:
     ``<output>/checkpoints/`` (checkpoint.py)."""
 
     def __init__(self, cfg: TrainConfig, *, log=None):
-        import deepspeed
-
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is0 = self.rank == 0
@@ -453,11 +358,9 @@ class Trainer:
             self._log(describe(self.model, groups, self.frozen))
         opt = make_optimizer(self.model, cfg, groups)
         sched = make_scheduler(opt, cfg)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched,
-                                                                 config=deepspeed_config(cfg, micro))
-        if cfg.deepspeed.zero_stage == 3:
-            zero3_spatial_hooks(self.engine.module)
-        check_functionals()
+        # ZeRO-3's hooks made tile-aware and the functionals checked (deepspeed_compat)
+        self.engine, _, _, self.scheduler = dsc.initialize(
+            self.model, opt, dsc.ds_config(cfg, micro, params=dsc.param_count(self.model)), lr_scheduler=sched)
         self.device = self.engine.device  # cpu, or this rank's GPU (collectives: nccl needs GPU tensors)
         if self.class_weight is not None:
             self.class_weight = self.class_weight.to(self.device)
@@ -482,7 +385,7 @@ class Trainer:
             labelled = torch.tensor([float((y != self.ignore_index).sum())], dtype=torch.float64, device=dev)
             if self.mesh.sp > 1:
                 x = from_local(x, self.mesh, layout=layout)
-                y = SpatialTensor(y, Spec(self.mesh, (1, 2), layout.rows, layout.cols))
+                y = from_local(y, self.mesh, dims=(1, 2), layout=layout)
                 # SPIM's collective: the sp ranks' shared-memory channel on one host, not a gloo round trip
                 all_reduce_(labelled, self.mesh)
             out = self.engine(x)
@@ -588,9 +491,7 @@ class Trainer:
         }
 
     def _rank_state(self) -> dict:
-        spim_rng = getattr(self.model, "_spim_rng", None)
-        return {"torch_rng": torch.get_rng_state(),
-                "spim_rng": getattr(spim_rng, "_cpu", None) if spim_rng is not None else None}
+        return {"torch_rng": torch.get_rng_state(), "spim_rng": rng_state(self.model)}
 
     def save(self, step: int) -> Path:
         return ckpt.save_checkpoint(self.engine, self.out / "checkpoints", step, self.manifest(), self._rank_state(),
@@ -637,9 +538,8 @@ class Trainer:
                 self._log(ckpt.describe_changes(changes, step))
         if state is not None:
             torch.set_rng_state(state["torch_rng"])
-            spim_rng = getattr(self.model, "_spim_rng", None)
-            if spim_rng is not None and state.get("spim_rng") is not None:
-                spim_rng._cpu = state["spim_rng"]
+            if rng_state(self.model) is not None:  # the grid-invariant stream, where the model has one
+                set_rng_state(self.model, state.get("spim_rng"))
         if self.cfg.deepspeed.zero_stage == 3:
             zero3_spatial_hooks(self.engine.module)
         return int(manifest["step"])
@@ -722,7 +622,7 @@ class Trainer:
     def describe(self, start: int) -> str:
         cfg = self.cfg
         sc = self.train_scenes[0].reader
-        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: partitioned
+        n = dsc.param_count(self.model)
         mode = (f"whole scenes, sp={self.mesh.sp} grid {self.grid[0]}x{self.grid[1]}, dp={self.mesh.dp}"
                 if cfg.data.mode == "whole" else
                 f"crops {cfg.data.crop_size}px x {cfg.data.crops_per_rank}/rank, dp={self.mesh.dp}")

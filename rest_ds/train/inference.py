@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from ..data import read_tile
-from ..spim.sharding import from_local
-from ..spim.tensor import SpatialTensor
+from ..spim import from_local, to_local
 
 
 def round_up(n: int, a: int) -> int:
@@ -63,7 +62,7 @@ def logits_of(out) -> torch.Tensor:
     local tensor (the tile of a SpatialTensor)."""
     if isinstance(out, (tuple, list)):
         out = out[0]
-    return out._local if isinstance(out, SpatialTensor) else out
+    return to_local(out)
 
 
 def predict_whole(model, mesh, layout, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ AdamW/Adam 2, SGD with momentum 1, plain SGD 0; ``w`` bytes of a model value:
                    stage 2: w P        + w P / N    + 4 P / N       + 4 k P / N
                    stage 3: w P / N    + w P / N    + 4 P / N       + 4 k P / N   (+ largest layer, gathered)
                    (DeepSpeed keeps its own fp32 partition copy from stage 1 on, also in fp32)
-    buckets      = DeepSpeed's gradient reduce buckets, 5e8 values whatever the model:
+    buckets      = DeepSpeed's gradient reduce bucket of B values (deepspeed.reduce_bucket_size,
+                   default min(5e8, P), the value the engine passes to DeepSpeed):
                    stage 1: 2 x 4 B (fp32 staging), stages 2-3: w B; stage 0: none (measured)
     step temp.   = 4 P (/ N from stage 1): the optimizer step's one parameter-sized temporary
                    (Adam's denominator, SGD's decayed gradient), alive when activations are not
@@ -127,20 +128,16 @@ def measure_step(spec: dict) -> dict:
 
     ``spec``: model (ModelConfig mapping), in_chans, num_classes, hw, grid (PH, PW),
     zero_stage, optimizer, act_ckpt, steps."""
-    import deepspeed
     import torch
     import torch.distributed as dist
 
-    from ..spim import SpatialMesh, from_local, parallelize
-    from ..spim.tensor import SpatialTensor, Spec
-    from ..spim.tiling import TileLayout
-    from .engine import (build_model, check_functionals, deepspeed_config, enable_activation_checkpointing,
-                         make_optimizer, quiet_deepspeed, zero3_spatial_hooks)
+    from ..spim import SpatialMesh, TileLayout, from_local, parallelize
+    from . import deepspeed_compat as dsc
+    from .engine import build_model, enable_activation_checkpointing, make_optimizer
     from .inference import padded_shape
     from .metrics import segmentation_loss
 
-    quiet_deepspeed()
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    dsc.init_comm()
     grid = tuple(spec["grid"])
     cfg = _train_config(spec["model"], spec["zero_stage"], spec["optimizer"], "fp32", spec["act_ckpt"], grid)
     sp = grid[0] * grid[1]
@@ -158,16 +155,13 @@ def measure_step(spec: dict) -> dict:
         if sp > 1:
             parallelize(model, mesh, align=align, rng_seed=0)
         aux = float(getattr(model, "aux_weight", 0.0)) if getattr(model, "aux_head", None) else 0.0
-        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg),
-                                          config=deepspeed_config(cfg, 1))
-        if spec["zero_stage"] == 3:
-            zero3_spatial_hooks(engine.module)
-        check_functionals()
+        engine, *_ = dsc.initialize(model, make_optimizer(model, cfg),
+                                    dsc.ds_config(cfg, 1, params=dsc.param_count(model)))
         x = torch.randn((1, C, rows.stop - rows.start, cols.stop - cols.start), generator=gen)
         y = torch.randint(0, K, (1,) + tuple(x.shape[-2:]), generator=gen)
         if sp > 1:
             x = from_local(x, mesh, layout=layout)
-            y = SpatialTensor(y, Spec(mesh, (1, 2), layout.rows, layout.cols))
+            y = from_local(y, mesh, dims=(1, 2), layout=layout)
 
         def step():
             loss = segmentation_loss(engine(x), y, aux_weight=aux)
@@ -181,7 +175,7 @@ def measure_step(spec: dict) -> dict:
     step()
     dist.barrier()
     secs = time.perf_counter() - t0
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    n = dsc.param_count(engine.module)
     engine.destroy()
     return {"peak_bytes": lb.peak, "step_s": secs, "params": n, "rank": dist.get_rank(),
             "tile_px": (rows.stop - rows.start) * (cols.stop - cols.start)}
@@ -290,20 +284,27 @@ def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tu
 
 
 # --- the model -----------------------------------------------------------------------------------------
-# DeepSpeed's ZeRO gradient buckets: reduce_bucket_size values (5e8 by default, not exposed in our
-# config), allocated whatever the model's size. Stage 1 stages them in fp32 and holds two at its peak
-# (measured: 2 x 5e8 x 4 bytes), stages 2 and 3 one in the model's precision.
-REDUCE_BUCKET = 500_000_000
+# DeepSpeed's ZeRO gradient buckets: reduce_bucket_size values (deepspeed.reduce_bucket_size; by
+# default min(5e8, params), deepspeed_compat.bucket_sizes: the value the engine passes to DeepSpeed),
+# allocated whatever the gradients need. Stage 1 stages them in fp32 and holds two at its peak
+# (measured: 2 x 5e8 x 4 bytes at DeepSpeed's default), stages 2 and 3 one in the model's precision.
+def reduce_bucket(params: int, configured: int | None = None) -> int:
+    """Values of DeepSpeed's reduce bucket for a model of ``params`` (``configured``:
+    ``deepspeed.reduce_bucket_size``, None: the default the engine uses)."""
+    from .deepspeed_compat import bucket_sizes
+
+    return bucket_sizes(params, configured)[0]
 
 
-def _bucket_bytes(stage: int, w: int) -> float:
-    return 0.0 if stage == 0 else (2 * 4 * REDUCE_BUCKET if stage == 1 else w * REDUCE_BUCKET)
+def _bucket_bytes(stage: int, w: int, bucket: int) -> float:
+    return 0.0 if stage == 0 else (2 * 4 * bucket if stage == 1 else w * bucket)
 
 
 def static_bytes(params: int, world: int, stage: int, precision: str, opt_values: int,
-                 largest_layer: int = 0) -> dict[str, float]:
+                 largest_layer: int = 0, bucket: int | None = None) -> dict[str, float]:
     """Per-rank bytes of parameters, gradients, fp32 master copy, optimizer state and
-    DeepSpeed's buckets for ``params`` values over ``world`` ranks (module docstring)."""
+    DeepSpeed's buckets for ``params`` values over ``world`` ranks (module docstring);
+    ``bucket``: ``deepspeed.reduce_bucket_size`` (None: sized to the model, as trained)."""
     P, N = float(params), float(world)
     w = 4 if precision == "fp32" else 2
     mixed = precision != "fp32"
@@ -312,7 +313,7 @@ def static_bytes(params: int, world: int, stage: int, precision: str, opt_values
         "grads": w * P if stage < 2 else w * P / N,
         "master": (4 * P if mixed else 0.0) if stage == 0 else 4 * P / N,
         "optimizer": 4 * opt_values * P / (1 if stage == 0 else N),
-        "buckets": _bucket_bytes(stage, w),
+        "buckets": _bucket_bytes(stage, w, reduce_bucket(params, bucket)),
         # the optimizer step's temporaries: one fp32 tensor per (partitioned) parameter (Adam's
         # denominator, SGD's decayed gradient); they live after backward, when activations are gone
         "step_temp": 4 * P / (1 if stage == 0 else N),
@@ -322,11 +323,12 @@ def static_bytes(params: int, world: int, stage: int, precision: str, opt_values
 
 def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], world: int, zero_stage: int,
              precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9, act_ckpt: bool = False,
-             coeffs: dict | None = None, batch: int = 1) -> dict[str, Any]:
+             coeffs: dict | None = None, batch: int = 1, bucket: int | None = None) -> dict[str, Any]:
     """Per-rank peak bytes (and their parts) and step seconds of one configuration:
     a scene of ``hw`` pixels (padded to the model's alignment) over ``grid`` (the sp
     ranks), ``world = dp x sp`` ranks, ``batch`` such scenes per rank and step (crop
-    mode: the crops). The peak is that of the rank with the largest tile."""
+    mode: the crops); ``bucket``: ``deepspeed.reduce_bucket_size`` (None: sized to the
+    model, as the engine does). The peak is that of the rank with the largest tile."""
     from ..spim.tiling import TileLayout
     from .inference import padded_shape
 
@@ -344,7 +346,7 @@ def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], 
     c_act = c.get(f"{key}_ckpt", c[key]) if act_ckpt else c[key]
     act = batch * (fit["a"] * tile + fit["q"] * tile * H * W) * c_act * w / 4
     parts = static_bytes(prof.params, world, zero_stage, precision, _opt_values(optimizer, momentum),
-                         prof.largest_layer)
+                         prof.largest_layer, bucket)
     parts["activations"] = act
     parts["overhead"] = c["c_fixed"] + (c["c_fixed_sp"] if sp > 1 else 0.0)
     step_s = batch * fit["s_per_px"] * tile * c.get("c_time", 1.0)
@@ -365,7 +367,8 @@ def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, f
     """Fit ``c_act_sp``, ``c_act_one`` and ``c_fixed`` to measured per-rank peaks.
 
     ``rows``: one per measured configuration: ``model`` (a key of ``prof_of``), ``hw``,
-    ``grid``, ``world``, ``zero_stage``, ``optimizer``, ``act_ckpt``, ``precision``
+    ``grid``, ``world``, ``zero_stage``, ``optimizer``, ``act_ckpt``, ``precision``,
+    optionally ``bucket`` (``deepspeed.reduce_bucket_size``; absent: sized to the model)
     and ``peak_bytes`` (the largest over the ranks, as measure_step / rest-ds bench
     report it). Least squares on the relative error."""
     import numpy as np
@@ -375,7 +378,7 @@ def calibrate(rows: list[dict], prof_of: dict[str, ModelProfile]) -> dict[str, f
         e = estimate(prof_of[r["model"]], hw=tuple(r["hw"]), grid=tuple(r["grid"]), world=r["world"],
                      zero_stage=r["zero_stage"], precision=r.get("precision", "fp32"),
                      optimizer=r.get("optimizer", "adamw"), act_ckpt=r.get("act_ckpt", False),
-                     coeffs={"c_act_sp": 1.0, "c_act_sp_ckpt": 1.0, "c_act_one": 1.0, "c_act_one_ckpt": 1.0,
+                     bucket=r.get("bucket"), coeffs={"c_act_sp": 1.0, "c_act_sp_ckpt": 1.0, "c_act_one": 1.0, "c_act_one_ckpt": 1.0,
                              "c_fixed_sp": 0.0, "c_fixed": 0.0})
         parts, sp, m = e["parts"], e["sp"], float(r["peak_bytes"])
         act = parts["activations"]
@@ -407,7 +410,7 @@ def _factor_grids(sp: int) -> list[tuple[int, int]]:
 def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int | None = None,
                grid: tuple[int, int] | None = None, stages=(0, 1, 2, 3), ckpt=(False, True),
                precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9,
-               coeffs: dict | None = None, batch: int = 1) -> list[dict]:
+               coeffs: dict | None = None, batch: int = 1, bucket: int | None = None) -> list[dict]:
     """:func:`estimate` of every layout of ``ranks`` ranks (sp dividing ``ranks``, or the
     given ``sp`` / ``grid``), ZeRO stage and activation-checkpointing choice."""
     from .inference import padded_shape
@@ -425,7 +428,7 @@ def candidates(prof: ModelProfile, *, hw: tuple[int, int], ranks: int, sp: int |
                         continue
                     out.append(estimate(prof, hw=hw, grid=g, world=ranks, zero_stage=z, precision=precision,
                                         optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs,
-                                        batch=batch))
+                                        batch=batch, bucket=bucket))
     return out
 
 
@@ -445,7 +448,8 @@ def _preference(c: dict) -> tuple:
 
 def max_scene(prof: ModelProfile, *, devices: int, memory_bytes: float, aspect: float = 1.0,
               headroom: float = 0.9, precision: str = "fp32", optimizer: str = "adamw", momentum: float = 0.9,
-              sp: int | None = None, ckpt=(False, True), coeffs: dict | None = None) -> dict | None:
+              sp: int | None = None, ckpt=(False, True), coeffs: dict | None = None,
+              bucket: int | None = None) -> dict | None:
     """The largest scene (``H = aspect x W``, multiples of the alignment) whose per-rank
     peak fits ``headroom x memory`` on ``devices`` ranks, over every layout, ZeRO stage
     and checkpointing choice; the winning :func:`estimate` with ``side`` added, or None."""
@@ -462,7 +466,8 @@ def max_scene(prof: ModelProfile, *, devices: int, memory_bytes: float, aspect: 
                         w = units * a
                         h = max(a, int(round(w * aspect / a)) * a)
                         return estimate(prof, hw=(h, w), grid=g, world=devices, zero_stage=z, precision=precision,
-                                        optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs)
+                                        optimizer=optimizer, momentum=momentum, act_ckpt=c, coeffs=coeffs,
+                                        bucket=bucket)
 
                     lo = max(g)  # at least one alignment unit per tile
                     if peak(lo)["peak_bytes"] > headroom * memory_bytes:
@@ -502,7 +507,7 @@ def calibrate_from_bench(path: str, profile_of) -> dict[str, float]:
         hw, grid = (r["scene"]["height"], r["scene"]["width"]), tuple(r["grid"])
         e = estimate(prof, hw=hw, grid=grid, world=r["ranks"], zero_stage=r["zero_stage"],
                      optimizer=cfg.optimizer.name, act_ckpt=cfg.train.activation_checkpointing,
-                     precision=cfg.deepspeed.precision)
+                     precision=cfg.deepspeed.precision, bucket=cfg.deepspeed.reduce_bucket_size)
         if e["step_s"] > 0 and r.get("step_s"):
             ratios.append(r["step_s"] / e["step_s"])
         peaks = (r.get("memory") or {}).get("cuda_peak_mib")
@@ -510,7 +515,7 @@ def calibrate_from_bench(path: str, profile_of) -> dict[str, float]:
             rows.append({"model": r["config"], "hw": hw, "grid": grid, "world": r["ranks"],
                          "zero_stage": r["zero_stage"], "optimizer": cfg.optimizer.name,
                          "act_ckpt": cfg.train.activation_checkpointing, "precision": cfg.deepspeed.precision,
-                         "peak_bytes": max(peaks) * 2 ** 20})
+                         "bucket": cfg.deepspeed.reduce_bucket_size, "peak_bytes": max(peaks) * 2 ** 20})
     out = dict(calibrate(rows, profs)) if len(rows) >= 2 else {}
     if ratios:
         out["c_time"] = statistics.median(ratios)
@@ -550,7 +555,8 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
     ck_ok = "1" in prof.fits
     sp, grid = check_grid(cfg, ranks, prof.align, hw)
     o = cfg.optimizer
-    kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs)
+    kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs,
+              bucket=cfg.deepspeed.reduce_bucket_size)
     if cfg.data.mode == "crop":  # each rank: crops_per_rank crops of crop_size (capped by the scene), sp = 1
         n = min(cfg.data.crop_size, *hw)
         hw, kw["batch"] = (n, n), cfg.data.crops_per_rank
@@ -709,7 +715,7 @@ def cmd_plan(args) -> int:
             best = max_scene(prof, devices=args.devices, memory_bytes=mem, aspect=aspect,
                              precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum,
                              sp=cfg.mesh.sp, ckpt=(False, True) if "1" in prof.fits else (False,),
-                             coeffs=coeffs)
+                             coeffs=coeffs, bucket=cfg.deepspeed.reduce_bucket_size)
             if best is None:
                 print(f"max-scene: nothing fits {args.devices} x {args.memory:g} GiB (the model's fixed memory "
                       f"alone is too large)", flush=True)
