@@ -42,10 +42,9 @@ from torch import nn
 
 from rest_ds.spim import TileLayout
 
-from .harness import run_grid, train_step_reports
+from .harness import TOL, grid_params, run_grid, selected, train_step_reports
 
 ALIGN = 32
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 TINY = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
             sr_ratios=[8, 4, 2, 1], decoder_hidden_size=16)
 
@@ -138,6 +137,8 @@ LAYOUTS = {
     (1, 2): TileLayout((0, 64), (0, 64, 152)),
     (3, 1): TileLayout((0, 32, 96, 128), (0, 64)),
 }
+FAST_GRID = (1, 2)
+FAST_CASES = ("segformer_model-heads1234-sdpa-fp64",)  # the fast tier's SR attention (all-to-all, heads 1-4)
 
 
 class ReducedKVAttention(nn.Module):
@@ -161,10 +162,12 @@ class ReducedKVAttention(nn.Module):
 REFUSED = {"dropout": "attention dropout > 0", "mask": "attn_mask with keys/values on another token grid"}
 
 
-def _run_grid(grid):
-    reports = train_step_reports(grid, {k: c for k, c in CASES.items() if not k.startswith("segmentor")}, LAYOUTS,
+def _run_grid(grid, names):
+    """The cases ``names`` (those the run selected) and the refusals on ``grid``, in one spawn."""
+    cases = {k: c for k, c in CASES.items() if k in names}
+    reports = train_step_reports(grid, {k: c for k, c in cases.items() if not k.startswith("segmentor")}, LAYOUTS,
                                  3, seed=3, align=ALIGN)
-    reports.update(train_step_reports(grid, {k: c for k, c in CASES.items() if k.startswith("segmentor")}, LAYOUTS,
+    reports.update(train_step_reports(grid, {k: c for k, c in cases.items() if k.startswith("segmentor")}, LAYOUTS,
                                       6, seed=3, align=ALIGN))
     reports.update(train_step_reports(grid, {f"refused-{m}": (functools.partial(ReducedKVAttention, m),
                                                               torch.float32, 1) for m in REFUSED},
@@ -172,13 +175,12 @@ def _run_grid(grid):
     return reports
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.fixture(scope="module", params=grid_params(LAYOUTS, FAST_GRID))
 def grid_reports(request):
-    return request.param, run_grid(_run_grid, request.param)
+    return request.param, run_grid(_run_grid, request.param, selected(request, "case", grid_reports=request.param))
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in FAST_CASES else pytest.mark.slow) for c in CASES])
 def test_sr_attention_model_exact(grid_reports, case):
     grid, reports = grid_reports
     factory, dtype, _ = CASES[case]
