@@ -7,7 +7,9 @@
   and buffers of a never-parallelized copy, with the same hooks (none left);
 * two differently parallelized models (attention 'ulysses' vs 'allgather',
   different tile partitions of the same scene size) run interleaved and one
-  inside the other's forward, each equal to one process in float64.
+  inside the other's forward, each equal to one process in float64;
+* a checkpointed block recomputed in backward re-enters its model's run
+  (replicated resampling routed as in the forward).
 """
 from __future__ import annotations
 
@@ -69,6 +71,29 @@ class Net(nn.Module):
         return y if z is None else (y, z)
 
 
+class PooledContext(nn.Module):
+    """A PPM-like branch: pooled bins (replicated) resampled back to the map's size."""
+
+    def forward(self, y):
+        return y + F.interpolate(F.adaptive_avg_pool2d(y, 2), size=y.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+
+
+class CheckpointedContext(nn.Module):
+    """The pooled-context branch recomputed in backward (non-reentrant checkpoint):
+    the recompute re-enters the model's run, with its routing of replicated resampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.ctx = PooledContext()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return self.conv2(checkpoint(self.ctx, self.conv(x), use_reentrant=False))
+
+
 class _Double(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -122,6 +147,7 @@ def _cases(grid) -> dict:
     out.update(_unparallelize_case(mesh))
     out.update(_guard_case(mesh))
     out.update(_two_models_case(mesh))
+    out.update(_checkpoint_case(mesh))
     out["apply_stock_at_end"] = torch.autograd.Function.__dict__.get("apply") is STOCK_APPLY
     out["no_run_left"] = context.current() is None
     return out
@@ -251,6 +277,23 @@ def _two_models_case(mesh) -> dict:
     return res
 
 
+def _checkpoint_case(mesh) -> dict:
+    torch.manual_seed(2)
+    m = CheckpointedContext().double()
+    ref = copy.deepcopy(m)
+    x = _scene(5)
+    parallelize(m, mesh)
+    xs = x.clone().requires_grad_()
+    y = gather(m(shard(xs, mesh, LAYOUT_B)))
+    _loss([y], 8).backward()
+    average_gradients(m, mesh)
+    q = {"out": y, "xgrad": all_reduce_(xs.grad.clone(), mesh, record=False) / mesh.sp, **_grads(m, "")}
+    xr = x.clone().requires_grad_()
+    yr = ref(xr)
+    _loss([yr], 8).backward()
+    return {"checkpoint_err": _max_err(q, {"out": yr, "xgrad": xr.grad, **_grads(ref, "")})}
+
+
 @pytest.fixture(scope="module")
 def grid1x2():
     return run_grid(_cases, (1, 2))
@@ -314,3 +357,10 @@ def test_two_models_interleaved_and_nested(grid1x2):
         assert len(errs) > 20, errs
         bad = {k: v for k, v in errs.items() if not v <= TOL}
         assert not bad, f"{case}: {bad}"
+
+
+def test_checkpoint_recompute_reenters_the_run(grid1x2):
+    errs = grid1x2["checkpoint_err"]
+    assert len(errs) == 6, errs
+    bad = {k: v for k, v in errs.items() if not v <= TOL}
+    assert not bad, bad

@@ -23,6 +23,7 @@ A run holds:
 from __future__ import annotations
 
 from contextvars import ContextVar
+from typing import Any, Callable
 
 from .errors import SPIMUnsupportedError
 
@@ -34,12 +35,17 @@ class SPIMRun:
     """The per-model state of one parallelized model (see the module docstring).
 
     ``attention`` is fixed at ``parallelize``; ``frames`` (module path stack:
-    ``(dotted path, type name, whether this frame entered the run)``) and
-    ``layouts`` are per forward: cleared when the root forward starts."""
+    ``(dotted path, type name, the context managers this frame entered with the
+    run, or None)``) and ``layouts`` are per forward: cleared when the root
+    forward starts. ``modes``: factories of context managers (torch function
+    modes, the autograd.Function guard) entered with the run each time it is
+    entered and exited when it is left, so they are active exactly while the
+    model computes, in a checkpoint recompute too."""
 
-    def __init__(self, attention: str = "auto"):
+    def __init__(self, attention: str = "auto", modes: tuple[Callable[[], Any], ...] = ()):
         self.attention = attention
-        self.frames: list[tuple[str, str, bool]] = []
+        self.modes = tuple(modes)
+        self.frames: list[tuple[str, str, list | None]] = []
         # First one wins: resampling reuses them so that an upsampled map lines up
         # with the map of that size it is added to or concatenated with. Built from
         # global information only, so identical on every rank.
@@ -53,9 +59,15 @@ class SPIMRun:
         if fresh:
             self.frames.clear()
             self.layouts.clear()
+        ctxs = None
         if entered:
             _RUNS.set(_RUNS.get() + (self,))
-        self.frames.append((path, type_name, entered))
+            ctxs = []
+            for make in self.modes:
+                c = make()
+                c.__enter__()
+                ctxs.append(c)
+        self.frames.append((path, type_name, ctxs))
         return entered
 
     def pop(self, path: str) -> bool:
@@ -64,15 +76,18 @@ class SPIMRun:
         left. A call whose frame is not on the stack (its pre-hook never ran) does nothing."""
         for i in range(len(self.frames) - 1, -1, -1):
             if self.frames[i][0] == path:
-                entered = self.frames[i][2]
+                ctxs = self.frames[i][2]
                 del self.frames[i:]
-                if entered:
-                    runs = _RUNS.get()
-                    # the innermost occurrence (normally the top: inner runs have left already)
-                    j = max(k for k, r in enumerate(runs) if r is self) if self in runs else None
-                    if j is not None:
-                        _RUNS.set(runs[:j] + runs[j + 1:])
-                return entered
+                if ctxs is None:
+                    return False
+                for c in reversed(ctxs):
+                    c.__exit__(None, None, None)
+                runs = _RUNS.get()
+                # the innermost occurrence (normally the top: inner runs have left already)
+                j = max((k for k, r in enumerate(runs) if r is self), default=None)
+                if j is not None:
+                    _RUNS.set(runs[:j] + runs[j + 1:])
+                return True
         return False
 
     def where(self) -> str:

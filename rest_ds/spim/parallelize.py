@@ -96,15 +96,16 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
     for name, m in model.named_modules():
         _check_module(name, m)
 
-    run = context.SPIMRun(attention=attention)
+    # entered with the run, left with it: the autograd.Function guard and the routing of
+    # replicated -> sharded resampling (PPM, image pooling; ops/resample.py)
+    run = context.SPIMRun(attention, modes=(lambda: FUNCTION_GUARD,
+                                            lambda: ops.resample.RouteReplicated(mesh, run)))
 
     def enter(name: str, mod: nn.Module, fresh: bool = False) -> None:
-        if run.push(name, type(mod).__name__, fresh=fresh):
-            FUNCTION_GUARD.acquire()  # the autograd.Function guard, only while a run is entered
+        run.push(name, type(mod).__name__, fresh=fresh)
 
     def leave(name: str) -> None:
-        if run.pop(name):
-            FUNCTION_GUARD.release()
+        run.pop(name)
 
     def root_pre_hook(mod, args, kwargs):
         enter("", mod, fresh=True)
@@ -115,6 +116,9 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
             if isinstance(a, torch.Tensor):
                 args[i] = from_local(a, mesh, dims=dims, align=align)
                 break
+        for v in args + list(kwargs.values()):
+            if isinstance(v, SpatialTensor):  # (also those made outside the run) resampling lines up with them
+                context.note_layout(v._spec.rows, v._spec.cols)
         return tuple(args), kwargs
 
     def root_post(mod, args, out):
@@ -139,8 +143,6 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name), always_call=True))
-    # replicated -> sharded resampling (PPM, image pooling); see ops/resample.py
-    handles += ops.resample.routing_hooks(model, mesh)
     handles += _shared_rng_hooks(model, mesh, rng_seed)
     model._spim_run = run
     model._spim_mesh = mesh

@@ -325,8 +325,8 @@ def _requires_grad_(func, args, kwargs):
 # the tile's graph, so every gradient before it would silently be missing. SPIM
 # cannot know what such a Function computes, so it refuses by name, on every
 # rank alike (the check depends only on the arguments' types). The guard is
-# installed only while a parallelized forward runs (FUNCTION_GUARD, entered by
-# parallelize's hooks): importing SPIM leaves every other Function untouched.
+# installed only while a parallelized forward runs (FUNCTION_GUARD, entered with
+# the model's run, context.SPIMRun): importing SPIM leaves torch untouched.
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
@@ -381,6 +381,13 @@ class _FunctionGuard:
                 if torch.autograd.Function.__dict__.get("apply") is self._installed:
                     torch.autograd.Function.apply = self._saved
                 self._saved = self._installed = None
+
+    def __enter__(self) -> "_FunctionGuard":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     @property
     def active(self) -> bool:

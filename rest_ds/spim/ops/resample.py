@@ -29,8 +29,9 @@ Replicated inputs: a plain tensor resampled to the global size of a sharded
 map (UPerNet's PPM and DeepLab's image pooling upsample their pooled bins with
 ``size=x.shape[2:]``) must come out sharded like that map so that it can be
 concatenated with it. ``F.interpolate`` on plain tensors never reaches
-``SpatialTensor.__torch_function__``, so ``parallelize`` installs
-:func:`routing_hooks`: during the model's forward a ``TorchFunctionMode`` sees
+``SpatialTensor.__torch_function__``, so ``parallelize`` enters
+:class:`RouteReplicated` with the model's run: while the model computes (its
+forward and checkpoint recomputes), this ``TorchFunctionMode`` sees
 ``F.interpolate`` calls whose inputs are all plain; when both requested output
 sizes equal the global sizes of sharded tensors seen in this forward, each rank
 computes just its tile of the result (its taps index the replicated input
@@ -417,9 +418,10 @@ def interpolate_replicated(mesh, args, kwargs) -> SpatialTensor | None:
     return _resample(x, mesh, mode, ac, out_hw, scales, None, tuple(x.shape[2:]))
 
 
-class _RouteReplicated(TorchFunctionMode):
-    """Active during a parallelized model's forward; see the module docstring.
-    Routes only while that model's run is the current one (not inside another
+class RouteReplicated(TorchFunctionMode):
+    """Entered with a parallelized model's run (``context.SPIMRun.modes``: in its
+    forward and in checkpoint recomputes of its blocks); see the module docstring.
+    Routes only while that run is the current one (not inside another
     parallelized model called from its forward, which has its own mode)."""
 
     def __init__(self, mesh, run):
@@ -435,25 +437,3 @@ class _RouteReplicated(TorchFunctionMode):
             if out is not None:
                 return out
         return func(*args, **kwargs)
-
-
-def routing_hooks(model: torch.nn.Module, mesh) -> list:
-    """Forward hooks on the root of a parallelized model: record the layouts of
-    the sharded inputs and route replicated resampling while the forward runs
-    (exception-safe: the mode is left even when the forward raises)."""
-    active: list[_RouteReplicated] = []
-
-    def pre(mod, args, kwargs):
-        for v in list(args) + list(kwargs.values()):
-            if isinstance(v, SpatialTensor):
-                context.note_layout(v._spec.rows, v._spec.cols)
-        m = _RouteReplicated(mesh, context.current())  # parallelize's root pre-hook entered the run
-        m.__enter__()
-        active.append(m)
-
-    def post(mod, args, kwargs, out):
-        if active:
-            active.pop().__exit__(None, None, None)
-
-    return [model.register_forward_pre_hook(pre, with_kwargs=True),
-            model.register_forward_hook(post, with_kwargs=True, always_call=True)]
