@@ -437,14 +437,12 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
     replicated: set[int] = set()     # ids of scene-global results (adaptive pooling and what follows it)
     keep: list = []                  # keeps those tensors alive, so that their ids stay unique
 
-    part_of = scale_partition  # tile borders of a feature map: the input borders scaled (aligned, so exact)
-
     def add_window(x, k, s, p, d, n_out, op):
         B, C, h, w = x.shape
         if k[0] * d[0] - d[0] + 1 == 1 and k[1] * d[1] - d[1] + 1 == 1 and p == (0, 0):
             return
         ke = [kernel_extent(k[a], d[a]) for a in range(2)]
-        rows, cols = part_of(h, Hin, layout.rows), part_of(w, Win, layout.cols)
+        rows, cols = scale_partition(layout.rows, h, Hin), scale_partition(layout.cols, w, Win)
         o_r = output_partition(rows, n_out[0], ke[0], s[0], p[0], op, "row")
         o_c = output_partition(cols, n_out[1], ke[1], s[1], p[1], op, "col")
         n = halo_bytes(rows, cols, needs(o_r, ke[0], s[0], p[0]), needs(o_c, ke[1], s[1], p[1]),
@@ -495,7 +493,7 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
             a = bind_args("interpolate", _NAMES, _DEFAULTS, (input,) + args, kwargs)
             mode, ac, (ho, wo), scales = parse(tuple(input.shape), a)
             B, C, h, w = input.shape
-            rows, cols = part_of(h, Hin, layout.rows), part_of(w, Win, layout.cols)
+            rows, cols = scale_partition(layout.rows, h, Hin), scale_partition(layout.cols, w, Win)
             need = []
             for n_in, n_o, part, sc, name in ((h, ho, rows, scales[0], "row"), (w, wo, cols, scales[1], "col")):
                 idx, _ = axis_taps(n_in, n_o, mode, ac, sc, torch.float32, "cpu")
