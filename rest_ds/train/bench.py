@@ -426,7 +426,7 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
     are not modelled here."""
     import torch.nn.functional as F
 
-    from ..spim.ops.resample import _DEFAULTS, _NAMES, _proportional, axis_taps, bind_args, parse
+    from ..spim.ops.resample import axis_taps, parse_call, proportional
     from ..spim.geometry import conv_out, kernel_extent, needs, output_partition, pool_out, scale_partition
 
     ph, pw = len(layout.rows) - 1, len(layout.cols) - 1
@@ -490,14 +490,13 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
             replicated.add(id(y))
             keep.append(y)
         elif isinstance(input, torch.Tensor) and input.dim() == 4:
-            a = bind_args("interpolate", _NAMES, _DEFAULTS, (input,) + args, kwargs)
-            mode, ac, (ho, wo), scales = parse(tuple(input.shape), a)
+            mode, ac, (ho, wo), scales = parse_call((input,) + args, kwargs)
             B, C, h, w = input.shape
             rows, cols = scale_partition(layout.rows, h, Hin), scale_partition(layout.cols, w, Win)
             need = []
             for n_in, n_o, part, sc, name in ((h, ho, rows, scales[0], "row"), (w, wo, cols, scales[1], "col")):
                 idx, _ = axis_taps(n_in, n_o, mode, ac, sc, torch.float32, "cpu")
-                opart = _proportional(part, n_in, n_o, name)
+                opart = proportional(part, n_in, n_o, name)
                 lo, hi = idx.min(0).values, idx.max(0).values
                 need.append(tuple((int(lo[a:b].min()), int(hi[a:b].max()) + 1)
                                   for a, b in zip(opart[:-1], opart[1:])))

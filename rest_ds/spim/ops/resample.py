@@ -205,6 +205,20 @@ def _apply(t: torch.Tensor, dim: int, idx: torch.Tensor, w: torch.Tensor | None)
     return out
 
 
+def parse_call(args: tuple, kwargs: dict) -> tuple[str, bool, tuple[int, int], tuple[float | None, float | None]]:
+    """:func:`parse` of the call ``F.interpolate(*args, **kwargs)`` (``args[0]``: the
+    4-D input, plain or sharded). For analytic volumes outside spim (rest_ds.train.bench)."""
+    a = bind_args("interpolate", _NAMES, _DEFAULTS, args, kwargs)
+    return parse(tuple(a["input"].shape), a)
+
+
+def proportional(part: Partition, n_in: int, n_out: int, axis: str) -> Partition:
+    """The output partition of resampling ``n_in`` -> ``n_out`` lines along ``axis`` for the
+    input partition ``part``: each tile owns the outputs proportional to its inputs
+    (raises when a tile would own none)."""
+    return _proportional(part, n_in, n_out, axis)
+
+
 def _proportional(part: Partition, n_in: int, n_out: int, axis: str) -> Partition:
     bounds = (0,) + tuple(b * n_out // n_in for b in part[1:-1]) + (n_out,)
     for i in range(len(bounds) - 1):
