@@ -324,6 +324,22 @@ class WindowGrads:
         return gx
 
 
+def dense_grad(g: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient ``g`` of a 4-D map, dense in memory: ``g`` itself when it is
+    contiguous in NCHW or channels-last order, else a copy, channels-last when
+    ``like`` (default ``g``) has its channels innermost (a map made from tokens,
+    ``x.transpose(1, 2).view(B, C, H, W)``, or a channel slice of one: the
+    gradient of a ``torch.cat`` over channels), else NCHW. Native backward
+    kernels then see the layout torch's own autograd gives them on one device:
+    an NCHW copy of a channels-last gradient costs more than a bilinear backward
+    itself (SegFormer's head at 1024 px: 0.13 s against 0.01 s per level)."""
+    if g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last):
+        return g
+    ref = g if like is None else like
+    cl = ref.dim() == 4 and ref.shape[1] > 1 and ref.stride(1) == 1
+    return g.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def box_view(t: torch.Tensor, dims, rows: Range, cols: Range) -> torch.Tensor:
     """Local rows x cols of ``t`` (``dims`` its row and column dims), a view."""
     return _slice(t, dims, (0, 0), rows, cols)

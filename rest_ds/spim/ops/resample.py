@@ -50,8 +50,8 @@ from torch.overrides import TorchFunctionMode
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import (WindowGrads, border_strips, box_view, check_needs, halo_exchange, make_plan, start_fetch,
-                    window_part)
+from ..halo import (WindowGrads, border_strips, box_view, check_needs, dense_grad, halo_exchange, make_plan,
+                    start_fetch, window_part)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 from .norm import bind_args
@@ -328,7 +328,7 @@ class _BorderUpsample(torch.autograd.Function):
     def backward(ctx, g):
         mesh, plan, strips, ks, x_shape, out_hw = ctx.cfg
         scales = [float(k) for k in ks]
-        g = g.contiguous()
+        g = dense_grad(g)  # kept channels-last (the head's maps come from tokens): torch's fast backward
         # the strips first, so that the halos' gradients travel during the tile's backward
         grads = WindowGrads(g, x_shape, plan, (2, 3))
         for orows, ocols, irows, icols in strips:

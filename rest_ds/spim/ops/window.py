@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from .. import context
 from ..errors import SPIMError
-from ..halo import (WindowGrads, assemble, box_view, fetch, halo_exchange, make_plan, reference_paths, return_grads,
-                    start_fetch, window_part)
+from ..halo import (WindowGrads, assemble, box_view, dense_grad, fetch, halo_exchange, make_plan, reference_paths,
+                    return_grads, start_fetch, window_part)
 from .. import geometry
 # the window arithmetic is geometry.py's; conv_out, needs, pool_out stay importable from here
 from ..geometry import Partition, axis_term, conv_out, halo_strips, needs, padded_fit, pool_out  # noqa: F401
@@ -155,7 +155,7 @@ class _HaloConv2d(torch.autograd.Function):
         mesh, plan, pads, stride, dilation, groups, has_bias, dims = ctx.cfg
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = has_bias and ctx.needs_input_grad[2]
-        g = g.contiguous()
+        g = dense_grad(g, x)
         gw = gb = gx = None
         if need_w or need_b:
             ext = _rebuild(x, halos, plan, dims, pads)
@@ -287,7 +287,7 @@ class _BorderConv2d(torch.autograd.Function):
         mesh, plan, geo, stride, dilation, groups, has_bias, dims = ctx.cfg
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = has_bias and ctx.needs_input_grad[2]
-        g = g.contiguous()
+        g = dense_grad(g, x)
         pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
         grads = WindowGrads(x, x.shape, plan, dims) if need_x else None
         gw_terms = []
