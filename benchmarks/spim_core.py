@@ -47,7 +47,10 @@ with the volume from the tile geometry (:func:`analytic_roll_bytes`) and lists t
 ``--models segformer_b0``: SegFormer-B0 (``configs/models/segformer.yaml``: transformers'
 MiT-b0 + the all-MLP head, DropPath and dropout off); (a) then compares the bytes of each layer
 kind (patch embeddings, Mix-FFN depthwise convs, spatial-reduction attention, decode head) with
-the volumes from the tile geometry (``sr_attention_volumes.py``), on 1x2 and 2x2 grids.
+the volumes from the tile geometry (``sr_attention_volumes.py``), on 1x2 and 2x2 grids; (b) adds a
+second comparator, the plain tile with the whole scene's keys/values (``whole_scene_kv``: the tile's
+queries attend to as many keys as a sharded rank's do, the attention work SPIM cannot avoid), so the
+ratio reads both ways, and per-rank CPU times (``time.thread_time``) beside the wall times.
 
 Usage: ``python benchmarks/spim_core.py [--size 1024] [--repeats 3] [--malloc both]
 [--models conv_stack,resnet18_upernet,swin_upernet]``.
@@ -79,7 +82,7 @@ from rest_ds.spim.spawn import spawn  # noqa: E402
 from rest_ds.train.bench import border_needs, halo_bytes  # noqa: E402
 
 from memory import reset_peak, rss_kib  # noqa: E402
-from sr_attention_volumes import build_segformer_b0, layer_bytes_report, layer_kind_hooks  # noqa: E402
+from sr_attention_volumes import build_segformer_b0, layer_bytes_report, layer_kind_hooks, whole_scene_kv  # noqa: E402
 
 ALIGN = 32
 BANDS = 3
@@ -221,13 +224,19 @@ def _rank_job(name: str, grid, size: int, repeats: int, stack_channels: int, sta
             tile = torch.randn(tile_shape, generator=torch.Generator().manual_seed(1))
             _fwd_bwd(plain, tile)
             runs.append(("plain_tile_s", plain, tile))
+            if name == "segformer_b0":  # the work-equivalent comparator: the tile's queries, the scene's K/V
+                whole_kv = whole_scene_kv(copy.deepcopy(plain), mesh.sp)
+                _fwd_bwd(whole_kv, tile)
+                runs.append(("plain_tile_whole_kv_s", whole_kv, tile))
+        out["cpu_s"] = {}
         for key, _, _ in runs:
-            out[key] = []
+            out[key], out["cpu_s"][key] = [], []
         for _ in range(repeats):
             for key, mod, x_run in runs:
                 _barrier(mesh)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 _fwd_bwd(mod, x_run)
+                out["cpu_s"][key].append(time.thread_time() - c0)  # this rank's own work, waits excluded
                 _barrier(mesh)
                 out[key].append(time.perf_counter() - t0)
     return out
@@ -292,6 +301,21 @@ def main(argv=None) -> dict:
         whole = statistics.median(r1t[0]["sharded_s"])  # (1, 1): the plain model on the whole scene
         res["time_s"] = {"sp2_sharded": sharded, "sp2_plain_tile": plain, "overhead_ratio": sharded / plain,
                          "sp1_whole_scene": whole, "speedup_vs_whole": whole / sharded}
+        if "plain_tile_whole_kv_s" in r2[0]:
+            # SegFormer: the plain tile with the whole scene's keys/values does the attention work a
+            # sharded rank cannot avoid; sharded / it is SPIM's own cost. Also per-rank CPU time
+            # (time.thread_time: steadier on a shared machine; spin-waits count, sleeping waits do not)
+            wkv = max(statistics.median(r["plain_tile_whole_kv_s"]) for r in r2)
+            cpu = {k: max(statistics.median(r["cpu_s"][k]) for r in r2)
+                   for k in ("sharded_s", "plain_tile_s", "plain_tile_whole_kv_s")}
+            res["time_s"].update({
+                "sp2_plain_tile_whole_kv": wkv, "ratio_vs_whole_kv": sharded / wkv,
+                "inherent_ratio": wkv / plain,
+                "cpu_sp2_sharded": cpu["sharded_s"], "cpu_sp2_plain_tile": cpu["plain_tile_s"],
+                "cpu_sp2_plain_tile_whole_kv": cpu["plain_tile_whole_kv_s"],
+                "cpu_overhead_ratio": cpu["sharded_s"] / cpu["plain_tile_s"],
+                "cpu_ratio_vs_whole_kv": cpu["sharded_s"] / cpu["plain_tile_whole_kv_s"],
+                "cpu_inherent_ratio": cpu["plain_tile_whole_kv_s"] / cpu["plain_tile_s"]})
         res["comm_bytes_sp2_rank0"] = r2[0]["comm"]
         res["transport_sp2"] = r2[0]["transport"]
         if name == "conv_stack":
@@ -371,6 +395,14 @@ def main(argv=None) -> dict:
         print(f"  fwd+bwd time: sp=2 sharded {t['sp2_sharded']:.3f} s | same layers on a plain local tile "
               f"{t['sp2_plain_tile']:.3f} s | ratio {t['overhead_ratio']:.2f} | one process, whole scene "
               f"{t['sp1_whole_scene']:.3f} s (sp ranks talk over {res['transport_sp2']})")
+        if "ratio_vs_whole_kv" in t:
+            print(f"  plain local tile with the whole scene's K/V (the attention work a rank cannot avoid) "
+                  f"{t['sp2_plain_tile_whole_kv']:.3f} s | sharded / it {t['ratio_vs_whole_kv']:.2f} | "
+                  f"it / plain tile {t['inherent_ratio']:.2f}")
+            print(f"  per-rank CPU time (slowest rank): sharded {t['cpu_sp2_sharded']:.3f} s | plain tile "
+                  f"{t['cpu_sp2_plain_tile']:.3f} s | with the whole K/V {t['cpu_sp2_plain_tile_whole_kv']:.3f} s | "
+                  f"ratios {t['cpu_overhead_ratio']:.2f} (vs plain tile), {t['cpu_ratio_vs_whole_kv']:.2f} "
+                  f"(vs whole K/V), {t['cpu_inherent_ratio']:.2f} (inherent)")
         if not res["memory"]:
             continue
         print("  peak memory per rank, first forward+backward (MiB; ratio = per-rank peak / plain sp=1 peak)")

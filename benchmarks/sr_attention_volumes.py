@@ -53,6 +53,34 @@ def build_segformer_b0(in_chans: int) -> nn.Module:
     return build_segmentor(cfg).train()
 
 
+def whole_scene_kv(model: nn.Module, sp: int) -> nn.Module:
+    """Make the plain (not parallelized) SegFormer ``model`` attend, on a tile, to
+    as many keys/values as a sharded rank does: every attention's K and V,
+    computed from the tile as usual, are repeated ``sp`` times along the tokens
+    before SDPA. Stages 1-3 then have the sharded run's attention shapes (the
+    tile's queries over the whole scene's reduced keys); stage 4 (sr 1, Ulysses
+    when heads % sp == 0) has its work (n/sp queries x n keys x all heads equals
+    n queries x n keys x heads/sp). The work-equivalent comparator of issue 11:
+    SPIM's cost without the attention work it cannot avoid. Returns ``model``."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        rep = int(getattr(module, "whole_kv_repeat", 1))
+        return sdpa_attention_forward(module, query, key.repeat(1, 1, rep, 1), value.repeat(1, 1, rep, 1),
+                                      attention_mask, **kwargs)
+
+    AttentionInterface.register("rest_ds_whole_kv", attend)  # global, idempotent: the same function name
+    cfg = model.encoder.model.config
+    if cfg._attn_implementation != "sdpa":
+        raise ValueError(f"whole_scene_kv needs the sdpa attention, not {cfg._attn_implementation!r}")
+    cfg._attn_implementation = "rest_ds_whole_kv"
+    for m in model.modules():
+        if type(m).__name__ == "SegformerAttention":
+            m.whole_kv_repeat = sp
+    return model
+
+
 def _label(name: str) -> str | None:
     if name.endswith("patch_embeddings.proj"):
         return "patch_embed"
@@ -188,4 +216,6 @@ def layer_bytes_report(runs: list[dict], rows, cols, in_chans: int) -> dict:
         a = sum(d[k]["backward"] for d in ana.values() if k in d) if any(k in d for d in ana.values()) else None
         out[f"backward {k}"] = {"measured": v, "analytic": a}
     return out
-__all__ = ["build_segformer_b0", "layer_kind_hooks", "analytic_bytes", "layer_bytes_report"]
+
+
+__all__ = ["build_segformer_b0", "whole_scene_kv", "layer_kind_hooks", "analytic_bytes", "layer_bytes_report"]
