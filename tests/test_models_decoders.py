@@ -419,7 +419,7 @@ _SMALL_PARAMS = 30_000_000  # run for real only models this small (2 CPU cores)
 
 def test_example_configs_exist():
     names = {p.stem for p in CONFIGS}
-    assert {"resnet18_upernet", "convnext_nano_upernet", "vit_upernet", "sam_fpn", "prithvi_upernet"} <= names
+    assert {"resnet18_upernet_aux", "convnext_nano_upernet_s2", "vit_upernet", "sam_fpn", "prithvi_upernet"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -451,3 +451,46 @@ def test_example_config(path):
         with torch.no_grad():
             out = model(torch.randn(1, in_chans, *size))
         assert out.shape == (1, cfg.num_classes, *size) and torch.isfinite(out).all()
+
+
+# --- one builder: the zoo factories are ModelConfigs built by build_segmentor ---------------------------
+@pytest.mark.parametrize("name, kwargs", [("tiny_cnn_upernet", {}),
+                                          ("resnet18_upernet", {"channels": 16, "num_classes": 3})])
+def test_zoo_factory_is_its_config_built_from_yaml(tmp_path, name, kwargs):
+    """A zoo factory and its config written as a model YAML build the same model: the
+    same modules, weights (same seed), alignment and output."""
+    from rest_ds.models import zoo
+
+    torch.manual_seed(0)
+    a = getattr(zoo, name)(**kwargs).eval()
+    zoo.config(name, **kwargs).to_yaml(tmp_path / "m.yaml")
+    torch.manual_seed(0)
+    b = build_segmentor(tmp_path / "m.yaml").eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.align == b.align == 32
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def _zoo_name_mismatches(folder: Path) -> list[str]:
+    """Model YAMLs in ``folder`` named like a zoo model whose config is not that model's."""
+    from rest_ds.models import zoo
+
+    return [p.stem for p in sorted(folder.glob("*.yaml"))
+            if p.stem in zoo.CONFIGS and ModelConfig.from_yaml(p).to_dict() != zoo.config(p.stem).to_dict()]
+
+
+def test_model_yaml_named_like_a_zoo_model_is_that_model(tmp_path):
+    """One name, one model: a configs/models/NAME.yaml named like a zoo factory holds its config
+    (the recipe with an FCN auxiliary head is resnet18_upernet_aux.yaml, not resnet18_upernet.yaml)."""
+    import shutil
+
+    from rest_ds.models import zoo
+
+    assert _zoo_name_mismatches(ROOT / "configs" / "models") == []
+    # the check sees the aux-head recipe under the zoo's name, and accepts the zoo's own config
+    shutil.copy(ROOT / "configs" / "models" / "resnet18_upernet_aux.yaml", tmp_path / "resnet18_upernet.yaml")
+    zoo.config("tiny_cnn_upernet").to_yaml(tmp_path / "tiny_cnn_upernet.yaml")
+    assert _zoo_name_mismatches(tmp_path) == ["resnet18_upernet"]

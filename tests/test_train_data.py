@@ -31,7 +31,7 @@ def test_config_defaults_and_overrides(tmp_path, scene):
                  "data.augment.crop=[0.5, 1.0]"])
     assert cfg.optimizer.lr == 1e-4 and isinstance(cfg.optimizer.lr, float)   # '1e-4' is a YAML string
     assert cfg.grid() == (2, 1) and cfg.deepspeed.zero_stage == 3
-    assert cfg.model["decoder"]["channels"] == 8
+    assert cfg.model.decoder.channels == 8
     assert cfg.data.augment.crop == [0.5, 1.0]
     assert cfg.train.steps == 4 and cfg.schedule.name == "cosine"
     assert cfg.data.scenes == [str(scene)]
@@ -71,7 +71,7 @@ def test_model_yaml_reference_and_missing_file(tmp_path, scene):
 
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(TINY_MODEL))
     cfg = _load(tmp_path, {**tiny_config(scene, tmp_path / "run"), "model": "m.yaml"}, ["model.decoder.channels=12"])
-    assert cfg.model["encoder"]["name"] == "prithvi_vit" and cfg.model["decoder"]["channels"] == 12
+    assert cfg.model.encoder.name == "prithvi_vit" and cfg.model.decoder.channels == 12
     with pytest.raises(ConfigError, match="model config 'nope.yaml' not found"):
         _load(tmp_path, {**tiny_config(scene, tmp_path / "run"), "model": "nope.yaml"})
 
@@ -164,7 +164,7 @@ def test_shipped_configs_validate(path):
     from rest_ds.train.config import load_config
 
     cfg = load_config(path)
-    assert cfg.data.scenes and cfg.model["encoder"]["name"]
+    assert cfg.data.scenes and cfg.model.encoder.name
 
 
 def test_main_job_configs_share_model_and_budget():

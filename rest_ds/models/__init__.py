@@ -9,7 +9,8 @@ unmodified on a spatially sharded scene.
 * encoders: registered by ``rest_ds.models.encoders`` (imported on demand by
   :func:`build_segmentor`);
 * :class:`ModelConfig` (YAML, :mod:`.config`) -> :func:`build_segmentor` -> :class:`Segmentor`;
-* fixed factories for ``rest-ds verify`` (:mod:`.zoo`).
+* fixed factories for ``rest-ds verify`` (:mod:`.zoo`): named ModelConfigs, built
+  by the same :func:`build_segmentor`.
 """
 from .config import (AuxHeadConfig, ConfigError, DecoderConfig, EncoderConfig, ModelConfig, NeckConfig,
                      build_segmentor, load_model_config)

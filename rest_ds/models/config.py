@@ -1,7 +1,8 @@
 """Model configs: dataclasses that map one to one onto YAML, and ``build_segmentor``.
 
-A model YAML (``configs/models/*.yaml``) holds the fields of :class:`ModelConfig`
-at its top level::
+A model YAML (``configs/models/*.yaml``) and the ``model:`` section of a
+training config hold the fields of :class:`ModelConfig` (parsed by
+``rest_ds.config_schema``, like every YAML of the project)::
 
     num_classes: 7
     encoder:   {name: ..., in_chans: 3, bands: null, checkpoint: null, kwargs: {...}}
@@ -52,7 +53,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config_schema import ConfigError, load_yaml, parse_dataclass
+from ..config_schema import ConfigError, bounded, load_yaml, parse_dataclass
 from . import decoders as _decoders  # noqa: F401  (registers the decoders)
 from .decoders import NORMS
 from .necks import NECKS, build_neck
@@ -112,11 +113,13 @@ class AuxHeadConfig:
 
 @dataclass
 class ModelConfig:
-    """A segmentor: encoder, optional neck, decoder, optional auxiliary head."""
+    """A segmentor: encoder, optional neck, decoder, optional auxiliary head.
+    ``num_classes``: null (a training config's ``model:`` section) is filled in
+    from the scenes; building needs it set."""
 
-    num_classes: int
     encoder: EncoderConfig
     decoder: DecoderConfig
+    num_classes: int | None = bounded(None, ge=1)
     neck: NeckConfig | None = None
     aux_head: AuxHeadConfig | None = None
     init_from: str | None = None  # whole-model weights (a rest_ds export) loaded after building
@@ -148,7 +151,7 @@ class ModelConfig:
     # -- checks ----------------------------------------------------------------------------
     def validate(self, where: str | None = None) -> None:
         """Value checks that need no encoder module; raises :class:`ConfigError`."""
-        if self.num_classes < 1:
+        if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(where, "model.num_classes", f"must be >= 1, got {self.num_classes}")
         e = self.encoder
         if e.in_chans is not None and e.in_chans < 1:
@@ -257,6 +260,9 @@ def build_segmentor(cfg: "ModelConfig | dict | str | os.PathLike") -> Segmentor:
         cfg = ModelConfig.from_dict(cfg)
     else:
         cfg.validate()
+    if cfg.num_classes is None:
+        raise ConfigError(where, "model.num_classes", "missing: give the number of classes (a training config fills "
+                                                      "it in from the scenes)")
     encoder = _build_encoder(cfg.encoder, where)
     channels, strides = list(encoder.out_channels), list(encoder.strides)
     neck = None

@@ -749,13 +749,10 @@ def _model_bands(config: str, overrides: list[str]) -> int | None:
     from .config import load_config
 
     cfg = load_config(config, overrides)
-    enc = cfg.model.get("encoder") if isinstance(cfg.model, dict) else None
-    if isinstance(enc, dict):
-        if enc.get("bands"):
-            return len(enc["bands"])
-        if enc.get("in_chans"):
-            return int(enc["in_chans"])
-    return None
+    enc = cfg.model.encoder
+    if enc.bands:
+        return len(enc.bands)
+    return enc.in_chans
 
 
 def synthetic_scene(root: Path, h: int, w: int, bands: int, classes: int) -> str:

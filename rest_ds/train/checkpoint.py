@@ -381,11 +381,26 @@ def _refuse(where, fixed: list[tuple[str, Any, Any]]) -> None:
                               f"output_dir)")
 
 
+def _typed_model(config: dict) -> dict:
+    """``config`` with its model section as the typed ModelConfig writes it: checkpoints
+    written while that section was an untyped mapping kept YAML's own types (bands
+    ``[400, 417]`` where the typed section has ``['400', '417']``)."""
+    from ..config_schema import ConfigError, parse_dataclass
+    from ..models.config import ModelConfig
+
+    if not isinstance(config.get("model"), dict):
+        return config
+    try:
+        return {**config, "model": parse_dataclass(ModelConfig, config["model"], None, "model").to_dict()}
+    except ConfigError:  # compared as written
+        return config
+
+
 def check_resume_config(manifest: dict, config: dict, world_size: int | None, where: str | os.PathLike) -> None:
     """Before any heavy work: refuse a new run's ``config`` (``TrainConfig.to_dict()``)
     whose keys in :data:`FIXED_CONFIG_KEYS` (the model section included) differ from
     the checkpoint's, or whose ``world_size`` differs (None: not known yet)."""
-    a, b = _flatten(manifest.get("config") or {}), _flatten(config)
+    a, b = _flatten(_typed_model(manifest.get("config") or {})), _flatten(config)
     # precision is compared after the trainer has settled it (bf16/fp16 run as fp32 on a CPU-only machine)
     _refuse(where, [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
                     if _fixed(k) and k != "deepspeed.precision" and a.get(k) != b.get(k)])

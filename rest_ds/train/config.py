@@ -15,7 +15,7 @@ Sections (every field has a default except ``data.scenes``)::
     model: models/x.yaml           # a model YAML (relative to this file), or a mapping of
                                    # rest_ds.models.ModelConfig fields, or {from: models/x.yaml,
                                    # <fields merged over it>}; num_classes and encoder.in_chans
-                                   # default to the scene's
+                                   # default to the scene's; parsed as a ModelConfig
     data:    {scenes, val_scenes, train_region, val_region, cache, scan, mode, crop_size,
               crops_per_rank, min_labelled, augment: {flip, rot90, crop, brightness, shift, noise}}
     mesh:    {sp, grid, attention}
@@ -41,6 +41,7 @@ import yaml
 
 from ..cli_args import parse_grid
 from ..config_schema import ConfigError, load_yaml, parse_dataclass
+from ..models.config import ModelConfig
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class TrainConfig:
     name: str = "run"
     output_dir: str | None = None
     seed: int = 0
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig | None = None
     data: DataSection = field(default_factory=DataSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -308,16 +309,10 @@ class TrainConfig:
         if t.eval_slide_overlap is not None and self.data.mode == "crop":
             need(t.eval_slide_overlap < self.data.crop_size, "train.eval_slide_overlap",
                  f"must be smaller than data.crop_size ({self.data.crop_size})")
-        need(isinstance(self.model, dict) and len(self.model) > 0, "model",
+        need(self.model is not None, "model",
              "give the model: a model YAML path (configs/models/...) or a mapping of ModelConfig fields")
-        try:  # the model section's own keys and values (encoder arguments are checked when it is built)
-            from rest_ds.models.config import ModelConfig
-        except ImportError:  # pragma: no cover
-            return
-        m = _deepcopy(self.model)
-        if m.get("num_classes") is None:
-            m["num_classes"] = 1  # filled in from the scenes
-        ModelConfig.from_dict(m, w)
+        # the model section's values and decoder/neck arguments (encoder arguments: preflight, when it is built)
+        self.model.validate(w)
 
 
 # --- loading ---------------------------------------------------------------------------------------

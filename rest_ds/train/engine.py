@@ -101,16 +101,17 @@ def init_job(timeout_s: float | None = None) -> tuple[int, int]:
 
 
 # --- model -----------------------------------------------------------------------------------------
-def build_model(model_cfg: dict, *, num_classes: int | None, in_chans: int | None, where: str | None = None,
-                dates: int = 1):
-    """``(Segmentor, full model config dict)`` from the ``model`` section;
+def build_model(model_cfg: "ModelConfig | dict", *, num_classes: int | None, in_chans: int | None,
+                where: str | None = None, dates: int = 1):
+    """``(Segmentor, full model config dict)`` from the ``model`` section (a
+    :class:`rest_ds.models.ModelConfig` or its mapping);
     ``num_classes`` and ``encoder.in_chans`` default to the scene's. ``dates`` T > 1
     (a time-series scene, ``in_chans`` = T * C bands date-major): the encoder gets
     ``kwargs.num_frames`` = T and ``in_chans`` = C by default, and must read its
     ``(B, T*C, H, W)`` input as T dates (Prithvi encoders: ``input_channels``)."""
     from ..models.config import ModelConfig, build_segmentor
 
-    d = copy.deepcopy(model_cfg)
+    d = model_cfg.to_dict() if isinstance(model_cfg, ModelConfig) else copy.deepcopy(model_cfg)
     if d.get("num_classes") is None:
         d["num_classes"] = num_classes
     elif num_classes is not None and d["num_classes"] != num_classes:

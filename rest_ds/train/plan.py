@@ -233,7 +233,8 @@ def probe_sides(params: int, align: int) -> tuple[int, int, int]:
     return tuple(sides)
 
 
-def profile_model(model_cfg: dict, in_chans: int, num_classes: int, act_ckpt: tuple[bool, ...] = (False,),
+def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: int,
+                  act_ckpt: tuple[bool, ...] = (False,),
                   sides: tuple[int, ...] | None = None) -> ModelProfile:
     """Measure ``model_cfg`` (with activation checkpointing too when ``act_ckpt`` holds True
     and the encoder has the switch) on small synthetic square scenes (three sides, multiples of

@@ -87,13 +87,10 @@ def check_encoder_kwargs(cfg) -> None:
     from ..models.config import import_encoders
     from ..models.registry import ENCODERS
 
-    enc = cfg.model.get("encoder") if isinstance(cfg.model, dict) else None
-    if not isinstance(enc, dict):
-        return
     import_encoders()
-    name, kwargs = enc.get("name"), enc.get("kwargs") or {}
-    if name not in ENCODERS or not isinstance(kwargs, dict):
-        return  # the name is checked by validation.check_model_names, the mapping by the config schema
+    name, kwargs = cfg.model.encoder.name, cfg.model.encoder.kwargs
+    if name not in ENCODERS:
+        return  # the name is checked by validation.check_model_names
     params, var_kw, hints = _factory_params(ENCODERS[name])
     for k, v in kwargs.items():
         key = f"model.encoder.kwargs.{k}"
@@ -176,14 +173,13 @@ def scene_headers(cfg) -> list[dict]:
 
 def _model_channels(cfg, bands: int | None, classes: int | None) -> tuple[int | None, int | None]:
     m = cfg.model
-    enc = m.get("encoder") or {}
-    want = enc.get("in_chans") if enc.get("in_chans") is not None else (len(enc["bands"]) if enc.get("bands")
-                                                                         else None)
+    enc = m.encoder
+    want = enc.in_chans if enc.in_chans is not None else (len(enc.bands) if enc.bands else None)
     w = cfg.source_file
     if want is not None and bands is not None and int(want) != bands:
         raise ConfigError(w, "model.encoder.in_chans", f"the model takes {want} bands but the scenes have {bands}; "
                                                        f"set model.encoder.in_chans (or bands) to match")
-    k = m.get("num_classes")
+    k = m.num_classes
     if k is not None and classes is not None and int(k) != classes:
         raise ConfigError(w, "model.num_classes", f"is {k} but the scenes have {classes} classes")
     return (bands if bands is not None else want), (classes if classes is not None else k)

@@ -25,13 +25,12 @@ def check_precision(cfg) -> None:
 
 def check_model_names(cfg) -> None:
     """The encoder (and, through :meth:`ModelConfig.validate`, decoder/neck) names exist."""
-    from ..models.config import ModelConfig, import_encoders
+    from ..models.config import import_encoders
     from ..models.registry import ENCODERS
 
-    mcfg = ModelConfig.from_dict({"num_classes": 1, **cfg.model} if cfg.model.get("num_classes") is None
-                                 else cfg.model, cfg.source_file)
+    cfg.model.validate(cfg.source_file)
     import_encoders()
-    name = mcfg.encoder.name
+    name = cfg.model.encoder.name
     if name not in ENCODERS:
         raise ConfigError(cfg.source_file, "model.encoder.name",
                           f"unknown encoder '{name}' (known: {', '.join(sorted(ENCODERS))})")
