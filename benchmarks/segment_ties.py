@@ -28,15 +28,16 @@ def fit_and_export(out: Path, steps: int) -> Path:
 
     from rest_ds.data import load_sample, prepare_scene
     from rest_ds.train.checkpoint import export_model
+    from rest_ds.train.config import load_config
     from rest_ds.train.engine import build_model
     from rest_ds.train.inference import padded_shape, read_padded
 
-    cfg = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("configs/nc_landsat7_rest.yaml").read_text())
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "nc_landsat7_rest.yaml")
     scene = load_sample("nc-landsat7", fetch=False)
     reader, _, stats = prepare_scene(scene)
     torch.manual_seed(0)
     K = len(scene.classes)
-    model, mcfg = build_model(cfg["model"], num_classes=K, in_chans=reader.shape[0])
+    model, mcfg = build_model(cfg.model, num_classes=K, in_chans=reader.shape[0])
     H, W = reader.shape[1:]
     Hp, Wp = padded_shape((H, W), model.align)
     img, lab, _ = read_padded(reader, slice(0, Hp), slice(0, Wp), (H, W), stats=stats, region="train")
