@@ -427,7 +427,8 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
     import torch.nn.functional as F
 
     from ..spim.ops.resample import axis_taps, parse_call, proportional
-    from ..spim.geometry import conv_out, kernel_extent, needs, output_partition, pool_out, scale_partition
+    from ..spim.geometry import (conv_out, conv_padding, kernel_extent, needs, output_partition, pool_out,
+                                 scale_partition)
 
     ph, pw = len(layout.rows) - 1, len(layout.cols) - 1
     P = ph * pw
@@ -468,11 +469,11 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
             if mod.padding_mode != "zeros" and mod.padding != "same":
                 pass
             k, s, d = pair(mod.kernel_size), pair(mod.stride), pair(mod.dilation)
-            if isinstance(mod.padding, str):
-                p = tuple((d[a] * (k[a] - 1)) // 2 if mod.padding == "same" else 0 for a in range(2))
-            else:
-                p = pair(mod.padding)
-            n_out = tuple(conv_out(x.shape[2 + a], kernel_extent(k[a], d[a]), s[a], 2 * p[a]) for a in range(2))
+            # (before, total) per axis: 'same' pads an even kernel extent one more after than before
+            pads = [conv_padding(mod.padding if isinstance(mod.padding, str) else pair(mod.padding)[a],
+                                 kernel_extent(k[a], d[a])) for a in range(2)]
+            p = tuple(b for b, _ in pads)
+            n_out = tuple(conv_out(x.shape[2 + a], kernel_extent(k[a], d[a]), s[a], pads[a][1]) for a in range(2))
             add_window(x, k, s, p, d, n_out, "conv2d")
         elif isinstance(mod, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
             k = pair(mod.kernel_size)
