@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .. import context
 from ..comm import all_gather_equal, all_reduce_, start_all_reduce_
 from ..errors import SPIMError
+from ..halo import dense_grad
 from ..tensor import SpatialTensor, register, wrap
 
 
@@ -200,7 +201,7 @@ class _BatchNormScene(torch.autograd.Function):
         # form with the whole-scene statistics as the saved ones: CUDA's eval-mode
         # backward asserts when grad_input is not asked for
         _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g.contiguous(), x, weight, None, None, mean_x, invstd.to(x.dtype), True, eps, [False, True, True])
+            dense_grad(g, x), x, weight, None, None, mean_x, invstd.to(x.dtype), True, eps, [False, True, True])
         if need_x:
             shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
             # the sums travel while this tile's g * weight * invstd is computed
