@@ -171,8 +171,8 @@ def launch(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = 
     return p, time.monotonic() - t0
 
 
-def rest_ds(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The installed ``rest-ds ARGS`` as a subprocess in ``cwd``."""
+def rest_ds(args: list[str], cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The installed ``rest-ds ARGS`` (the console script) as a subprocess in ``cwd``."""
     return subprocess.run([str(BIN / "rest-ds"), *args], cwd=cwd, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
 

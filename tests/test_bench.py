@@ -47,7 +47,7 @@ def study(tmp_path_factory):
     return out, json.loads((out / "bench.json").read_text())
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_outputs_written_with_sane_fields(study):
     out, doc = study
     assert doc["schema"] == 1
@@ -90,7 +90,7 @@ def test_outputs_written_with_sane_fields(study):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_measured_bytes_equal_analytic(study):
     _, doc = study
     two = [r for r in doc["runs"] if r["ranks"] == 2][0]

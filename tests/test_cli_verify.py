@@ -6,15 +6,13 @@ Python and torch again."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import rest_ds
 
 MODELS = textwrap.dedent("""
     import torch
@@ -92,12 +90,6 @@ def models(tmp_path_factory) -> Path:
     return path
 
 
-def rest_ds(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "rest_ds", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
-
-
 def _show(p) -> str:
     return f"exit {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
 
@@ -115,12 +107,13 @@ def rest_ds_inproc(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["rest-ds", *args], code, out, err)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_exact_model_passes_and_writes_json(models, tmp_path):
     out = tmp_path / "report.json"
     # Relative file target from another cwd, train mode, uneven 1x3 column tiles (31 = 11 + 10 + 10).
-    p = rest_ds("verify", f"{models.name}:conv_bn", "--input-shape", "2,3,16,31", "--grid", "1x3", "--train",
-                "--json", str(out), cwd=models.parent)
+    p = rest_ds(["verify", f"{models.name}:conv_bn", "--input-shape", "2,3,16,31", "--grid", "1x3", "--train",
+                 "--json", str(out)], cwd=models.parent)
     assert p.returncode == 0, _show(p)
     assert "input grad" in p.stdout and "PASS:" in p.stdout and "FAIL" not in p.stdout, _show(p)
     for name in ("output[0]", "grad stem.0.weight", "grad head.bias", "param after step down.weight",
@@ -136,13 +129,14 @@ def test_exact_model_passes_and_writes_json(models, tmp_path):
     assert report["comm_bytes"]["halo"] > 0
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_zero_quantities_and_dropout_pass_at_defaults(models, tmp_path):
     # fp32 at the defaults: the zero-in-exact-arithmetic checks are recognised from
     # the measured noise (ZERO-REF, not failures), dropout draws the same masks.
     out = tmp_path / "report.json"
-    p = rest_ds("verify", f"{models}:bias_bn_dropout", "--input-shape", "2,3,16,20", "--grid", "1x2", "--train",
-                "--json", str(out))
+    p = rest_ds(["verify", f"{models}:bias_bn_dropout", "--input-shape", "2,3,16,20", "--grid", "1x2", "--train",
+                 "--json", str(out)])
     assert p.returncode == 0, _show(p)
     assert "ZERO-REF" in p.stdout and "FAIL" not in p.stdout, _show(p)
     checks = json.loads(out.read_text())["checks"]
@@ -154,7 +148,6 @@ def test_zero_quantities_and_dropout_pass_at_defaults(models, tmp_path):
     assert len(zero) <= 4
 
 
-@pytest.mark.timeout(600)
 def test_zero_quantities_pass_in_float64(models, capsys):
     p = rest_ds_inproc(capsys, "verify", f"{models}:bias_bn_dropout", "--input-shape", "2,3,16,20", "--grid", "2x1",
                        "--train", "--dtype", "float64")
@@ -182,16 +175,16 @@ def test_verdict_classes():
     assert r.classify(1e-2)["bug"] == "PASS"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_inexact_model_fails_with_exit_1(models):
-    p = rest_ds("verify", f"{models}:per_tile_norm", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train")
+    p = rest_ds(["verify", f"{models}:per_tile_norm", "--input-shape", "2,3,16,16", "--grid", "2x1", "--train"])
     assert p.returncode == 1, _show(p)
     line = next(l for l in p.stdout.splitlines() if l.startswith("output[0]"))
     assert line.endswith("FAIL"), _show(p)
     assert "Traceback" not in p.stdout + p.stderr
 
 
-@pytest.mark.timeout(600)
 def test_inexact_model_fails_in_float64(models, capsys):
     # The float64 noise floor (scaled from the fp32 one) must not hide a SPIM error either.
     p = rest_ds_inproc(capsys, "verify", f"{models}:per_tile_norm", "--input-shape", "1,3,8,8", "--grid", "1x2",
@@ -200,7 +193,6 @@ def test_inexact_model_fails_in_float64(models, capsys):
     assert "FAIL: " in p.stdout, _show(p)
 
 
-@pytest.mark.timeout(600)
 def test_tolerance_is_applied(models, capsys):
     # The same wrong model passes only when the tolerance is absurdly large:
     # the exit status follows --tol, not a fixed threshold.
@@ -209,15 +201,15 @@ def test_tolerance_is_applied(models, capsys):
     assert p.returncode == 0, _show(p)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_refused_model_exits_2_naming_the_module(models):
-    p = rest_ds("verify", f"{models}:pixel_shuffle", "--input-shape", "2,3,32,32", "--grid", "1x2")
+    p = rest_ds(["verify", f"{models}:pixel_shuffle", "--input-shape", "2,3,32,32", "--grid", "1x2"])
     assert p.returncode == 2, _show(p)
     assert "PixelShuffle" in p.stdout and "module '1'" in p.stdout, _show(p)
     assert "Traceback" not in p.stdout + p.stderr
 
 
-@pytest.mark.timeout(600)
 def test_failing_rank_is_one_line_error(models, capsys):
     # a stride-4 conv with one output row over tiles of 2 rows: the middle tile would own no output
     p = rest_ds_inproc(capsys, "verify", f"{models}:coarse_stride", "--input-shape", "1,3,6,12", "--grid", "3x1")
@@ -258,19 +250,23 @@ def test_bad_target_exits_2(models, capsys, target, needle):
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], _show(p)
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_malformed_arguments_subprocess():
     # The same check through the real entry point: one line on stderr, no traceback.
-    p = rest_ds("verify", "x.py:f", "--input-shape", "2,3,64", "--grid", "1x2")
+    p = rest_ds(["verify", "x.py:f", "--input-shape", "2,3,64", "--grid", "1x2"])
     assert p.returncode == 2 and p.stdout == "", _show(p)
     assert p.stderr.count("\n") == 1 and "--input-shape" in p.stderr, _show(p)
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_help_lists_commands():
-    p = rest_ds("--help")
+    p = rest_ds(["--help"])
     assert p.returncode == 0 and "verify" in p.stdout, _show(p)
-    p = rest_ds("verify", "--help")
+    p = rest_ds(["verify", "--help"])
     assert p.returncode == 0, _show(p)
     for opt in ("--input-shape", "--grid", "--train", "--tol", "--seed", "--align", "--json", "Exit status"):
         assert opt in p.stdout
-    p = rest_ds()
+    p = rest_ds([])
     assert p.returncode == 2 and "verify" in p.stdout

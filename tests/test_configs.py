@@ -76,6 +76,7 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_trains_and_segments(name, nc_landsat7, tmp_path):

@@ -74,7 +74,7 @@ def _run_sizes(grid):
             for name, (f, hw, layout) in CASES.items()}
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_vit_encoders_take_the_scene_size_at_run_time_under_spim(case):
     factory, hw, _ = CASES[case]
@@ -358,7 +358,7 @@ def ft_results():
     return spawn(_ft_all, 2, FT_CASES, timeout_s=900)[0]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(FT_CASES))
 def test_finetune_controls_under_zero_and_spim(ft_results, case):
     r = ft_results[case]
@@ -393,6 +393,8 @@ def test_finetune_controls_under_zero_and_spim(ft_results, case):
     assert {"encoder.blocks.1.norm1.weight", "encoder.blocks.1.attn.qkv.bias"} <= set(r["no_wd"])
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_lora_run_exports_merged_plain_weights(tmp_path):
     """Launcher run with LoRA (2 steps, ZeRO-2, sp=2) -> export has plain keys -> segment on 2 ranks."""
     from safetensors import safe_open

@@ -161,7 +161,7 @@ def _param_names(factory) -> set[str]:
     return {n for n, _ in factory().named_parameters()}
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 @pytest.mark.parametrize("grid,case", [pytest.param(g, c, id=f"{g[0]}x{g[1]}-{c}")
                                        for g in GRIDS for c in grid_cases(g)])
 def test_encoder_segmentor_exact_under_spim(grid, case):

@@ -58,7 +58,7 @@ def host_results():
     return spawn(_hosts_rank, 4, HOST_CASES, timeout_s=600)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HOST_CASES))
 def test_shared_memory_only_inside_one_host(host_results, name):
     hosts, grid = HOST_CASES[name]
@@ -158,6 +158,8 @@ def two_node_runs(tmp_path_factory):
     return d, runs
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_nodes_one_step_equals_one_process(two_node_runs, launcher):
@@ -209,6 +211,7 @@ def test_threads_per_rank_without_omp_num_threads(monkeypatch):
     assert default_threads() == 1
 
 
+@pytest.mark.launcher
 def test_multi_node_script_needs_a_host_line(tmp_path):
     import subprocess
 

@@ -49,7 +49,7 @@ def profiles():
     return {k: profile_model(m, chans, 3, act_ckpt=(False, True)) for k, (m, chans) in MODELS.items()}
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 @pytest.mark.parametrize("case", HELD_OUT, ids=lambda c: f"{c[0]}-{c[1]}px-{c[2][0]}x{c[2][1]}-zero{c[3]}-{c[4]}"
                          + ("-ckpt" if c[5] else ""))
 def test_predicted_peak_within_15_percent(measured, profiles, case):

@@ -13,6 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a model fitted in-process, segment on 2 ranks
+
 from tests.train_scene import make_scene
 
 

@@ -12,9 +12,8 @@ from torch import nn
 from rest_ds.spim import SpatialMesh, TileLayout
 from rest_ds.spim.verify import compare_sharded
 
+from .harness import TOL64 as TOL
 from .harness import check_report, offset_scene, run_grid
-
-TOL = 1e-10
 LAYOUT = TileLayout((0, 5, 12), (0, 7, 10))  # uneven 2x2 tiles of a 12x10 scene
 
 

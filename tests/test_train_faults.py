@@ -30,6 +30,8 @@ def _bad_scene_config(d: Path) -> Path:
     return write_config(d / "bad.yaml", cfg)
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.timeout(600)
 def test_failing_rank_ends_the_launcher_job(tmp_path):
     cfg = _bad_scene_config(tmp_path)
@@ -44,6 +46,8 @@ def test_failing_rank_ends_the_launcher_job(tmp_path):
     assert "done:" not in p.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 @pytest.mark.timeout(600)
 def test_failing_rank_without_launcher_ends_within_collective_timeout(tmp_path):
     """srun-style start (each rank from the environment, nobody watching): the

@@ -15,6 +15,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.launcher]  # the real deepspeed launcher and rest-ds CLI
+
 from tests.harness import free_port, launch, read_csv, rest_ds
 from tests.train_scene import make_scene, tiny_config, write_config
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a model fitted in-process, segment on 1, 2 and 3 ranks
+
 from tests.train_scene import EPSG, NODATA, TRANSFORM, make_scene
 
 # model_and_scene (the exported tiny model and its scene): tests/conftest.py
