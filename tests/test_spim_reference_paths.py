@@ -1,4 +1,4 @@
-"""The window ops' fast paths and their reference path
+"""The window and resampling ops' fast paths and their reference path
 (``rest_ds.spim.set_reference_paths``: every window through one all-to-all,
 torch's op on it, torch's autograd) both equal one process: a conv/pool
 stack, float64 at 1e-10, output, input and parameter gradients and one
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rest_ds.spim import SpatialMesh, TileLayout, comm_stats, parallelize, set_reference_paths, shard, to_local
@@ -23,13 +24,14 @@ TOL = 1e-10
 H, W = 30, 34
 LAYOUTS = {(1, 2): TileLayout((0, H), (0, 19, W)), (2, 2): TileLayout((0, 13, H), (0, 19, W))}
 FAST = {"_BorderConv2dBackward", "_HaloConv2dBackward", "_BorderMaxPool2dBackward", "_HaloMaxPool2dBackward",
-        "_HaloSumPool2dBackward"}
+        "_HaloSumPool2dBackward", "_BorderUpsampleBackward"}
 
 
 class ConvPool(nn.Module):
     """Each window op family and both fast paths of each: padded-tile (border
     strips) and assembled-window convs and max pools, avg pooling, ceil_mode,
-    an even kernel with padding 'same' (one more after than before)."""
+    an even kernel with padding 'same' (one more after than before), and a
+    bilinear x8 upsampling (its fast path recomputes the border strips)."""
 
     def __init__(self):
         super().__init__()
@@ -44,7 +46,8 @@ class ConvPool(nn.Module):
 
     def forward(self, x):
         y = self.pool(torch.relu(self.b(torch.relu(self.a(x)))))
-        return self.d(self.ceil(self.avg(self.e(torch.tanh(self.c(y))))))
+        y = self.d(self.ceil(self.avg(self.e(torch.tanh(self.c(y))))))
+        return F.interpolate(y, scale_factor=8, mode="bilinear")  # to a size no earlier map had
 
 
 def same_stack() -> nn.Module:

@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from .. import context
 from ..errors import SPIMError
 from ..halo import (WindowGrads, border_strips, box_view, check_needs, dense_grad, halo_exchange, make_plan,
-                    start_fetch, window_part)
+                    reference_paths, start_fetch, window_part)
 from ..tensor import SpatialTensor, Spec, register, wrap
 from ..tiling import Partition
 from .norm import bind_args
@@ -369,7 +369,9 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
     (rows, need_r), (cols, need_c) = plans
     r, c = mesh.coord
     ranges = ((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))
-    ks = _native_factors(mode, ac, n_in, out_hw, scales) if in_spec is not None else None
+    # the reference path (halo.reference_paths): the window through one all-to-all and the global taps
+    reference = reference_paths()
+    ks = _native_factors(mode, ac, n_in, out_hw, scales) if in_spec is not None and not reference else None
     if ks is not None and mesh.sp > 1 and ranges == tuple((k * p[i], k * p[i + 1]) for k, p, i in
                                                            zip(ks, (in_spec.rows, in_spec.cols), (r, c))):
         plan = make_plan(mesh, in_spec.rows, in_spec.cols, need_r, need_c, "interpolate")
@@ -378,7 +380,8 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
     if in_spec is None:
         window, base = x_local, (0, 0)
     else:
-        window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate")
+        window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate",
+                               reference)
         base = (need_r[r][0], need_c[c][0])
     if ks is not None and all(0 <= o0 - k * b and o1 - k * b <= k * window.shape[2 + a]
                               for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base))):
