@@ -7,6 +7,7 @@ in one process (docs/design.md section 3)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
@@ -199,3 +200,49 @@ def test_random_ops_change_the_result():
     x = offset_scene(*SHAPE[:2], SHAPE[2:], torch.float64)
     a, b = m.train()(x)[0], m(x)[0]
     assert rel_error(a, b) > 0.1 and rel_error(a, m.eval()(x)[0]) > 0.1
+
+
+@pytest.mark.parametrize("chunk", [50, 1 << 17])
+def test_chunked_draws_equal_the_counter_formula(monkeypatch, chunk):
+    # The draws never build the index tensor: _bit_chunks hashes a broadcast sum of
+    # per-dim vectors chunk by chunk, and dropout keeps an element by comparing all
+    # 64 bits with a shifted threshold. The values must be exactly the reference's,
+    # random_bits(seed, counter) of element_index (checked against splitmix64 above),
+    # with chunks that split the last dim, group rows, or hold the whole tensor; on
+    # plain tensors and on the tiles of an uneven 2x3 grid in grid and token layouts.
+    from rest_ds.spim.tensor import Spec, wrap
+
+    monkeypatch.setitem(rng._CHUNK, "cpu", chunk)
+
+    def check(x, kept, seed):
+        index = rng.element_index(x, kept)
+        assert torch.equal(rng._bits(seed, x, kept), rng.random_bits(seed, index))
+        assert torch.equal(rng._bits(seed, x, kept, scale=2, offset=1), rng.random_bits(seed, index * 2 + 1))
+        for p, dtype in ((0.1, torch.float32), (0.5, torch.bfloat16), (0.999, torch.float64)):
+            u53 = rng._lsr(rng.random_bits(seed, index), 11)
+            want = (u53 >= math.ceil(p * 2.0 ** 53)).to(dtype).div_(1 - p)
+            assert torch.equal(rng._keep_mask(seed, x, kept, p, dtype, 1 - p), want)
+
+    for shape in [(3, 10, 7), (2, 3, 7, 130), (1, 1, 60), (5,), ()]:
+        for kept in [None] + ([2] if len(shape) > 2 else []):
+            check(torch.zeros(shape), kept, 2 ** 62 - 7)
+    B, H, W, C, lead, trail, P = 2, 9, 11, 3, 2, 3, 2
+    rows, cols = (0, 5, 9), (0, 3, 8, 11)
+    for r in range(2):
+        for c in range(3):
+            mesh = _FakeMesh((2, 3), (r, c))
+            h, w = rows[r + 1] - rows[r], cols[c + 1] - cols[c]
+            check(wrap(torch.zeros(B, h, w, C), Spec(mesh, (1, 2), rows, cols)), None, 11)
+            t = wrap(torch.zeros(B, P + lead * h * w * trail, C), Spec(mesh, (1,), rows, cols, prefix=P, lead=lead,
+                                                                      trail=trail))
+            check(t, None, 12)
+            check(t, 2, 13)
+    # and through the op: F.dropout in the mode is x * the keep mask
+    x = torch.randn(2, 3, 7, 130)
+    torch.manual_seed(4)
+    seed = rng.draw_seed()
+    torch.manual_seed(4)
+    with rng.grid_invariant():
+        y = F.dropout(x, 0.3)
+    keep = rng._lsr(rng.random_bits(seed, rng.element_index(x)), 11) >= math.ceil(0.3 * 2.0 ** 53)
+    assert torch.equal(y, x * keep.float().div_(0.7))

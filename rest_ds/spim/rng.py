@@ -17,7 +17,8 @@ Two mechanisms, both here:
   draws ONE 62-bit seed from the default (shared) stream and computes each
   element's value as a function of ``(seed, the element's global linear
   index)``: splitmix64 of ``mix(seed) + (index + 1) * golden``, in int64 torch
-  ops on the tile only (CPU and CUDA alike). A tile therefore holds exactly the
+  ops on the tile only (CPU and CUDA alike), a cache-sized chunk at a time (the
+  index tensor itself is never built: :func:`_bit_chunks`). A tile therefore holds exactly the
   values the same op would give on the whole scene in one process, and masks,
   outputs and gradients are the same for every grid, 1x1 included. Channel
   masks (``dropout2d``, ``feature_alpha_dropout``) index the ``(sample,
@@ -116,6 +117,14 @@ class SharedRNG:
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SIGN = -(1 << 63)  # int64 with only the sign bit set
+# Elements per chunk of the counter-based draw. The ~14 int64 passes of the hash
+# run over one chunk and its scratch buffer (2 x 1 MiB) while they stay in cache,
+# instead of streaming full-size int64 temporaries through memory; smaller chunks
+# pay more per-op overhead (on a 1 MiB-L2 / 32 MiB-L3 CPU, one thread, 2**17 was
+# the best of 2**13..2**20; benchmarks/dropout_rng.py). On a GPU (not tuned) the
+# chunk bounds the scratch memory (2 x 16 MiB, L2-sized) and the launches.
+_CHUNK = {"cpu": 1 << 17, "cuda": 1 << 21}
 
 
 def _s64(v: int) -> int:
@@ -137,12 +146,8 @@ def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """64 random bits (as int64) per element: ``mix64(mix64(seed) + (index + 1) * golden)``,
-    a function of the seed and each element's counter ``index`` only."""
-    z = index * _s64(_GOLDEN)  # a fresh tensor; the rest is in place, one scratch buffer
-    z += _s64(mix64(seed) + _GOLDEN)
-    t = torch.empty_like(z)
+def _mix_(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on int64 ``z`` (``t``: scratch of its shape)."""
     for shift, mult in ((30, _C1), (27, _C2), (31, None)):
         torch.bitwise_right_shift(z, shift, out=t)
         z ^= t.bitwise_and_((1 << (64 - shift)) - 1)  # logical shift: torch's >> is arithmetic
@@ -151,23 +156,104 @@ def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _uniform(seed: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Uniform in [0, 1): the top ``mantissa + 1`` bits, exact in ``dtype`` (never 1.0)."""
-    bits = min(53, round(-math.log2(torch.finfo(dtype).eps)) + 1)
-    work = torch.float32 if bits <= 24 else torch.float64
-    return (_lsr(random_bits(seed, index), 64 - bits).to(work) * 2.0 ** -bits).to(dtype)
+def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """64 random bits (as int64) per element: ``mix64(mix64(seed) + (index + 1) * golden)``,
+    a function of the seed and each element's counter ``index`` only."""
+    z = index * _s64(_GOLDEN)  # a fresh tensor; the rest is in place, one scratch buffer
+    z += _s64(mix64(seed) + _GOLDEN)
+    return _mix_(z, torch.empty_like(z))
 
 
-def _u53(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """53 random bits per element, as a non-negative int64."""
-    z = random_bits(seed, index)
+def _bit_chunks(seed: int, vecs: list[torch.Tensor], device: torch.device, scale: int = 1, offset: int = 0,
+                out: torch.Tensor | None = None):
+    """:func:`random_bits` of the counters ``scale * index + offset``, where ``index``
+    is the broadcast sum of the 1-D ``vecs`` (one per dim, row-major; see
+    :func:`_index_vectors`), a chunk at a time: yields ``(lo, hi, bits)``, the
+    flat elements ``lo:hi`` as a 1-D int64 view. ``out`` (flat int64 of the full
+    size): computed in it; otherwise in one scratch buffer that the next chunk
+    overwrites. The full index tensor is never built: the counters' affine map
+    is folded into the small per-dim vectors, and a chunk is one broadcast add."""
+    device = torch.device(device)
+    chunk = _CHUNK.get(device.type, _CHUNK["cuda"])
+    w = [v * _s64(_GOLDEN * scale) for v in vecs] or [torch.zeros(1, dtype=torch.int64, device=device)]
+    w[-1] = w[-1] + _s64(mix64(seed) + (offset + 1) * _GOLDEN)
+    # inner: the trailing dims that fit in a chunk (at least the last); outer: the rest, flattened
+    s, inner = len(w) - 1, w[-1]
+    while s > 0 and inner.numel() * w[s - 1].numel() <= chunk:
+        s -= 1
+        inner = (w[s][:, None] + inner[None, :]).reshape(-1)
+    outer = torch.zeros(1, dtype=torch.int64, device=device)
+    for v in w[:s]:
+        outer = (outer[:, None] + v[None, :]).reshape(-1)
+    n_out, n_in = outer.numel(), inner.numel()
+    if n_out * n_in == 0:
+        return
+    per, step = (max(1, chunk // n_in), n_in) if n_in <= chunk else (1, chunk)
+    size = min(per * step, n_out * n_in)
+    tmp = torch.empty(size, dtype=torch.int64, device=device)
+    buf = torch.empty(size, dtype=torch.int64, device=device) if out is None else None
+    for o in range(0, n_out, per):
+        m = min(per, n_out - o)
+        for i in range(0, n_in, step):
+            j = min(i + step, n_in)
+            lo = o * n_in + i
+            hi = lo + m * (j - i)  # contiguous: m == 1 whenever j - i < n_in
+            z = (out[lo:hi] if out is not None else buf[:hi - lo]).view(m, j - i)
+            torch.add(outer[o:o + m, None], inner[None, i:j], out=z)
+            yield lo, hi, _mix_(z, tmp[:hi - lo].view(m, j - i)).view(-1)
+
+
+def _bits(seed: int, x: torch.Tensor, kept: int | None = None, scale: int = 1, offset: int = 0,
+          device=None) -> torch.Tensor:
+    """``random_bits(seed, scale * element_index(x, kept) + offset)``, computed
+    chunk by chunk into its int64 result (on ``device``, default ``x``'s)."""
+    device = device or _local(x).device
+    vecs, shape = _index_vectors(x, kept, device)
+    out = torch.empty(shape, dtype=torch.int64, device=device)
+    for _ in _bit_chunks(seed, vecs, device, scale, offset, out.view(-1)):
+        pass
+    return out
+
+
+def _keep_mask(seed: int, x: torch.Tensor, kept: int | None, p: float, dtype: torch.dtype,
+               scale: float | None) -> torch.Tensor:
+    """Dropout's keep mask on the index shape of ``(x, kept)``, in ``dtype``: 1 where
+    the element's 53 top random bits are ``>= ceil(p * 2**53)`` (P = 1 - p), else 0;
+    then divided by ``scale`` when given. The same values as
+    ``(_u53_of(bits) >= T).to(dtype) / scale``, but compared on all 64 bits
+    (``bits >= T * 2**11`` unsigned, i.e. signed after flipping both sign bits)
+    inside each chunk: no full-size int64 or float temporaries."""
+    device = _local(x).device
+    vecs, shape = _index_vectors(x, kept)
+    mask = torch.empty(shape, dtype=dtype, device=device)
+    flat = mask.view(-1)
+    threshold = _s64((math.ceil(p * 2.0 ** 53) << 11) ^ (1 << 63))
+    for lo, hi, z in _bit_chunks(seed, vecs, device):
+        z ^= _SIGN
+        m = flat[lo:hi]
+        torch.ge(z, threshold, out=m)
+        if scale is not None:
+            m.div_(scale)
+    return mask
+
+
+def _u53_of(z: torch.Tensor) -> torch.Tensor:
+    """The top 53 of 64 random bits (int64 ``z``, consumed), as a non-negative int64."""
     return z.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
 
 
-def _normal(seed: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _uniform_of(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Uniform in [0, 1) from random bits ``z``: the top ``mantissa + 1`` bits, exact
+    in ``dtype`` (never 1.0)."""
+    bits = min(53, round(-math.log2(torch.finfo(dtype).eps)) + 1)
+    work = torch.float32 if bits <= 24 else torch.float64
+    return (_lsr(z, 64 - bits).to(work) * 2.0 ** -bits).to(dtype)
+
+
+def _normal(seed: int, x: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Standard normal (Box-Muller in float64) from counters ``2 i`` and ``2 i + 1``."""
-    u1 = (_u53(seed, index * 2) + 1).double() * 2.0 ** -53  # (0, 1]
-    u2 = _u53(seed, index * 2 + 1).double() * 2.0 ** -53
+    u1 = (_u53_of(_bits(seed, x, scale=2, device=device)) + 1).double() * 2.0 ** -53  # (0, 1]
+    u2 = _u53_of(_bits(seed, x, scale=2, offset=1, device=device)).double() * 2.0 ** -53
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)).to(dtype)
 
 
@@ -200,25 +286,36 @@ def _coords(x: torch.Tensor, d: int, n: int, device) -> torch.Tensor:
     return out
 
 
+def _index_vectors(x: torch.Tensor, kept: int | None = None, device=None) -> tuple[list[torch.Tensor], list[int]]:
+    """The global row-major linear index of ``x``'s tile, separated by dim: for each
+    of the first ``kept`` dims (all by default), the 1-D int64 ``global coordinate
+    * global stride`` of its local entries (their broadcast sum is the index);
+    and the index's shape (local sizes, 1 for the dims not indexed)."""
+    loc = _local(x)
+    device = device or loc.device
+    gshape, lshape = list(x.shape), list(loc.shape)
+    k = len(gshape) if kept is None else kept
+    vecs = []
+    stride = 1
+    for d in reversed(range(k)):
+        vecs.append(_coords(x, d, lshape[d], device) * stride)
+        stride *= gshape[d]
+    return vecs[::-1], [lshape[j] if j < k else 1 for j in range(len(lshape))]
+
+
 def element_index(x: torch.Tensor, kept: int | None = None) -> torch.Tensor:
     """int64 row-major linear index, in ``x``'s *global* shape, of every element of
     this rank's tile (of ``x`` itself when it is a plain tensor).
 
     With ``kept = k`` only the first ``k`` dims are indexed (the others have size 1
     in the result): the elements of a ``(N, C, 1, ...)`` channel mask. Never
-    materialises more than the tile."""
-    from .tensor import SpatialTensor
-
-    loc = x._local if isinstance(x, SpatialTensor) else x
-    gshape, lshape = list(x.shape), list(loc.shape)
-    k = len(gshape) if kept is None else kept
-    idx = torch.zeros((), dtype=torch.int64, device=loc.device)
-    stride = 1
-    for d in reversed(range(k)):
-        c = _coords(x, d, lshape[d], loc.device)
-        idx = idx + (c * stride).view([-1 if j == d else 1 for j in range(len(lshape))])
-        stride *= gshape[d]
-    return idx.reshape([lshape[j] if j < k else 1 for j in range(len(lshape))])
+    materialises more than the tile. (The draws themselves never build it:
+    :func:`_bit_chunks` works from the per-dim vectors.)"""
+    vecs, shape = _index_vectors(x, kept)
+    idx = torch.zeros((), dtype=torch.int64, device=_local(x).device)
+    for d, v in enumerate(vecs):
+        idx = idx + v.view([-1 if j == d else 1 for j in range(len(shape))])
+    return idx.reshape(shape)
 
 
 # --- the rules ----------------------------------------------------------------------
@@ -285,15 +382,14 @@ def _dropout(func, args, kwargs, feature: bool, alpha: bool, torch_api: bool):
         zero = torch.zeros((), dtype=loc.dtype, device=loc.device)
         return _finish(x, loc.mul_(zero) if inplace else loc * zero, inplace)
     seed = draw_seed()
-    keep = _u53(seed, element_index(x, kept)) >= math.ceil(p * 2.0 ** 53)  # P(keep) = 1 - p
-    noise = keep.to(loc.dtype)
     if alpha:
+        noise = _keep_mask(seed, x, kept, p, loc.dtype, None)  # P(keep) = 1 - p
         s = 1.0 / math.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
         b = (noise - 1) * (_ALPHA * s) + _ALPHA * s * p
         noise = noise * s
         out = loc.mul_(noise).add_(b) if inplace else loc * noise + b
     else:
-        noise.div_(1 - p)
+        noise = _keep_mask(seed, x, kept, p, loc.dtype, 1 - p)
         out = loc.mul_(noise) if inplace else loc * noise
     return _finish(x, out, inplace)
 
@@ -306,7 +402,7 @@ def _rrelu(func, args, kwargs):
     loc = _local(x)
     if not a["training"]:  # deterministic: slope (lower + upper) / 2
         return _finish(x, F.leaky_relu(loc, (lo + hi) / 2, inplace=inplace), inplace)
-    slope = lo + (hi - lo) * _uniform(draw_seed(a.get("generator")), element_index(x), loc.dtype)
+    slope = lo + (hi - lo) * _uniform_of(_bits(draw_seed(a.get("generator")), x), loc.dtype)
     noise = torch.where(loc >= 0, torch.ones_like(slope), slope)
     return _finish(x, loc.mul_(noise) if inplace else loc * noise, inplace)
 
@@ -340,7 +436,7 @@ def _bernoulli(func, args, kwargs):
     inplace = func.__name__ == "bernoulli_"
     p = args[1] if len(args) > 1 else kwargs.get("p", 0.5 if inplace else None)
     probs = loc if p is None else _prob(p, x)
-    u = _u53(draw_seed(gen), element_index(x)).double() * 2.0 ** -53
+    u = _u53_of(_bits(draw_seed(gen), x)).double() * 2.0 ** -53
     probs = probs.double() if isinstance(probs, torch.Tensor) else float(probs)
     draws = (u < probs).to(loc.dtype)
     return _fill(x, draws) if inplace else _finish(x, draws, False)
@@ -349,14 +445,14 @@ def _bernoulli(func, args, kwargs):
 def _uniform_(func, args, kwargs):
     a = _bind(args, kwargs, ("self", "from", "to"), {"from": 0.0, "to": 1.0})
     x = a["self"]
-    u = _uniform(draw_seed(a.get("generator")), element_index(x), _local(x).dtype)
+    u = _uniform_of(_bits(draw_seed(a.get("generator")), x), _local(x).dtype)
     return _fill(x, u * (a["to"] - a["from"]) + a["from"])
 
 
 def _normal_(func, args, kwargs):
     a = _bind(args, kwargs, ("self", "mean", "std"), {"mean": 0.0, "std": 1.0})
     x = a["self"]
-    z = _normal(draw_seed(a.get("generator")), element_index(x), _local(x).dtype)
+    z = _normal(draw_seed(a.get("generator")), x, _local(x).dtype)
     return _fill(x, z * a["std"] + a["mean"])
 
 
@@ -371,14 +467,13 @@ def _like(func, args, kwargs):
     loc = _local(x)
     dtype = kw.get("dtype") or loc.dtype
     device = kw.get("device") or loc.device
-    index = element_index(x).to(device)
     seed = draw_seed(gen)
     if name == "rand_like":
-        out = _uniform(seed, index, dtype)
+        out = _uniform_of(_bits(seed, x, device=device), dtype)
     elif name == "randn_like":
-        out = _normal(seed, index, dtype)
+        out = _normal(seed, x, dtype, device)
     else:  # low + floor(u * (high - low)), u with 53 bits
-        u = _u53(seed, index).double() * 2.0 ** -53
+        u = _u53_of(_bits(seed, x, device=device)).double() * 2.0 ** -53
         out = (low + torch.floor(u * (high - low))).clamp_(max=high - 1).to(dtype)
     if kw.get("requires_grad"):
         out.requires_grad_(True)
@@ -455,6 +550,23 @@ def grid_invariant():
             yield
     finally:
         _tls.depth -= 1
+
+
+def install_rng(model: torch.nn.Module, mesh, seed: int | None = None) -> list:
+    """SPIM's randomness for ``model`` on ``mesh`` (a :class:`SpatialMesh`): every
+    forward is one grid-invariant run (:func:`install`) seeded with ``seed``
+    (default: sp rank 0's ``torch.initial_seed()``) plus the dp index, so all sp
+    ranks of a replica share the stream and replicas differ. ``parallelize``
+    calls it; call it on a model that is not parallelized (sp = 1) to draw the
+    same values as the same replica on any grid. Returns the hook handles."""
+    if seed is None:
+        box = [torch.initial_seed() % (2 ** 62)]
+        if mesh.sp > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
+        seed = box[0]
+    return install(model, seed + 1_000_003 * mesh.dp_index)
 
 
 def install(model: torch.nn.Module, seed: int) -> list:
