@@ -69,6 +69,9 @@ def test_partitions_and_integers():
         G.check_aligned(part, align)
         assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= align  # as even as alignment allows
         assert G.partition_from_sizes(sizes) == part
+        before, after = rnd.randint(0, 5), rnd.randint(0, 5)  # padding: positions outside go to the end tiles
+        owners = [_owner(part, y - before) for y in range(n + before + after)]
+        assert G.pad_partition(part, before, after) == G.partition_from_sizes([owners.count(i) for i in range(parts)])
         f = rnd.choice((1, 2, 4))
         if n % f == 0 and all(b % f == 0 for b in part[1:-1]):
             assert G.scale_partition(part, n // f, n) == (0,) + tuple(b // f for b in part[1:-1]) + (n // f,)

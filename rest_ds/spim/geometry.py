@@ -93,6 +93,12 @@ def check_aligned(part: Partition, align: int, what: str = "tile") -> None:
         )
 
 
+def pad_partition(part: Partition, before: int, after: int) -> Partition:
+    """The partition of the extent padded by ``before`` / ``after`` at the scene
+    border: the first tile takes the padding before, the last the padding after."""
+    return (0,) + tuple(b + before for b in part[1:-1]) + (part[-1] + before + after,)
+
+
 def scale_partition(part: Partition, n: int, full: int) -> Partition:
     """The partition of a feature map of size ``n`` whose input (size ``full``)
     is split by ``part``: every boundary scaled by ``n / full``, floored (exact

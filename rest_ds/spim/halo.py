@@ -46,7 +46,9 @@ def reference_paths() -> bool:
     every window exchanged in one all-to-all over sp (the far plan, which
     serves any geometry), torch's own op on the assembled window and torch's
     autograd through both, instead of the neighbour exchange and the
-    padded-tile / hand-written-backward fast paths. For testing the fast paths
+    padded-tile / hand-written-backward fast paths (window ops in
+    ops/window.py; resampling in ops/resample.py takes the global taps on the
+    window instead of torch's kernel and the border strips). For testing the fast paths
     against it; it must be set alike on every rank of an sp group (they would
     otherwise wait in different collectives). Read at every op, so it may be
     switched between forwards."""

@@ -81,9 +81,8 @@ def window_plan(x: SpatialTensor, op: str, ke, s, p, n_out):
     need_r, need_c = needs(outs[0], ke[0], s[0], p[0]), needs(outs[1], ke[1], s[1], p[1])
     plan = make_plan(spec.mesh, spec.rows, spec.cols, need_r, need_c, op)
     r, c = spec.mesh.coord
-    (lo_r, hi_r), (lo_c, hi_c) = need_r[r], need_c[c]
     H, W = spec.global_hw
-    pads = (max(0, -lo_c), max(0, hi_c - W), max(0, -lo_r), max(0, hi_r - H))
+    pads = geometry.scene_pads(need_c[c], W) + geometry.scene_pads(need_r[r], H)  # (left, right, top, bottom)
     out_spec = Spec(spec.mesh, spec.dims, outs[0], outs[1])
     ranges = ((outs[0][r], outs[0][r + 1]), (outs[1][c], outs[1][c + 1]))
     return plan, pads, out_spec, ranges
@@ -593,11 +592,8 @@ def _pad(func, args, kwargs):
             raise context.unsupported("pad", f"mode '{mode}' on a non-sharded dim")
         local_pad += [before, after]
 
-    def shifted(part, before, after):
-        return (0,) + tuple(b + before for b in part[1:-1]) + (part[-1] + before + after,)
-
-    rows = shifted(spec.rows, *per_dim.get(spec.dims[0], (0, 0)))
-    cols = shifted(spec.cols, *per_dim.get(spec.dims[1], (0, 0)))
+    rows = geometry.pad_partition(spec.rows, *per_dim.get(spec.dims[0], (0, 0)))
+    cols = geometry.pad_partition(spec.cols, *per_dim.get(spec.dims[1], (0, 0)))
     loc = x._local
     if mode == "reflect" and any(local_pad):
         for dim, (b, e) in ((spec.dims[0], local_pad[2 * (nd - 1 - spec.dims[0]):][:2]),
