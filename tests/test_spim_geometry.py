@@ -43,6 +43,21 @@ def _random_window(rnd: random.Random, n: int, pool: bool):
     return (k, s, d, pb, pt, False, n_out) if n_out >= 1 else None
 
 
+def _window_on(rnd: random.Random, part: G.Partition, pool: bool):
+    """(window, output partition, needs) of a random window op on the split
+    ``part``, or None when torch gives no output or a tile would own none."""
+    win = _random_window(rnd, part[-1], pool)
+    if win is None:
+        return None
+    k, s, d, p = win[:4]
+    ke = G.kernel_extent(k, d)
+    try:
+        out = G.output_partition(part, win[-1], ke, s, p)
+    except SPIMError:
+        return None
+    return win, out, G.needs(out, ke, s, p)
+
+
 def _taps(o: int, k: int, s: int, d: int, p: int) -> list[int]:
     return [o * s - p + j * d for j in range(k)]
 
@@ -187,14 +202,10 @@ def test_tiles_reproduce_the_whole_extent():
         if parts > n:
             continue
         part = _random_partition(rnd, n, parts)
-        win = _random_window(rnd, n, pool)
-        if win is None:
+        case = _window_on(rnd, part, pool)
+        if case is None:
             continue
-        k, s, d, p, pt, ceil, n_out = win
-        try:
-            out = G.output_partition(part, n_out, G.kernel_extent(k, d), s, p)
-        except SPIMError:
-            continue
+        (k, s, d, p, pt, ceil, n_out), out, _ = case
         x = [float(rnd.randint(-50, 50)) for _ in range(n)]
         w = [float(rnd.randint(-3, 3)) for _ in range(k)]
         fill = float("-inf") if pool else 0.0
@@ -225,21 +236,10 @@ def test_exchange_plans_and_halo_volume_brute_force():
         H, W = rnd.randint(2, 28), rnd.randint(2, 28)
         ph, pw = rnd.randint(1, min(4, H)), rnd.randint(1, min(4, W))
         rows, cols = _random_partition(rnd, H, ph), _random_partition(rnd, W, pw)
-        need, ok = [], True
-        for n, part in ((H, rows), (W, cols)):
-            win = _random_window(rnd, n, rnd.random() < 0.3)
-            if win is None:
-                ok = False
-                break
-            k, s, d, p, _, _, n_out = win
-            try:
-                out = G.output_partition(part, n_out, G.kernel_extent(k, d), s, p)
-            except SPIMError:
-                ok = False
-                break
-            need.append(G.needs(out, G.kernel_extent(k, d), s, p))
-        if not ok:
+        cases = [_window_on(rnd, part, rnd.random() < 0.3) for part in (rows, cols)]
+        if None in cases:
             continue
+        need = [case[2] for case in cases]
         far = G.reaches_far(rows, need[0]) or G.reaches_far(cols, need[1])
         volume, sends = 0, {}
         brute_far = False
@@ -293,20 +293,10 @@ def test_border_strips_and_piece_terms_brute_force():
         H, W = rnd.randint(4, 30), rnd.randint(4, 30)
         ph, pw = rnd.randint(1, 3), rnd.randint(1, 3)
         rows, cols = _random_partition(rnd, H, ph), _random_partition(rnd, W, pw)
-        wins, outs, need = [], [], []
-        for n, part in ((H, rows), (W, cols)):
-            win = _random_window(rnd, n, False)
-            if win is None:
-                break
-            k, s, d, p, _, _, n_out = win
-            try:
-                outs.append(G.output_partition(part, n_out, G.kernel_extent(k, d), s, p))
-            except SPIMError:
-                break
-            wins.append(win)
-            need.append(G.needs(outs[-1], G.kernel_extent(k, d), s, p))
-        if len(wins) < 2:
+        cases = [_window_on(rnd, part, False) for part in (rows, cols)]
+        if None in cases:
             continue
+        wins, outs, need = zip(*cases)
         far = G.reaches_far(rows, need[0]) or G.reaches_far(cols, need[1])
         if far:
             continue
