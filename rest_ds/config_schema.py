@@ -82,6 +82,26 @@ def check_range(rng: tuple, value: Any, where: str | None, key: str) -> None:
         raise ConfigError(where, key, f"must be {range_text(rng)}, got {value!r}")
 
 
+def check_ranges(obj: Any, where: str | None, key: str) -> None:
+    """The field ranges of dataclass instance ``obj`` and of its nested dataclasses
+    (for instances built in code; parsing checks them already)."""
+    prefix = f"{key}." if key else ""
+    for name, f in public_fields(type(obj)).items():
+        value = getattr(obj, name)
+        if "range" in f.metadata:
+            check_range(f.metadata["range"], value, where, f"{prefix}{name}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, where, f"{prefix}{name}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                    check_ranges(v, where, f"{prefix}{name}[{i}]")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                    check_ranges(v, where, f"{prefix}{name}.{k}")
+
+
 def load_yaml(path: "str | os.PathLike", key: str = "config") -> Any:
     """The parsed content of YAML file ``path``; :class:`ConfigError` (naming the
     file and ``key``) when it is missing or not valid YAML."""

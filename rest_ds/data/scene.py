@@ -63,7 +63,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ..config_schema import ConfigError, bounded, load_yaml, parse_dataclass
+from ..config_schema import ConfigError, bounded, check_ranges, load_yaml, parse_dataclass
 from .errors import DataError, DataWarning
 from .readers import IOCounter, Reader, open_reader, window_bounds
 
@@ -234,6 +234,10 @@ class Scene:
             raise DataError(where, "name: the scene needs a name")
         if isinstance(self.dates, bool) or not isinstance(self.dates, int) or self.dates < 1:
             raise DataError(where, f"dates: must be a whole number >= 1 (dates of the time series), not {self.dates!r}")
+        try:  # parsing checked the fields' ranges; a scene built in code may not be
+            check_ranges(self, where, "")
+        except ConfigError as e:
+            raise DataError(where, f"{e.key}: {e.message}") from None
         if self.label is not None and not self.classes:
             raise DataError(where, "classes: a label is given but no classes (list the raw label values, in id order)")
         values = [c.value for c in self.classes]

@@ -53,7 +53,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config_schema import ConfigError, bounded, load_yaml, parse_dataclass
+from ..config_schema import ConfigError, bounded, check_ranges, load_yaml, parse_dataclass
 from . import decoders as _decoders  # noqa: F401  (registers the decoders)
 from .decoders import NORMS
 from .necks import NECKS, build_neck
@@ -70,7 +70,7 @@ class EncoderConfig:
     factory loads; ``kwargs``: further factory arguments."""
 
     name: str
-    in_chans: int | None = None
+    in_chans: int | None = bounded(None, ge=1)
     bands: list[str | float] | None = None
     checkpoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -91,9 +91,9 @@ class DecoderConfig:
     ``kwargs``: decoder-specific ones (``pool_scales``, ``ppm_norm``, ``in_index`` ...)."""
 
     name: str
-    channels: int | None = None
+    channels: int | None = bounded(None, ge=1)
     norm: str | None = None
-    dropout: float | None = None
+    dropout: float | None = bounded(None, ge=0, lt=1)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,10 +104,10 @@ class AuxHeadConfig:
 
     name: str = "fcn"
     level: int = -2
-    weight: float = 0.4
-    channels: int | None = None
+    weight: float = bounded(0.4, ge=0)
+    channels: int | None = bounded(None, ge=1)
     norm: str | None = None
-    dropout: float | None = None
+    dropout: float | None = bounded(None, ge=0, lt=1)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -151,11 +151,8 @@ class ModelConfig:
     # -- checks ----------------------------------------------------------------------------
     def validate(self, where: str | None = None) -> None:
         """Value checks that need no encoder module; raises :class:`ConfigError`."""
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ConfigError(where, "model.num_classes", f"must be >= 1, got {self.num_classes}")
+        check_ranges(self, where, "model")  # parsing checked them; an instance built in code may not be
         e = self.encoder
-        if e.in_chans is not None and e.in_chans < 1:
-            raise ConfigError(where, "model.encoder.in_chans", f"must be >= 1, got {e.in_chans}")
         if e.bands is not None:
             if not e.bands or len(set(e.bands)) != len(e.bands):
                 raise ConfigError(where, "model.encoder.bands",
@@ -169,18 +166,12 @@ class ModelConfig:
         for key, d in (("model.decoder", self.decoder), ("model.aux_head", self.aux_head)):
             if d is None:
                 continue
-            if d.channels is not None and d.channels < 1:
-                raise ConfigError(where, f"{key}.channels", f"must be >= 1, got {d.channels}")
             if d.norm is not None and d.norm not in NORMS:
                 raise ConfigError(where, f"{key}.norm", f"must be one of {', '.join(NORMS)}, got {d.norm!r}")
-            if d.dropout is not None and not 0.0 <= d.dropout < 1.0:
-                raise ConfigError(where, f"{key}.dropout", f"must be in [0, 1), got {d.dropout}")
             given = {k: v for k, v in (("channels", d.channels), ("norm", d.norm), ("dropout", d.dropout))
                      if v is not None}
             _check_factory_kwargs(DECODERS, "decoder", d.name, {**given, **d.kwargs}, where, key,
                                   reserved=("in_channels", "strides", "num_classes"), explicit=given, extra=d.kwargs)
-        if self.aux_head is not None and self.aux_head.weight < 0:
-            raise ConfigError(where, "model.aux_head.weight", f"must be >= 0, got {self.aux_head.weight}")
 
 
 def _signature_params(fn) -> tuple[set[str], bool]:

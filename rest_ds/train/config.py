@@ -40,7 +40,7 @@ from typing import Any, Literal
 import yaml
 
 from ..cli_args import parse_grid
-from ..config_schema import ConfigError, load_yaml, parse_dataclass
+from ..config_schema import ConfigError, bounded, load_yaml, parse_dataclass
 from ..models.config import ModelConfig
 
 
@@ -53,9 +53,9 @@ class AugmentSection:
     flip: bool = True
     rot90: bool = True
     crop: list[float] | None = None
-    brightness: float = 0.0
-    shift: float = 0.0
-    noise: float = 0.0
+    brightness: float = bounded(0.0, ge=0)
+    shift: float = bounded(0.0, ge=0)
+    noise: float = bounded(0.0, ge=0)
 
 
 @dataclass
@@ -73,9 +73,9 @@ class DataSection:
     cache: str | None = None
     scan: bool = True
     mode: Literal["whole", "crop"] = "whole"
-    crop_size: int = 128
-    crops_per_rank: int = 4
-    min_labelled: float = 0.05
+    crop_size: int = bounded(128, ge=1)
+    crops_per_rank: int = bounded(4, ge=1)
+    min_labelled: float = bounded(0.05, ge=0, le=1)
     augment: AugmentSection = field(default_factory=AugmentSection)
 
 
@@ -85,7 +85,7 @@ class MeshSection:
     ``auto`` (least halo traffic) or ``PHxPW``. ``attention``: ``auto``,
     ``ulysses`` or ``allgather``."""
 
-    sp: int | None = None
+    sp: int | None = bounded(None, ge=1)
     grid: str = "auto"
     attention: Literal["auto", "ulysses", "allgather"] = "auto"
 
@@ -111,11 +111,11 @@ class DeepSpeedSection:
 @dataclass
 class OptimizerSection:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = bounded(1e-3, gt=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    betas: list[float] = bounded(default_factory=lambda: [0.9, 0.999], ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
 
 
 @dataclass
@@ -125,9 +125,9 @@ class ScheduleSection:
     ``power``) or ``linear`` decay to ``min_lr_ratio`` at ``train.steps``."""
 
     name: Literal["constant", "cosine", "poly", "linear"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    power: float = 1.0
+    warmup_steps: int = bounded(0, ge=0)
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
+    power: float = bounded(1.0, gt=0)
 
 
 @dataclass
@@ -139,19 +139,19 @@ class TrainSection:
     (1/sqrt of the class frequency, normalised to mean 1) or one weight per
     class. ``threads``: torch threads per rank (null: $OMP_NUM_THREADS or 1)."""
 
-    steps: int = 100
-    log_interval: int = 10
-    eval_interval: int = 50
-    checkpoint_interval: int = 50
-    keep_checkpoints: int = 2
+    steps: int = bounded(100, ge=1)
+    log_interval: int = bounded(10, ge=0)
+    eval_interval: int = bounded(50, ge=0)
+    checkpoint_interval: int = bounded(50, ge=0)
+    keep_checkpoints: int = bounded(2, ge=1)
     resume: str = "auto"
     activation_checkpointing: bool = False
     class_weights: str | list[float] | None = None
-    label_smoothing: float = 0.0
-    threads: int | None = None
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
+    threads: int | None = bounded(None, ge=1)
     deterministic: bool = False
     progress: bool = True
-    eval_slide_overlap: int | None = None
+    eval_slide_overlap: int | None = bounded(None, ge=0)
 
 
 @dataclass
@@ -160,9 +160,9 @@ class LoraSection:
     scaling ``alpha / r``, ``dropout`` on the adapter input, ``targets``: module
     name suffixes (null: the encoder's attention input/output projections)."""
 
-    r: int = 8
+    r: int = bounded(8, ge=1)
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     targets: list[str] | None = None
 
 
@@ -176,10 +176,10 @@ class FinetuneSection:
     biases and position tables never get weight decay."""
 
     freeze_encoder: bool = False
-    freeze_layers: int | None = None
-    unfreeze_step: int | None = None
-    encoder_lr: float | None = None
-    layer_decay: float | None = None
+    freeze_layers: int | None = bounded(None, ge=1)
+    unfreeze_step: int | None = bounded(None, ge=1)
+    encoder_lr: float | None = bounded(None, gt=0)
+    layer_decay: float | None = bounded(None, gt=0, le=1)
     lora: LoraSection | None = None
 
 
@@ -217,7 +217,7 @@ class TrainConfig:
 
     # -- checks ----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Range and consistency checks (types are checked while parsing)."""
+        """Consistency checks (types and the fields' ranges are checked while parsing)."""
         w = self.source_file
 
         def need(ok: bool, key: str, msg: str):
@@ -228,16 +228,10 @@ class TrainConfig:
         need(len(self.data.scenes) > 0, "data.scenes", "give at least one scene (a sample name or a scene YAML path)")
         need(self.data.val_scenes is None or len(self.data.val_scenes) > 0, "data.val_scenes",
              "must be null (the training scenes) or a non-empty list")
-        need(self.data.crop_size >= 1, "data.crop_size", f"must be >= 1, got {self.data.crop_size}")
-        need(self.data.crops_per_rank >= 1, "data.crops_per_rank", f"must be >= 1, got {self.data.crops_per_rank}")
-        need(0.0 <= self.data.min_labelled <= 1.0, "data.min_labelled", f"must be in [0, 1], got {self.data.min_labelled}")
         a = self.data.augment
         if a.crop is not None:
             need(len(a.crop) == 2 and 0 < a.crop[0] <= a.crop[1] <= 1, "data.augment.crop",
                  f"must be [lo, hi] with 0 < lo <= hi <= 1, got {a.crop}")
-        for k in ("brightness", "shift", "noise"):
-            need(getattr(a, k) >= 0, f"data.augment.{k}", f"must be >= 0, got {getattr(a, k)}")
-        need(self.mesh.sp is None or self.mesh.sp >= 1, "mesh.sp", f"must be >= 1 or null, got {self.mesh.sp}")
         if self.mesh.grid != "auto":
             try:
                 g = parse_grid(self.mesh.grid)
@@ -266,46 +260,19 @@ class TrainConfig:
                  if k != "zero_optimization" else "set deepspeed.zero_stage, deepspeed.reduce_bucket_size and "
                  "deepspeed.allgather_bucket_size; other ZeRO options are not exposed")
         o = self.optimizer
-        need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
-        need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-        need(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
-        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas",
-             f"must be two numbers in [0, 1), got {o.betas}")
-        need(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
-        s = self.schedule
-        need(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-        need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
-        need(s.power > 0, "schedule.power", f"must be > 0, got {s.power}")
+        need(len(o.betas) == 2, "optimizer.betas", f"must be two numbers in [0, 1), got {o.betas}")
         ft = self.finetune
-        need(ft.freeze_layers is None or ft.freeze_layers >= 1, "finetune.freeze_layers",
-             f"must be >= 1 or null, got {ft.freeze_layers}")
         need(not (ft.freeze_encoder and ft.freeze_layers), "finetune.freeze_layers",
              "give freeze_encoder (all of it) or freeze_layers (the first k), not both")
-        need(ft.unfreeze_step is None or ft.unfreeze_step >= 1, "finetune.unfreeze_step",
-             f"must be >= 1 or null, got {ft.unfreeze_step}")
         need(ft.unfreeze_step is None or ft.freeze_encoder or ft.freeze_layers, "finetune.unfreeze_step",
              "nothing is frozen (set finetune.freeze_encoder or finetune.freeze_layers)")
-        need(ft.encoder_lr is None or ft.encoder_lr > 0, "finetune.encoder_lr", f"must be > 0, got {ft.encoder_lr}")
-        need(ft.layer_decay is None or 0 < ft.layer_decay <= 1, "finetune.layer_decay",
-             f"must be in (0, 1], got {ft.layer_decay}")
-        if ft.lora is not None:
-            need(ft.lora.r >= 1, "finetune.lora.r", f"must be >= 1, got {ft.lora.r}")
-            need(0 <= ft.lora.dropout < 1, "finetune.lora.dropout", f"must be in [0, 1), got {ft.lora.dropout}")
         t = self.train
-        need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
-        for k in ("log_interval", "eval_interval", "checkpoint_interval"):
-            need(getattr(t, k) >= 0, f"train.{k}", f"must be >= 0 (0: never), got {getattr(t, k)}")
-        need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-        need(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null, got {t.threads}")
-        need(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
         if isinstance(t.class_weights, str):
             need(t.class_weights == "sqrt_inv", "train.class_weights",
                  f"must be null, 'sqrt_inv' or a list of weights, got {t.class_weights!r}")
         elif t.class_weights is not None:
             need(all(x >= 0 for x in t.class_weights) and any(x > 0 for x in t.class_weights),
                  "train.class_weights", f"weights must be >= 0 and not all 0, got {t.class_weights}")
-        need(t.eval_slide_overlap is None or t.eval_slide_overlap >= 0, "train.eval_slide_overlap",
-             f"must be >= 0 or null, got {t.eval_slide_overlap}")
         if t.eval_slide_overlap is not None and self.data.mode == "crop":
             need(t.eval_slide_overlap < self.data.crop_size, "train.eval_slide_overlap",
                  f"must be smaller than data.crop_size ({self.data.crop_size})")
