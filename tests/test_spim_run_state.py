@@ -31,9 +31,8 @@ from rest_ds.spim import context
 from rest_ds.spim.comm import all_reduce_
 from rest_ds.spim.errors import SPIMUnsupportedError
 
-from .harness import run_grid
+from .harness import TOL64 as TOL, run_grid
 
-TOL = 1e-10  # float64
 STOCK_APPLY = torch._C._FunctionBase.__dict__["apply"]
 HW = (6, 16)
 # the same 16-px width split two ways: 8 | 8 (model A) and 5 | 11 (model B)
