@@ -18,7 +18,13 @@ A run holds:
   :func:`unsupported`); outside any run, "outside any module";
 * the model's ``attention`` setting (:func:`attention`; 'auto' outside runs);
 * the partitions of the sharded tensors created in this forward
-  (:func:`note_layout`, :func:`layout_for`; ops/resample.py).
+  (:func:`note_layout`, :func:`layout_for`; ops/resample.py);
+* what is switched on while the model computes (``modes``: the
+  autograd.Function guard, the routing of replicated resampling).
+
+Known limit: a forward interrupted by a ``BaseException`` that is not an
+``Exception`` (KeyboardInterrupt) skips torch's always-called hooks and leaves
+the run entered in that thread.
 """
 from __future__ import annotations
 
