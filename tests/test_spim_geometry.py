@@ -126,6 +126,24 @@ def test_output_sizes_match_torch():
                 assert hits == ([pb - (k - 1) * d] if 0 <= pb - (k - 1) * d < n else []), (n, k, d, pb)
 
 
+def test_pool_divisors_match_torch():
+    """avg pooling's divisor per output (count_include_pad either way, ceil_mode)
+    against torch's: its sums (divisor_override=1) over its means of ones."""
+    rnd = random.Random(6)
+    for _ in range(300):
+        n, k, s = rnd.randint(1, 30), rnd.randint(1, 6), rnd.randint(1, 4)
+        p, ceil, incl = rnd.randint(0, k // 2), rnd.random() < 0.5, rnd.random() < 0.5
+        n_out = G.pool_out(n, k, s, p, 1, ceil)
+        if n_out < 1:
+            continue
+        ones = torch.ones(1, 1, 1, n, dtype=torch.float64)
+        sums = F.avg_pool2d(ones, (1, k), (1, s), (0, p), ceil, incl, divisor_override=1)[0, 0, 0]
+        means = F.avg_pool2d(ones, (1, k), (1, s), (0, p), ceil, incl)[0, 0, 0]
+        assert (sums / means).round().long().tolist() == G.pool_divisors(0, n_out, n, k, s, p, incl), (n, k, s, p)
+        o0 = rnd.randrange(n_out)
+        assert G.pool_divisors(o0, n_out, n, k, s, p, incl) == G.pool_divisors(0, n_out, n, k, s, p, incl)[o0:]
+
+
 def test_output_partition_and_needs_brute_force():
     """Output owners by the window-centre rule, output by output; each tile's
     needed inputs as the union of every tap of every output it owns; scene pads

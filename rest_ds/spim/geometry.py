@@ -161,6 +161,18 @@ def pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     return out
 
 
+def pool_divisors(o0: int, o1: int, n: int, k: int, s: int, p: int, count_include_pad: bool) -> list[int]:
+    """torch's average-pooling divisor of each global output in ``[o0, o1)``:
+    the window ``[o s - p, o s - p + k)`` cut at the padded end ``n + p``, and
+    without ``count_include_pad`` also at the scene ``[0, n)``."""
+    out = []
+    for o in range(o0, o1):
+        start = o * s - p
+        end = min(start + k, n + p)
+        out.append(end - start if count_include_pad else min(end, n) - max(start, 0))
+    return out
+
+
 def output_partition(part: Partition, n_out: int, ke: int, s: int, p: int, op: str = "op", axis: str = "row",
                      where: str = "") -> Partition:
     """The partition of the ``n_out`` outputs of a window op (extent ``ke``,

@@ -502,14 +502,8 @@ def _max_pool2d(func, args, kwargs):
 
 
 def _avg_divisor(o0, o1, n, k, s, p, include_pad, device, dtype):
-    o = torch.arange(o0, o1, device=device, dtype=torch.float64)
-    start = o * s - p
-    end = torch.clamp(start + k, max=n + p)
-    if include_pad:
-        cnt = end - start
-    else:
-        cnt = torch.clamp(end, max=n) - torch.clamp(start, min=0)
-    return cnt.to(dtype)
+    """:func:`geometry.pool_divisors` as a tensor."""
+    return torch.tensor(geometry.pool_divisors(o0, o1, n, k, s, p, include_pad), device=device, dtype=dtype)
 
 
 @register(F.avg_pool2d, torch._C._nn.avg_pool2d)
