@@ -9,7 +9,7 @@ from .errors import SPIMError, SPIMUnsupportedError
 from .halo import reference_paths, set_reference_paths
 from .mesh import SpatialMesh, init_distributed
 from .parallelize import average_gradients, parallelize, unparallelize
-from .rng import rng_state, set_rng_state
+from .rng import install_rng, rng_state, set_rng_state
 from .sharding import from_local, gather, shard, to_local
 from .tensor import SpatialTensor, Spec
 from .tiling import TileLayout, check_aligned, choose_grid, split_extent
@@ -21,6 +21,6 @@ __all__ = [
     "init_distributed", "parallelize", "unparallelize", "average_gradients", "from_local", "gather", "shard",
     "to_local",
     "SpatialTensor", "Spec", "TileLayout", "check_aligned", "choose_grid", "split_extent",
-    "VerifyReport", "compare_sharded", "rel_error", "verify", "rng_state", "set_rng_state",
+    "VerifyReport", "compare_sharded", "rel_error", "verify", "install_rng", "rng_state", "set_rng_state",
     "reference_paths", "set_reference_paths",
 ]

@@ -25,7 +25,6 @@ DeepSpeed) turns the per-rank gradients into the exact single-device gradient.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import context
@@ -143,7 +142,7 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name), always_call=True))
-    handles += _shared_rng_hooks(model, mesh, rng_seed)
+    handles += rng.install_rng(model, mesh, rng_seed)  # the sp group's stream, grid-invariant draws
     model._spim_run = run
     model._spim_mesh = mesh
     model._spim_handles = handles
@@ -168,16 +167,6 @@ def unparallelize(model: nn.Module) -> nn.Module:
     for k in [k for k in vars(model) if k.startswith("_spim_")]:
         delattr(model, k)
     return model
-
-
-def _shared_rng_hooks(model: nn.Module, mesh: SpatialMesh, seed: int | None) -> list:
-    if seed is None:
-        box = [torch.initial_seed() % (2 ** 62)]
-        if mesh.sp > 1:
-            dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
-        seed = box[0]
-    # the sp group's shared stream and grid-invariant element-wise randomness (rng.py)
-    return rng.install(model, seed + 1_000_003 * mesh.dp_index)
 
 
 def average_gradients(model: nn.Module, mesh: SpatialMesh | None = None) -> None:

@@ -341,6 +341,10 @@ class Trainer:
             micro = 1
             if self.mesh.sp > 1:
                 parallelize(self.model, self.mesh, align=self.align, attention=cfg.mesh.attention, rng_seed=cfg.seed)
+            else:  # the same grid-invariant random draws as sp > 1 (1 rank = the 1x1 grid); crop mode keeps torch's
+                from ..spim import install_rng
+
+                install_rng(self.model, self.mesh, cfg.seed)
         self.prefetch = Prefetcher(self.data.batch)  # the next micro-step's tile is read while this one computes
 
         counts = None
