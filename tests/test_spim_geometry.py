@@ -186,6 +186,8 @@ def test_output_partition_and_needs_brute_force():
                 assert hi <= lo
                 continue
             assert G.halo_extents(part, need)[i] == (part[i] - inside[0], inside[-1] + 1 - part[i + 1])
+        far = [i for i in range(parts) if any(abs(_owner(part, x) - i) > 1 for x in range(*G.clip(need[i], n)))]
+        assert G.far_tile(part, need) == (far[0] if far else None)
         if s == 1 and k % 2 == 1 and p == (ke - 1) // 2 and pt == 2 * p:  # a "same" window keeps the partition
             assert out == part
         checked += 1
@@ -270,7 +272,8 @@ def test_exchange_plans_and_halo_volume_brute_force():
                 plan = G.exchange_plan(rows, cols, need[0], need[1], (r, c), far)
                 assert plan.origin == (rows[r], cols[c]) and plan.ext == win
                 got = {}
-                for key, box in ([((r, c), plan.own)] if plan.own else []) + [(ij, (rr, cc)) for ij, rr, cc in plan.recv]:
+                pieces = ([((r, c), plan.own)] if plan.own else []) + [(ij, (rr, cc)) for ij, rr, cc in plan.recv]
+                for key, box in pieces:
                     for px, o in _pixels_of(rows, cols, box).items():
                         assert o == key and px not in got
                         got[px] = o

@@ -218,15 +218,21 @@ def halo_extents(part: Partition, needs_: tuple[Range, ...]) -> tuple[tuple[int,
     return tuple((part[i] - clip(r, n)[0], clip(r, n)[1] - part[i + 1]) for i, r in enumerate(needs_))
 
 
-def reaches_far(part: Partition, needs_: tuple[Range, ...]) -> bool:
-    """Whether some tile's need, clipped to the scene, reaches past its own and
-    the adjacent tiles (then a neighbour exchange cannot serve it)."""
+def far_tile(part: Partition, needs_: tuple[Range, ...]) -> int | None:
+    """The first tile whose need, clipped to the scene, reaches past its own
+    and the adjacent tiles, or None."""
     n = part[-1]
     for i, need in enumerate(needs_):
         lo, hi = clip(need, n)
         if lo < part[max(i - 1, 0)] or hi > part[min(i + 2, len(part) - 1)]:
-            return True
-    return False
+            return i
+    return None
+
+
+def reaches_far(part: Partition, needs_: tuple[Range, ...]) -> bool:
+    """Whether some tile's need reaches past its adjacent tiles (then a
+    neighbour exchange cannot serve it: a far plan)."""
+    return far_tile(part, needs_) is not None
 
 
 def blocks(part: Partition, idx: int, need: Range, far: bool = False) -> list[tuple[int, Range]]:

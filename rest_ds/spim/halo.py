@@ -76,20 +76,16 @@ def check_nonempty(needs: tuple[Range, ...], n: int, axis: str, op: str) -> None
 def check_needs(part: Partition, needs: tuple[Range, ...], axis: str, op: str) -> None:
     """Every grid row's need must lie within its own and the adjacent tiles
     (the neighbour exchange; :func:`make_plan` takes a far plan instead)."""
-    n = part[-1]
-    for i, need in enumerate(needs):
-        lo, hi = _clip(need, n)
-        first = part[max(i - 1, 0)]
-        last = part[min(i + 2, len(part) - 1)]
-        if lo < first or hi > last:
-            sizes = [b - a for a, b in zip(part[:-1], part[1:])]
-            raise SPIMError(
-                f"{context.where()}: {op}: the tile in grid {axis} {i} (global {axis}s {part[i]}:{part[i + 1]}) needs "
-                f"{axis}s {lo}:{hi}, which reach past its neighbouring tiles (tile sizes {sizes}); "
-                f"tiles are smaller than the op's halo: use fewer ranks along this axis or a larger scene"
-            )
-        if hi <= lo:
-            raise SPIMError(f"{op}: the tile in grid {axis} {i} needs an empty input range {need}")
+    i = geometry.far_tile(part, needs)
+    if i is not None:
+        lo, hi = _clip(needs[i], part[-1])
+        sizes = list(geometry.tile_sizes(part))
+        raise SPIMError(
+            f"{context.where()}: {op}: the tile in grid {axis} {i} (global {axis}s {part[i]}:{part[i + 1]}) needs "
+            f"{axis}s {lo}:{hi}, which reach past its neighbouring tiles (tile sizes {sizes}); "
+            f"tiles are smaller than the op's halo: use fewer ranks along this axis or a larger scene"
+        )
+    check_nonempty(needs, part[-1], axis, op)
 
 
 def _slice(t: torch.Tensor, dims, base: tuple[int, int], rows: Range, cols: Range) -> torch.Tensor:
