@@ -2,8 +2,9 @@
 
 Both run on a plain tensor in one process: ``F.dropout`` as torch runs it, and
 the same call inside ``rng.grid_invariant()``, where the mask is computed from
-(seed, global element index) by the counter-based generator (int64 torch ops).
-On a tile the work is the same, plus the tile's index offsets. Prints the
+(seed, global element index) by the counter-based generator (int64 torch ops,
+a cache-sized chunk at a time). On a tile the work is the same, plus the tile's
+index offsets. The machine may be shared: compare the ratio, not the times. Prints the
 median time of each over several runs and their ratio, forward alone and
 forward + backward.
 
