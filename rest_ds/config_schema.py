@@ -33,6 +33,8 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from .cli_args import one_line
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
@@ -114,7 +116,7 @@ def load_yaml(path: "str | os.PathLike", key: str = "config") -> Any:
         with open(where) as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(where, key, f"not valid YAML ({' '.join(str(e).split())})") from None
+        raise ConfigError(where, key, f"not valid YAML ({one_line(e)})") from None
 
 
 def type_name(tp) -> str:

@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..cli_args import one_line
 from ..data.samples import chmod_like_open, sha256_file
 from .deepspeed_compat import CHECKPOINT_GLOBALS, checkpoint_globals, fp32_state_dict
 
@@ -146,7 +147,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", *, mmap:
         raise CheckpointError(f"{path}: missing from the checkpoint") from None
     except (OSError, EOFError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged or truncated, cannot be read ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:200]})") from None
+                              f"{one_line(e)[:200]})") from None
 
 
 def scan_checkpoint(folder: Path) -> None:
@@ -336,7 +337,7 @@ def load_checkpoint(engine, root: Path, tag: str, *, rank: int) -> dict | None:
             raise
         # e.g. a checkpoint of another version of the model code: shapes or ZeRO partition layout differ
         raise CheckpointError(f"{root / tag}: DeepSpeed cannot load it into this model and optimizer "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+                              f"({type(e).__name__}: {one_line(e)[:300]})") from None
     if path is None:
         raise CheckpointError(f"{root / tag}: DeepSpeed could not load the checkpoint")
     f = root / tag / f"rest_ds_rank{rank}.pt"
@@ -515,7 +516,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
         return meta, load_file(str(weights))
     except Exception as e:  # safetensors' SafetensorError names no file
         raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:200]})") from None
+                              f"{one_line(e)[:200]})") from None
 
 
 __all__ = ["CheckpointError", "MANIFEST", "tag_of", "list_checkpoints", "find_checkpoint", "save_checkpoint",

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...cli_args import one_line
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -47,7 +49,7 @@ def _read_file(path: Path) -> StateDict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint '{path}' is not a weights-only torch file ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:160]})") from None
+                         f"{one_line(e)[:160]})") from None
 
 
 def read_state_dict(checkpoint: str | Path | StateDict) -> StateDict:
