@@ -149,7 +149,7 @@ def test_dates_must_divide_the_bands(tmp_path):
     with pytest.raises(DataError, match="not a multiple of the scene's dates: 2"):
         SceneReader(Scene.from_dict(d, root=tmp_path))
     d["dates"] = 0
-    with pytest.raises(DataError, match="dates must be a whole number"):
+    with pytest.raises(DataError, match="dates: must be >= 1, got 0"):
         Scene.from_dict(d, root=tmp_path)
 
 
@@ -162,7 +162,7 @@ def test_wavelengths_given_as_config_text():
     from rest_ds.train.config import load_config
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "hyperspectral_128_hls.yaml")
-    bands = cfg.model["encoder"]["bands"]
+    bands = cfg.model.encoder.bands
     assert len(bands) == 128 and [wavelength(b) for b in bands[:2]] == [400.0, 417.0]
     assert wavelength("417nm") == 417.0 and wavelength("RED") == 664.6
     assert wavelength("foo") is None and wavelength("nan") is None

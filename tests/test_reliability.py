@@ -419,6 +419,24 @@ def test_resume_config_rules():
         resume_changes(man, {**new, "in_chans": 6}, "ck")
 
 
+def test_resume_config_of_a_checkpoint_with_an_untyped_model_section():
+    """Checkpoints written while the config's model section was an untyped mapping kept
+    YAML's types (bands [400, 417, ...]); the typed section has ['400', '417', ...]. The
+    same model resumes; a changed band is still refused."""
+    from rest_ds.train.checkpoint import CheckpointError, check_resume_config
+    from rest_ds.train.config import load_config
+
+    new = load_config(Path(__file__).parents[1] / "configs" / "hyperspectral_128_hls.yaml").to_dict()
+    assert new["model"]["encoder"]["bands"][:2] == ["400", "417"]
+    old = json.loads(json.dumps(new))
+    old["model"]["encoder"]["bands"] = [int(b) for b in new["model"]["encoder"]["bands"]]
+    old["model"].pop("aux_head")   # keys the untyped section did not write
+    check_resume_config({"config": old}, new, None, "ck")
+    old["model"]["encoder"]["bands"][1] = 418
+    with pytest.raises(CheckpointError, match=re.escape("changes model.encoder.bands")):
+        check_resume_config({"config": old}, new, None, "ck")
+
+
 def test_scan_refuses_payloads_without_unpickling(tmp_path):
     """``train`` scans the checkpoint it would resume from before any rank starts."""
     from rest_ds.train.checkpoint import CheckpointError, scan_checkpoint
