@@ -163,10 +163,12 @@ def test_deepspeed_step_equals_single_process(results, case):
 
 
 # --- `rest-ds train` (the Trainer) with dropout and DropPath: 1 rank == 2 ranks -----------------
-def _trainer_rank(cfg_path: str, out: str, steps: int):
+def _trainer_rank(cfg_path: str, out: str, steps: int, resume: bool = False):
     """``steps`` training steps of the Trainer as ``rest-ds train`` runs them (sp =
     world); returns the losses, each parameter's change, and whether the dropout
-    and DropPath modules zeroed anything (the randomness is live)."""
+    and DropPath modules zeroed anything (the randomness is live). ``resume``: a
+    checkpoint is saved before the last step, and a new Trainer resumed from it
+    repeats that step; also returns how far its loss and parameters are off."""
     from torch import nn
 
     from rest_ds.spim import to_local
@@ -186,9 +188,25 @@ def _trainer_rank(cfg_path: str, out: str, steps: int):
         if isinstance(m, nn.Dropout) and m.p > 0 or type(m).__name__ == "DropPath" and m.drop_prob > 0:
             m.register_forward_hook(watch)
     before = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}  # ZeRO-2: full on every rank
-    losses = [tr.train_step(s) for s in range(steps)]
+    losses = []
+    for s in range(steps):
+        if resume and s == steps - 1:
+            tr.save(s)
+        losses.append(tr.train_step(s))
     change = {n: p.detach() - before[n] for n, p in tr.engine.module.named_parameters()}
-    return {"losses": losses, "change": change, "dropped": dropped, "sp": tr.mesh.sp}
+    res = {"losses": losses, "change": change, "dropped": dropped, "sp": tr.mesh.sp}
+    if resume:
+        from rest_ds.spim.verify import rel_error
+
+        again = Trainer(load_config(cfg_path, [f"output_dir={out}-resumed", f"train.resume={out}/checkpoints"]),
+                        log=lambda m: None)
+        assert again.resume() == steps - 1
+        loss = again.train_step(steps - 1)
+        final = dict(tr.engine.module.named_parameters())
+        res["resume_error"] = max([abs(loss - losses[-1]) / abs(losses[-1])] +
+                                  [rel_error(p.detach(), final[n].detach())
+                                   for n, p in again.engine.module.named_parameters()])
+    return res
 
 
 @pytest.mark.slow
@@ -208,7 +226,7 @@ def test_trainer_random_draws_are_the_same_on_one_and_two_ranks(tmp_path):
     cfg = {**tiny_config(make_scene(tmp_path / "scene"), tmp_path / "run"), "model": model,
            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "schedule": {"name": "constant", "warmup_steps": 0}}
     path = str(write_config(tmp_path / "dropout.yaml", cfg))
-    runs = {w: spawn(_trainer_rank, w, path, str(tmp_path / f"run{w}"), 2, timeout_s=800)[0] for w in (1, 2)}
+    runs = {w: spawn(_trainer_rank, w, path, str(tmp_path / f"run{w}"), 2, w == 1, timeout_s=800)[0] for w in (1, 2)}
     one, two = runs[1], runs[2]
     assert (one["sp"], two["sp"]) == (1, 2)
     for r in (one, two):
@@ -226,3 +244,7 @@ def test_trainer_random_draws_are_the_same_on_one_and_two_ranks(tmp_path):
     # comparison with dropout and DropPath off (fp32 rounding, tile vs whole-scene order),
     # 2.4 when the 1-rank run drew torch's own masks.
     assert lerr <= TOL and perr[worst] <= 10 * TOL, (worst, perr[worst], lerr)
+    # resume at sp = 1 restores the grid-invariant stream (rng_state in the checkpoint):
+    # the resumed last step draws that step's masks, not the first step's again
+    print(f"1 rank resumed before the last step: loss / parameter error {one['resume_error']:.2e}")
+    assert one["resume_error"] <= TOL
