@@ -14,6 +14,10 @@ the whole scene in one process (``torch.optim`` on it).
 
 (fp64 is not checked: DeepSpeed's stage 0 refuses float64 gradients and ZeRO
 1-3 keep fp32 master weights.)
+
+And the Trainer itself (``rest-ds train``'s step) with dropout and DropPath:
+1 rank and 2 ranks draw the same masks (SPIM's grid-invariant RNG at sp = 1
+too), and a 1-rank run resumed from a checkpoint repeats its next step.
 """
 from __future__ import annotations
 
