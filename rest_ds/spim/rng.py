@@ -216,11 +216,11 @@ def _bits(seed: int, x: torch.Tensor, kept: int | None = None, scale: int = 1, o
 
 
 def _keep_mask(seed: int, x: torch.Tensor, kept: int | None, p: float, dtype: torch.dtype,
-               scale: float | None) -> torch.Tensor:
+               divisor: float | None) -> torch.Tensor:
     """Dropout's keep mask on the index shape of ``(x, kept)``, in ``dtype``: 1 where
     the element's 53 top random bits are ``>= ceil(p * 2**53)`` (P = 1 - p), else 0;
-    then divided by ``scale`` when given. The same values as
-    ``(_u53_of(bits) >= T).to(dtype) / scale``, but compared on all 64 bits
+    then divided by ``divisor`` when given. The same values as
+    ``(_u53_of(bits) >= T).to(dtype) / divisor``, but compared on all 64 bits
     (``bits >= T * 2**11`` unsigned, i.e. signed after flipping both sign bits)
     inside each chunk: no full-size int64 or float temporaries."""
     device = _local(x).device
@@ -232,8 +232,8 @@ def _keep_mask(seed: int, x: torch.Tensor, kept: int | None, p: float, dtype: to
         z ^= _SIGN
         m = flat[lo:hi]
         torch.ge(z, threshold, out=m)
-        if scale is not None:
-            m.div_(scale)
+        if divisor is not None:
+            m.div_(divisor)
     return mask
 
 
