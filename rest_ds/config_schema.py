@@ -202,7 +202,7 @@ def parse_dataclass(cls, data: Any, where: str | None, key: str):
     """An instance of dataclass ``cls`` from a mapping (or an instance of it);
     ``key`` is the mapping's dotted path in the file ("" for the top level)."""
     if isinstance(data, cls):
-        data = dataclasses.asdict(data)
+        data = {k: v for k, v in dataclasses.asdict(data).items() if k in public_fields(cls)}
     shorthand = getattr(cls, "config_shorthand", None)
     if shorthand is not None and not isinstance(data, dict):
         data = shorthand(data)

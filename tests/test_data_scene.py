@@ -42,6 +42,7 @@ def test_yaml_loading_resolves_paths_and_round_trips(tmp_path):
     s.to_yaml(tmp_path / "copy.yaml")
     t = Scene.from_yaml(tmp_path / "copy.yaml")
     assert t.to_dict() == s.to_dict()
+    assert Scene.from_dict(s).to_dict() == s.to_dict()   # a Scene is its own description
 
 
 @pytest.mark.parametrize("patch, message", [
