@@ -68,6 +68,7 @@ def test_point_to_point_any_size_between_neighbours():
         assert o["bad"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_non_neighbours_fall_back_to_gloo():
     # on a 1x3 grid ranks 0 and 2 are not neighbours: no mailbox, gloo carries it
@@ -78,6 +79,7 @@ def test_non_neighbours_fall_back_to_gloo():
     assert all(o["bad"] == [] for o in out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_disabled_by_environment_uses_gloo():
     out = spawn(_exchange_rank, 2, (1, 2), [3, 100_000], "0")
@@ -144,6 +146,7 @@ def _waiting_rank(mode):
         return {"type": type(e).__name__, "msg": str(e), "after_s": time.monotonic() - t0}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_waiting_rank_raises_when_its_peer_exited():
     r0 = spawn(_waiting_rank, 2, "exited", timeout_s=60)[0]
@@ -151,6 +154,7 @@ def test_waiting_rank_raises_when_its_peer_exited():
     assert r0["after_s"] < 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_waiting_rank_times_out_with_a_message():
     # 4 s: long enough for the ranks to start and meet on a loaded machine
@@ -168,7 +172,7 @@ def _model_rank(shm_env):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("shm_env", ["1", "0"], ids=["shm", "gloo"])
+@pytest.mark.parametrize("shm_env", ["1", pytest.param("0", marks=pytest.mark.slow)], ids=["shm", "gloo"])
 def test_model_exact_over_either_transport(shm_env):
     out = spawn(_model_rank, 4, shm_env)
     for o in out:

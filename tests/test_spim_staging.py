@@ -18,7 +18,7 @@ from torch import nn
 from rest_ds.spim import SpatialMesh, TileLayout, comm
 from rest_ds.spim.verify import compare_sharded
 
-from .harness import TOL32, check_report, run_grid
+from .harness import TOL32, check_report, grid_params, run_grid
 from .nets import TOKENS_HW, TokenBlock
 
 H, W = TOKENS_HW
@@ -55,7 +55,7 @@ def _rank(grid):
     return out
 
 
-@pytest.mark.parametrize("grid", list(LAYOUTS), ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("grid", grid_params(LAYOUTS, (1, 2)))
 def test_staged_collectives_are_exact(grid):
     res = run_grid(_rank, grid)
     for staged, (errors, refused, _) in res.items():
@@ -65,6 +65,8 @@ def test_staged_collectives_are_exact(grid):
     assert {"halo", "all_reduce"} <= kinds and kinds & {"all_to_all", "all_gather"}, kinds
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
 def test_verify_device_cuda_without_gpu_is_a_clear_error():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, also where there is one
     r = subprocess.run([sys.executable, "-m", "rest_ds.cli", "verify", "rest_ds.models.zoo:resnet18_upernet",
