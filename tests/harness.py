@@ -40,11 +40,13 @@ TOL32, TOL64 = TOL[torch.float32], TOL[torch.float64]
 
 
 @lru_cache(maxsize=None)
-def run_ranks(rank_fn: Callable, world: int, *args: Any, timeout_s: float = 600.0) -> list:
+def run_ranks(rank_fn: Callable, world: int, *args: Any, timeout_s: float = 600.0,
+              collective_timeout_s: float = 120.0) -> list:
     """``rank_fn(*args)`` on ``world`` gloo ranks, once per (function, world, args)
     in this pytest process (args must be hashable); returns every rank's result.
-    A rank that raises fails the calling test with its traceback (RankError)."""
-    return spawn(rank_fn, world, *args, timeout_s=timeout_s)
+    A rank that raises fails the calling test with its traceback (RankError);
+    tests of that failure path itself call ``spawn``."""
+    return spawn(rank_fn, world, *args, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s)
 
 
 def run_grid(rank_fn: Callable, grid: tuple[int, int], *args: Any):

@@ -16,6 +16,8 @@ from rest_ds.spim.errors import SPIMError, SPIMUnsupportedError
 from rest_ds.spim.spawn import RankError, spawn
 from rest_ds.spim.tiling import TileLayout, check_aligned, choose_grid, factorisations, split_extent, tile_sizes
 
+from .harness import run_ranks
+
 NO_ERROR = "no error"
 
 
@@ -187,12 +189,12 @@ def _one_rank_raises():
 
 @pytest.fixture(scope="module")
 def grid2x2():
-    return spawn(_grid2x2_cases, 4, timeout_s=300, collective_timeout_s=60)
+    return run_ranks(_grid2x2_cases, 4, timeout_s=300, collective_timeout_s=60)
 
 
 @pytest.fixture(scope="module")
 def three_ranks():
-    return spawn(_three_rank_cases, 3, timeout_s=300, collective_timeout_s=60)
+    return run_ranks(_three_rank_cases, 3, timeout_s=300, collective_timeout_s=60)
 
 
 def _same_error_everywhere(results, case, exc_type=SPIMError):

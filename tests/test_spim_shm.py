@@ -20,6 +20,7 @@ from rest_ds.spim.halo import start_exchange
 from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
 
+from .harness import run_ranks
 from .nets import conv_bn_pool_net
 
 
@@ -59,8 +60,8 @@ def _exchange_rank(grid, sizes, shm_env):
 @pytest.mark.timeout(300)
 def test_point_to_point_any_size_between_neighbours():
     # sizes from one element to several slots (chunked, both slots in flight)
-    sizes = [1, 7, 4096, 32768, 32769, 200_000, 3]
-    out = spawn(_exchange_rank, 4, (2, 2), sizes, "1")
+    sizes = (1, 7, 4096, 32768, 32769, 200_000, 3)
+    out = run_ranks(_exchange_rank, 4, (2, 2), sizes, "1")
     for o in out:
         assert o["shm"] and all(o["mailboxes"].values())
         assert o["a2a_shm"]  # every pair of a 2x2 grid touches: all-to-alls go through the mailboxes too
@@ -72,7 +73,7 @@ def test_point_to_point_any_size_between_neighbours():
 @pytest.mark.timeout(300)
 def test_non_neighbours_fall_back_to_gloo():
     # on a 1x3 grid ranks 0 and 2 are not neighbours: no mailbox, gloo carries it
-    out = spawn(_exchange_rank, 3, (1, 3), [5, 70_000], "1")
+    out = run_ranks(_exchange_rank, 3, (1, 3), (5, 70_000), "1")
     assert out[0]["mailboxes"] == {1: True, 2: False}
     assert out[2]["mailboxes"] == {0: False, 1: True}
     assert [o["a2a_shm"] for o in out] == [False] * 3  # the same choice on every rank: gloo's all-to-all
@@ -82,7 +83,7 @@ def test_non_neighbours_fall_back_to_gloo():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_disabled_by_environment_uses_gloo():
-    out = spawn(_exchange_rank, 2, (1, 2), [3, 100_000], "0")
+    out = run_ranks(_exchange_rank, 2, (1, 2), (3, 100_000), "0")
     assert [o["shm"] for o in out] == [False, False]
     assert [o["a2a_shm"] for o in out] == [False, False]
     assert all(o["bad"] == [] for o in out)
@@ -113,7 +114,7 @@ def _collective_rank():
 
 @pytest.mark.timeout(300)
 def test_collectives_exact_and_identical_on_all_ranks():
-    out = spawn(_collective_rank, 3)
+    out = run_ranks(_collective_rank, 3)
     gens = [torch.Generator().manual_seed(7 + k) for k in range(3)]
     parts = [torch.randn(3, 5, generator=g, dtype=torch.float32) for g in gens]
     want = {"SUM": parts[0] + parts[1] + parts[2], "MAX": torch.stack(parts).amax(0), "MIN": torch.stack(parts).amin(0)}
@@ -174,7 +175,7 @@ def _model_rank(shm_env):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("shm_env", ["1", pytest.param("0", marks=pytest.mark.slow)], ids=["shm", "gloo"])
 def test_model_exact_over_either_transport(shm_env):
-    out = spawn(_model_rank, 4, shm_env)
+    out = run_ranks(_model_rank, 4, shm_env)
     for o in out:
         assert o["shm"] == (shm_env == "1")
         assert o["refused"] is None
