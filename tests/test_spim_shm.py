@@ -108,7 +108,10 @@ def _collective_rank():
     big = torch.full((100_000,), float(r + 1))
     out["big"] = all_reduce_(big, mesh)[:3].clone()
     out["shm"] = mesh.shm is not None
-    out["files"] = glob.glob("/dev/shm/rest_ds_spim_*")
+    # this group's segment (named after the pid of sp rank 0, its creator), not other jobs' on the machine
+    pids = [None] * mesh.sp
+    dist.all_gather_object(pids, os.getpid(), group=mesh.sp_group)
+    out["files"] = glob.glob(f"/dev/shm/rest_ds_spim_{pids[0]}_*")
     return out
 
 
