@@ -129,6 +129,14 @@ def _ranks(tmp: str):
     out["shm_unlinked"] = dsc.unlink_cpu_allreduce_shm()
     out["shm_after"] = os.path.exists(shm)
     out["shm_again"] = dsc.unlink_cpu_allreduce_shm()   # a second init_comm: nothing to do
+    real = dsc.comm_backend
+    dsc.comm_backend = lambda: object()                  # a DeepSpeed whose backend lacks the shm op
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["shm_other_ds"] = (dsc.unlink_cpu_allreduce_shm(), [str(w.message) for w in caught])
+    finally:
+        dsc.comm_backend = real
     cdb = dsc.comm_backend()
     out["comm_ops_missing"] = [n for n in dsc.COMM_OPS if not callable(getattr(cdb, n, None))]
 
@@ -187,6 +195,9 @@ def ranks(tmp_path_factory):
 def test_cpu_allreduce_shm_files_named_and_unlinked(ranks):
     for r in ranks:
         assert r["shm_before"] and r["shm_unlinked"] and not r["shm_after"] and not r["shm_again"], r
+        done, msgs = r["shm_other_ds"]
+        assert not done and any("adaptation 'unlink the CPU all-reduce /dev/shm files'" in m
+                                and "shm_comm_op" in m for m in msgs), msgs
 
 
 @pytest.mark.timeout(600)

@@ -151,7 +151,11 @@ def unlink_cpu_allreduce_shm() -> bool:
         return False
     backend = comm_backend()
     name = cpu_allreduce_shm_name(dist.get_rank())
-    if getattr(backend, "shm_comm_op", None) is None or name in _UNLINKED:  # no files, or done already
+    if not check("unlink the CPU all-reduce /dev/shm files", hasattr(backend, "shm_comm_op"),
+                 "its comm backend has no 'shm_comm_op' (its /dev/shm files, if any, are left behind)",
+                 error=False):
+        return False
+    if backend.shm_comm_op is None or name in _UNLINKED:  # the op was not built (no files), or done already
         return False
     dist.barrier()
     try:

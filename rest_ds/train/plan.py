@@ -104,13 +104,13 @@ class LiveBytes:
 
 # --- measurements ----------------------------------------------------------------------------------
 def _train_config(model: dict, zero_stage: int = 2, optimizer: str = "adamw", precision: str = "fp32",
-                  act_ckpt: bool = False, grid: tuple[int, int] | None = None):
+                  act_ckpt: bool = False, grid: tuple[int, int] | None = None, bucket: int | None = None):
     from .config import load_config
 
     return load_config(data={
         "name": "plan", "model": model, "data": {"scenes": ["(plan)"]},
         "mesh": {"grid": f"{grid[0]}x{grid[1]}" if grid else "auto"},
-        "deepspeed": {"zero_stage": zero_stage, "precision": precision},
+        "deepspeed": {"zero_stage": zero_stage, "precision": precision, "reduce_bucket_size": bucket},
         "optimizer": {"name": optimizer}, "train": {"activation_checkpointing": act_ckpt}})
 
 
@@ -127,7 +127,7 @@ def measure_step(spec: dict) -> dict:
     tensor bytes over all of it (:class:`LiveBytes`) and the time of one more step.
 
     ``spec``: model (ModelConfig mapping), in_chans, num_classes, hw, grid (PH, PW),
-    zero_stage, optimizer, act_ckpt, steps."""
+    zero_stage, optimizer, act_ckpt, steps, optionally bucket (deepspeed.reduce_bucket_size)."""
     import torch
     import torch.distributed as dist
 
@@ -139,7 +139,8 @@ def measure_step(spec: dict) -> dict:
 
     dsc.init_comm()
     grid = tuple(spec["grid"])
-    cfg = _train_config(spec["model"], spec["zero_stage"], spec["optimizer"], "fp32", spec["act_ckpt"], grid)
+    cfg = _train_config(spec["model"], spec["zero_stage"], spec["optimizer"], "fp32", spec["act_ckpt"], grid,
+                        spec.get("bucket"))
     sp = grid[0] * grid[1]
     K, C = spec["num_classes"], spec["in_chans"]
     gen = torch.Generator().manual_seed(1)
