@@ -17,7 +17,6 @@ import torch.distributed as dist
 from rest_ds.spim import SpatialMesh, TileLayout
 from rest_ds.spim.comm import all_gather_equal, all_reduce_, all_to_all, start_all_reduce_
 from rest_ds.spim.halo import start_exchange
-from rest_ds.spim.spawn import spawn
 from rest_ds.spim.verify import compare_sharded
 
 from .harness import run_ranks
@@ -153,7 +152,7 @@ def _waiting_rank(mode):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_waiting_rank_raises_when_its_peer_exited():
-    r0 = spawn(_waiting_rank, 2, "exited", timeout_s=60)[0]
+    r0 = run_ranks(_waiting_rank, 2, "exited", timeout_s=60)[0]
     assert r0["type"] == "SPIMError" and "has exited" in r0["msg"], r0
     assert r0["after_s"] < 3.0
 
@@ -162,7 +161,7 @@ def test_waiting_rank_raises_when_its_peer_exited():
 @pytest.mark.timeout(120)
 def test_waiting_rank_times_out_with_a_message():
     # 4 s: long enough for the ranks to start and meet on a loaded machine
-    r0 = spawn(_waiting_rank, 2, "stalled", timeout_s=60, collective_timeout_s=4.0)[0]
+    r0 = run_ranks(_waiting_rank, 2, "stalled", timeout_s=60, collective_timeout_s=4.0)[0]
     assert r0["type"] == "SPIMError" and "timeout" in r0["msg"], r0
     assert 3.5 < r0["after_s"] < 10.0
 
