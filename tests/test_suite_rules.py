@@ -1,4 +1,4 @@
-"""Rules of the test suite itself (tests/README in README's test section): shared
+"""Rules of the test suite itself (README, the test tiers paragraph): shared
 helpers live in helper modules (tests/harness.py, nets.py, rasters.py,
 train_scene.py, zoo_models.py, conftest.py), never in a test module, and are
 written once."""
