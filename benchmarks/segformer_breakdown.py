@@ -17,6 +17,9 @@ is SPIM's own cost; ``plain_tile_whole_kv - plain_tile`` the attention work a
 rank cannot avoid (its queries meet the whole scene's keys). One more sharded
 run under cProfile (clock: thread CPU time) splits SPIM's cost into the K/V
 all-to-all, the halo exchanges and SPIM's own Python (see :func:`_spim_kinds`).
+Last, :func:`sdpa_inherent` times SDPA forward+backward alone at the plain
+tile's and the sharded rank's attention shapes (the kernels' share of the
+inherent work).
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/segformer_breakdown.py [--size 1024] [--sp 2] [--repeats 3]``.
 Prints a table and one JSON line (prefixed ``JSON``).
@@ -77,6 +80,44 @@ def _spim_kinds(st: pstats.Stats) -> dict:
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
     kinds["top"] = [[f"{os.path.basename(f)}:{ln}({n})", round(v[2], 4), v[1]] for (f, ln, n), v in top]
     return kinds
+
+
+def sdpa_shapes(size: int, sp: int) -> list[tuple[int, tuple, tuple]]:
+    """Per stage of SegFormer-B0 on a ``size`` scene split 1 x ``sp`` (even tiles):
+    ``(blocks, plain-tile (heads, queries, keys), sharded (heads, queries, keys))``
+    of its attention: a plain tile's queries meet the tile's reduced keys, a
+    sharded rank's the whole scene's (stage 4, sr 1: Ulysses, heads / sp over
+    every token, when heads % sp == 0)."""
+    cfg = build_segformer_b0(BANDS).encoder.model.config
+    out, stride = [], 1
+    for depth, heads, sr, s in zip(cfg.depths, cfg.num_attention_heads, cfg.sr_ratios, cfg.strides):
+        stride *= s
+        n_q = (size // stride) * (size // sp // stride)
+        n_all = (size // stride) ** 2
+        if sr == 1 and heads % sp == 0:
+            out.append((depth, (heads, n_q, n_q), (heads // sp, n_all, n_all)))
+        else:
+            out.append((depth, (heads, n_q, n_q // sr ** 2), (heads, n_q, n_all // sr ** 2)))
+    return out
+
+
+def sdpa_inherent(size: int, sp: int, head_dim: int = 32, repeats: int = 5) -> dict:
+    """CPU seconds (this thread, median of ``repeats``) of SDPA forward+backward
+    alone at :func:`sdpa_shapes`, summed over the blocks: the attention kernels'
+    part of the work a sharded rank cannot avoid."""
+    def run(h, nq, nk):
+        q, k, v = (torch.randn(1, h, n, head_dim, requires_grad=True) for n in (nq, nk, nk))
+        times = []
+        for _ in range(repeats):
+            c0 = time.thread_time()
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+            times.append(time.thread_time() - c0)
+        return statistics.median(times)
+    plain = sharded = 0.0
+    for depth, pt, sh in sdpa_shapes(size, sp):
+        plain += depth * run(*pt)
+        sharded += depth * run(*sh)
+    return {"plain_tile": plain, "sharded": sharded, "extra": sharded - plain}
 
 
 def _fwd_bwd(model, x):
@@ -140,7 +181,13 @@ def main(argv=None) -> dict:
               f"{k['total']:.3f} | K/V all_to_all {k['kv_all_to_all']:.3f} | halo {k['halo']:.3f} | "
               f"SPIM python (own time) {k['spim_python']:.3f}")
         print("    largest own times: " + ", ".join(f"{n} {t:.3f} s/{c}" for n, t, c in k["top"]))
-    result = {"size": args.size, "grid": list(grid), "repeats": args.repeats, "median_s": med, "ranks": res}
+    torch.set_num_threads(1)
+    sd = sdpa_inherent(args.size, args.sp)
+    print(f"\n  SDPA forward+backward alone at the attention shapes (this process, one thread, CPU): plain tile "
+          f"{sd['plain_tile']:.3f} s, sharded rank {sd['sharded']:.3f} s: +{sd['extra']:.3f} s, "
+          f"{sd['extra'] / med['plain_tile']['cpu']:.2f} of the plain tile's CPU time")
+    result = {"size": args.size, "grid": list(grid), "repeats": args.repeats, "median_s": med, "ranks": res,
+              "sdpa_s": sd}
     print("JSON " + json.dumps(result, sort_keys=True))
     return result
 
