@@ -267,11 +267,10 @@ def _ft_case(stage, finetune):
     import torch.nn.functional as F
 
     from rest_ds.spim import SpatialMesh, from_local, parallelize
-    from rest_ds.spim.tensor import SpatialTensor, Spec
     from rest_ds.spim.tiling import TileLayout
     from rest_ds.spim.verify import rel_error
-    from rest_ds.train.engine import (build_model, check_functionals, make_optimizer, make_scheduler,
-                                      zero3_spatial_hooks)
+    from rest_ds.train import deepspeed_compat as dsc
+    from rest_ds.train.engine import build_model, make_optimizer, make_scheduler
     from rest_ds.train.finetune import apply_freezing, apply_lora, describe, merge_lora, param_groups
     from rest_ds.train.metrics import pixel_loss
 
@@ -299,15 +298,12 @@ def _ft_case(stage, finetune):
     parallelize(model, mesh, align=model.align)
     opt = make_optimizer(model, cfg, groups)
     zero = {"stage": stage, **({"memory_efficient_linear": False} if stage == 3 else {})}
-    engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=make_scheduler(opt, cfg),
-        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-                "steps_per_print": 10 ** 9})
-    if stage == 3:
-        zero3_spatial_hooks(engine.module)
-    check_functionals()
+    engine, _, _, sched = dsc.initialize(
+        model, opt, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
+                     "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9},
+        lr_scheduler=make_scheduler(opt, cfg))
     xs = from_local(x[..., rows, cols].contiguous(), mesh, layout=layout)
-    ys = SpatialTensor(y[..., rows, cols].contiguous(), Spec(mesh, (1, 2), layout.rows, layout.cols))
+    ys = from_local(y[..., rows, cols].contiguous(), mesh, dims=(1, 2), layout=layout)
     after = []
     for _ in range(2):
         engine.backward(pixel_loss(engine(xs), ys))

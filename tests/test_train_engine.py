@@ -66,17 +66,15 @@ def _params(engine, stage):
 
 
 def _case(stage, grid, opt_name, steps, act_ckpt):
-    import deepspeed
     import torch.distributed as dist
     import torch.nn.functional as F
     from deepspeed.utils import safe_get_full_grad
 
     from rest_ds.spim import SpatialMesh, from_local, parallelize
-    from rest_ds.spim.tensor import SpatialTensor, Spec
     from rest_ds.spim.tiling import TileLayout
     from rest_ds.spim.verify import rel_error
-    from rest_ds.train.engine import (build_model, check_functionals, enable_activation_checkpointing,
-                                      zero3_spatial_hooks)
+    from rest_ds.train import deepspeed_compat as dsc
+    from rest_ds.train.engine import build_model, enable_activation_checkpointing
     from rest_ds.train.metrics import pixel_loss
 
     mesh = SpatialMesh.build(grid=grid)
@@ -95,12 +93,10 @@ def _case(stage, grid, opt_name, steps, act_ckpt):
     zero = {"stage": stage, **({"memory_efficient_linear": False} if stage == 3 else {})}
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
            "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(opt_name, model.parameters()), config=cfg)
-    if stage == 3:
-        zero3_spatial_hooks(engine.module)
-    check_functionals()
+    # ZeRO-3's backward hooks made tile-aware, the functionals checked (deepspeed_compat)
+    engine, *_ = dsc.initialize(model, _optimizer(opt_name, model.parameters()), cfg)
     xs = from_local(x[..., rows, cols].contiguous(), mesh, layout=layout)
-    ys = SpatialTensor(y[..., rows, cols].contiguous(), Spec(mesh, (1, 2), layout.rows, layout.cols))
+    ys = from_local(y[..., rows, cols].contiguous(), mesh, dims=(1, 2), layout=layout)
     losses, grads = [], []
     for _ in range(steps):
         loss = pixel_loss(engine(xs), ys)
