@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from rest_ds.spim.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,12 +54,6 @@ def first_line(text: str, *prefixes: str) -> str:
         if line.startswith(prefixes or ("error:",)):
             return line
     return "(none)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Bench:
@@ -88,7 +83,7 @@ class Bench:
         print(f"[{len(self.rows):2d}] {case}: {outcome} [{seconds:.1f} s] lost: {lost}", flush=True)
 
     def ranks(self, cfg: Path, world: int, **env) -> list[subprocess.Popen]:
-        port = str(_free_port())
+        port = str(free_port())
         return [subprocess.Popen([sys.executable, "-m", "rest_ds", "train", "--config", str(cfg)], cwd=self.work,
                                  env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                           MASTER_PORT=port, **env),

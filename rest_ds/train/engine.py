@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ..spim import SpatialMesh, from_local, init_distributed, parallelize, rng_state, set_rng_state
 from ..spim.comm import all_reduce_
+from ..spim.spawn import free_port
 from ..spim.tiling import choose_grid
 from . import checkpoint as ckpt
 from . import deepspeed_compat as dsc
@@ -57,14 +58,6 @@ from .metrics import class_weights_from_counts, confusion_matrix, segmentation_l
 
 
 # --- process set-up ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def set_threads(n: int | None) -> int:
     """torch threads of this rank: ``n`` (``train.threads``), else ``$OMP_NUM_THREADS``, else
     the cores this process may use divided by the ranks on its node (the launcher's
@@ -94,7 +87,7 @@ def init_job(timeout_s: float | None = None) -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         init_distributed(timeout_s=timeout_s)
     dsc.init_comm()
     return dist.get_rank(), dist.get_world_size()
