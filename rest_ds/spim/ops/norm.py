@@ -256,9 +256,8 @@ class _GroupNormScene(torch.autograd.Function):
         mean = (n_i * m_i).sum(0) / count
         ssd = (n_i * (v_i + (m_i - mean).square())).sum(0)
         mean_x, var_x = mean.to(xc.dtype), (ssd / count).to(xc.dtype)
-        y = F.batch_norm(xc, mean_x.repeat_interleave(rep), var_x.repeat_interleave(rep),
-                         None if weight is None else weight.repeat(N), None if bias is None else bias.repeat(N),
-                         False, 0.0, eps)
+        stats = torch.stack([mean_x, var_x]).repeat_interleave(rep, 1)  # (2, N*C): one op for both
+        y = F.batch_norm(xc, stats[0], stats[1], _per_sample(weight, N), _per_sample(bias, N), False, 0.0, eps)
         ctx.save_for_backward(xc, weight, mean_x, var_x)
         ctx.cfg = (N, groups, count, eps, mesh, bias is not None)
         ctx.mark_non_differentiable(mean, ssd)
@@ -271,32 +270,37 @@ class _GroupNormScene(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         C = xc.shape[1] // N
         rep = C // groups
-        invstd = torch.rsqrt(var_x.double() + eps).repeat_interleave(rep)  # (N*C,) fp64
-        mean_c = mean_x.repeat_interleave(rep)
+        # (N*C,) per-channel copies of the group statistics, both in one op
+        invstd, mean_c = torch.stack([torch.rsqrt(var_x.double() + eps), mean_x.double()]).repeat_interleave(rep, 1)
         gc = g.contiguous().view(xc.shape)
         # this tile's per-(sample, channel) sums of g * x_hat and g, one pass
         _, s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
-            gc, xc, None, None, None, mean_c, invstd.to(xc.dtype), True, eps, [False, True, True])
+            gc, xc, None, None, None, mean_c.to(xc.dtype), invstd.to(xc.dtype), True, eps, [False, True, True])
         gx = gw = gb = None
         if need_x:
-            w = (torch.ones(N * C, dtype=torch.float64, device=xc.device) if weight is None
-                 else weight.double().repeat(N))
             # the gradient the normalisation sees is g * w: its per-group sums over the scene
-            wait = start_all_reduce_(torch.stack([s_g.double() * w, s_gx.double() * w]).view(2, N * groups, rep)
-                                     .sum(2), mesh)
-            scale = invstd * w
+            sg = torch.stack([s_g, s_gx]).double()
+            w = None if weight is None else _per_sample(weight, N).double()
+            wait = start_all_reduce_((sg if w is None else sg.mul_(w)).view(2, N * groups, rep).sum(2), mesh)
+            scale = invstd if w is None else invstd * w
             gx = gc * scale.to(xc.dtype).view(1, N * C, 1)
             sums = wait()
-            c_g = (sums[0] / count).repeat_interleave(rep) * invstd
-            c_x = (sums[1] / count).repeat_interleave(rep) * invstd * invstd
+            c_g, c_x = (sums / count).repeat_interleave(rep, 1).mul_(invstd)
+            c_x = c_x * invstd
             # invstd (g w - S_g / n - x_hat S_gx / n) as x * alpha + beta: two passes, no temporary
             gx.addcmul_(xc, (-c_x).to(xc.dtype).view(1, N * C, 1)).sub_(
-                (c_g - c_x * mean_c.double()).to(xc.dtype).view(1, N * C, 1))
+                (c_g - c_x * mean_c).to(xc.dtype).view(1, N * C, 1))
         if need_w and weight is not None:
             gw = s_gx.view(N, C).sum(0).to(weight.dtype)
         if need_b and has_bias:
             gb = s_g.view(N, C).sum(0)
         return gx, gw, gb, None, None, None, None, None
+
+
+def _per_sample(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A per-channel parameter repeated for ``n`` samples (the (N*C,) channels of a
+    (1, N*C, -1) view); itself for one sample (no copy)."""
+    return p if p is None or n == 1 else p.repeat(n)
 
 
 def norm_affine(x: torch.Tensor, weight, bias, dims: tuple[int, ...], count: int, eps: float, mesh):
