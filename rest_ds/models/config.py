@@ -45,7 +45,6 @@ resized, band rule).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from ..config_schema import ConfigError, bounded, check_ranges, load_yaml, parse
 from . import decoders as _decoders  # noqa: F401  (registers the decoders)
 from .decoders import NORMS
 from .necks import NECKS, build_neck
-from .registry import DECODERS, ENCODERS, build_decoder, build_encoder
+from .registry import DECODERS, ENCODERS, build_decoder, build_encoder, import_encoders
 from .segmentor import Segmentor
 
 
@@ -203,15 +202,6 @@ def _check_factory_kwargs(table, kind, name, kwargs, where, key, reserved=(), ex
 
 
 # --- building -------------------------------------------------------------------------------
-
-def import_encoders() -> None:
-    """Import ``rest_ds.models.encoders`` (which registers the encoders) if it exists."""
-    try:
-        importlib.import_module("rest_ds.models.encoders")
-    except ModuleNotFoundError as e:
-        if e.name != "rest_ds.models.encoders":
-            raise
-
 
 def _build_encoder(cfg: EncoderConfig, where) -> nn.Module:
     import_encoders()

@@ -13,6 +13,7 @@ level returns that level's); the Segmentor upsamples them to the input.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from torch import nn
@@ -44,7 +45,14 @@ def _lookup(table: dict, kind: str, name: str):
     return table[name]
 
 
+def import_encoders() -> None:
+    """Import ``rest_ds.models.encoders``, whose modules register the encoders (timm and
+    transformers are imported only then, not with ``rest_ds.models``)."""
+    importlib.import_module("rest_ds.models.encoders")
+
+
 def build_encoder(name: str, **kwargs) -> nn.Module:
+    import_encoders()
     return _lookup(ENCODERS, "encoder", name)(**kwargs)
 
 
