@@ -8,12 +8,23 @@ re-times forward + backward on the captured tensors (same storage and strides) a
 on contiguous copies.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/sdpa_in_step.py [steps]``."""
-import os, sys, time, statistics
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE)); sys.path.insert(0, _HERE)
-import torch, torch.nn.functional as F
+from __future__ import annotations
 
-def probed_rank_main(args):
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
+
+def probed_rank_main(args: dict) -> dict:
+    """``step_overhead.rank_main`` with every plain-tensor SDPA call recorded; returns report lines."""
     import step_overhead as so
     orig = F.scaled_dot_product_attention
     rec = []
@@ -30,8 +41,10 @@ def probed_rank_main(args):
             st = {}
             def pre(go):  # grad_out reaches the node: start its clock
                 r["gos"] = go[0].stride(); st["t"] = time.thread_time(); st["w"] = time.perf_counter()
+                st["cs"] = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
             def post(gi, go):
                 r["bwd"] = time.thread_time() - st["t"]; r["bwdw"] = time.perf_counter() - st["w"]
+                r["csw"] = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw - st["cs"]
             o.grad_fn.register_prehook(pre); o.grad_fn.register_hook(post)
             r["saved"] = (q, k, v)
         return o
@@ -44,35 +57,43 @@ def probed_rank_main(args):
         if "bwd" not in r: continue
         key = (r["nq"], r["nk"], r["qs"], r["ks"], r["vs"], r.get("gos"), r["grad_fn"], r["kbase"], r["threads"])
         summ.setdefault(key, {"fwd": [], "bwd": [], "bwdw": []}); summ[key]["bwdw"].append(r["bwdw"])
+        summ[key].setdefault("csw", []).append(r["csw"])
         summ[key]["fwd"].append(r["fwd"]); summ[key]["bwd"].append(r["bwd"])
     lines = []
     for key, d in summ.items():
-        lines.append(f"in-step {key}: n={len(d['fwd'])} fwd {statistics.median(d['fwd'])*1e3:.3f} ms bwd-node {statistics.median(d['bwd'])*1e3:.3f} ms (wall median {statistics.median(d['bwdw'])*1e3:.3f} max {max(d['bwdw'])*1e3:.3f})")
+        med = {k: statistics.median(d[k]) * 1e3 for k in ("fwd", "bwd", "bwdw")}
+        lines.append(f"in-step {key}: n={len(d['fwd'])} fwd {med['fwd']:.3f} ms bwd-node {med['bwd']:.3f} ms "
+                     f"(wall median {med['bwdw']:.3f} max {max(d['bwdw']) * 1e3:.3f}; "
+                     f"involuntary context switches per call {statistics.mean(d['csw']):.2f})")
     # re-time the exact captured tensors (same storage/strides) outside the step
     seen = {}
     for r in rec:
         if "saved" in r and r["nk"] not in seen:
             seen[r["nk"]] = r
-    def timeit(fn, n=20):
-        for _ in range(3): fn()
-        ts = []
-        for _ in range(n):
-            t = time.thread_time(); fn(); ts.append(time.thread_time() - t)
-        return statistics.median(ts) * 1e3
-    for nk, r in seen.items():
+
+    def variants(r):
+        """(label, q, k, v): the captured tensors (same storage and strides), q alone made
+        contiguous, and all three contiguous, as leaves that require grad."""
         q, k, v = (x.detach() for x in r["saved"])
-        gos = r["gos"]
-        for label, (qq, kk, vv) in (("captured", (q, k, v)), ("contig", (q.contiguous(), k.contiguous(), v.contiguous()))):
-            qq, kk, vv = (x.clone() if label=="contig" else x for x in (qq, kk, vv))
-            qq = qq.requires_grad_() if label == "contig" else q.requires_grad_()
-            kk.requires_grad_(); vv.requires_grad_()
-            def f():
-                o = orig(qq, kk, vv)
-                g = torch.empty_strided(o.shape, gos).normal_() if gos else torch.randn(o.shape)
-                o.backward(g)
-            fw = timeit(lambda: orig(qq.detach(), kk.detach(), vv.detach()))
-            lines.append(f"out-of-step nk={nk} {label}: fwd {fw:.3f} ms fwd+bwd {timeit(f):.3f} ms")
+        for label, ts in (("captured", (q, k, v)), ("q-contig", (q.contiguous(), k, v)),
+                          ("all-contig", (q.contiguous(), k.contiguous(), v.contiguous()))):
+            yield label, [x.detach().requires_grad_() for x in ts]  # detach keeps storage and strides
+
+    for nk, r in seen.items():
+        cases = list(variants(r))
+        o = orig(*(t.detach() for t in cases[0][1]))
+        g = torch.empty_strided(o.shape, r["gos"]).normal_()  # grad_out in the layout the step hands in
+        times = {label: [] for label, _ in cases}
+        for rep in range(23):  # round-robin so load drifts hit every variant alike
+            for label, ts in cases:
+                t = time.thread_time()
+                orig(*ts).backward(g)
+                if rep >= 3:
+                    times[label].append(time.thread_time() - t)
+        lines.append(f"out-of-step nk={nk} fwd+bwd: " + ", ".join(
+            f"{label} {statistics.median(v) * 1e3:.3f} ms" for label, v in times.items()))
     return {"spim": out.get("spim"), "plain": out.get("plain"), "lines": lines}
+
 
 if __name__ == "__main__":
     from rest_ds.spim.spawn import spawn
@@ -82,4 +103,5 @@ if __name__ == "__main__":
     outs = spawn(probed_rank_main, 2, a, timeout_s=900)
     for i, o in enumerate(outs):
         print(f"rank {i}: step CPU spim {o['spim']:.3f} s plain {o['plain']:.3f} s")
-        for l in o["lines"]: print("  ", l)
+        for line in o["lines"]:
+            print("  ", line)
