@@ -2,10 +2,11 @@
 ``step_overhead.py``'s ranks (main job's model, 1x2 grid, 256 x 256 tiles) with
 ``F.scaled_dot_product_attention`` wrapped, and reports per rank, for each
 (shape, strides, grad_out strides, backward node, storage size, threads) the kernel
-saw: forward thread CPU, and the backward node's thread CPU (and wall) measured
-between the node's pre- and post-hooks. Then, in the same process after the steps,
-re-times forward + backward on the captured tensors (same storage and strides) and
-on contiguous copies.
+saw: forward thread CPU, and the backward node's thread CPU, wall and involuntary
+context switches measured between the node's pre- and post-hooks. Then, in the same
+process after the steps, re-times forward + backward (interleaved, thread CPU) on the
+captured tensors (same storage and strides), with q made contiguous, and with q, k, v
+all contiguous, each with grad_out in the step's layout.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/sdpa_in_step.py [steps]``."""
 from __future__ import annotations
