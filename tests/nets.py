@@ -85,3 +85,19 @@ def conv_bn_pool_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
                          nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6),
                          nn.Upsample(scale_factor=2, mode="bilinear"))
+
+
+class _Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class CustomFunction(nn.Module):
+    """A user's custom autograd.Function on the tile (SPIM refuses it by name)."""
+    def forward(self, x):
+        return _Double.apply(x)

@@ -17,6 +17,7 @@ from rest_ds.spim.spawn import RankError, spawn
 from rest_ds.spim.tiling import TileLayout, check_aligned, choose_grid, factorisations, split_extent, tile_sizes
 
 from .harness import run_ranks
+from .nets import CustomFunction
 
 NO_ERROR = "no error"
 
@@ -34,21 +35,6 @@ class Roll(nn.Module):
         # without dims torch.roll shifts the flattened tensor: that mixes the sharded dims with the
         # others (a roll over given grid dims is exact, tests/test_models_swin.py)
         return torch.roll(x, shifts=1)
-
-
-class _Double(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
-class CustomFunction(nn.Module):
-    def forward(self, x):
-        return _Double.apply(x)
 
 
 class ReentrantCheckpoint(nn.Module):
