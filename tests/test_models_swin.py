@@ -43,7 +43,6 @@ from rest_ds.models.encoders.bands import HLS, adapt_input_weight
 from rest_ds.models.encoders.swin import swin_align
 from rest_ds.models.registry import build_encoder
 from rest_ds.spim import SpatialMesh, TileLayout, check_aligned
-from rest_ds.spim.ops.roll import roll_pieces
 from rest_ds.spim.verify import compare_sharded
 
 from .harness import TOL, grid_id, run_grid, selected
@@ -154,22 +153,6 @@ def test_swin_and_roll_exact_under_spim(request, grid, case):
     bad = {k: v for k, v in errors.items() if not v <= TOL[dtype]}
     assert not bad, f"{len(bad)} of {len(errors)} above {TOL[dtype]}: " + ", ".join(
         f"{k}={v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:8])
-
-
-def test_roll_pieces_reproduce_torch_roll():
-    # the pure geometry on its own: every output element comes from exactly one piece
-    for part in ((0, 5), (0, 3, 10), (0, 4, 8, 10), (0, 7, 10), (0, 2, 3, 9, 16)):
-        n = part[-1]
-        src = torch.arange(n)
-        for shift in (0, 1, -1, 3, -4, n - 1, n, n + 2, -3 * n - 1, 7):
-            out = torch.full((n,), -1)
-            for j, k, lo, hi, dlo in roll_pieces(part, shift):
-                assert part[j] <= lo < hi <= part[j + 1] and part[k] <= dlo and dlo + hi - lo <= part[k + 1]
-                assert (out[dlo:dlo + hi - lo] == -1).all()
-                out[dlo:dlo + hi - lo] = src[lo:hi]
-            assert torch.equal(out, torch.roll(src, shift)), (part, shift)
-            pairs = [(j, k) for j, k, *_ in roll_pieces(part, shift) if j != k]
-            assert len(pairs) == len(set(pairs)), (part, shift)  # one message per pair of tiles
 
 
 def test_swin_align_and_encoder_contract():

@@ -377,3 +377,47 @@ def test_border_strips_and_piece_terms_brute_force():
                 if reads & halo_px:
                     assert (y, x) in in_strip, (y, x)
     assert fits > 300 and strips_seen > 150, (fits, strips_seen)
+
+
+def test_roll_pieces_reproduce_torch_roll():
+    # the pure geometry on its own: every output element comes from exactly one piece
+    for part in ((0, 5), (0, 3, 10), (0, 4, 8, 10), (0, 7, 10), (0, 2, 3, 9, 16)):
+        n = part[-1]
+        src = torch.arange(n)
+        for shift in (0, 1, -1, 3, -4, n - 1, n, n + 2, -3 * n - 1, 7):
+            out = torch.full((n,), -1)
+            for j, k, lo, hi, dlo in G.roll_pieces(part, shift):
+                assert part[j] <= lo < hi <= part[j + 1] and part[k] <= dlo and dlo + hi - lo <= part[k + 1]
+                assert (out[dlo:dlo + hi - lo] == -1).all()
+                out[dlo:dlo + hi - lo] = src[lo:hi]
+            assert torch.equal(out, torch.roll(src, shift)), (part, shift)
+            pairs = [(j, k) for j, k, *_ in G.roll_pieces(part, shift) if j != k]
+            assert len(pairs) == len(set(pairs)), (part, shift)  # one message per pair of tiles
+
+
+def test_resampling_partition_and_needs_brute_force():
+    """proportional: the outputs before an input border b are those whose scaled extent
+    ends within the first b inputs; tap_needs: the inputs a tile's outputs read, from
+    the taps of torch-equivalent resampling (rest_ds.spim.ops.resample.axis_taps)."""
+    from rest_ds.spim.ops.resample import axis_taps
+
+    rnd = random.Random(7)
+    for _ in range(300):
+        n_in = rnd.randint(2, 40)
+        n_out = rnd.choice([rnd.randint(1, 4 * n_in), n_in * rnd.choice([2, 4, 8]), max(1, n_in // 2)])
+        part = _random_partition(rnd, n_in, rnd.randint(1, min(4, n_in)))
+        bounds = G.proportional(part, n_in, n_out)
+        assert bounds[0] == 0 and bounds[-1] == n_out and list(bounds) == sorted(bounds)
+        for i, b in enumerate(part[1:-1], start=1):
+            assert bounds[i] == sum(1 for o in range(n_out) if (o + 1) * n_in <= b * n_out)
+        empty = [i for i in range(len(part) - 1) if bounds[i + 1] == bounds[i]]
+        assert G.empty_tile(bounds) == (empty[0] if empty else None)
+        if empty:
+            continue
+        mode = rnd.choice(["nearest", "nearest-exact", "bilinear", "bicubic", "area"])
+        ac = mode in ("bilinear", "bicubic") and rnd.random() < 0.5
+        idx, _ = axis_taps(n_in, n_out, mode, ac, None, torch.float64, torch.device("cpu"))
+        lo, hi = tuple(idx.min(0).values.tolist()), tuple(idx.max(0).values.tolist())
+        for t, (a, b) in enumerate(G.tap_needs(bounds, lo, hi)):
+            read = {int(v) for o in range(bounds[t], bounds[t + 1]) for v in idx[:, o].tolist()}
+            assert (a, b) == (min(read), max(read) + 1), (n_in, n_out, mode, part, t)

@@ -389,3 +389,51 @@ def axis_term(a: int, b: int, lo: int, s: int, k: int, d: int, n: int):
         return None
     start, end = lo + o0 * s + j0 * d, lo + (o1 - 1) * s + (j1 - 1) * d + 1
     return (o0, o1), (j0, j1), (a - start, end - b)
+
+
+# ---------------------------------------------------------------- resampling and cyclic rolls
+def proportional(part: Partition, n_in: int, n_out: int) -> Partition:
+    """The output partition of resampling ``n_in`` -> ``n_out`` lines for the input
+    partition ``part``: the first ``b n_out // n_in`` outputs (those whose scaled
+    extent ``[o n_in / n_out, (o + 1) n_in / n_out)`` ends within the first ``b``
+    inputs) belong before an input border ``b``. A tile may get none (equal bounds:
+    see :func:`empty_tile`)."""
+    return (0,) + tuple(b * n_out // n_in for b in part[1:-1]) + (n_out,)
+
+
+def empty_tile(part: Partition) -> int | None:
+    """The first tile that owns nothing in ``part``, or None."""
+    return next((i for i in range(len(part) - 1) if part[i + 1] <= part[i]), None)
+
+
+def tap_needs(out_part: Partition, lo: tuple[int, ...], hi: tuple[int, ...]) -> tuple[Range, ...]:
+    """The input range each tile's outputs read, given the first (``lo[o]``) and last
+    (``hi[o]``) input index every global output ``o`` reads (a resampling's taps)."""
+    return tuple((min(lo[a:b]), max(hi[a:b]) + 1) for a, b in zip(out_part[:-1], out_part[1:]))
+
+
+# (source tile, destination tile, global source start, global source end, global destination start)
+Piece = tuple[int, int, int, int, int]
+
+
+def roll_pieces(part: Partition, shift: int) -> list[Piece]:
+    """The pieces of a cyclic roll by ``shift`` of an axis split by ``part``.
+
+    Output index ``i`` takes input index ``(i - shift) mod n`` (``torch.roll``).
+    Returns every ``(src, dst, lo, hi, dst_lo)``: tile ``dst``'s output rows
+    ``dst_lo : dst_lo + hi - lo`` are tile ``src``'s input rows ``lo : hi``
+    (global indices); the same list on every rank."""
+    n = part[-1]
+    s = shift % n
+    out = []
+    for k in range(len(part) - 1):
+        pos, end = part[k], part[k + 1]
+        while pos < end:
+            src = (pos - s) % n
+            run = min(end - pos, n - src)  # a run stops at the scene's end, where the roll wraps
+            for j in range(len(part) - 1):
+                lo, hi = max(src, part[j]), min(src + run, part[j + 1])
+                if hi > lo:
+                    out.append((j, k, lo, hi, pos + lo - src))
+            pos += run
+    return out

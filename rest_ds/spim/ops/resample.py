@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .. import context
+from .. import context, geometry
 from ..errors import SPIMError
 from ..halo import (WindowGrads, border_strips, box_view, check_needs, dense_grad, halo_exchange, make_plan,
                     reference_paths, start_fetch, window_part)
@@ -220,13 +220,13 @@ def proportional(part: Partition, n_in: int, n_out: int, axis: str) -> Partition
 
 
 def _proportional(part: Partition, n_in: int, n_out: int, axis: str) -> Partition:
-    bounds = (0,) + tuple(b * n_out // n_in for b in part[1:-1]) + (n_out,)
-    for i in range(len(bounds) - 1):
-        if bounds[i + 1] <= bounds[i]:
-            raise SPIMError(
-                f"{context.where()}: interpolate: the tile in grid {axis} {i} (input {axis}s {part[i]}:{part[i + 1]}) "
-                f"owns no output {axis}s when {n_in} {axis}s are resampled to {n_out}; use fewer ranks along "
-                f"this axis or a larger scene")
+    bounds = geometry.proportional(part, n_in, n_out)
+    i = geometry.empty_tile(bounds)
+    if i is not None:
+        raise SPIMError(
+            f"{context.where()}: interpolate: the tile in grid {axis} {i} (input {axis}s {part[i]}:{part[i + 1]}) "
+            f"owns no output {axis}s when {n_in} {axis}s are resampled to {n_out}; use fewer ranks along "
+            f"this axis or a larger scene")
     return bounds
 
 
@@ -241,10 +241,6 @@ def _cached_taps(n_in: int, n_out: int, mode: str, align_corners: bool, scale: f
     return idx, w, tuple(idx.min(0).values.tolist()), tuple(idx.max(0).values.tolist())
 
 
-def _needs(out_part: Partition, lo: tuple[int, ...], hi: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((min(lo[a:b]), max(hi[a:b]) + 1) for a, b in zip(out_part[:-1], out_part[1:]))
-
-
 def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_out: int, lo, hi):
     """(output partition, needs per grid index) for one axis (``lo``/``hi``: first
     and last input index of each output). A registered partition of size
@@ -254,14 +250,14 @@ def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_ou
     if in_part is None:  # replicated input: any partition works, nothing to exchange
         return reg, None
     if reg is not None:
-        needs = _needs(reg, lo, hi)
+        needs = geometry.tap_needs(reg, lo, hi)
         try:
             check_needs(in_part, needs, name, "interpolate")
             return reg, needs
         except SPIMError:
             pass  # e.g. a coincidental size: fall back to the proportional split
     out_part = _proportional(in_part, n_in, n_out, name)
-    return out_part, _needs(out_part, lo, hi)
+    return out_part, geometry.tap_needs(out_part, lo, hi)
 
 
 def _native_factors(mode: str, ac: bool, n_in, out_hw, scales) -> tuple[int, int] | None:

@@ -7,7 +7,7 @@ output is a cyclic window of the global axis, so a tile receives the strips
 its output needs from whichever tiles hold them: its neighbour for a shift
 smaller than a tile, and across the grid for the wrap-around (the first and
 last tiles of a row or column of the grid exchange with each other). A shift
-of any size is exact: the geometry (:func:`roll_pieces`) cuts each tile's
+of any size is exact: the geometry (:func:`rest_ds.spim.geometry.roll_pieces`) cuts each tile's
 source range at the tile borders, however far away they are.
 
 A roll over both grid dims runs as two one-axis rolls (rows, then columns):
@@ -26,36 +26,11 @@ import torch
 
 from .. import context
 from ..comm import _phase
+from ..geometry import roll_pieces
 from ..halo import start_exchange
 from ..mesh import SpatialMesh
 from ..tensor import SpatialTensor, funcs_named, register, wrap
 from ..tiling import Partition
-
-# (source tile, destination tile, global source start, global source end, global destination start)
-Piece = tuple[int, int, int, int, int]
-
-
-def roll_pieces(part: Partition, shift: int) -> list[Piece]:
-    """The pieces of a cyclic roll by ``shift`` of an axis split by ``part``.
-
-    Output index ``i`` takes input index ``(i - shift) mod n`` (``torch.roll``).
-    Returns every ``(src, dst, lo, hi, dst_lo)``: tile ``dst``'s output rows
-    ``dst_lo : dst_lo + hi - lo`` are tile ``src``'s input rows ``lo : hi``
-    (global indices). Pure geometry: the same list on every rank."""
-    n = part[-1]
-    s = shift % n
-    out = []
-    for k in range(len(part) - 1):
-        pos, end = part[k], part[k + 1]
-        while pos < end:
-            src = (pos - s) % n
-            run = min(end - pos, n - src)  # a run stops at the scene's end, where the roll wraps
-            for j in range(len(part) - 1):
-                lo, hi = max(src, part[j]), min(src + run, part[j + 1])
-                if hi > lo:
-                    out.append((j, k, lo, hi, pos + lo - src))
-            pos += run
-    return out
 
 
 def _roll_axis(x: torch.Tensor, mesh: SpatialMesh, part: Partition, axis: int, dim: int, shift: int) -> torch.Tensor:
