@@ -29,11 +29,15 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from typing import Any, Literal, Union
 
 from .cli_args import one_line
+
+# a whole number in scientific notation, as YAML 1.1 leaves it when it has no dot (5e8)
+_SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -175,6 +179,12 @@ def convert(tp, value: Any, where: str | None, key: str) -> Any:
             raise ConfigError(where, key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
+        # YAML 1.1 reads 5e8 (no dot) as a string and 5.0e+8 as a float: whole numbers in
+        # scientific notation are integers
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            value = float(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(where, key, f"expected an integer, got {value!r}")
         return value

@@ -35,6 +35,11 @@ def test_config_defaults_and_overrides(tmp_path, scene):
     assert cfg.data.augment.crop == [0.5, 1.0]
     assert cfg.train.steps == 4 and cfg.schedule.name == "cosine"
     assert cfg.data.scenes == [str(scene)]
+    # integers in scientific notation: YAML 1.1 reads 5e8 as a string, 4.0e+6 as a float
+    big = _load(tmp_path, tiny_config(scene, tmp_path / "run"),
+                ["deepspeed.reduce_bucket_size=5e8", "deepspeed.allgather_bucket_size=4.0e+6"])
+    assert (big.deepspeed.reduce_bucket_size, big.deepspeed.allgather_bucket_size) == (500_000_000, 4_000_000)
+    assert all(isinstance(v, int) for v in (big.deepspeed.reduce_bucket_size, big.deepspeed.allgather_bucket_size))
     again = _load(tmp_path, cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
 
@@ -46,6 +51,7 @@ def test_config_defaults_and_overrides(tmp_path, scene):
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "0, 1, 2 or 3"),
     (["train.steps=0"], "train.steps", ">= 1"),
     (["train.steps=ten"], "train.steps", "expected an integer"),
+    (["train.steps=2.5e0"], "train.steps", "expected an integer, got 2.5"),
     (["optimizer.lr=-1"], "optimizer.lr", "> 0"),
     (["optimizer.betas=[0.9, 1.5]"], "optimizer.betas[1]", "must be in [0, 1), got 1.5"),
     (["data.min_labelled=2"], "data.min_labelled", "must be in [0, 1], got 2.0"),
