@@ -28,6 +28,13 @@ def _random_partition(rnd: random.Random, n: int, parts: int) -> G.Partition:
     return (0,) + tuple(sorted(rnd.sample(range(1, n), parts - 1))) + (n,)
 
 
+def _random_split(rnd: random.Random, n_max: int):
+    """(extent n, a random partition of it over 1-5 tiles, pool?) or None when the
+    tiles drawn outnumber the positions."""
+    n, parts, pool = rnd.randint(2, n_max), rnd.randint(1, 5), rnd.random() < 0.4
+    return None if parts > n else (n, _random_partition(rnd, n, parts), pool)
+
+
 def _random_window(rnd: random.Random, n: int, pool: bool):
     """(k, s, d, p_before, p_total, ceil_mode, n_out) of a random conv or pooling
     over n inputs that torch accepts, or None when it has no output."""
@@ -151,10 +158,11 @@ def test_output_partition_and_needs_brute_force():
     rnd = random.Random(2)
     checked = refused = 0
     for _ in range(CASES):
-        n, parts, pool = rnd.randint(2, 60), rnd.randint(1, 5), rnd.random() < 0.4
-        if parts > n:
+        split = _random_split(rnd, 60)
+        if split is None:
             continue
-        part = _random_partition(rnd, n, parts)
+        n, part, pool = split
+        parts = len(part) - 1
         win = _random_window(rnd, n, pool)
         if win is None:
             continue
@@ -218,10 +226,10 @@ def test_tiles_reproduce_the_whole_extent():
     mx = lambda v, w: max(v)  # noqa: E731
     done = 0
     for _ in range(1500):
-        n, parts, pool = rnd.randint(2, 48), rnd.randint(1, 5), rnd.random() < 0.4
-        if parts > n:
+        split = _random_split(rnd, 48)
+        if split is None:
             continue
-        part = _random_partition(rnd, n, parts)
+        n, part, pool = split
         case = _window_on(rnd, part, pool)
         if case is None:
             continue

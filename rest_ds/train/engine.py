@@ -42,7 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..spim import SpatialMesh, from_local, init_distributed, parallelize, rng_state, set_rng_state
+from ..spim import (SpatialMesh, from_local, init_distributed, install_rng, parallelize, rng_state,
+                    set_rng_state)
 from ..spim.comm import all_reduce_
 from ..spim.spawn import free_port
 from ..spim.tiling import choose_grid
@@ -335,8 +336,6 @@ class Trainer:
             if self.mesh.sp > 1:
                 parallelize(self.model, self.mesh, align=self.align, attention=cfg.mesh.attention, rng_seed=cfg.seed)
             else:  # the same grid-invariant random draws as sp > 1 (1 rank = the 1x1 grid); crop mode keeps torch's
-                from ..spim import install_rng
-
                 install_rng(self.model, self.mesh, cfg.seed)
         self.prefetch = Prefetcher(self.data.batch)  # the next micro-step's tile is read while this one computes
 
