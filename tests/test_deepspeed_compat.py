@@ -183,6 +183,56 @@ def _ranks(tmp: str):
     ropt.step()
     out["zero3_error"] = max(rel_error(after[k], p.detach()) for k, p in ref.named_parameters())
     eng.destroy()
+
+    # DeepSpeed's collectives through shared memory: the same results as gloo's, bit for bit, and
+    # gloo (torch.distributed, which DeepSpeed's backend calls) used only where the route does not apply
+    import deepspeed.comm as ds_dist
+
+    out["routed"] = dsc.route_host_collectives(mesh)
+    out["routed_again"] = dsc.route_host_collectives(mesh)        # idempotent
+    gloo_calls = []
+    real_ar, real_ag = dist.all_reduce, dist.all_gather_into_tensor
+
+    def via_gloo(fn, ds_op, *args, **kwargs):
+        gloo_calls.clear()
+        dist.all_reduce = lambda *a, **k: (gloo_calls.append(1), real_ar(*a, **k))[1]
+        dist.all_gather_into_tensor = lambda *a, **k: (gloo_calls.append(1), real_ag(*a, **k))[1]
+        try:
+            fn(*args, **kwargs)
+        finally:
+            dist.all_reduce, dist.all_gather_into_tensor = real_ar, real_ag
+        return bool(gloo_calls)
+
+    g = torch.Generator().manual_seed(10 + rank)
+    same = {}
+    for name, t in {"fp32 (DeepSpeed's shm op)": torch.randn(3001, generator=g),
+                    "fp64 (SPIM's channel)": torch.randn(70001, dtype=torch.float64, generator=g),
+                    "int64 (channel)": torch.randint(-9, 9, (5, 7), generator=g)}.items():
+        mine, ref_t = t.clone(), t.clone()
+        used = via_gloo(ds_dist.all_reduce, None, mine)
+        real_ar(ref_t)
+        same[name] = (torch.equal(mine, ref_t), used)
+    big = torch.randn(64, 9, generator=g)
+    w = torch.ones(3, requires_grad=True)
+    for name in ("max", "non-contiguous", "inside backward"):
+        mine, ref_t = big.t(), big.t().clone()
+        if name == "max":
+            used = via_gloo(ds_dist.all_reduce, None, mine, op=ds_dist.ReduceOp.MAX)
+        elif name == "non-contiguous":
+            used = via_gloo(ds_dist.all_reduce, None, mine)
+        else:  # from a gradient hook (SPIM's exchanges may be in flight there): fp64, not DeepSpeed's op
+            mine, ref_t = big.double(), big.double()
+            h = w.register_hook(lambda gr: (ds_dist.all_reduce(mine), gr)[1])
+            used = via_gloo(lambda: (w * 2).sum().backward(), None)
+            h.remove()
+        real_ar(ref_t, op=dist.ReduceOp.MAX if name == "max" else dist.ReduceOp.SUM)
+        same[name] = (torch.equal(mine.contiguous(), ref_t.contiguous()), used)
+    shard = torch.randn(1003, generator=g)
+    gathered, ref_parts = torch.empty(2 * 1003), [torch.empty(1003) for _ in range(2)]
+    used = via_gloo(ds_dist.all_gather_into_tensor, None, gathered, shard)
+    dist.all_gather(ref_parts, shard)
+    same["all_gather_into_tensor"] = (torch.equal(gathered, torch.cat(ref_parts)), used)
+    out["routed_same"] = same
     return out
 
 
@@ -216,6 +266,16 @@ def test_deepspeed_receives_the_bucket_sizes(ranks):
 @pytest.mark.timeout(600)
 def test_zero_to_fp32_consolidates_the_engine_weights(ranks):
     assert ranks[0]["fp32_keys"] and ranks[0]["fp32_error"] == 0.0
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_collectives_through_shared_memory_equal_gloo(ranks):
+    for r in ranks:
+        assert r["routed"] == r["routed_again"] == ["all_reduce", "all_gather_into_tensor"], r["routed"]
+        same = r["routed_same"]
+        assert all(equal for equal, _ in same.values()), same
+        # routed: no gloo call; not routable (MAX, a strided view, inside backward): gloo, still right
+        assert {k for k, (_, gloo) in same.items() if gloo} == {"max", "non-contiguous", "inside backward"}, same
 
 
 @pytest.mark.timeout(600)

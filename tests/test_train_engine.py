@@ -95,6 +95,7 @@ def _case(stage, grid, opt_name, steps, act_ckpt):
            "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     # ZeRO-3's backward hooks made tile-aware, the functionals checked (deepspeed_compat)
     engine, *_ = dsc.initialize(model, _optimizer(opt_name, model.parameters()), cfg)
+    routed = dsc.route_host_collectives(mesh)  # as the Trainer: gradients and ZeRO gathers via shared memory
     xs = from_local(x[..., rows, cols].contiguous(), mesh, layout=layout)
     ys = from_local(y[..., rows, cols].contiguous(), mesh, dims=(1, 2), layout=layout)
     losses, grads = [], []
@@ -122,7 +123,7 @@ def _case(stage, grid, opt_name, steps, act_ckpt):
         gw, pw = max(gerr, key=gerr.get), max(perr, key=perr.get)
         out = {"grad_error": gerr[gw], "grad_worst": gw, "param_error": perr[pw], "param_worst": pw,
                "loss_error": max(abs(a - b) / abs(b) for a, b in zip(losses, rlosses)),
-               "checked": len(perr),
+               "checked": len(perr), "routed": routed,
                "unchanged": [n for n in perr if torch.equal(after[n], before[n])],
                "zero_grads": [n for n, g in grads[0].items() if not bool(g.abs().max() > 0)],
                "tile_sizes": (tuple(b - a for a, b in zip(layout.rows, layout.rows[1:])),
@@ -157,6 +158,7 @@ def test_deepspeed_step_equals_single_process(results, case):
     split = r["tile_sizes"][0] if case[1][0] > 1 else r["tile_sizes"][1]
     assert len(set(split)) > 1, "the tiles should be uneven"
     assert r["checked"] == 47 and not r["unchanged"] and not r["zero_grads"], (r["unchanged"], r["zero_grads"])
+    assert r["routed"] == ["all_reduce", "all_gather_into_tensor"], r["routed"]
     assert r["grad_error"] <= TOL, f"{r['grad_worst']}: {r['grad_error']:.3e}"
     assert r["param_error"] <= TOL, f"{r['param_worst']}: {r['param_error']:.3e}"
     assert r["loss_error"] <= TOL

@@ -359,7 +359,9 @@ def install(probe: Probe) -> None:
         for name in COMM_OPS:
             fn = getattr(cdb, name, None)
             if fn is not None:
-                _INSTALLED.append((cdb, name, None))  # instance attribute: delete to restore
+                # an instance attribute (the shared-memory routing, deepspeed_compat) is put back;
+                # otherwise the class's method shows through again once ours is deleted
+                _INSTALLED.append((cdb, name, cdb.__dict__.get(name)))
                 setattr(cdb, name, probe.comm_wrap(name, fn, ds=True, volume=_ds_volume(name)))
 
 

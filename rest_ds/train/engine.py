@@ -359,6 +359,8 @@ class Trainer:
         self.engine, _, _, self.scheduler = dsc.initialize(
             self.model, opt, dsc.ds_config(cfg, micro, params=dsc.param_count(self.model)), lr_scheduler=sched)
         self.device = self.engine.device  # cpu, or this rank's GPU (collectives: nccl needs GPU tensors)
+        # on one host, DeepSpeed's gradient all-reduce and ZeRO's all-gather go through shared memory
+        self.routed_collectives = dsc.route_host_collectives(self.mesh) if self.world > 1 else []
         if self.class_weight is not None:
             self.class_weight = self.class_weight.to(self.device)
         self.start_step = 0
