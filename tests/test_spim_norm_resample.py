@@ -48,10 +48,13 @@ def layout_for(shape, grid) -> TileLayout:
 # --- normalisation -------------------------------------------------------------
 class ConvNorm(nn.Module):
     """conv -> norm -> relu -> conv; ``twice`` applies the norm a second time
-    (two running-stat updates in one forward, e.g. the cumulative factor)."""
+    (two running-stat updates in one forward, e.g. the cumulative factor);
+    ``channels_last``: the norm sees a channels-last map and an in-place ReLU
+    follows it (as in the UPerNet head, whose maps come from tokens)."""
 
-    def __init__(self, norm: nn.Module, twice: bool = False):
+    def __init__(self, norm: nn.Module, twice: bool = False, channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         # no bias before a norm: its true gradient is 0, so only rounding noise would be compared
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
         self.norm = norm
@@ -59,7 +62,12 @@ class ConvNorm(nn.Module):
         self.twice = twice
 
     def forward(self, x):
-        y = self.conv2(F.relu(self.norm(self.conv1(x))))
+        y = self.conv1(x)
+        if self.channels_last:
+            y = F.relu(self.norm(y.contiguous(memory_format=torch.channels_last)), inplace=True)
+        else:
+            y = F.relu(self.norm(y))
+        y = self.conv2(y)
         return self.norm(y) if self.twice else y
 
 
@@ -89,6 +97,10 @@ def bn_no_stats():
 
 def group_norm():
     return ConvNorm(nn.GroupNorm(2, 4))
+
+
+def group_norm_channels_last():
+    return ConvNorm(nn.GroupNorm(2, 4), channels_last=True)
 
 
 def instance_norm():
@@ -373,6 +385,9 @@ CASES = {
     "bn_eval": (bn_eval, (2, 3, 13, 17), False),
     "bn_no_running_stats": (bn_no_stats, (2, 3, 13, 17), False),
     "group_norm": (group_norm, (2, 3, 13, 17), True),
+    "group_norm_channels_last": (group_norm_channels_last, (2, 3, 13, 17), True),
+    "group_norm_channels_last_1": (group_norm_channels_last, (1, 3, 13, 17), True),
+    "group_norm_1": (group_norm, (1, 3, 13, 17), True),
     "instance_norm": (instance_norm, (2, 3, 13, 17), True),
     "instance_norm_tracked": (instance_norm_tracked, (2, 3, 13, 17), True),
     "instance_norm_tracked_eval": (instance_norm_tracked_eval, (2, 3, 13, 17), False),

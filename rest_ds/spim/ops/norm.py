@@ -11,8 +11,9 @@ autograd op that saves only its input and the statistics, as torch's native
 kernels do; its backward all-reduces the two sums of the fused normalisation
 backward (see :class:`_NormAffine`); batch norm of fp32/fp64 maps runs on
 torch's native kernels (:class:`_BatchNormScene`), and so do group and instance
-norm (a batch norm of the ``(1, B*G, ...)`` view, then the per-channel
-affine). Norms over non-sharded dims
+norm (:class:`_GroupNormScene`: the tile's moments from the group norm kernel,
+then one batch norm with the group statistics per channel, in the tile's own
+layout for one sample). Norms over non-sharded dims
 (LayerNorm over channels after a permute, as in ConvNeXt) and batch norm in
 eval mode are local.
 """
@@ -219,60 +220,71 @@ class _BatchNormScene(torch.autograd.Function):
 
 
 class _GroupNormScene(torch.autograd.Function):
-    """Group norm of an (N, C, ...) tile, given as its (1, N*C, -1) view ``xc``,
-    over each (sample, group)'s channels and the whole scene, with the
-    per-channel affine, on torch's native kernels (fp32/fp64; ``weight``/``bias``
-    of shape (C,) or None); returns (y, the same (1, N*C, -1) shape; mean, ssd:
-    the (N*G,) fp64 group mean and sum of squared deviations, replicated, not
-    differentiable).
+    """Group norm of an (N, C, ...) tile ``x`` (any memory format) over each
+    (sample, group)'s channels and the whole scene, with the per-channel affine,
+    on torch's native kernels (fp32/fp64; ``weight``/``bias`` of shape (C,) or
+    None); returns (y, shaped like ``x`` and, for one sample, in its memory
+    format, as torch's group norm returns it; mean, ssd: the (N*G,) fp64 group
+    mean and sum of squared deviations, replicated, not differentiable).
 
     Forward: the tile's per-group mean and variance (torch's group norm kernel,
     one pass), combined over the sp group as in
-    :class:`_BatchNormScene` (one all-gather), then ONE eval-mode batch norm of
-    the (1, N*C, -1) view with the group statistics repeated per channel and
-    the affine folded in (``x * invstd * w + (b - mean * invstd * w)``, the form
-    of torch's own group norm kernel). Saves its input and the statistics only.
+    :class:`_BatchNormScene` (one all-gather), then ONE eval-mode batch norm
+    with the group statistics repeated per channel and the affine folded in
+    (``x * invstd * w + (b - mean * invstd * w)``, the form of torch's own group
+    norm kernel), of ``x`` itself for one sample (its channels are the batch
+    norm's: no reshape, channels-last kept), else of the (1, N*C, -1) view.
+    Saves its input and the statistics only.
 
-    Backward: the native batch-norm backward of that view gives this tile's
+    Backward: the native batch-norm backward of that tensor gives this tile's
     per-(sample, channel) sums of ``g`` and ``g * x_hat`` in one pass (the bias
     and weight gradients, convention P); their weight-scaled per-group sums are
     all-reduced while ``g * w * invstd`` is computed, then the whole-scene
-    correction in two more passes (as :class:`_BatchNormScene`)."""
+    correction in two more passes (as :class:`_BatchNormScene`).
+
+    No view crosses the Function's boundary: ``y`` is returned in ``x``'s shape
+    (a view made outside would turn the in-place ReLU that follows a norm into
+    CopySlices / AsStridedBackward nodes: a full-size copy and clone per norm in
+    backward, which torch's own group norm does not make)."""
 
     @staticmethod
-    def forward(ctx, xc, weight, bias, N, groups, count, eps, mesh):
-        C = xc.shape[1] // N
+    def forward(ctx, x, weight, bias, N, groups, count, eps, mesh):
+        C = x.shape[1]
         rep = C // groups
-        # the tile's group moments from torch's group norm kernel (the one the plain model runs; 5x
-        # faster than batch_norm_update_stats of the (1, N*G, -1) view, a slow layout for it): its
-        # mean, and the variance back from rstd = 1 / sqrt(var + eps), which loses nothing that
+        # the tile's group moments from torch's group norm kernel, on x as the plain model runs it
+        # (5x faster than batch_norm_update_stats of the (1, N*G, -1) view, a slow layout for it):
+        # its mean, and the variance back from rstd = 1 / sqrt(var + eps), which loses nothing that
         # matters: the error is relative to var + eps, the quantity normalised by
-        _, mean_l, rstd_l = torch.ops.aten.native_group_norm(xc.view(N, C, -1), None, None, N, C, xc.shape[2],
-                                                              groups, eps)
+        hw = x.numel() // (N * C)
+        _, mean_l, rstd_l = torch.ops.aten.native_group_norm(x, None, None, N, C, hw, groups, eps)
         var_l = (rstd_l.double().reciprocal().square() - eps).clamp_min(0).view(-1)
-        n_local = xc.shape[2] * rep
+        n_local = hw * rep
         n_i, m_i, v_i = all_gather_equal(
             torch.stack([torch.full_like(var_l, n_local), mean_l.view(-1).double(), var_l]), mesh).unbind(1)
         mean = (n_i * m_i).sum(0) / count
         ssd = (n_i * (v_i + (m_i - mean).square())).sum(0)
-        mean_x, var_x = mean.to(xc.dtype), (ssd / count).to(xc.dtype)
+        mean_x, var_x = mean.to(x.dtype), (ssd / count).to(x.dtype)
         stats = torch.stack([mean_x, var_x]).repeat_interleave(rep, 1)  # (2, N*C): one op for both
+        xc = _bn_view(x, N)
         y = F.batch_norm(xc, stats[0], stats[1], _per_sample(weight, N), _per_sample(bias, N), False, 0.0, eps)
+        if N > 1:  # the (1, N*C, -1) result is contiguous: x's shape without making y a view
+            y = torch.ops.aten._unsafe_view(y, x.shape)
         ctx.save_for_backward(xc, weight, mean_x, var_x)
-        ctx.cfg = (N, groups, count, eps, mesh, bias is not None)
+        ctx.cfg = (N, groups, count, eps, mesh, bias is not None, x.shape)
         ctx.mark_non_differentiable(mean, ssd)
         return y, mean, ssd
 
     @staticmethod
     def backward(ctx, g, _g_mean, _g_ssd):
         xc, weight, mean_x, var_x = ctx.saved_tensors
-        N, groups, count, eps, mesh, has_bias = ctx.cfg
+        N, groups, count, eps, mesh, has_bias, x_shape = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        C = xc.shape[1] // N
+        C = x_shape[1]
         rep = C // groups
         # (N*C,) per-channel copies of the group statistics, both in one op
         invstd, mean_c = torch.stack([torch.rsqrt(var_x.double() + eps), mean_x.double()]).repeat_interleave(rep, 1)
-        gc = g.contiguous().view(xc.shape)
+        gc = _bn_view(dense_grad(g, xc), N)
+        shape = [1, N * C] + [1] * (xc.dim() - 2)  # per-channel vectors against xc
         # this tile's per-(sample, channel) sums of g * x_hat and g, one pass
         _, s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
             gc, xc, None, None, None, mean_c.to(xc.dtype), invstd.to(xc.dtype), True, eps, [False, True, True])
@@ -283,18 +295,25 @@ class _GroupNormScene(torch.autograd.Function):
             w = None if weight is None else _per_sample(weight, N).double()
             wait = start_all_reduce_((sg if w is None else sg.mul_(w)).view(2, N * groups, rep).sum(2), mesh)
             scale = invstd if w is None else invstd * w
-            gx = gc * scale.to(xc.dtype).view(1, N * C, 1)
+            gx = gc * scale.to(xc.dtype).view(shape)
             sums = wait()
             c_g, c_x = (sums / count).repeat_interleave(rep, 1).mul_(invstd)
             c_x = c_x * invstd
             # invstd (g w - S_g / n - x_hat S_gx / n) as x * alpha + beta: two passes, no temporary
-            gx.addcmul_(xc, (-c_x).to(xc.dtype).view(1, N * C, 1)).sub_(
-                (c_g - c_x * mean_c).to(xc.dtype).view(1, N * C, 1))
+            gx.addcmul_(xc, (-c_x).to(xc.dtype).view(shape)).sub_((c_g - c_x * mean_c).to(xc.dtype).view(shape))
+            gx = gx.view(x_shape) if N > 1 else gx
         if need_w and weight is not None:
             gw = s_gx.view(N, C).sum(0).to(weight.dtype)
         if need_b and has_bias:
             gb = s_g.view(N, C).sum(0)
         return gx, gw, gb, None, None, None, None, None
+
+
+def _bn_view(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The tensor whose batch-norm channels are the (sample, channel) pairs of an
+    (n, C, ...) tile: the tile itself for one sample, else its (1, n*C, -1)
+    view (a copy when the layout does not allow a view, e.g. channels-last)."""
+    return t if n == 1 else t.reshape(1, n * t.shape[1], -1)
 
 
 def _per_sample(p: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -373,9 +392,7 @@ def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, o
     if loc.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == loc.dtype for p in (weight, bias)):
         # torch's native batch-norm kernels with whole-scene group statistics and the affine
         # folded in (_GroupNormScene: two passes forward, four backward)
-        y, mean, ssd = _GroupNormScene.apply(loc.reshape(1, B * C, -1), weight, bias, B, groups, count, float(eps),
-                                             x._spec.mesh)
-        y = y.view(loc.shape)  # outside the Function: an ordinary view (in-place ops on it are fine)
+        y, mean, ssd = _GroupNormScene.apply(loc, weight, bias, B, groups, count, float(eps), x._spec.mesh)
         unbiased = ssd / (count - 1) if count > 1 else torch.full_like(ssd, float("nan"))
         return y, mean.reshape(B, groups).to(loc.dtype), unbiased.reshape(B, groups)
     t = loc.reshape(B, groups, C // groups, -1)
