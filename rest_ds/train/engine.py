@@ -133,16 +133,16 @@ def build_model(model_cfg: "ModelConfig | dict", *, num_classes: int | None, in_
     return model, mcfg.to_dict()
 
 
-def enable_activation_checkpointing(model) -> None:
+def enable_activation_checkpointing(model, on: bool = True) -> None:
     """Recompute encoder blocks in backward (encoders with ``grad_checkpointing``
-    or timm's ``set_grad_checkpointing``)."""
+    or timm's ``set_grad_checkpointing``); ``on=False`` switches it off again."""
     enc = getattr(model, "encoder", model)
     for m in enc.modules():
         if hasattr(m, "grad_checkpointing"):
-            m.grad_checkpointing = True
+            m.grad_checkpointing = on
             return
         if hasattr(m, "set_grad_checkpointing"):
-            m.set_grad_checkpointing(True)
+            m.set_grad_checkpointing(on)
             return
     raise ConfigError(None, "train.activation_checkpointing",
                       f"the encoder ({type(enc).__name__}) has no activation checkpointing switch")
