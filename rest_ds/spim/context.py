@@ -56,6 +56,9 @@ class SPIMRun:
         # with the map of that size it is added to or concatenated with. Built from
         # global information only, so identical on every rank.
         self.layouts: dict[LayoutKey, tuple[int, ...]] = {}
+        # the (rows, cols) partition objects noted last: noting them again changes nothing
+        # (first one wins), and every wrap of this forward notes its layout
+        self.noted: tuple | None = None
 
     def push(self, path: str, type_name: str, *, fresh: bool = False) -> bool:
         """Enter module ``path`` (``fresh``: the root's forward starts: forget the last
@@ -65,6 +68,7 @@ class SPIMRun:
         if fresh:
             self.frames.clear()
             self.layouts.clear()
+            self.noted = None
         ctxs = None
         if entered:
             _RUNS.set(_RUNS.get() + (self,))
@@ -125,6 +129,10 @@ def note_layout(rows: tuple[int, ...], cols: tuple[int, ...]) -> None:
     (nothing outside a run)."""
     run = current()
     if run is not None:
+        noted = run.noted
+        if noted is not None and noted[0] is rows and noted[1] is cols:
+            return
+        run.noted = (rows, cols)
         run.layouts.setdefault((0, len(rows) - 1, rows[-1]), rows)
         run.layouts.setdefault((1, len(cols) - 1, cols[-1]), cols)
 

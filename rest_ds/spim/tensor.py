@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
+from types import GetSetDescriptorType
 from typing import Callable
 
 import torch
@@ -68,10 +69,16 @@ class Spec:
     def token_counts(self) -> list[int]:
         return [self.tile_tokens(i) for i in range(self.mesh.sp)]
 
+    def __post_init__(self):
+        # the global sizes of ``dims``, once per Spec (a pure function of its fields; every
+        # wrap needs them); not a field, so equality, hashing and replace() ignore it
+        H, W = self.rows[-1], self.cols[-1]
+        object.__setattr__(self, "_global_sizes", (self.prefix + self.lead * H * W * self.trail,)
+                           if len(self.dims) == 1 else (H, W))
+
     def global_sizes(self) -> tuple[int, ...]:
         """Global sizes of ``dims``."""
-        H, W = self.global_hw
-        return (self.prefix + self.lead * H * W * self.trail,) if self.is_tokens else (H, W)
+        return self._global_sizes
 
     def local_sizes(self) -> tuple[int, ...]:
         (r0, r1), (c0, c1) = self.row_range, self.col_range
@@ -157,13 +164,15 @@ class SpatialTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, local: torch.Tensor, spec: Spec):
         shape = list(local.shape)
-        for d, n in zip(spec.dims, spec.global_sizes()):
+        for d, n in zip(spec.dims, spec._global_sizes):
             shape[d] = n
+        shape = torch.Size(shape)
         r = torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=local.dtype, device=local.device, requires_grad=False
         )
         r._local = local
         r._spec = spec
+        r._shape = shape
         context.note_layout(spec.rows, spec.cols)  # for resampling to this size (ops/resample.py)
         return r
 
@@ -183,6 +192,24 @@ class SpatialTensor(torch.Tensor):
     def mesh(self) -> SpatialMesh:
         return self._spec.mesh
 
+    # The global shape and rank, read without a dispatch: model code and the op rules ask
+    # for them all the time (~400 times in a step of the main job's model), and the
+    # inherited getters would each go through __torch_function__ (and the run's torch
+    # function modes). The same values: a wrapper's sizes are fixed when it is made, and
+    # its rank is its tile's. (torch.Tensor.dim(x) and the like still dispatch.)
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    def dim(self) -> int:
+        return len(self._shape)
+
+    ndimension = dim
+
     # --- dispatch ---------------------------------------------------------
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -193,21 +220,22 @@ class SpatialTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # the common case first: a registered op (an attribute's getter, a method-wrapper
+        # bound to its descriptor, is never a key of _HANDLERS)
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs or {})
         owner = getattr(func, "__self__", None)
-        if owner is not None and type(owner).__name__ == "getset_descriptor":
+        if type(owner) is GetSetDescriptorType:
             getter = _GETSET.get(owner.__name__)
             if getter is None:
                 raise context.unsupported(f"attribute Tensor.{owner.__name__}", "no SPIM rule for this attribute")
             return getter(args[0], owner)
-        handler = _HANDLERS.get(func)
-        if handler is None:
-            raise context.unsupported(
-                op_name(func),
-                "no exact sharded rule for this op on a spatially sharded tensor "
-                "(use rest_ds.spim.gather() or .to_local() explicitly if you know what the tile means)",
-            )
-        return handler(func, args, kwargs)
+        raise context.unsupported(
+            op_name(func),
+            "no exact sharded rule for this op on a spatially sharded tensor "
+            "(use rest_ds.spim.gather() or .to_local() explicitly if you know what the tile means)",
+        )
 
     def __repr__(self, *, tensor_contents=None):  # noqa: D105
         s = self._spec
@@ -333,10 +361,15 @@ _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]
 def _any_spatial(obj) -> bool:
     if isinstance(obj, SpatialTensor):
         return True
-    if isinstance(obj, (list, tuple)):
-        return any(_any_spatial(o) for o in obj)
     if isinstance(obj, dict):
-        return any(_any_spatial(o) for o in obj.values())
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return False
+    # a loop, recursing only into containers: Function.apply's arguments are mostly
+    # tensors and numbers, and this runs on every apply inside a parallelized forward
+    for o in obj:
+        if isinstance(o, SpatialTensor) or (isinstance(o, (list, tuple, dict)) and _any_spatial(o)):
+            return True
     return False
 
 
