@@ -191,10 +191,14 @@ class UpsampleModules(nn.Module):
         self.up_size = nn.Upsample(size=(20, 27), mode="nearest")
         self.up_ac = nn.UpsamplingBilinear2d(scale_factor=3)  # align_corners=True
         self.up_cubic = nn.Upsample(scale_factor=1.5, mode="bicubic")
+        self.up4 = nn.Upsample(scale_factor=4, mode="bilinear")
 
     def forward(self, x):
         y = self.conv(x)
-        return self.up2(y), self.up_size(y), self.up_ac(y), self.up_cubic(y)
+        # x4 of a channels-last map (the UPerNet head's layout): torch's kernel on the tile,
+        # border strips recomputed, a channels-last gradient in backward
+        up4 = self.up4(y.contiguous(memory_format=torch.channels_last))
+        return self.up2(y), self.up_size(y), self.up_ac(y), self.up_cubic(y), up4
 
 
 def upsample_modules():

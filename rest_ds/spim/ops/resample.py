@@ -336,12 +336,63 @@ class _BorderUpsample(torch.autograd.Function):
             grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
                       irows, icols)
         grads.send(mesh)
-        g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
-        for orows, ocols, _, _ in strips:
-            box_view(g_tile, (2, 3), orows, ocols).zero_()
-        gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
-        del g_tile
+        lines = _clamped_lines(strips, ks, out_hw, x_shape)
+        if lines is None:  # not the strips _upsample_strips makes: zero them in a copy of g
+            g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
+            for orows, ocols, _, _ in strips:
+                box_view(g_tile, (2, 3), orows, ocols).zero_()
+            gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
+            del g_tile
+            return grads.finish(gx), None, None, None, None
+        # the tile's backward with the strips' gradient left out, without a copy of g (autograd may
+        # hand the same tensor to other ops, so g is never written): torch's backward of all of g
+        # differs from it only in the input lines the strips' clamped outputs feed, and those are
+        # recomputed from a window of g (see _clamped_lines)
+        gx = torch.ops.aten.upsample_bilinear2d_backward(g, out_hw, list(x_shape), False, *scales)
+        for a, lo, hi, line in lines:
+            k = ks[a]
+            gw = g.narrow(2 + a, k * lo, k * (hi - lo)).clone()
+            for orows, ocols, _, _ in strips:
+                box = [orows, ocols]
+                box[a] = (max(box[a][0], k * lo) - k * lo, min(box[a][1], k * hi) - k * lo)
+                if box[a][1] > box[a][0]:
+                    box_view(gw, (2, 3), *box).zero_()
+            in_shape = list(x_shape)
+            in_shape[2 + a] = hi - lo
+            gxw = torch.ops.aten.upsample_bilinear2d_backward(gw, list(gw.shape[2:]), in_shape, False, *scales)
+            gx.narrow(2 + a, line, 1).copy_(gxw.narrow(2 + a, line - lo, 1))
         return grads.finish(gx), None, None, None, None
+
+
+def _clamped_lines(strips, ks, out_hw, x_shape):
+    """The input lines of the tile's backward that the strips' outputs feed, as
+    (axis, window start, window end, line) in local inputs; None when some strip
+    is not clamped along either axis.
+
+    A strip holds the ``k // 2`` outputs next to a side along one axis: on the
+    tile, torch clamps their source coordinate to the tile's first (last) input,
+    so both their taps along that axis read that one line (the second with
+    weight 0). The tile's backward with the strips zeroed therefore equals its
+    backward of the whole ``g`` except in those lines; a line's value there is
+    the backward of the window of the 2 inputs next to the side (the ``2 k``
+    outputs that read them, strips zeroed): the window has the tile's taps for
+    every output that reaches the line, in the same order (its own clamped edge
+    is its other line), and spans the tile along the other axis."""
+    lines = set()
+    for box in [s[:2] for s in strips]:
+        clamped = False
+        for a, (o0, o1) in enumerate(box):
+            n_in, half = x_shape[2 + a], ks[a] // 2
+            m = min(2, n_in)
+            if o1 <= half:
+                lines.add((a, 0, m, 0))
+                clamped = True
+            elif o0 >= out_hw[a] - half:
+                lines.add((a, n_in - m, n_in, n_in - 1))
+                clamped = True
+        if not clamped:
+            return None
+    return sorted(lines)
 
 
 def _region_outputs(plan, ks, orows, ocols, irows, icols):
