@@ -336,20 +336,12 @@ class _BorderUpsample(torch.autograd.Function):
             grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
                       irows, icols)
         grads.send(mesh)
-        lines = _clamped_lines(strips, ks, out_hw, x_shape)
-        if lines is None:  # not the strips _upsample_strips makes: zero them in a copy of g
-            g_tile = g.clone()  # never write into g: autograd may hand the same tensor to other ops
-            for orows, ocols, _, _ in strips:
-                box_view(g_tile, (2, 3), orows, ocols).zero_()
-            gx = torch.ops.aten.upsample_bilinear2d_backward(g_tile, out_hw, list(x_shape), False, *scales)
-            del g_tile
-            return grads.finish(gx), None, None, None, None
         # the tile's backward with the strips' gradient left out, without a copy of g (autograd may
         # hand the same tensor to other ops, so g is never written): torch's backward of all of g
         # differs from it only in the input lines the strips' clamped outputs feed, and those are
         # recomputed from a window of g (see _clamped_lines)
         gx = torch.ops.aten.upsample_bilinear2d_backward(g, out_hw, list(x_shape), False, *scales)
-        for a, lo, hi, line in lines:
+        for a, lo, hi, line in _clamped_lines(strips, ks, out_hw, x_shape):
             k = ks[a]
             gw = g.narrow(2 + a, k * lo, k * (hi - lo)).clone()
             for orows, ocols, _, _ in strips:
@@ -366,8 +358,7 @@ class _BorderUpsample(torch.autograd.Function):
 
 def _clamped_lines(strips, ks, out_hw, x_shape):
     """The input lines of the tile's backward that the strips' outputs feed, as
-    (axis, window start, window end, line) in local inputs; None when some strip
-    is not clamped along either axis.
+    (axis, window start, window end, line) in local inputs.
 
     A strip holds the ``k // 2`` outputs next to a side along one axis: on the
     tile, torch clamps their source coordinate to the tile's first (last) input,
@@ -390,8 +381,8 @@ def _clamped_lines(strips, ks, out_hw, x_shape):
             elif o0 >= out_hw[a] - half:
                 lines.add((a, n_in - m, n_in, n_in - 1))
                 clamped = True
-        if not clamped:
-            return None
+        if not clamped:  # _upsample_strips makes none such
+            raise SPIMError(f"internal: upsampling strip {box} is not next to a side of the tile")
     return sorted(lines)
 
 
