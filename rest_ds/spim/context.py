@@ -64,7 +64,8 @@ class SPIMRun:
         """Enter module ``path`` (``fresh``: the root's forward starts: forget the last
         forward's frames and layouts). Enters the run too when it is not the current one;
         returns whether it did."""
-        entered = current() is not self
+        runs = _RUNS.get()
+        entered = not runs or runs[-1] is not self  # current() is not self, inlined: every module call
         if fresh:
             self.frames.clear()
             self.layouts.clear()
@@ -84,6 +85,10 @@ class SPIMRun:
         """Leave module ``path``: drop its frame (and any inner ones an exception left
         behind) and leave the run if that frame entered it. Returns whether the run was
         left. A call whose frame is not on the stack (its pre-hook never ran) does nothing."""
+        frames = self.frames
+        if frames and frames[-1][0] == path and frames[-1][2] is None:  # the common case
+            frames.pop()
+            return False
         for i in range(len(self.frames) - 1, -1, -1):
             if self.frames[i][0] == path:
                 ctxs = self.frames[i][2]

@@ -100,14 +100,8 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
     run = context.SPIMRun(attention, modes=(lambda: FUNCTION_GUARD,
                                             lambda: ops.resample.RouteReplicated(mesh, run)))
 
-    def enter(name: str, mod: nn.Module, fresh: bool = False) -> None:
-        run.push(name, type(mod).__name__, fresh=fresh)
-
-    def leave(name: str) -> None:
-        run.pop(name)
-
     def root_pre_hook(mod, args, kwargs):
-        enter("", mod, fresh=True)
+        run.push("", type(mod).__name__, fresh=True)
         args = list(args)
         for i, a in enumerate(args):
             if isinstance(a, SpatialTensor):
@@ -121,28 +115,36 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
         return tuple(args), kwargs
 
     def root_post(mod, args, out):
-        leave("")
+        run.pop("")
+
+    # always_call: a forward that raises still leaves the run (and the guard)
+    handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
+               model.register_forward_hook(root_post, always_call=True)]
+    # the sp group's stream, grid-invariant draws; its per-submodule work is done by the
+    # hooks below (one pre/post pair per module for both: ~160 module calls per step)
+    handles += rng.install_rng(model, mesh, rng_seed, submodule_hooks=False)
+    rng_enter, rng_leave = model._spim_rng_sub
 
     def pre(name):
         # a submodule called outside the root's forward (a checkpointed block recomputed
         # in backward) enters the run for that call
         def hook(mod, args):
-            enter(name, mod)
+            run.push(name, type(mod).__name__)
+            rng_enter()
         return hook
 
     def post(name):
         def hook(mod, args, out):
-            leave(name)
+            try:
+                run.pop(name)
+            finally:  # as two always-called hooks: the second runs when the first raises
+                rng_leave()
         return hook
 
-    # always_call: a forward that raises still leaves the run (and the guard)
-    handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
-               model.register_forward_hook(root_post, always_call=True)]
     for name, m in model.named_modules():
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name), always_call=True))
-    handles += rng.install_rng(model, mesh, rng_seed)  # the sp group's stream, grid-invariant draws
     model._spim_run = run
     model._spim_mesh = mesh
     model._spim_handles = handles

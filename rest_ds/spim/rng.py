@@ -552,13 +552,14 @@ def grid_invariant():
         _tls.depth -= 1
 
 
-def install_rng(model: torch.nn.Module, mesh, seed: int | None = None) -> list:
+def install_rng(model: torch.nn.Module, mesh, seed: int | None = None, *, submodule_hooks: bool = True) -> list:
     """SPIM's randomness for ``model`` on ``mesh`` (a :class:`SpatialMesh`): every
     forward is one grid-invariant run (:func:`install`) seeded with ``seed``
     (default: sp rank 0's ``torch.initial_seed()``) plus the dp index, so all sp
     ranks of a replica share the stream and replicas differ. ``parallelize``
     calls it; call it on a model that is not parallelized (sp = 1) to draw the
-    same values as the same replica on any grid. Returns the hook handles."""
+    same values as the same replica on any grid. Returns the hook handles
+    (``submodule_hooks``: see :func:`install`)."""
     if seed is None:
         box = [torch.initial_seed() % (2 ** 62)]
         if mesh.sp > 1:
@@ -566,23 +567,30 @@ def install_rng(model: torch.nn.Module, mesh, seed: int | None = None) -> list:
 
             dist.broadcast_object_list(box, src=mesh.sp_ranks[0], group=mesh.sp_group)
         seed = box[0]
-    return install(model, seed + 1_000_003 * mesh.dp_index)
+    return install(model, seed + 1_000_003 * mesh.dp_index, submodule_hooks=submodule_hooks)
 
 
-def install(model: torch.nn.Module, seed: int) -> list:
+def install(model: torch.nn.Module, seed: int, *, submodule_hooks: bool = True) -> list:
     """Make every forward of ``model`` one grid-invariant run: the default generator
     is ``SharedRNG(seed)``'s during the forward, and element-wise random ops draw
     counter-based values (also in checkpoint recomputes, through the submodules'
     forwards). Returns the hook handles. ``parallelize`` calls it on every sp rank
-    with the same seed; a plain model given the same seed draws the same values."""
+    with the same seed; a plain model given the same seed draws the same values.
+
+    ``submodule_hooks=False``: only the root's hooks are registered, and the caller
+    must call ``model._spim_rng_sub`` = ``(pre(), post())`` around every
+    submodule's forward, post also when it raises (``parallelize`` does, from its
+    own per-submodule hooks: one hook pair per module instead of two)."""
     rng = SharedRNG(seed)
     model._spim_rng = rng
     tls = threading.local()  # a stack of entered modes per thread (CUDA backward recomputes on its own)
 
     def stack() -> list:
-        if not hasattr(tls, "stack"):
+        try:
+            return tls.stack
+        except AttributeError:
             tls.stack = []
-        return tls.stack
+            return tls.stack
 
     def enter():
         ctx = grid_invariant()
@@ -621,17 +629,23 @@ def install(model: torch.nn.Module, seed: int) -> list:
         leave()
         rng.exit()
 
-    def sub_pre(mod, args):
+    def sub_enter():
         if mode_active():
             stack().append(None)
         else:
             enter()
+
+    def sub_pre(mod, args):
+        sub_enter()
 
     def sub_post(mod, args, out):
         leave()
 
     handles = [model.register_forward_pre_hook(root_pre),
                model.register_forward_hook(root_post, always_call=True)]
+    if not submodule_hooks:
+        model._spim_rng_sub = (sub_enter, leave)
+        return handles
     for name, m in model.named_modules():
         if name:
             handles += [m.register_forward_pre_hook(sub_pre), m.register_forward_hook(sub_post, always_call=True)]
