@@ -73,24 +73,65 @@ class _HeadsToSeq(torch.autograd.Function):
         return _seq_to_heads(g, ctx.counts, ctx.mesh), None, None
 
 
-class _GatherSeq(torch.autograd.Function):
-    """(B, h, n_me, d) -> (B, h, N, d) on every rank; backward returns to each
-    rank the sum of all ranks' gradients for its tokens (one all-to-all)."""
+class _GatherSeqs(torch.autograd.Function):
+    """``ts``: tensors of one shape (B, h, prefix + n_me, d): ``prefix`` replicated
+    tokens, then this rank's tile tokens -> one (B, h, prefix + N, d) tensor per
+    ``t`` on every rank: the prefix, then every sp rank's tile tokens in sp
+    order. All of them travel in one exchange.
+
+    The outputs are views of one token-major buffer (prefix + N, len(ts), B, h,
+    d), the layout of a fused qkv projection (timm's ``(B, N, 3, h, d)``),
+    which the attention kernels read as it is: each rank's tokens of every
+    ``t`` are one contiguous block of it, sent from and received into its
+    place. No stacking of the tensors, no concatenation of the pieces or of
+    the prefix. Backward: every rank's gradient for each rank's tokens goes to
+    their owner (one all-to-all, the tensors' gradients in one block per rank)
+    and is summed there in sp order; the prefix keeps this rank's own gradient
+    (convention P)."""
 
     @staticmethod
-    def forward(ctx, x, counts, mesh):
-        ctx.counts, ctx.mesh = counts, mesh
-        B, h, n, d = x.shape
-        got = _a2a([x.contiguous()] * mesh.sp, [B * h * c * d for c in counts], mesh)
-        return torch.cat([g.view(B, h, c, d) for g, c in zip(got, counts)], dim=2)
+    def forward(ctx, counts, mesh, prefix, *ts):
+        B, h, _, d = ts[0].shape
+        me = mesh.sp_index
+        starts = [prefix + sum(counts[:j]) for j in range(len(counts))]
+        buf = ts[0].new_empty(starts[-1] + counts[-1], len(ts), B, h, d)
+        outs = _token_major(buf)
+        for o, t in zip(outs, ts):
+            o.narrow(2, starts[me], counts[me]).copy_(t.narrow(2, prefix, counts[me]))
+            if prefix:
+                o.narrow(2, 0, prefix).copy_(t.narrow(2, 0, prefix))
+        blocks = [buf.narrow(0, s, c) for s, c in zip(starts, counts)]
+        all_to_all([blocks[me]] * mesh.sp, None, mesh, out=blocks)
+        ctx.cfg = (counts, mesh, prefix, starts)
+        return outs
 
     @staticmethod
-    def backward(ctx, g):
-        counts, mesh = ctx.counts, ctx.mesh
-        B, h, N, d = g.shape
-        me = counts[mesh.sp_index]
-        got = _a2a([c.contiguous() for c in g.split(counts, dim=2)], [B * h * me * d] * mesh.sp, mesh)
-        return torch.stack([t.view(B, h, me, d) for t in got]).sum(0), None, None
+    def backward(ctx, *gs):
+        counts, mesh, prefix, starts = ctx.cfg
+        B, h, _, d = gs[0].shape
+        me, n = mesh.sp_index, counts[mesh.sp_index]
+        sends, recvs = [None] * mesh.sp, [None] * mesh.sp
+        for j in range(mesh.sp):
+            if j != me:
+                sends[j] = gs[0].new_empty(counts[j], len(gs), B, h, d)
+                for o, g in zip(_token_major(sends[j]), gs):
+                    o.copy_(g.narrow(2, starts[j], counts[j]))
+                recvs[j] = gs[0].new_empty(n, len(gs), B, h, d)
+        all_to_all(sends, None, mesh, out=recvs)
+        grads = _token_major(gs[0].new_empty(prefix + n, len(gs), B, h, d))
+        for i, (gx, g) in enumerate(zip(grads, gs)):
+            if prefix:
+                gx.narrow(2, 0, prefix).copy_(g.narrow(2, 0, prefix))
+            parts = [g.narrow(2, starts[me], n) if j == me else _token_major(recvs[j])[i] for j in range(mesh.sp)]
+            acc = torch.add(parts[0], parts[1], out=gx.narrow(2, prefix, n))
+            for p in parts[2:]:
+                acc.add_(p)
+        return (None, None, None) + tuple(grads)
+
+
+def _token_major(buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The (B, h, n, d) views of a token-major (n, T, B, h, d) buffer, one per T."""
+    return tuple(buf.select(1, i).permute(1, 2, 0, 3) for i in range(buf.shape[1]))
 
 
 def choose_algorithm(heads: int, mesh: SpatialMesh, requested: str = "auto") -> str:
@@ -116,25 +157,21 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if mesh.sp == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
     algo = choose_algorithm(q.shape[1], mesh, algorithm)
-    if prefix:
-        kf, vf = _gather_kv(k[:, :, prefix:], v[:, :, prefix:], counts, mesh)
-        kf, vf = torch.cat([k[:, :, :prefix], kf], dim=2), torch.cat([v[:, :, :prefix], vf], dim=2)
-        return F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=enable_gqa)
-    if algo == "ulysses" and k.shape[1] == q.shape[1]:
+    if algo == "ulysses" and not prefix and k.shape[1] == q.shape[1]:
         qh, kh, vh = (_SeqToHeads.apply(t, counts, mesh) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
         return _HeadsToSeq.apply(out, counts, mesh)
-    kf, vf = _gather_kv(k, v, counts, mesh)
+    kf, vf = _gather_kv(k, v, counts, mesh, prefix)
     return F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=enable_gqa)
 
 
-def _gather_kv(k: torch.Tensor, v: torch.Tensor, counts: list[int], mesh: SpatialMesh):
-    """Every rank's keys and values, (B, h, N, d) each: one exchange for both
-    (stacked along the batch dim) when their shapes allow, halving the
-    synchronisations of an attention layer (and of its backward)."""
+def _gather_kv(k: torch.Tensor, v: torch.Tensor, counts: list[int], mesh: SpatialMesh, prefix: int = 0):
+    """The ``prefix`` tokens and every rank's tile tokens of the keys and of the
+    values, (B, h, prefix + N, d) each: one exchange for both when their shapes
+    allow, halving the synchronisations of an attention layer (and of its backward)."""
     if k.shape == v.shape:
-        return _GatherSeq.apply(torch.cat([k, v]), counts, mesh).chunk(2)
-    return _GatherSeq.apply(k, counts, mesh), _GatherSeq.apply(v, counts, mesh)
+        return _GatherSeqs.apply(counts, mesh, prefix, k, v)
+    return _GatherSeqs.apply(counts, mesh, prefix, k)[0], _GatherSeqs.apply(counts, mesh, prefix, v)[0]
 
 
 class _GatherTiles(torch.autograd.Function):

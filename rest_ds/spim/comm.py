@@ -200,21 +200,30 @@ def all_gather_equal(t: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
     return torch.stack(parts).to(t.device)
 
 
-def all_to_all(chunks: list[torch.Tensor], recv_numels: list[int], mesh: SpatialMesh,
-               kind: str = "all_to_all") -> list[torch.Tensor]:
+def all_to_all(chunks: list[torch.Tensor | None], recv_numels: list[int] | None, mesh: SpatialMesh,
+               kind: str = "all_to_all", out: list[torch.Tensor | None] | None = None) -> list:
     """Chunk ``j`` (any shape, one dtype) goes to sp rank ``j``; returns the flat
     chunks received from every sp rank, in sp order (``recv_numels[j]``
     elements from rank ``j``; the own one is ``chunks[me]`` flattened, not a
-    copy). No autograd. Same-host groups whose ranks are all grid neighbours
-    exchange through the shared-memory mailboxes (gloo's all-to-all costs
-    ~1.5 ms of wall time per call on a loaded CPU host), others use one
-    ``all_to_all_single``; the choice depends only on the group."""
-    me, like = mesh.sp_index, chunks[0]
+    copy). With ``out`` (a tensor per sp rank, any shape and strides;
+    ``recv_numels``, ``chunks[me]`` and ``out[me]`` are not used and may be
+    None) rank ``j``'s chunk is written into ``out[j]``, with no flat buffer in
+    between on the shared-memory route, and ``out`` is returned. No autograd.
+    Same-host groups whose ranks are all grid neighbours exchange through the
+    shared-memory mailboxes (gloo's all-to-all costs ~1.5 ms of wall time per
+    call on a loaded CPU host), others use one ``all_to_all_single``; the
+    choice depends only on the group."""
+    me = mesh.sp_index
+    like = next(c for c in chunks if c is not None)
+    if out is not None:  # nothing travels to or from this rank itself
+        chunks = [like.new_empty(0) if j == me else c for j, c in enumerate(chunks)]
+        recv_numels = [0 if j == me else t.numel() for j, t in enumerate(out)]
     sent_away = sum(c.numel() for j, c in enumerate(chunks) if j != me)
     _STATS.record(kind, sent_away * like.element_size(), _phase())
     ch = mesh.shm
     if ch is not None and ch.all_pairs and like.device.type == "cpu":
-        got = [like.new_empty(n) if j != me else chunks[me].reshape(-1) for j, n in enumerate(recv_numels)]
+        got = list(out) if out is not None else \
+            [like.new_empty(n) if j != me else chunks[me].reshape(-1) for j, n in enumerate(recv_numels)]
         ch.all_to_all([(mesh.sp_ranks[j], c) for j, c in enumerate(chunks) if j != me],
                       [(mesh.sp_ranks[j], b) for j, b in enumerate(got) if j != me])
         return got
@@ -222,7 +231,13 @@ def all_to_all(chunks: list[torch.Tensor], recv_numels: list[int], mesh: Spatial
     g = mesh.sp_group
     recv = wire_buffer(send, (sum(recv_numels),), g)
     dist.all_to_all_single(recv, to_wire(send, g), recv_numels, [c.numel() for c in chunks], group=g)
-    return list(recv.to(send.device).split(recv_numels))
+    parts = list(recv.to(send.device).split(recv_numels))
+    if out is None:
+        return parts
+    for j, t in enumerate(out):
+        if j != me:
+            t.copy_(parts[j].view(t.shape))
+    return list(out)
 
 
 def all_gather_object(obj, mesh: SpatialMesh) -> list:
