@@ -48,8 +48,9 @@ class SPIMRun:
     entered and exited when it is left, so they are active exactly while the
     model computes, in a checkpoint recompute too."""
 
-    def __init__(self, attention: str = "auto", modes: tuple[Callable[[], Any], ...] = ()):
+    def __init__(self, attention: str = "auto", modes: tuple[Callable[[], Any], ...] = (), mesh: Any = None):
         self.attention = attention
+        self.mesh = mesh  # the model's SpatialMesh (rules that route plain tensors shard over it)
         self.modes = tuple(modes)
         self.frames: list[tuple[str, str, list | None]] = []
         # First one wins: resampling reuses them so that an upsampled map lines up

@@ -95,10 +95,10 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
     for name, m in model.named_modules():
         _check_module(name, m)
 
-    # entered with the run, left with it: the autograd.Function guard and the routing of
-    # replicated -> sharded resampling (PPM, image pooling; ops/resample.py)
-    run = context.SPIMRun(attention, modes=(lambda: FUNCTION_GUARD,
-                                            lambda: ops.resample.RouteReplicated(mesh, run)))
+    # entered with the run, left with it: the autograd.Function guard. (The routing of
+    # replicated -> sharded resampling, PPM and image pooling, rides on rng's
+    # grid-invariant mode, installed below: ops/resample.py route_replicated.)
+    run = context.SPIMRun(attention, modes=(lambda: FUNCTION_GUARD,), mesh=mesh)
 
     def root_pre_hook(mod, args, kwargs):
         run.push("", type(mod).__name__, fresh=True)

@@ -525,14 +525,39 @@ def random_op(func, args, kwargs):
 _tls = threading.local()
 
 
+# Other rules for plain-tensor ops inside a SPIM forward (register_plain_route): they
+# ride on this mode instead of stacking a TorchFunctionMode of their own, because every
+# torch call of the forward passes through each entered mode (a few us per call and mode).
+_ROUTES: dict = {}
+
+
+def register_plain_route(func, route) -> None:
+    """Let :class:`GridInvariantRandom` offer ``func`` (not a random op) to
+    ``route(func, types, args, kwargs)`` first: its result is returned, or the call
+    runs unchanged when it returns None. ``parallelize`` always installs this mode,
+    so a route sees every call of ``func`` in a parallelized forward (and in its
+    checkpoint recomputes); it must check for itself that it applies (the current
+    run, ``context.current()``) and do nothing otherwise."""
+    if func in _RULES or _ROUTES.get(func, route) is not route:
+        raise SPIMError(f"internal: two plain-tensor rules for {getattr(func, '__name__', func)}")
+    _ROUTES[func] = route
+
+
 class GridInvariantRandom(TorchFunctionMode):
     """Routes the element-wise random ops of plain tensors (and SpatialTensors)
-    through :func:`random_op`; every other op runs as it would without the mode."""
+    through :func:`random_op`, and the ops of :func:`register_plain_route` to their
+    routes; every other op runs as it would without the mode."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RULES:
-            return _RULES[func](func, args, kwargs)
+        rule = _RULES.get(func)
+        if rule is not None:
+            return rule(func, args, kwargs)
+        route = _ROUTES.get(func)
+        if route is not None:
+            out = route(func, types, args, kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 

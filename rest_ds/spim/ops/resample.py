@@ -29,10 +29,11 @@ Replicated inputs: a plain tensor resampled to the global size of a sharded
 map (UPerNet's PPM and DeepLab's image pooling upsample their pooled bins with
 ``size=x.shape[2:]``) must come out sharded like that map so that it can be
 concatenated with it. ``F.interpolate`` on plain tensors never reaches
-``SpatialTensor.__torch_function__``, so ``parallelize`` enters
-:class:`RouteReplicated` with the model's run: while the model computes (its
-forward and checkpoint recomputes), this ``TorchFunctionMode`` sees
-``F.interpolate`` calls whose inputs are all plain; when both requested output
+``SpatialTensor.__torch_function__``, so :func:`route_replicated` rides on the
+torch function mode that ``parallelize`` keeps entered while the model computes
+(rng's :class:`~rest_ds.spim.rng.GridInvariantRandom`: its forward and checkpoint
+recomputes, ``rng.register_plain_route``) and sees the ``F.interpolate`` calls
+whose inputs are all plain; when both requested output
 sizes equal the global sizes of sharded tensors seen in this forward, each rank
 computes just its tile of the result (its taps index the replicated input
 directly; the input's gradient is then this tile's part, convention P in
@@ -46,9 +47,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from .. import context, geometry
+from .. import context, geometry, rng
 from ..errors import SPIMError
 from ..halo import (WindowGrads, border_strips, box_view, check_needs, dense_grad, halo_exchange, make_plan,
                     reference_paths, start_fetch, window_part)
@@ -478,22 +478,15 @@ def interpolate_replicated(mesh, args, kwargs) -> SpatialTensor | None:
     return _resample(x, mesh, mode, ac, out_hw, scales, None, tuple(x.shape[2:]))
 
 
-class RouteReplicated(TorchFunctionMode):
-    """Entered with a parallelized model's run (``context.SPIMRun.modes``: in its
-    forward and in checkpoint recomputes of its blocks); see the module docstring.
-    Routes only while that run is the current one (not inside another
-    parallelized model called from its forward, which has its own mode)."""
+def route_replicated(func, types, args, kwargs) -> SpatialTensor | None:
+    """``F.interpolate`` on plain inputs inside a parallelized forward (see the module
+    docstring): this rank's tile of the result over the current run's mesh, or None
+    (the plain call runs) outside any run or when :func:`interpolate_replicated` declines.
+    Called by the grid-invariant mode for every ``F.interpolate`` while it is entered."""
+    run = context.current()
+    if run is None or run.mesh is None or any(issubclass(t, SpatialTensor) for t in types):
+        return None
+    return interpolate_replicated(run.mesh, args, kwargs)
 
-    def __init__(self, mesh, run):
-        super().__init__()
-        self.mesh = mesh
-        self.run = run
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (func is F.interpolate and context.current() is self.run
-                and not any(issubclass(t, SpatialTensor) for t in types)):
-            out = interpolate_replicated(self.mesh, args, kwargs)
-            if out is not None:
-                return out
-        return func(*args, **kwargs)
+rng.register_plain_route(F.interpolate, route_replicated)
