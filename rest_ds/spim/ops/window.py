@@ -32,6 +32,7 @@ With one rank (sp = 1) the tile is the scene and torch's own op runs.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -75,7 +76,17 @@ def check_pool_padding(k, p, op: str) -> None:
 def window_plan(x: SpatialTensor, op: str, ke, s, p, n_out):
     """Output partition, this rank's exchange plan and scene-border pads (l, r, t, b)."""
     _check_nchw(x, op)
-    spec = x._spec
+    return _window_plan(x._spec, id(x._spec.mesh), op, tuple(ke), tuple(s), tuple(p), tuple(n_out))
+
+
+# A pure function of its arguments (Spec and the results are immutable; plans are shared
+# already, halo.make_plan), asked for by every conv and pool of every step with the same
+# few arguments. A call that raises is not cached (lru_cache), so errors come as before,
+# naming the module where they happen. ``mesh_id``: the output Spec holds the mesh object
+# itself, and equal meshes (equal fields) may hold different process groups; the entry
+# keeps its mesh alive, so the id cannot be reused while it is cached.
+@functools.lru_cache(maxsize=1024)
+def _window_plan(spec: Spec, mesh_id: int, op: str, ke, s, p, n_out):
     outs = [output_partition(part, n_out[a], ke[a], s[a], p[a], op, ("row", "col")[a])
             for a, part in enumerate((spec.rows, spec.cols))]
     need_r, need_c = needs(outs[0], ke[0], s[0], p[0]), needs(outs[1], ke[1], s[1], p[1])
@@ -316,9 +327,10 @@ def _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s):
     return padded_fit(plan.origin, (x_shape[dims[0]], x_shape[dims[1]]), need, out_ranges, ke, s)
 
 
+@functools.lru_cache(maxsize=1024)  # pure (plans are immutable and cached): the same few convs every step
 def _border_geometry(plan, x_shape, dims, need, out_ranges, k, d, ke, s):
     """A :class:`_BorderGeometry` when the conv can run as :class:`_BorderConv2d`
-    (see :func:`_padded_fit`), else None."""
+    (see :func:`_padded_fit`), else None. Shared between calls: never modified."""
     fit = _padded_fit(plan, x_shape, dims, need, out_ranges, ke, s)
     if fit is None:
         return None
