@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import SPIMError
+from .tensor import SpatialTensor  # (tensor.py does not import this module)
 
 _RANDOM_NAMES = (
     "bernoulli bernoulli_ uniform_ normal_ random_ exponential_ cauchy_ geometric_ log_normal_ rand randn randint "
@@ -558,6 +559,12 @@ class GridInvariantRandom(TorchFunctionMode):
             out = route(func, types, args, kwargs)
             if out is not None:
                 return out
+        if (len(types) == 1 and types[0] is SpatialTensor and torch._C._len_torch_function_stack() == 0
+                and torch._C._is_torch_function_enabled()):
+            # what torch does next (no mode left, one overloaded type, subclasses not disabled):
+            # SpatialTensor's rule, called here without a second round of dispatch (for the
+            # ops of a Python function such as F.layer_norm, a second handle_torch_function)
+            return SpatialTensor.__torch_function__(func, types, args, kwargs)
         return func(*args, **kwargs)
 
 

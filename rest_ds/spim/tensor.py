@@ -379,7 +379,7 @@ def _any_spatial(obj) -> bool:
 
 
 def _guarded_apply(cls, *args, **kwargs):
-    if _any_spatial(args) or _any_spatial(kwargs):
+    if _any_spatial(args) or (kwargs and _any_spatial(kwargs)):
         hint = (" (reentrant activation checkpointing: use torch.utils.checkpoint.checkpoint(..., "
                 "use_reentrant=False), which SPIM replays exactly)" if cls.__name__ == "CheckpointFunction" else "")
         raise context.unsupported(
