@@ -50,6 +50,12 @@ def _exchange_rank(grid, sizes, shm_env):
                          [size(j, me) for j in range(mesh.sp)], mesh)
         bad += [("a2a", rnd, j) for j in range(mesh.sp) if not torch.equal(got[j], _message(j, me, 50 + rnd,
                                                                                             size(j, me)))]
+        # out=: each peer's chunk lands in a given tensor (strided here), nothing for the own rank
+        out = [None if j == me else torch.zeros(2 * size(j, me), dtype=torch.float64)[::2] for j in range(mesh.sp)]
+        got = all_to_all([None if j == me else _message(me, j, 70 + rnd, size(me, j)) for j in range(mesh.sp)],
+                         None, mesh, out=out)
+        bad += [("a2a out", rnd, j) for j in range(mesh.sp)
+                if j != me and not (got[j] is out[j] and torch.equal(out[j], _message(j, me, 70 + rnd, size(j, me))))]
     mailboxes = {p: mesh.shm.has_mailbox(me, p) for p in peers} if mesh.shm is not None else None
     return {"bad": bad, "shm": mesh.shm is not None, "mailboxes": mailboxes,
             "a2a_shm": mesh.shm is not None and mesh.shm.all_pairs,
