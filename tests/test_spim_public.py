@@ -6,6 +6,9 @@ position, for checkpoints).
 The label case runs on 2 gloo ranks (1x2, uneven tiles): the wrapped tiles
 gathered back equal the whole label map, the whole-scene loss through SPIM
 equals one process's, and a tile of the wrong size is refused on its rank.
+In the same run: ``x.shape`` / ``x.ndim`` / ``x.dim()`` / ``x.size()`` of
+SpatialTensors (read from the stored global shape, without a dispatch) equal
+the dispatched getters and the global shape, for grid and token layouts.
 """
 from __future__ import annotations
 
@@ -40,6 +43,12 @@ def _labels_rank():
            "to_local_is_tile": bool(torch.equal(to_local(ys), y[:, rows, cols])),
            "loss_error": rel_error(F.cross_entropy(xs, ys, ignore_index=-100),
                                    F.cross_entropy(x, y, ignore_index=-100))}
+    views = {"grid": xs, "permuted": xs.permute(0, 2, 3, 1), "tokens": xs.flatten(2).transpose(1, 2),
+             "in_place": xs.clone().mul_(2.0)}
+    out["shapes"] = {k: {"attr": tuple(v.shape), "ndim": v.ndim, "dim": v.dim(), "ndimension": v.ndimension(),
+                         "size": tuple(v.size()), "dispatched": tuple(torch.Tensor.shape.__get__(v)),
+                         "dispatched_dim": torch.Tensor.dim(v), "local": tuple(v.to_local().shape)}
+                     for k, v in views.items()}
     wrong = y[:, rows, : cols.stop - cols.start - 1].contiguous()   # one column short
     try:
         from_local(wrong, mesh, dims=(1, 2), layout=layout)
@@ -53,6 +62,17 @@ def _labels_rank():
 @pytest.fixture(scope="module")
 def labels():
     return run_ranks(_labels_rank, 2)
+
+
+def test_global_shape_without_dispatch(labels):
+    B, C, H, W = SHAPE
+    expect = {"grid": SHAPE, "permuted": (B, H, W, C), "tokens": (B, H * W, C), "in_place": SHAPE}
+    for r in labels:
+        for k, g in expect.items():
+            got = r["shapes"][k]
+            assert got["attr"] == got["size"] == got["dispatched"] == g, (k, got)
+            assert got["ndim"] == got["dim"] == got["ndimension"] == got["dispatched_dim"] == len(g), (k, got)
+            assert got["local"] != g  # the tile is smaller: the test tells global from local
 
 
 def test_from_local_wraps_label_tiles(labels):
