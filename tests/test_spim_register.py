@@ -1,5 +1,6 @@
 """One rule per op: ``register`` refuses a second handler for a torch callable
-at import time instead of letting the later module silently win."""
+at import time instead of letting the later module silently win; so does
+``rng.register_plain_route`` for the plain-tensor routes of the grid-invariant mode."""
 from __future__ import annotations
 
 import pytest
@@ -35,3 +36,20 @@ def test_new_op_registers_once_and_aliases_count_once():
             register(fake_op)(rule)  # the same rule from a second register() is a duplicate too
     finally:
         _HANDLERS.pop(fake_op, None)
+
+
+def test_plain_route_is_one_per_op_and_never_a_random_op():
+    import torch.nn.functional as F
+
+    from rest_ds.spim import rng
+    from rest_ds.spim.ops.resample import route_replicated
+
+    def other(func, types, args, kwargs):  # pragma: no cover - never called
+        raise AssertionError
+
+    rng.register_plain_route(F.interpolate, route_replicated)  # the same route again: no change
+    with pytest.raises(SPIMError, match="two plain-tensor rules for interpolate"):
+        rng.register_plain_route(F.interpolate, other)
+    with pytest.raises(SPIMError, match="two plain-tensor rules for dropout"):
+        rng.register_plain_route(F.dropout, other)  # random ops have their grid-invariant rule
+    assert rng._ROUTES[F.interpolate] is route_replicated and F.dropout not in rng._ROUTES
