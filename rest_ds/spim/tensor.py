@@ -109,8 +109,9 @@ class Spec:
         return Spec(self.mesh, dims, self.rows, self.cols, self.prefix, self.lead, self.trail)
 
     def same_layout(self, other: "Spec") -> bool:
-        return (self.dims == other.dims and self.rows == other.rows and self.cols == other.cols
-                and self.prefix == other.prefix and self.lead == other.lead and self.trail == other.trail)
+        return self is other or (
+            self.dims == other.dims and self.rows == other.rows and self.cols == other.cols
+            and self.prefix == other.prefix and self.lead == other.lead and self.trail == other.trail)
 
 
 _HANDLERS: dict[Callable, Callable] = {}

@@ -63,8 +63,12 @@ def output_partition(part: Partition, n_out: int, ke: int, s: int, p: int, op: s
 
 
 def _check_nchw(x: SpatialTensor, op: str) -> None:
-    if x._spec.dims != (x.dim() - 2, x.dim() - 1):
-        raise context.unsupported(op, f"sharded dims {x._spec.dims} are not the last two (NCHW layout expected)")
+    _check_nchw_dims(x._spec, x.dim(), op)
+
+
+def _check_nchw_dims(spec: Spec, ndim: int, op: str) -> None:
+    if spec.dims != (ndim - 2, ndim - 1):
+        raise context.unsupported(op, f"sharded dims {spec.dims} are not the last two (NCHW layout expected)")
 
 
 def check_pool_padding(k, p, op: str) -> None:
@@ -442,6 +446,33 @@ class _HaloSumPool2d(torch.autograd.Function):
         return _window_grad(gi, mesh, plan, dims, pads, x_shape), None, None, None, None, None
 
 
+@functools.lru_cache(maxsize=1024)
+def _conv_geometry(spec: Spec, mesh_id: int, ndim: int, x_shape, k, s, d, padding):
+    """Everything a conv on a tile of ``spec`` (local shape ``x_shape``) works out
+    before it computes: (kernel extent, padding before, global output sizes,
+    :func:`window_plan`, the :class:`_BorderGeometry` or None). A pure function of
+    its arguments, cached like :func:`_window_plan` (the same convs run every
+    step; what raises is not cached, and raises in the order of the checks below)."""
+    ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
+    if padding == "same" and s != (1, 1):
+        raise context.unsupported("conv2d", "padding='same' with stride > 1")
+    pb, pt = zip(*(geometry.conv_padding(v, ke[i])
+                   for i, v in enumerate((padding, padding) if isinstance(padding, str) else padding)))
+    H, W = spec.global_hw
+    n_out = (conv_out(H, ke[0], s[0], pt[0]), conv_out(W, ke[1], s[1], pt[1]))
+    if min(n_out) < 1:
+        raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
+    _check_nchw_dims(spec, ndim, "conv2d")
+    wp = _window_plan(spec, mesh_id, "conv2d", ke, s, pb, n_out)
+    geo = None
+    if spec.mesh.sp > 1:
+        plan, _, out_spec, ranges = wp
+        r, c = spec.mesh.coord
+        need = (needs(out_spec.rows, ke[0], s[0], pb[0])[r], needs(out_spec.cols, ke[1], s[1], pb[1])[c])
+        geo = _border_geometry(plan, x_shape, (ndim - 2, ndim - 1), need, ranges, k, d, ke, s)
+    return ke, pb, n_out, wp, geo
+
+
 @register(F.conv2d)
 def _conv2d(func, args, kwargs):
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -452,17 +483,10 @@ def _conv2d(func, args, kwargs):
         raise context.unsupported("conv2d", "a sharded weight")
     s, d = _pair(a.get("stride", 1)), _pair(a.get("dilation", 1))
     k = tuple(weight.shape[-2:])
-    ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
     padding = a.get("padding", 0)
-    if padding == "same" and s != (1, 1):
-        raise context.unsupported("conv2d", "padding='same' with stride > 1")
-    pb, pt = zip(*(geometry.conv_padding(v, ke[i])
-                   for i, v in enumerate((padding, padding) if isinstance(padding, str) else _pair(padding))))
-    H, W = x._spec.global_hw
-    n_out = (conv_out(H, ke[0], s[0], pt[0]), conv_out(W, ke[1], s[1], pt[1]))
-    if min(n_out) < 1:
-        raise SPIMError(f"{context.where()}: conv2d: the kernel is larger than the padded scene {H}x{W}")
-    plan, pads, spec, ranges = window_plan(x, "conv2d", ke, s, pb, n_out)
+    ke, pb, n_out, (plan, pads, spec, ranges), geo = _conv_geometry(
+        x._spec, id(x._spec.mesh), x.dim(), x._local.shape, k, s, d,
+        padding if isinstance(padding, str) else _pair(padding))
     reference = reference_paths()
     if isinstance(a.get("bias"), SpatialTensor) or reference:
         # the window, then torch's conv on it and torch's autograd (halo.reference_paths)
@@ -470,9 +494,6 @@ def _conv2d(func, args, kwargs):
         return wrap(F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1)), spec)
     if x.mesh.sp == 1:  # the tile is the scene: torch's own conv, its padding included
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
-    r, c = x.mesh.coord
-    need = (needs(spec.rows, ke[0], s[0], pb[0])[r], needs(spec.cols, ke[1], s[1], pb[1])[c])
-    geo = _border_geometry(plan, x._local.shape, (x.dim() - 2, x.dim() - 1), need, ranges, k, d, ke, s)
     if geo is not None:
         out = _BorderConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, geo, s, d, a.get("groups", 1))
     else:
