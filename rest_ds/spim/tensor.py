@@ -152,13 +152,29 @@ def funcs_named(*names: str, owners=None) -> list:
     return out
 
 
+_OP_NAMES: dict = {}
+
+
 def op_name(func) -> str:
+    # a pure function of the callable, asked by op rules on every call (for their errors):
+    # remembered for the first few thousand callables
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):
+        pass
     owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
     name = getattr(func, "__name__", repr(func))
     if owner is not None and hasattr(owner, "__name__"):
-        return f"{owner.__name__}.{name}"
-    mod = getattr(func, "__module__", None) or "torch"
-    return f"{mod}.{name}"
+        out = f"{owner.__name__}.{name}"
+    else:
+        mod = getattr(func, "__module__", None) or "torch"
+        out = f"{mod}.{name}"
+    try:
+        if len(_OP_NAMES) < 4096:
+            _OP_NAMES[func] = out
+    except TypeError:  # an unhashable callable
+        pass
+    return out
 
 
 class SpatialTensor(torch.Tensor):

@@ -95,18 +95,49 @@ def localize(args, kwargs, spec: Spec, ndim: int, op: str):
     return [conv(a) for a in args], {k: conv(v) for k, v in kwargs.items()}
 
 
+# in-place by name, per op (a pure function of the callable; the commonest rule, asked every call)
+_INPLACE_NAME: dict = {}
+
+
+def _inplace_name(func) -> bool:
+    flag = _INPLACE_NAME.get(func)
+    if flag is None:
+        name = getattr(func, "__name__", "")
+        flag = _INPLACE_NAME[func] = name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDER
+    return flag
+
+
 def _pointwise(func, args, kwargs):
-    name = getattr(func, "__name__", "")
     op = op_name(func)
     if kwargs.get("out") is not None:
         raise context.unsupported(op, "out= is not supported on sharded tensors")
-    spatial = [a for a in list(args) + list(kwargs.values()) if isinstance(a, SpatialTensor)]
-    spec = spatial[0]._spec
-    ndim = max(a.dim() for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor))
-    inplace = name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDER or kwargs.get("inplace", False)
+    operands = (*args, *kwargs.values()) if kwargs else args
+    spec, ndim = None, None
+    for a in operands:  # the first sharded operand's layout, the largest rank of all tensors
+        if isinstance(a, torch.Tensor):
+            if spec is None and isinstance(a, SpatialTensor):
+                spec = a._spec
+            n = a.dim()
+            if ndim is None or n > ndim:
+                ndim = n
+    if spec is None:
+        raise IndexError("list index out of range")  # (as the list of sharded operands it was)
+    inplace = _inplace_name(func) or kwargs.get("inplace", False)
     if inplace and not isinstance(args[0], SpatialTensor):
         raise context.unsupported(op, "an in-place op on a replicated tensor with a sharded operand")
-    largs, lkwargs = localize(args, kwargs, spec, ndim, op)
+    # the common case without localize(): operands of this very layout and rank, and scalars
+    largs = []
+    for a in args:
+        if isinstance(a, SpatialTensor) and a._spec is spec and a.dim() == ndim:
+            largs.append(a._local)
+        elif isinstance(a, (torch.Tensor, list, tuple)):
+            break
+        else:
+            largs.append(a)
+    if len(largs) == len(args) and not kwargs:
+        lkwargs = kwargs
+    else:
+        largs, lkwargs = localize(args, kwargs, spec, ndim, op)
     out = func(*largs, **lkwargs)
     if inplace:
         args[0]._local = out if isinstance(out, torch.Tensor) else args[0]._local
