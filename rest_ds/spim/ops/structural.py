@@ -6,6 +6,7 @@ the sharded dims is refused by name.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -126,7 +127,18 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
     every tile border lies on the window grid. Anything that would mix the grid
     with other dims or cut it is refused."""
     spec = x._spec
-    old = list(x.shape)
+    loc, out = _reshape_plan(spec, id(spec.mesh), tuple(x.shape), tuple(int(s) for s in new_shape), op)
+    return wrap(x._local.reshape(loc), out)
+
+
+# A pure function of its arguments (the results are a shape and an immutable Spec), asked
+# by every reshape/view/flatten of every step with the same few shapes. What raises is
+# not cached (lru_cache): errors come as before, naming the module. ``mesh_id``: see
+# window._window_plan (the output Spec holds the mesh object).
+@functools.lru_cache(maxsize=1024)
+def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: str) -> tuple[tuple, Spec]:
+    """(local shape, Spec) of :func:`reshape_to`."""
+    old = list(old)
     new = _resolve(new_shape, math.prod(old), op)
     H, W = spec.global_hw
     if spec.is_tokens:
@@ -138,7 +150,7 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
                 if new[p] == n and math.prod(new[:p]) == math.prod(old[:t]):
                     loc = list(new)
                     loc[p] = spec.local_sizes()[0]
-                    return wrap(x._local.reshape(loc), spec.with_dims((p,)))
+                    return tuple(loc), spec.with_dims((p,))
             raise context.unsupported(op, f"reshaping a token dim that holds {spec.prefix} prefix tokens "
                                           f"({tuple(old)} -> {tuple(new)}); strip them first")
     else:
@@ -154,7 +166,7 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
                     (r0, r1), (c0, c1) = spec.row_range, spec.col_range
                     loc[p], loc[p + 1] = (r1 - r0) * k1, (c1 - c0) * k2
                     out = Spec(spec.mesh, (p, p + 1), tuple(b * k1 for b in spec.rows), tuple(b * k2 for b in spec.cols))
-                    return wrap(x._local.reshape(loc), out)
+                    return tuple(loc), out
             raise context.unsupported(op, f"reshaping windows {tuple(old)} -> {tuple(new)} other than back to the grid")
         else:
             raise context.unsupported(op, f"the sharded dims {spec.dims} are not adjacent")
@@ -169,7 +181,7 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
         if p + 1 < len(new) and (new[p], new[p + 1]) == (H, W) and before == a_tot and after2 == z_tot:
             loc = list(new)
             loc[p], loc[p + 1] = h, w
-            return wrap(x._local.reshape(loc), Spec(spec.mesh, (p, p + 1), spec.rows, spec.cols))
+            return tuple(loc), Spec(spec.mesh, (p, p + 1), spec.rows, spec.cols)
         # (H/k, k, W/k, k): windows of a grid layout (tiles must hold whole windows)
         if (not spec.is_tokens and p + 3 < len(new) and before == a_tot and new[p] * new[p + 1] == H
                 and new[p + 2] * new[p + 3] == W and math.prod(new[p + 4:]) == z_tot and new[p + 1] > 1):
@@ -178,7 +190,7 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
                 loc = list(new)
                 loc[p], loc[p + 2] = h // k1, w // k2
                 out = Spec(spec.mesh, (p, p + 2), tuple(b // k1 for b in spec.rows), tuple(b // k2 for b in spec.cols))
-                return wrap(x._local.reshape(loc), out)
+                return tuple(loc), out
             raise context.unsupported(
                 op, f"splitting the grid into windows of {k1}x{k2} needs every tile border on the window grid "
                 f"(tile borders rows {spec.rows}, cols {spec.cols}); align tiles to the window size")
@@ -190,7 +202,7 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
                 loc = list(new)
                 loc[p] = lead * h * w * trail
                 out = Spec(spec.mesh, (p,), spec.rows, spec.cols, 0, lead, trail)
-                return wrap(x._local.reshape(loc), out)
+                return tuple(loc), out
     raise context.unsupported(
         op, f"reshaping global shape {tuple(old)} to {tuple(new)} would mix or cut the sharded "
         f"{'token dim' if spec.is_tokens else 'dims'} {spec.dims}"
