@@ -85,6 +85,51 @@ def _sum_of(fn, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
 
 
+_TILE_WEIGHTS: dict = {}
+
+
+def _tile_weights(spec, device, rep: int = 1) -> torch.Tensor:
+    """(sp,) fp64: each sp rank's share of the scene's pixels, in sp order (its tile
+    area over the scene's; the tiles' other dims are the same on every rank), over
+    ``rep``: what one channel's statistics of a tile weigh in the statistics of a
+    group of ``rep`` channels over the scene. From the layout alone; cached per
+    (rows, cols, grid, device, rep): a constant of the layout."""
+    key = (spec.rows, spec.cols, spec.mesh.grid, device, rep)
+    w = _TILE_WEIGHTS.get(key)
+    if w is None:
+        rows, cols, pw = spec.rows, spec.cols, spec.mesh.grid[1]
+        areas = [(rows[r + 1] - rows[r]) * (cols[c + 1] - cols[c])
+                 for r, c in (divmod(i, pw) for i in range(spec.mesh.sp))]
+        w = torch.tensor(areas, dtype=torch.float64, device=device) / (rows[-1] * cols[-1] * rep)
+        if len(_TILE_WEIGHTS) < 1024:  # bounded: layouts that keep changing are not cached
+            _TILE_WEIGHTS[key] = w
+    return w
+
+
+def _scene_moments(parts: torch.Tensor, weights: torch.Tensor, rep: int, eps: float, mesh) -> torch.Tensor:
+    """(3, K) fp64 [mean, biased var, 1 / sqrt(var + eps)] of K groups of ``rep``
+    consecutive channels over the whole scene, replicated, from this tile's (2, K *
+    rep) per-channel [mean, biased var] (any float dtype) and ``weights``
+    (:func:`_tile_weights` with ``rep``). One all-gather; every tile's and channel's
+    moments combined in fp64 by Chan's parallel formula (the weighted mean, then
+    ``sum_i w_i (v_i + (m_i - mean)^2)``: no E[x^2] - E[x]^2 cancellation),
+    identically on every rank."""
+    g = all_gather_equal(parts, mesh).double()  # (sp, 2, K * rep)
+    sp, K = g.shape[0], g.shape[2] // rep
+    out = g.new_empty(3, K)
+    if rep == 1:
+        torch.mv(g.view(sp, 2 * K).t(), weights, out=out[:2].view(2 * K))  # [mean, mean of the variances]
+        d = (g[:, 0] - out[0]).square_()
+        out[1].addmv_(d.t(), weights)
+    else:
+        torch.sum(torch.mv(g.view(sp, 2 * K * rep).t(), weights).view(2, K, rep), 2, out=out[:2])
+        d = (g[:, 0].view(sp, K, rep) - out[0].view(1, K, 1)).square_()
+        out[1].add_(torch.mv(d.view(sp, K * rep).t(), weights).view(K, rep).sum(1))
+    out[1].clamp_min_(0)
+    torch.add(out[1], eps, out=out[2]).rsqrt_()
+    return out
+
+
 class _NormAffine(torch.autograd.Function):
     """``y = (t - mean) * invstd * weight + bias``, mean and biased var over
     ``dims`` of the whole scene (``count`` elements over all sp tiles), as one
@@ -223,20 +268,19 @@ class _GroupNormScene(torch.autograd.Function):
     """Group norm of an (N, C, ...) tile ``x`` (any memory format) over each
     (sample, group)'s channels and the whole scene, with the per-channel affine,
     on torch's native kernels (fp32/fp64; ``weight``/``bias`` of shape (C,) or
-    None); returns (y, shaped like ``x`` and, for one sample, in its memory
-    format, as torch's group norm returns it; mean, ssd: the (N*G,) fp64 group
-    mean and sum of squared deviations, replicated, not differentiable).
+    None; ``weights``: :func:`_tile_weights` of the layout for C // groups);
+    returns (y, shaped like ``x``, in its memory format; st: the (3, N*G) fp64
+    [mean, biased var, invstd] of the groups, replicated, not differentiable).
 
-    Forward: the tile's per-group mean and variance (torch's group norm kernel,
-    one pass), combined over the sp group as in
-    :class:`_BatchNormScene` (one all-gather), then ONE eval-mode batch norm
-    with the group statistics repeated per channel and the affine folded in
-    (``x * invstd * w + (b - mean * invstd * w)``, the form of torch's own group
-    norm kernel), of ``x`` itself for one sample (its channels are the batch
-    norm's: no reshape, channels-last kept), else of the (1, N*C, -1) view.
+    Forward: the tile's per-(sample, channel) mean and variance (batch norm's
+    statistics kernel, one pass), combined per group and over the sp group by
+    :func:`_scene_moments` (one all-gather), then ONE pass ``x * alpha + beta``
+    with per-(sample, channel) ``alpha = invstd * w``, ``beta = b - mean *
+    alpha`` (the form of torch's own group norm kernel), in ``x``'s layout.
     Saves its input and the statistics only.
 
-    Backward: the native batch-norm backward of that tensor gives this tile's
+    Backward: the native batch-norm backward of ``x`` (one sample) or its
+    (1, N*C, -1) view gives this tile's
     per-(sample, channel) sums of ``g`` and ``g * x_hat`` in one pass (the bias
     and weight gradients, convention P); their weight-scaled per-group sums are
     all-reduced while ``g * w * invstd`` is computed, then the whole-scene
@@ -248,65 +292,69 @@ class _GroupNormScene(torch.autograd.Function):
     backward, which torch's own group norm does not make)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, N, groups, count, eps, mesh):
+    def forward(ctx, x, weight, bias, N, groups, count, eps, mesh, weights):
         C = x.shape[1]
         rep = C // groups
-        # the tile's group moments from torch's group norm kernel, on x as the plain model runs it
-        # (5x faster than batch_norm_update_stats of the (1, N*G, -1) view, a slow layout for it):
-        # its mean, and the variance back from rstd = 1 / sqrt(var + eps), which loses nothing that
-        # matters: the error is relative to var + eps, the quantity normalised by
-        hw = x.numel() // (N * C)
-        _, mean_l, rstd_l = torch.ops.aten.native_group_norm(x, None, None, N, C, hw, groups, eps)
-        var_l = (rstd_l.double().reciprocal().square() - eps).clamp_min(0).view(-1)
-        n_local = hw * rep
-        n_i, m_i, v_i = all_gather_equal(
-            torch.stack([torch.full_like(var_l, n_local), mean_l.view(-1).double(), var_l]), mesh).unbind(1)
-        mean = (n_i * m_i).sum(0) / count
-        ssd = (n_i * (v_i + (m_i - mean).square())).sum(0)
-        mean_x, var_x = mean.to(x.dtype), (ssd / count).to(x.dtype)
-        stats = torch.stack([mean_x, var_x]).repeat_interleave(rep, 1)  # (2, N*C): one op for both
-        xc = _bn_view(x, N)
-        y = F.batch_norm(xc, stats[0], stats[1], _per_sample(weight, N), _per_sample(bias, N), False, 0.0, eps)
-        if N > 1:  # the (1, N*C, -1) result is contiguous: x's shape without making y a view
-            y = torch.ops.aten._unsafe_view(y, x.shape)
-        ctx.save_for_backward(xc, weight, mean_x, var_x)
-        ctx.cfg = (N, groups, count, eps, mesh, bias is not None, x.shape)
-        ctx.mark_non_differentiable(mean, ssd)
-        return y, mean, ssd
+        # the tile's per-(sample, channel) moments, one pass in x's own layout (batch norm's
+        # statistics kernel: ~10x cheaper than the group norm kernel's on a small channels-last
+        # tile), combined per group and over the scene in fp64
+        if N == 1 or x.is_contiguous():
+            parts = torch.stack(torch.batch_norm_update_stats(_bn_view(x, N), None, None, 0.0))
+        else:  # samples of a channels-last batch are not one (1, N*C, -1) view: one pass per sample
+            per = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(N)]
+            parts = torch.stack([torch.cat([m for m, _ in per]), torch.cat([v for _, v in per])])
+        st = _scene_moments(parts, weights, rep, eps, mesh)
+        # (3, N*C) per-(sample, channel) [mean, var, invstd] in x's dtype: one cast, one repeat
+        stc = st.to(x.dtype)
+        stc = stc.repeat_interleave(rep, 1) if rep > 1 else stc
+        # y = x * alpha + beta per (sample, channel), the form of torch's own group norm kernel;
+        # one pass that keeps x's layout (2x cheaper than the eval batch norm kernel channels-last)
+        alpha = stc[2] if weight is None else stc[2] * _per_sample(weight, N)
+        beta = torch.mul(stc[0], alpha).neg_() if bias is None else \
+            torch.addcmul(_per_sample(bias, N), stc[0], alpha, value=-1)
+        cshape = (N, C) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(beta.view(cshape), x, alpha.view(cshape))
+        ctx.save_for_backward(x, weight, stc, st)
+        ctx.cfg = (N, groups, count, eps, mesh, bias is not None)
+        ctx.mark_non_differentiable(st)
+        return y, st
 
     @staticmethod
-    def backward(ctx, g, _g_mean, _g_ssd):
-        xc, weight, mean_x, var_x = ctx.saved_tensors
-        N, groups, count, eps, mesh, has_bias, x_shape = ctx.cfg
+    def backward(ctx, g, _g_st):
+        x, weight, stc, st = ctx.saved_tensors
+        N, groups, count, eps, mesh, has_bias = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        C = x_shape[1]
+        C = x.shape[1]
         rep = C // groups
-        # (N*C,) per-channel copies of the group statistics, both in one op
-        invstd, mean_c = torch.stack([torch.rsqrt(var_x.double() + eps), mean_x.double()]).repeat_interleave(rep, 1)
-        gc = _bn_view(dense_grad(g, xc), N)
+        xc = _bn_view(x, N)
+        gc = _bn_view(dense_grad(g, x), N)
         shape = [1, N * C] + [1] * (xc.dim() - 2)  # per-channel vectors against xc
         # this tile's per-(sample, channel) sums of g * x_hat and g, one pass
         _, s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
-            gc, xc, None, None, None, mean_c.to(xc.dtype), invstd.to(xc.dtype), True, eps, [False, True, True])
+            gc, xc, None, None, None, stc[0], stc[2], True, eps, [False, True, True])
         gx = gw = gb = None
         if need_x:
-            # the gradient the normalisation sees is g * w: its per-group sums over the scene
-            sg = torch.stack([s_g, s_gx]).double()
-            w = None if weight is None else _per_sample(weight, N).double()
-            wait = start_all_reduce_((sg if w is None else sg.mul_(w)).view(2, N * groups, rep).sum(2), mesh)
-            scale = invstd if w is None else invstd * w
-            gx = gc * scale.to(xc.dtype).view(shape)
-            sums = wait()
-            c_g, c_x = (sums / count).repeat_interleave(rep, 1).mul_(invstd)
-            c_x = c_x * invstd
-            # invstd (g w - S_g / n - x_hat S_gx / n) as x * alpha + beta: two passes, no temporary
-            gx.addcmul_(xc, (-c_x).to(xc.dtype).view(shape)).sub_((c_g - c_x * mean_c).to(xc.dtype).view(shape))
-            gx = gx.view(x_shape) if N > 1 else gx
+            # the gradient the normalisation sees is g * w: its per-group sums over the scene (fp64)
+            w = None if weight is None else _per_sample(weight, N)
+            sg = torch.stack([s_g, s_gx])
+            sg = sg if w is None else sg.mul_(w)
+            wait = start_all_reduce_(sg.view(2, N * groups, rep).sum(2, dtype=torch.float64), mesh)
+            gx = gc * (stc[2] if w is None else stc[2] * w).view(shape)
+            co = wait().mul_(st[2]).div_(count)  # [c_g, c_x / invstd] = invstd [S_g, S_gx] / n
+            co[1].mul_(st[2])
+            # invstd (g w - S_g / n - x_hat S_gx / n) = g w invstd + x alpha + beta, alpha = -c_x,
+            # beta = c_x mean - c_g: two passes, no temporary
+            co[0].neg_().addcmul_(co[1], st[0])
+            co[1].neg_()
+            co = co.to(xc.dtype)
+            co = co.repeat_interleave(rep, 1) if rep > 1 else co
+            gx.addcmul_(xc, co[1].view(shape)).add_(co[0].view(shape))
+            gx = gx.view(x.shape) if N > 1 else gx
         if need_w and weight is not None:
-            gw = s_gx.view(N, C).sum(0).to(weight.dtype)
+            gw = s_gx if N == 1 else s_gx.view(N, C).sum(0)
         if need_b and has_bias:
-            gb = s_g.view(N, C).sum(0)
-        return gx, gw, gb, None, None, None, None, None
+            gb = s_g if N == 1 else s_g.view(N, C).sum(0)
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _bn_view(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -379,10 +427,11 @@ def _batch_norm(func, args, kwargs):
     return wrap(y, spec)
 
 
-def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, op: str):
+def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, op: str, stats: bool = True):
     """Normalise per (sample, group) over the group's channels and the whole
     scene, then apply the per-channel ``weight``/``bias`` (or None).
-    Returns (local result, group mean (B, G), unbiased group var (B, G))."""
+    Returns (local result, group mean (B, G), unbiased group var (B, G)); the
+    statistics may be None when ``stats`` is False (not asked for)."""
     _check_channel_layout(x, op)
     loc = x._local
     B, C = loc.shape[0], loc.shape[1]
@@ -392,9 +441,12 @@ def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, o
     if loc.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == loc.dtype for p in (weight, bias)):
         # torch's native batch-norm kernels with whole-scene group statistics and the affine
         # folded in (_GroupNormScene: two passes forward, four backward)
-        y, mean, ssd = _GroupNormScene.apply(loc, weight, bias, B, groups, count, float(eps), x._spec.mesh)
-        unbiased = ssd / (count - 1) if count > 1 else torch.full_like(ssd, float("nan"))
-        return y, mean.reshape(B, groups).to(loc.dtype), unbiased.reshape(B, groups)
+        y, st = _GroupNormScene.apply(loc, weight, bias, B, groups, count, float(eps), x._spec.mesh,
+                                      _tile_weights(x._spec, loc.device, C // groups))
+        if not stats:
+            return y, None, None
+        unbiased = st[1] * (count / (count - 1)) if count > 1 else torch.full_like(st[1], float("nan"))
+        return y, st[0].reshape(B, groups).to(loc.dtype), unbiased.reshape(B, groups)
     t = loc.reshape(B, groups, C // groups, -1)
     shape = (1, groups, C // groups, 1)
     y, mean, ssd = norm_affine(t, _param_view(weight, shape), _param_view(bias, shape), (2, 3), count, eps,
@@ -415,7 +467,7 @@ def _group_norm(func, args, kwargs):
     G = int(a["num_groups"])
     if x.dim() >= 2 and G > 0 and x.shape[1] % G == 0:
         F._verify_batch_size([x.shape[0] * x.shape[1] // G, G] + list(x.shape[2:]))
-    y, _, _ = _group_stats_norm(x, G, w, b, a["eps"], "group_norm")
+    y, _, _ = _group_stats_norm(x, G, w, b, a["eps"], "group_norm", stats=False)
     return wrap(y, x._spec)
 
 
