@@ -189,17 +189,17 @@ def parse(shape: tuple[int, ...], a: dict) -> tuple[str, bool, tuple[int, int], 
 
 
 # --- applying taps ------------------------------------------------------------
-def _apply(t: torch.Tensor, dim: int, idx: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """Taps along ``dim`` of ``t``; ``idx``/``w`` are (T, m) with indices into ``t``."""
-    if w is None:
-        return t.index_select(dim, idx[0])
-    view = [1] * t.dim()
-    view[dim] = -1
+def _apply_taps(t: torch.Tensor, dim: int, taps) -> torch.Tensor:
+    """Separable taps along ``dim`` of ``t``, as :func:`_resample_plan` prepares them: per tap
+    (indices into ``t`` along ``dim``, weights viewed along ``dim`` in ``t``'s dtype
+    or None for the nearest modes)."""
     out = None
-    for k in range(idx.shape[0]):
+    for idx, w in taps:
+        if w is None:
+            return t.index_select(dim, idx)
         # in place: neither index_select nor a product with a constant saves its
         # output, so at most one tap's term exists besides the result
-        term = t.index_select(dim, idx[k]).mul_(w[k].to(t.dtype).view(view))
+        term = t.index_select(dim, idx).mul_(w)
         out = term if out is None else out.add_(term)
         del term
     return out
@@ -241,12 +241,11 @@ def _cached_taps(n_in: int, n_out: int, mode: str, align_corners: bool, scale: f
     return idx, w, tuple(idx.min(0).values.tolist()), tuple(idx.max(0).values.tolist())
 
 
-def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_out: int, lo, hi):
+def _axis_plan(axis: int, parts: int, in_part: Partition | None, n_in: int, n_out: int, lo, hi, reg):
     """(output partition, needs per grid index) for one axis (``lo``/``hi``: first
-    and last input index of each output). A registered partition of size
-    ``n_out`` is preferred when its windows fit the halo rule."""
+    and last input index of each output). The registered partition ``reg`` of size
+    ``n_out`` (context.layout_for, or None) is preferred when its windows fit the halo rule."""
     name = ("row", "col")[axis]
-    reg = context.layout_for(axis, parts, n_out)
     if in_part is None:  # replicated input: any partition works, nothing to exchange
         return reg, None
     if reg is not None:
@@ -293,6 +292,38 @@ def _upsample_strips(plan, x_shape, ks, global_hw):
             for orows, ocols in border_strips(plan, x_shape, (2, 3), n, half, half)]
 
 
+class _UpGeometry:
+    """What :class:`_BorderUpsample` works out from the geometry alone (a pure
+    function of the input Spec, local tile size and factors; cached with the rest
+    of the call's plan, :func:`_resample_plan`). ``strips``: per strip (output
+    rows, output cols, input rows, input cols, the strip's box in its region's
+    output, the region's output size); ``lines``: per :func:`_clamped_lines` line
+    (axis, window start, window end, line, the strips' boxes in the window's
+    output of ``g``)."""
+
+    __slots__ = ("plan", "ks", "scales", "out_hw", "strips", "lines")
+
+    def __init__(self, plan, ks, x_hw, n_in):
+        self.plan, self.ks = plan, ks
+        self.scales = [float(k) for k in ks]
+        self.out_hw = [ks[0] * x_hw[0], ks[1] * x_hw[1]]
+        shape = (1, 1) + tuple(x_hw)
+        raw = _upsample_strips(plan, shape, ks, n_in)
+        self.strips = tuple((orows, ocols, irows, icols, _region_outputs(plan, ks, orows, ocols, irows, icols),
+                             [ks[0] * (irows[1] - irows[0]), ks[1] * (icols[1] - icols[0])])
+                            for orows, ocols, irows, icols in raw)
+        lines = []
+        for a, lo, hi, line in _clamped_lines(raw, ks, self.out_hw, shape):
+            k, boxes = ks[a], []
+            for orows, ocols, _, _ in raw:
+                box = [orows, ocols]
+                box[a] = (max(box[a][0], k * lo) - k * lo, min(box[a][1], k * hi) - k * lo)
+                if box[a][1] > box[a][0]:
+                    boxes.append(tuple(box))
+            lines.append((a, lo, hi, line, tuple(boxes)))
+        self.lines = tuple(lines)
+
+
 class _BorderUpsample(torch.autograd.Function):
     """Bilinear upsampling by powers of two ``ks`` (align_corners False) of a
     tile whose outputs are ``k`` times its inputs on each axis: torch's kernel
@@ -301,37 +332,33 @@ class _BorderUpsample(torch.autograd.Function):
     those strips are recomputed by the same kernel on small windows that hold
     the neighbour's halo (a window gives the global taps: see
     :func:`_native_factors`). No window-size copy; the output is contiguous.
-    Saves nothing: the backward is torch's on the tile plus the strips' own."""
+    Saves nothing: the backward is torch's on the tile plus the strips' own.
+    ``geo``: the call's :class:`_UpGeometry`."""
 
     @staticmethod
-    def forward(ctx, x, mesh, plan, strips, ks):
+    def forward(ctx, x, mesh, geo):
         dims = (2, 3)
-        pieces, wait = start_fetch(x, mesh, plan, dims)
-        scales = [float(k) for k in ks]
-        out_hw = [ks[0] * x.shape[2], ks[1] * x.shape[3]]
-        y = torch.ops.aten.upsample_bilinear2d(x, out_hw, False, *scales)
+        pieces, wait = start_fetch(x, mesh, geo.plan, dims)
+        scales = geo.scales
+        y = torch.ops.aten.upsample_bilinear2d(x, geo.out_hw, False, *scales)
         wait()
-        for orows, ocols, irows, icols in strips:
+        for orows, ocols, irows, icols, strip, region_out in geo.strips:
             region = window_part(pieces, dims, irows, icols, 0.0)
-            yr = torch.ops.aten.upsample_bilinear2d(region, [ks[0] * region.shape[2], ks[1] * region.shape[3]], False,
-                                                    *scales)
-            strip = _region_outputs(plan, ks, orows, ocols, irows, icols)
-            box_view(y, (2, 3), orows, ocols).copy_(box_view(yr, (2, 3), *strip))
-        ctx.cfg = (mesh, plan, strips, ks, tuple(x.shape), out_hw)
+            yr = torch.ops.aten.upsample_bilinear2d(region, region_out, False, *scales)
+            box_view(y, dims, orows, ocols).copy_(box_view(yr, dims, *strip))
+        ctx.cfg = (mesh, geo, tuple(x.shape))
         return y
 
     @staticmethod
     def backward(ctx, g):
-        mesh, plan, strips, ks, x_shape, out_hw = ctx.cfg
-        scales = [float(k) for k in ks]
+        mesh, geo, x_shape = ctx.cfg
+        scales, ks, nc = geo.scales, geo.ks, list(x_shape[:2])
         g = dense_grad(g)  # kept channels-last (the head's maps come from tokens): torch's fast backward
         # the strips first, so that the halos' gradients travel during the tile's backward
-        grads = WindowGrads(g, x_shape, plan, (2, 3))
-        for orows, ocols, irows, icols in strips:
-            in_shape = list(x_shape[:2]) + [irows[1] - irows[0], icols[1] - icols[0]]
-            region_out = [ks[0] * in_shape[2], ks[1] * in_shape[3]]
-            gr = g.new_zeros(in_shape[:2] + region_out)
-            strip = _region_outputs(plan, ks, orows, ocols, irows, icols)
+        grads = WindowGrads(g, x_shape, geo.plan, (2, 3))
+        for orows, ocols, irows, icols, strip, region_out in geo.strips:
+            in_shape = nc + [irows[1] - irows[0], icols[1] - icols[0]]
+            gr = g.new_zeros(nc + region_out)
             box_view(gr, (2, 3), *strip).copy_(box_view(g, (2, 3), orows, ocols))
             grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
                       irows, icols)
@@ -340,20 +367,17 @@ class _BorderUpsample(torch.autograd.Function):
         # hand the same tensor to other ops, so g is never written): torch's backward of all of g
         # differs from it only in the input lines the strips' clamped outputs feed, and those are
         # recomputed from a window of g (see _clamped_lines)
-        gx = torch.ops.aten.upsample_bilinear2d_backward(g, out_hw, list(x_shape), False, *scales)
-        for a, lo, hi, line in _clamped_lines(strips, ks, out_hw, x_shape):
+        gx = torch.ops.aten.upsample_bilinear2d_backward(g, geo.out_hw, list(x_shape), False, *scales)
+        for a, lo, hi, line, boxes in geo.lines:
             k = ks[a]
             gw = g.narrow(2 + a, k * lo, k * (hi - lo)).clone()
-            for orows, ocols, _, _ in strips:
-                box = [orows, ocols]
-                box[a] = (max(box[a][0], k * lo) - k * lo, min(box[a][1], k * hi) - k * lo)
-                if box[a][1] > box[a][0]:
-                    box_view(gw, (2, 3), *box).zero_()
+            for box in boxes:
+                box_view(gw, (2, 3), *box).zero_()
             in_shape = list(x_shape)
             in_shape[2 + a] = hi - lo
             gxw = torch.ops.aten.upsample_bilinear2d_backward(gw, list(gw.shape[2:]), in_shape, False, *scales)
             gx.narrow(2 + a, line, 1).copy_(gxw.narrow(2 + a, line - lo, 1))
-        return grads.finish(gx), None, None, None, None
+        return grads.finish(gx), None, None
 
 
 def _clamped_lines(strips, ks, out_hw, x_shape):
@@ -397,48 +421,87 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
               n_in: tuple[int, int]) -> SpatialTensor:
     """Sharded result of resampling: ``x_local`` is this rank's tile (``in_spec``)
     or, with ``in_spec`` None, the whole replicated input."""
+    run = context.current()
+    layouts = run.layouts if run is not None else {}
+    ph, pw = mesh.grid
+    # the registered partitions of the output sizes (context.layout_for) are part of the key:
+    # which one a call gets depends on what this forward has seen
+    reg = (layouts.get((0, ph, out_hw[0])), layouts.get((1, pw, out_hw[1])))
+    reference = reference_paths()
+    kind, spec, data = _resample_plan(in_spec, mesh, id(mesh), tuple(x_local.shape[2:]), tuple(n_in), mode, ac,
+                                      tuple(out_hw), tuple(scales), x_local.dtype, x_local.device, reg, reference)
+    if kind == "border":
+        return wrap(_BorderUpsample.apply(x_local, mesh, data), spec)
+    need_r, need_c, rest = data
+    if in_spec is None:
+        window = x_local
+    else:
+        window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate",
+                               reference)
+    if kind == "window":
+        with torch._C.DisableTorchFunction():  # a plain window: no routing of replicated inputs
+            y = F.interpolate(window, scale_factor=rest[0], mode="bilinear", align_corners=False)
+        for dim, start, length in rest[1]:
+            y = y.narrow(dim, start, length)
+        return wrap(y, spec)
+    y = window
+    for dim, taps in rest:
+        y = _apply_taps(y, dim, taps)
+    return wrap(y, spec)
+
+
+# A pure function of its arguments, asked by every resampling of every step with the same
+# few arguments (FPN/UPerNet: ~10 calls per step): output partition, Spec, halo needs,
+# border strips, sliced taps. What raises is not cached (lru_cache), so errors come as
+# before, naming the module. ``mesh_id``: see window._window_plan. The cached tensors
+# (taps) are never modified.
+@functools.lru_cache(maxsize=512)
+def _resample_plan(in_spec: Spec | None, mesh, mesh_id: int, x_hw: tuple[int, int], n_in: tuple[int, int],
+                   mode: str, ac: bool, out_hw: tuple[int, int], scales, dtype: torch.dtype, device, reg,
+                   reference: bool):
+    """(kind, output Spec, data) of :func:`_resample`: kind "border" with the
+    :class:`_UpGeometry`; "window" (torch's kernel on the window) with (needs per
+    axis, (scale factors, narrows of the output)); "taps" with (needs per axis,
+    per pass (dim, taps as :func:`_apply_taps` takes them))."""
     taps, plans = [], []
     for axis in range(2):
-        idx, w, lo, hi = _cached_taps(n_in[axis], out_hw[axis], mode, ac, scales[axis], x_local.dtype,
-                                      x_local.device)
+        idx, w, lo, hi = _cached_taps(n_in[axis], out_hw[axis], mode, ac, scales[axis], dtype, device)
         in_part = None if in_spec is None else (in_spec.rows, in_spec.cols)[axis]
-        plans.append(_axis_plan(axis, mesh.grid[axis], in_part, n_in[axis], out_hw[axis], lo, hi))
+        plans.append(_axis_plan(axis, mesh.grid[axis], in_part, n_in[axis], out_hw[axis], lo, hi, reg[axis]))
         taps.append((idx, w))
     (rows, need_r), (cols, need_c) = plans
+    spec = Spec(mesh, (2, 3), rows, cols)
     r, c = mesh.coord
     ranges = ((rows[r], rows[r + 1]), (cols[c], cols[c + 1]))
     # the reference path (halo.reference_paths): the window through one all-to-all and the global taps
-    reference = reference_paths()
     ks = _native_factors(mode, ac, n_in, out_hw, scales) if in_spec is not None and not reference else None
     if ks is not None and mesh.sp > 1 and ranges == tuple((k * p[i], k * p[i + 1]) for k, p, i in
                                                            zip(ks, (in_spec.rows, in_spec.cols), (r, c))):
         plan = make_plan(mesh, in_spec.rows, in_spec.cols, need_r, need_c, "interpolate")
-        strips = _upsample_strips(plan, x_local.shape, ks, n_in)
-        return wrap(_BorderUpsample.apply(x_local, mesh, plan, strips, ks), Spec(mesh, (2, 3), rows, cols))
+        return "border", spec, _UpGeometry(plan, ks, x_hw, n_in)
     if in_spec is None:
-        window, base = x_local, (0, 0)
+        base, window_hw = (0, 0), n_in
     else:
-        window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate",
-                               reference)
         base = (need_r[r][0], need_c[c][0])
-    if ks is not None and all(0 <= o0 - k * b and o1 - k * b <= k * window.shape[2 + a]
+        window_hw = (need_r[r][1] - need_r[r][0], need_c[c][1] - need_c[c][0])
+    if ks is not None and all(0 <= o0 - k * b and o1 - k * b <= k * window_hw[a]
                               for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base))):
-        with torch._C.DisableTorchFunction():  # a plain window: no routing of replicated inputs
-            y = F.interpolate(window, scale_factor=(float(ks[0]), float(ks[1])), mode="bilinear",
-                              align_corners=False)
-        for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base)):
-            y = y.narrow(2 + a, o0 - k * b, o1 - o0)
-        return wrap(y, Spec(mesh, (2, 3), rows, cols))
-    y = window
+        narrows = tuple((2 + a, o0 - k * b, o1 - o0) for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base)))
+        return "window", spec, (need_r, need_c, ((float(ks[0]), float(ks[1])), narrows))
     # columns first while the rows are not shrunk: the second pass then selects
     # whole rows (contiguous copies) instead of gathering single elements along
     # the last dim, and the first pass runs on the smaller input (the PSP's
     # pooled bins: ~5x less CPU than rows first); the nesting h(w(x)) is also ATen's
-    order = (1, 0) if ranges[0][1] - ranges[0][0] >= window.shape[2] else (0, 1)
+    order = (1, 0) if ranges[0][1] - ranges[0][0] >= window_hw[0] else (0, 1)
+    passes = []
     for axis in order:
         (o0, o1), (idx, w) = ranges[axis], taps[axis]
-        y = _apply(y, 2 + axis, idx[:, o0:o1] - base[axis], None if w is None else w[:, o0:o1])
-    return wrap(y, Spec(mesh, (2, 3), rows, cols))
+        view = [1, 1, 1, 1]
+        view[2 + axis] = -1
+        sel = idx[:, o0:o1] - base[axis]
+        passes.append((2 + axis, tuple((sel[k], None if w is None else w[k, o0:o1].to(dtype).view(view))
+                                       for k in range(sel.shape[0]))))
+    return "taps", spec, (need_r, need_c, tuple(passes))
 
 
 @register(F.interpolate)
