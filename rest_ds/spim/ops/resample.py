@@ -343,7 +343,9 @@ class _BorderUpsample(torch.autograd.Function):
         y = torch.ops.aten.upsample_bilinear2d(x, geo.out_hw, False, *scales)
         wait()
         for orows, ocols, irows, icols, strip, region_out in geo.strips:
-            region = window_part(pieces, dims, irows, icols, 0.0)
+            # channels-last: a region is 2-3 lines wide, where torch's NCHW kernel runs
+            # 3-6x slower than on channels innermost (the main model's x8: 0.30 -> 0.05 ms)
+            region = window_part(pieces, dims, irows, icols, 0.0).contiguous(memory_format=torch.channels_last)
             yr = torch.ops.aten.upsample_bilinear2d(region, region_out, False, *scales)
             box_view(y, dims, orows, ocols).copy_(box_view(yr, dims, *strip))
         ctx.cfg = (mesh, geo, tuple(x.shape))
@@ -358,7 +360,8 @@ class _BorderUpsample(torch.autograd.Function):
         grads = WindowGrads(g, x_shape, geo.plan, (2, 3))
         for orows, ocols, irows, icols, strip, region_out in geo.strips:
             in_shape = nc + [irows[1] - irows[0], icols[1] - icols[0]]
-            gr = g.new_zeros(nc + region_out)
+            gr = torch.empty(nc + region_out, dtype=g.dtype, device=g.device,
+                             memory_format=torch.channels_last).zero_()  # channels-last: see forward
             box_view(gr, (2, 3), *strip).copy_(box_view(g, (2, 3), orows, ocols))
             grads.add(torch.ops.aten.upsample_bilinear2d_backward(gr, region_out, in_shape, False, *scales),
                       irows, icols)
@@ -370,7 +373,7 @@ class _BorderUpsample(torch.autograd.Function):
         gx = torch.ops.aten.upsample_bilinear2d_backward(g, geo.out_hw, list(x_shape), False, *scales)
         for a, lo, hi, line, boxes in geo.lines:
             k = ks[a]
-            gw = g.narrow(2 + a, k * lo, k * (hi - lo)).clone()
+            gw = g.narrow(2 + a, k * lo, k * (hi - lo)).clone(memory_format=torch.channels_last)
             for box in boxes:
                 box_view(gw, (2, 3), *box).zero_()
             in_shape = list(x_shape)
