@@ -441,9 +441,9 @@ def _resample(x_local: torch.Tensor, mesh, mode, ac, out_hw, scales, in_spec: Sp
     else:
         window = halo_exchange(x_local, mesh, in_spec.rows, in_spec.cols, need_r, need_c, (2, 3), "interpolate",
                                reference)
-    if kind == "window":
+    if kind in ("window", "full"):
         with torch._C.DisableTorchFunction():  # a plain window: no routing of replicated inputs
-            y = F.interpolate(window, scale_factor=rest[0], mode="bilinear", align_corners=False)
+            y = F.interpolate(window, **rest[0])
         for dim, start, length in rest[1]:
             y = y.narrow(dim, start, length)
         return wrap(y, spec)
@@ -463,9 +463,10 @@ def _resample_plan(in_spec: Spec | None, mesh, mesh_id: int, x_hw: tuple[int, in
                    mode: str, ac: bool, out_hw: tuple[int, int], scales, dtype: torch.dtype, device, reg,
                    reference: bool):
     """(kind, output Spec, data) of :func:`_resample`: kind "border" with the
-    :class:`_UpGeometry`; "window" (torch's kernel on the window) with (needs per
-    axis, (scale factors, narrows of the output)); "taps" with (needs per axis,
-    per pass (dim, taps as :func:`_apply_taps` takes them))."""
+    :class:`_UpGeometry`; "window" (torch's kernel on the window) and "full"
+    (torch's call on the whole replicated input) with (needs per axis, (the
+    F.interpolate arguments, narrows of its output)); "taps" with (needs per
+    axis, per pass (dim, taps as :func:`_apply_taps` takes them))."""
     taps, plans = [], []
     for axis in range(2):
         idx, w, lo, hi = _cached_taps(n_in[axis], out_hw[axis], mode, ac, scales[axis], dtype, device)
@@ -490,7 +491,16 @@ def _resample_plan(in_spec: Spec | None, mesh, mesh_id: int, x_hw: tuple[int, in
     if ks is not None and all(0 <= o0 - k * b and o1 - k * b <= k * window_hw[a]
                               for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base))):
         narrows = tuple((2 + a, o0 - k * b, o1 - o0) for a, ((o0, o1), k, b) in enumerate(zip(ranges, ks, base)))
-        return "window", spec, (need_r, need_c, ((float(ks[0]), float(ks[1])), narrows))
+        return "window", spec, (need_r, need_c, ({"scale_factor": (float(ks[0]), float(ks[1])), "mode": "bilinear",
+                                                  "align_corners": False}, narrows))
+    if in_spec is None and not reference and (out_hw[0] * out_hw[1] <= 2 * (ranges[0][1] - ranges[0][0]) *
+                                              (ranges[1][1] - ranges[1][0])):
+        # a replicated input whose whole result is at most twice this tile's (UPerNet's PPM on
+        # 2 ranks): torch's own call, the plain op itself, and this tile's part of it; one
+        # kernel instead of ~12 small ops of taps (and its backward: the tile's part, convention P)
+        call = {"mode": mode, **({"size": out_hw} if scales[0] is None else {"scale_factor": scales}),
+                **({"align_corners": ac} if mode in ("bilinear", "bicubic") else {})}
+        return "full", spec, (None, None, (call, tuple((2 + a, o0, o1 - o0) for a, (o0, o1) in enumerate(ranges))))
     # columns first while the rows are not shrunk: the second pass then selects
     # whole rows (contiguous copies) instead of gathering single elements along
     # the last dim, and the first pass runs on the smaller input (the PSP's
