@@ -36,8 +36,9 @@ recomputes, ``rng.register_plain_route``) and sees the ``F.interpolate`` calls
 whose inputs are all plain; when both requested output
 sizes equal the global sizes of sharded tensors seen in this forward, each rank
 computes just its tile of the result (its taps index the replicated input
-directly; the input's gradient is then this tile's part, convention P in
-comm.py). Any other plain call runs unchanged. The routed result has the same
+directly, or, when the whole result is at most twice the tile's, torch's own
+call runs and is narrowed to the tile; the input's gradient is then this tile's
+part, convention P in comm.py). Any other plain call runs unchanged. The routed result has the same
 values as the plain one, only distributed, so a later op either runs exactly or
 refuses by name.
 """
