@@ -207,16 +207,14 @@ class _NormAffine(torch.autograd.Function):
 class _BatchNormScene(torch.autograd.Function):
     """Training-mode batch norm of an (N, C, ...) tile with whole-scene
     statistics, on torch's native kernels (the fast path of ``F.batch_norm``
-    for fp32/fp64 inputs; per-channel ``weight``/``bias`` of shape (C,) or
-    None; ``weights``: :func:`_tile_weights` of the layout). Returns (y; st:
-    the (3, C) fp64 [mean, biased var, invstd] of the scene, replicated, not
-    differentiable).
+    for fp32/fp64 inputs; same contract as :func:`norm_affine` with
+    per-channel ``weight``/``bias`` of shape (C,) or None).
 
     Forward: per-tile mean and biased variance (``torch.batch_norm_update_stats``,
     one pass), gathered from the sp group in one collective and combined in fp64
-    by :func:`_scene_moments` (Chan's parallel formula), then the eval-mode
-    formula with those statistics, which is the training-mode one, as one pass
-    ``x * alpha + beta`` in ``x``'s layout.
+    by Chan's parallel formula (global mean, then ``sum_i n_i (v_i + (m_i -
+    mean)^2)``: no E[x^2] - E[x]^2 cancellation), and the native eval-mode
+    kernel with those statistics, which is the training-mode formula.
 
     Backward: the native backward gives this tile's sums of ``g`` and
     ``g * x_hat`` in one pass; their all-reduce is posted and overlaps the pass
@@ -224,47 +222,46 @@ class _BatchNormScene(torch.autograd.Function):
     ``- weight * invstd * (S_g + x_hat S_gx) / N`` in two more passes."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, count, eps, mesh, weights):
-        # one collective: every tile's per-channel (mean, var), combined identically on every rank
-        st = _scene_moments(torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0)), weights, 1, eps, mesh)
-        stc = st.to(x.dtype)  # (3, C) [mean, var, invstd] in x's dtype
-        # y = x * alpha + beta per channel, the eval-mode kernel's form, one pass in x's layout
-        alpha = stc[2] if weight is None else stc[2] * weight
-        beta = torch.mul(stc[0], alpha).neg_() if bias is None else torch.addcmul(bias, stc[0], alpha, value=-1)
-        cshape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(beta.view(cshape), x, alpha.view(cshape))
-        ctx.save_for_backward(x, weight, stc, st)
+    def forward(ctx, x, weight, bias, count, eps, mesh):
+        n_local = x.numel() // x.shape[1]
+        mean_l, var_l = torch.batch_norm_update_stats(x, None, None, 0.0)
+        # one collective: every tile's (count, mean, M2), combined identically on every rank
+        n_i, m_i, v_i = all_gather_equal(
+            torch.stack([torch.full_like(mean_l, n_local), mean_l, var_l]).double(), mesh).unbind(1)
+        mean = (n_i * m_i).sum(0) / count
+        ssd = (n_i * (v_i + (m_i - mean).square())).sum(0)
+        mean_x, var_x = mean.to(x.dtype), (ssd / count).to(x.dtype)
+        y = F.batch_norm(x, mean_x, var_x, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean_x, var_x)
         ctx.cfg = (count, eps, mesh, bias is not None)
-        ctx.mark_non_differentiable(st)
-        return y, st
+        ctx.mark_non_differentiable(mean, ssd)
+        return y, mean, ssd
 
     @staticmethod
-    def backward(ctx, g, _g_st):
-        x, weight, stc, st = ctx.saved_tensors
+    def backward(ctx, g, _g_mean, _g_ssd):
+        x, weight, mean_x, var_x = ctx.saved_tensors
         count, eps, mesh, has_bias = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        invstd = torch.rsqrt(var_x.double() + eps)
         # this tile's sums of g * x_hat and g (convention P), one pass. The training-mode
         # form with the whole-scene statistics as the saved ones: CUDA's eval-mode
         # backward asserts when grad_input is not asked for
         _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            dense_grad(g, x), x, weight, None, None, stc[0], stc[2], True, eps, [False, True, True])
+            dense_grad(g, x), x, weight, None, None, mean_x, invstd.to(x.dtype), True, eps, [False, True, True])
         if need_x:
             shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
             # the sums travel while this tile's g * weight * invstd is computed
             wait = start_all_reduce_(torch.stack([gb, gw]).double(), mesh)
-            gx = g * (stc[2] if weight is None else stc[2] * weight).view(shape)
-            co = wait().div_(count).mul_(st[2])  # invstd [S_g, S_gx] / n
-            co[1].mul_(st[2])
-            if weight is not None:
-                co.mul_(weight)  # [c_g, c_x]
+            scale = invstd if weight is None else invstd * weight.double()
+            gx = g * scale.to(x.dtype).view(shape)
+            sums = wait()
+            c_g = scale * sums[0] / count
+            c_x = scale * invstd * sums[1] / count
             # - c_x (x - mean) - c_g as x * alpha + beta, the form of torch's own batch
             # norm kernels: two passes over gx, no temporary
-            co[0].neg_().addcmul_(co[1], st[0])
-            co[1].neg_()
-            co = co.to(x.dtype)
-            gx.addcmul_(x, co[1].view(shape)).add_(co[0].view(shape))
+            gx.addcmul_(x, (-c_x).to(x.dtype).view(shape)).sub_((c_g - c_x * mean_x.double()).to(x.dtype).view(shape))
         return (gx if need_x else None, gw if (need_w and weight is not None) else None,
-                gb if (need_b and has_bias) else None, None, None, None, None)
+                gb if (need_b and has_bias) else None, None, None, None)
 
 
 class _GroupNormScene(torch.autograd.Function):
@@ -308,8 +305,8 @@ class _GroupNormScene(torch.autograd.Function):
             parts = torch.stack([torch.cat([m for m, _ in per]), torch.cat([v for _, v in per])])
         st = _scene_moments(parts, weights, rep, eps, mesh)
         # (3, N*C) per-(sample, channel) [mean, var, invstd] in x's dtype: one cast, one repeat
-        stc = st.to(x.dtype)
-        stc = stc.repeat_interleave(rep, 1) if rep > 1 else stc
+        stg = st.to(x.dtype)
+        stc = stg.repeat_interleave(rep, 1) if rep > 1 else stg
         # y = x * alpha + beta per (sample, channel), the form of torch's own group norm kernel;
         # one pass that keeps x's layout (2x cheaper than the eval batch norm kernel channels-last)
         alpha = stc[2] if weight is None else stc[2] * _per_sample(weight, N)
@@ -317,14 +314,14 @@ class _GroupNormScene(torch.autograd.Function):
             torch.addcmul(_per_sample(bias, N), stc[0], alpha, value=-1)
         cshape = (N, C) + (1,) * (x.dim() - 2)
         y = torch.addcmul(beta.view(cshape), x, alpha.view(cshape))
-        ctx.save_for_backward(x, weight, stc, st)
+        ctx.save_for_backward(x, weight, stc, stg)
         ctx.cfg = (N, groups, count, eps, mesh, bias is not None)
         ctx.mark_non_differentiable(st)
         return y, st
 
     @staticmethod
     def backward(ctx, g, _g_st):
-        x, weight, stc, st = ctx.saved_tensors
+        x, weight, stc, stg = ctx.saved_tensors
         N, groups, count, eps, mesh, has_bias = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         C = x.shape[1]
@@ -343,11 +340,14 @@ class _GroupNormScene(torch.autograd.Function):
             sg = sg if w is None else sg.mul_(w)
             wait = start_all_reduce_(sg.view(2, N * groups, rep).sum(2, dtype=torch.float64), mesh)
             gx = gc * (stc[2] if w is None else stc[2] * w).view(shape)
-            co = wait().mul_(st[2]).div_(count)  # [c_g, c_x / invstd] = invstd [S_g, S_gx] / n
-            co[1].mul_(st[2])
+            # in fp64 from the statistics in x's dtype, the ones x_hat of the forward and of the
+            # native backward's sums used (a mean rounded differently shifts x_hat by a constant:
+            # an error that grows with |mean| / std)
+            co = wait().mul_(stg[2]).div_(count)  # [c_g, c_x / invstd] = invstd [S_g, S_gx] / n
+            co[1].mul_(stg[2])
             # invstd (g w - S_g / n - x_hat S_gx / n) = g w invstd + x alpha + beta, alpha = -c_x,
             # beta = c_x mean - c_g: two passes, no temporary
-            co[0].neg_().addcmul_(co[1], st[0])
+            co[0].neg_().addcmul_(co[1], stg[0])
             co[1].neg_()
             co = co.to(xc.dtype)
             co = co.repeat_interleave(rep, 1) if rep > 1 else co
@@ -417,8 +417,7 @@ def _batch_norm(func, args, kwargs):
     count = x.numel() // x.shape[1]
     shape = [1, loc.shape[1]] + [1] * (loc.dim() - 2)
     if loc.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == loc.dtype for p in (w, b)):
-        y, st = _BatchNormScene.apply(loc, w, b, count, float(a["eps"]), spec.mesh, _tile_weights(spec, loc.device))
-        mean, ssd = st[0], st[1] * count
+        y, mean, ssd = _BatchNormScene.apply(loc, w, b, count, float(a["eps"]), spec.mesh)
     else:  # reduced precision (fp32 statistics) or mixed dtypes: the generic fused op
         y, mean, ssd = norm_affine(loc, _param_view(w, shape), _param_view(b, shape), dims, count, a["eps"],
                                    spec.mesh)
