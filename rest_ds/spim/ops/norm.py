@@ -88,43 +88,46 @@ def _sum_of(fn, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 _TILE_WEIGHTS: dict = {}
 
 
-def _tile_weights(spec, device, rep: int = 1) -> torch.Tensor:
+def _tile_weights(spec, device) -> torch.Tensor:
     """(sp,) fp64: each sp rank's share of the scene's pixels, in sp order (its tile
-    area over the scene's; the tiles' other dims are the same on every rank), over
-    ``rep``: what one channel's statistics of a tile weigh in the statistics of a
-    group of ``rep`` channels over the scene. From the layout alone; cached per
-    (rows, cols, grid, device, rep): a constant of the layout."""
-    key = (spec.rows, spec.cols, spec.mesh.grid, device, rep)
+    area over the scene's; the tiles' other dims are the same on every rank): what
+    a tile's statistics weigh in the scene's. From the layout alone; cached per
+    (rows, cols, grid, device): a constant of the layout."""
+    key = (spec.rows, spec.cols, spec.mesh.grid, device)
     w = _TILE_WEIGHTS.get(key)
     if w is None:
         rows, cols, pw = spec.rows, spec.cols, spec.mesh.grid[1]
         areas = [(rows[r + 1] - rows[r]) * (cols[c + 1] - cols[c])
                  for r, c in (divmod(i, pw) for i in range(spec.mesh.sp))]
-        w = torch.tensor(areas, dtype=torch.float64, device=device) / (rows[-1] * cols[-1] * rep)
+        w = torch.tensor(areas, dtype=torch.float64, device=device) / (rows[-1] * cols[-1])
         if len(_TILE_WEIGHTS) < 1024:  # bounded: layouts that keep changing are not cached
             _TILE_WEIGHTS[key] = w
     return w
 
 
-def _scene_moments(parts: torch.Tensor, weights: torch.Tensor, rep: int, eps: float, mesh) -> torch.Tensor:
+def _scene_moments(parts: torch.Tensor, weights: torch.Tensor, rep: int, eps: float, mesh,
+                   from_rstd: bool = False) -> torch.Tensor:
     """(3, K) fp64 [mean, biased var, 1 / sqrt(var + eps)] of K groups of ``rep``
     consecutive channels over the whole scene, replicated, from this tile's (2, K *
-    rep) per-channel [mean, biased var] (any float dtype) and ``weights``
-    (:func:`_tile_weights` with ``rep``). One all-gather; every tile's and channel's
-    moments combined in fp64 by Chan's parallel formula (the weighted mean, then
-    ``sum_i w_i (v_i + (m_i - mean)^2)``: no E[x^2] - E[x]^2 cancellation),
-    identically on every rank."""
-    g = all_gather_equal(parts, mesh).double()  # (sp, 2, K * rep)
+    rep) per-channel [mean, biased var] (any float dtype; [mean, rstd] with
+    ``from_rstd``, rstd = 1 / sqrt(var + eps) as torch's group norm kernel gives it)
+    and ``weights`` (:func:`_tile_weights`). One all-gather; every tile's and
+    channel's moments combined in fp64 by Chan's parallel formula (the weighted
+    mean, then ``sum_i w_i (v_i + (m_i - mean)^2)``: no E[x^2] - E[x]^2
+    cancellation), identically on every rank."""
+    g = all_gather_equal(parts, mesh).double()  # (sp, 2, K * rep), a fresh tensor
     sp, K = g.shape[0], g.shape[2] // rep
+    if from_rstd:  # var back from rstd: the error is relative to var + eps, the quantity normalised by
+        g[:, 1].pow_(-2).sub_(eps)
     out = g.new_empty(3, K)
     if rep == 1:
         torch.mv(g.view(sp, 2 * K).t(), weights, out=out[:2].view(2 * K))  # [mean, mean of the variances]
         d = (g[:, 0] - out[0]).square_()
         out[1].addmv_(d.t(), weights)
     else:
-        torch.sum(torch.mv(g.view(sp, 2 * K * rep).t(), weights).view(2, K, rep), 2, out=out[:2])
+        torch.mean(torch.mv(g.view(sp, 2 * K * rep).t(), weights).view(2, K, rep), 2, out=out[:2])
         d = (g[:, 0].view(sp, K, rep) - out[0].view(1, K, 1)).square_()
-        out[1].add_(torch.mv(d.view(sp, K * rep).t(), weights).view(K, rep).sum(1))
+        out[1].add_(torch.mv(d.view(sp, K * rep).t(), weights).view(K, rep).mean(1))
     out[1].clamp_min_(0)
     torch.add(out[1], eps, out=out[2]).rsqrt_()
     return out
@@ -272,11 +275,13 @@ class _GroupNormScene(torch.autograd.Function):
     returns (y, shaped like ``x``, in its memory format; st: the (3, N*G) fp64
     [mean, biased var, invstd] of the groups, replicated, not differentiable).
 
-    Forward: the tile's per-(sample, channel) mean and variance (batch norm's
-    statistics kernel, one pass), combined per group and over the sp group by
-    :func:`_scene_moments` (one all-gather), then ONE pass ``x * alpha + beta``
-    with per-(sample, channel) ``alpha = invstd * w``, ``beta = b - mean *
-    alpha`` (the form of torch's own group norm kernel), in ``x``'s layout.
+    Forward: the tile's moments in one pass (NCHW: per group, torch's group
+    norm kernel; channels-last: per (sample, channel), batch norm's statistics
+    kernel, the faster one in each layout), combined per group and over the sp
+    group by :func:`_scene_moments` (one all-gather), then ONE pass ``x * alpha
+    + beta`` with per-(sample, channel) ``alpha = invstd * w``, ``beta = b -
+    mean * alpha`` (the form of torch's own group norm kernel) in ``x``'s layout
+    (NCHW: the eval batch norm kernel of ``x`` or its (1, N*C, -1) view).
     Saves its input and the statistics only.
 
     Backward: the native batch-norm backward of ``x`` (one sample) or its
@@ -295,25 +300,37 @@ class _GroupNormScene(torch.autograd.Function):
     def forward(ctx, x, weight, bias, N, groups, count, eps, mesh, weights):
         C = x.shape[1]
         rep = C // groups
-        # the tile's per-(sample, channel) moments, one pass in x's own layout (batch norm's
-        # statistics kernel: ~10x cheaper than the group norm kernel's on a small channels-last
-        # tile), combined per group and over the scene in fp64
-        if N == 1 or x.is_contiguous():
-            parts = torch.stack(torch.batch_norm_update_stats(_bn_view(x, N), None, None, 0.0))
-        else:  # samples of a channels-last batch are not one (1, N*C, -1) view: one pass per sample
-            per = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(N)]
-            parts = torch.stack([torch.cat([m for m, _ in per]), torch.cat([v for _, v in per])])
-        st = _scene_moments(parts, weights, rep, eps, mesh)
+        # torch's CPU kernels differ by layout: channels-last, batch norm's statistics and a
+        # broadcast addcmul run ~10x / 2x faster than the group norm and eval batch norm kernels;
+        # NCHW, the reverse (~6x / 2.5x)
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if not cl:  # the tile's group moments from torch's group norm kernel, one pass
+            _, mean_l, rstd_l = torch.ops.aten.native_group_norm(x, None, None, N, C, x.numel() // (N * C),
+                                                                 groups, eps)
+            st = _scene_moments(torch.stack([mean_l.view(-1), rstd_l.view(-1)]), weights, 1, eps, mesh, True)
+        else:  # the tile's per-(sample, channel) moments, one pass per sample in its own layout
+            if N == 1:
+                parts = torch.stack(torch.batch_norm_update_stats(x, None, None, 0.0))
+            else:
+                per = [torch.batch_norm_update_stats(x[i:i + 1], None, None, 0.0) for i in range(N)]
+                parts = torch.stack([torch.cat([m for m, _ in per]), torch.cat([v for _, v in per])])
+            st = _scene_moments(parts, weights, rep, eps, mesh)
         # (3, N*C) per-(sample, channel) [mean, var, invstd] in x's dtype: one cast, one repeat
         stg = st.to(x.dtype)
         stc = stg.repeat_interleave(rep, 1) if rep > 1 else stg
-        # y = x * alpha + beta per (sample, channel), the form of torch's own group norm kernel;
-        # one pass that keeps x's layout (2x cheaper than the eval batch norm kernel channels-last)
-        alpha = stc[2] if weight is None else stc[2] * _per_sample(weight, N)
-        beta = torch.mul(stc[0], alpha).neg_() if bias is None else \
-            torch.addcmul(_per_sample(bias, N), stc[0], alpha, value=-1)
-        cshape = (N, C) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(beta.view(cshape), x, alpha.view(cshape))
+        # y = x * alpha + beta per (sample, channel), alpha = invstd * w, beta = b - mean * alpha:
+        # the form of torch's own group norm kernel, one pass in x's layout
+        if cl:
+            alpha = stc[2] if weight is None else stc[2] * _per_sample(weight, N)
+            beta = torch.mul(stc[0], alpha).neg_() if bias is None else \
+                torch.addcmul(_per_sample(bias, N), stc[0], alpha, value=-1)
+            cshape = (N, C) + (1,) * (x.dim() - 2)
+            y = torch.addcmul(beta.view(cshape), x, alpha.view(cshape))
+        else:  # the eval batch norm kernel of x (one sample) or its (1, N*C, -1) view
+            y = F.batch_norm(_bn_view(x, N), stc[0], stc[1], _per_sample(weight, N), _per_sample(bias, N),
+                             False, 0.0, eps)
+            if N > 1:  # the (1, N*C, -1) result is contiguous: x's shape without making y a view
+                y = torch.ops.aten._unsafe_view(y, x.shape)
         ctx.save_for_backward(x, weight, stc, stg)
         ctx.cfg = (N, groups, count, eps, mesh, bias is not None)
         ctx.mark_non_differentiable(st)
@@ -445,7 +462,7 @@ def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, o
         # torch's native batch-norm kernels with whole-scene group statistics and the affine
         # folded in (_GroupNormScene: two passes forward, four backward)
         y, st = _GroupNormScene.apply(loc, weight, bias, B, groups, count, float(eps), x._spec.mesh,
-                                      _tile_weights(x._spec, loc.device, C // groups))
+                                      _tile_weights(x._spec, loc.device))
         if not stats:
             return y, None, None
         unbiased = st[1] * (count / (count - 1)) if count > 1 else torch.full_like(st[1], float("nan"))
