@@ -406,17 +406,29 @@ def _install_routes(cdb, state: dict, context) -> None:
 
 
 def _channel_all_reduce(ch, ranks: tuple[int, ...], me: int, t: torch.Tensor) -> None:
-    """Sum ``t`` (contiguous, CPU) over ``ranks`` in place through ``ch``'s mailboxes: every rank
-    sends its buffer to every peer and adds the parts in ``ranks`` order (same bits everywhere)."""
+    """Sum ``t`` (contiguous, CPU) over ``ranks`` in place through ``ch``'s mailboxes, as a
+    reduce-scatter then an all-gather: chunk ``j`` of the flat buffer is summed by ``ranks[j]``
+    alone, adding the ranks' copies in ``ranks`` order, and sent back to all (so every rank holds
+    the same bits; each rank adds 1/P of the buffer and moves 2 (P-1)/P of it each way)."""
     flat = t.view(-1)
-    bufs = {r: torch.empty_like(flat) for r in ranks if r != me}
-    ch.start_exchange([(r, flat) for r in bufs], list(bufs.items()), "DeepSpeed all-reduce")()
-    parts = [flat if r == me else bufs[r] for r in ranks]
-    acc = parts[0]  # rank order: ((p0 + p1) + p2) + ...; on the first rank in place
-    for p in parts[1:]:
-        acc.add_(p)
-    if acc is not flat:
-        flat.copy_(acc)
+    n, P, i = flat.numel(), len(ranks), ranks.index(me)
+    bounds = [n * j // P for j in range(P + 1)]
+    chunk = [flat.narrow(0, bounds[j], bounds[j + 1] - bounds[j]) for j in range(P)]
+    mine = chunk[i]
+    got = {r: torch.empty_like(mine) for r in ranks if r != me}
+    ch.start_exchange([(r, chunk[j]) for j, r in enumerate(ranks) if r != me], list(got.items()),
+                      "DeepSpeed all-reduce (reduce-scatter)")()
+    parts = [mine if r == me else got[r] for r in ranks]
+    if i == 0:  # rank order: ((p0 + p1) + p2) + ...; in place where this rank's part comes first
+        for p in parts[1:]:
+            mine.add_(p)
+    else:
+        acc = parts[0]
+        for p in parts[1:]:
+            acc.add_(p)
+        mine.copy_(acc)
+    ch.start_exchange([(r, mine) for r in ranks if r != me], [(r, chunk[j]) for j, r in enumerate(ranks) if r != me],
+                      "DeepSpeed all-reduce (all-gather)")()
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
