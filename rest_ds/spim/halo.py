@@ -22,6 +22,7 @@ collective; every other exchange stays neighbour-to-neighbour.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -367,37 +368,19 @@ def make_plan(mesh: SpatialMesh, rows: Partition, cols: Partition, need_rows: tu
     exchange: with the neighbours, or a far plan (one all-to-all) when some
     rank's window reaches past its adjacent tiles or ``far`` asks for one
     (the reference path: then on every rank)."""
-    key = (mesh, tuple(rows), tuple(cols), tuple(map(tuple, need_rows)), tuple(map(tuple, need_cols)), bool(far))
-    plan = _PLANS.get(key)
-    if plan is None:  # checked once per distinct exchange; what fails is never cached
-        check_nonempty(need_rows, rows[-1], "row", op)
-        check_nonempty(need_cols, cols[-1], "col", op)
-        far = far or reaches_far(rows, need_rows) or reaches_far(cols, need_cols)
-        plan = _PLANS.put(key, _Plan(mesh, rows, cols, need_rows, need_cols, far))
-    return plan
+    return _cached_plan(mesh, tuple(rows), tuple(cols), tuple(map(tuple, need_rows)), tuple(map(tuple, need_cols)),
+                        bool(far), op)
 
 
-class _PlanCache:
-    """Plans by their inputs (a model exchanges the same halos every step; a
-    plan is a pure function of the mesh's grid fields and the partitions and
-    needs, and is never modified: its pieces are tuples). Bounded: the oldest
-    half goes when it is full."""
-
-    def __init__(self, size: int = 1024):
-        self.size, self.plans = size, {}
-
-    def get(self, key):
-        return self.plans.get(key)
-
-    def put(self, key, plan: "_Plan") -> "_Plan":
-        if len(self.plans) >= self.size:
-            for k in list(self.plans)[: self.size // 2]:
-                del self.plans[k]
-        self.plans[key] = plan
-        return plan
-
-
-_PLANS = _PlanCache()
+# A model exchanges the same halos every step, and a plan is a pure function of the mesh's grid
+# fields, the partitions and the needs, never modified (its pieces are tuples). What raises is
+# not cached (lru_cache), so a bad window fails with the same error every time.
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(mesh, rows, cols, need_rows, need_cols, far: bool, op: str) -> "_Plan":
+    check_nonempty(need_rows, rows[-1], "row", op)
+    check_nonempty(need_cols, cols[-1], "col", op)
+    far = far or reaches_far(rows, need_rows) or reaches_far(cols, need_cols)
+    return _Plan(mesh, rows, cols, need_rows, need_cols, far)
 
 
 def halo_exchange(

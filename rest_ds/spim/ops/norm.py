@@ -19,6 +19,8 @@ eval mode are local.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -85,24 +87,19 @@ def _sum_of(fn, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat_dim)
 
 
-_TILE_WEIGHTS: dict = {}
-
-
 def _tile_weights(spec, device) -> torch.Tensor:
     """(sp,) fp64: each sp rank's share of the scene's pixels, in sp order (its tile
     area over the scene's; the tiles' other dims are the same on every rank): what
-    a tile's statistics weigh in the scene's. From the layout alone; cached per
-    (rows, cols, grid, device): a constant of the layout."""
-    key = (spec.rows, spec.cols, spec.mesh.grid, device)
-    w = _TILE_WEIGHTS.get(key)
-    if w is None:
-        rows, cols, pw = spec.rows, spec.cols, spec.mesh.grid[1]
-        areas = [(rows[r + 1] - rows[r]) * (cols[c + 1] - cols[c])
-                 for r, c in (divmod(i, pw) for i in range(spec.mesh.sp))]
-        w = torch.tensor(areas, dtype=torch.float64, device=device) / (rows[-1] * cols[-1])
-        if len(_TILE_WEIGHTS) < 1024:  # bounded: layouts that keep changing are not cached
-            _TILE_WEIGHTS[key] = w
-    return w
+    a tile's statistics weigh in the scene's. From the layout alone (a constant of it)."""
+    return _layout_weights(spec.rows, spec.cols, spec.mesh.grid, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_weights(rows, cols, grid, device) -> torch.Tensor:
+    pw = grid[1]
+    areas = [(rows[r + 1] - rows[r]) * (cols[c + 1] - cols[c])
+             for r, c in (divmod(i, pw) for i in range(grid[0] * grid[1]))]
+    return torch.tensor(areas, dtype=torch.float64, device=device) / (rows[-1] * cols[-1])
 
 
 def _scene_moments(parts: torch.Tensor, weights: torch.Tensor, rep: int, eps: float, mesh,

@@ -7,6 +7,8 @@ so the gradient that reaches it is this tile's part (partial, see comm.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import context
@@ -95,16 +97,10 @@ def localize(args, kwargs, spec: Spec, ndim: int, op: str):
     return [conv(a) for a in args], {k: conv(v) for k, v in kwargs.items()}
 
 
-# in-place by name, per op (a pure function of the callable; the commonest rule, asked every call)
-_INPLACE_NAME: dict = {}
-
-
+@functools.lru_cache(maxsize=1024)  # a pure function of the callable, asked on every call of the commonest rule
 def _inplace_name(func) -> bool:
-    flag = _INPLACE_NAME.get(func)
-    if flag is None:
-        name = getattr(func, "__name__", "")
-        flag = _INPLACE_NAME[func] = name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDER
-    return flag
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDER
 
 
 def _pointwise(func, args, kwargs):
@@ -121,7 +117,7 @@ def _pointwise(func, args, kwargs):
             if ndim is None or n > ndim:
                 ndim = n
     if spec is None:
-        raise IndexError("list index out of range")  # (as the list of sharded operands it was)
+        raise SPIMError(f"internal: {op}: the elementwise rule was called without a sharded operand")
     inplace = _inplace_name(func) or kwargs.get("inplace", False)
     if inplace and not isinstance(args[0], SpatialTensor):
         raise context.unsupported(op, "an in-place op on a replicated tensor with a sharded operand")
