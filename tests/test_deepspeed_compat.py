@@ -184,32 +184,35 @@ def _ranks(tmp: str):
     out["zero3_error"] = max(rel_error(after[k], p.detach()) for k, p in ref.named_parameters())
     eng.destroy()
 
-    # DeepSpeed's collectives through shared memory: the same results as gloo's, bit for bit, and
-    # gloo (torch.distributed, which DeepSpeed's backend calls) used only where the route does not apply
+    # DeepSpeed's collectives through shared memory: the same results as gloo's, bit for bit, each
+    # on the transport it is meant for: gloo (torch.distributed, which DeepSpeed's backend calls)
+    # only where the route does not apply, SPIM's mailboxes, or DeepSpeed's own shm op (neither)
     import deepspeed.comm as ds_dist
 
     out["routed"] = dsc.route_host_collectives(mesh)
     out["routed_again"] = dsc.route_host_collectives(mesh)        # idempotent
-    gloo_calls = []
-    real_ar, real_ag = dist.all_reduce, dist.all_gather_into_tensor
+    calls = []
+    real_ar, real_ag, real_ex = dist.all_reduce, dist.all_gather_into_tensor, mesh.shm.start_exchange
 
-    def via_gloo(fn, ds_op, *args, **kwargs):
-        gloo_calls.clear()
-        dist.all_reduce = lambda *a, **k: (gloo_calls.append(1), real_ar(*a, **k))[1]
-        dist.all_gather_into_tensor = lambda *a, **k: (gloo_calls.append(1), real_ag(*a, **k))[1]
+    def via(fn, *args, **kwargs) -> str:
+        calls.clear()
+        dist.all_reduce = lambda *a, **k: (calls.append("gloo"), real_ar(*a, **k))[1]
+        dist.all_gather_into_tensor = lambda *a, **k: (calls.append("gloo"), real_ag(*a, **k))[1]
+        mesh.shm.start_exchange = lambda *a, **k: (calls.append("mailboxes"), real_ex(*a, **k))[1]
         try:
             fn(*args, **kwargs)
         finally:
             dist.all_reduce, dist.all_gather_into_tensor = real_ar, real_ag
-        return bool(gloo_calls)
+            del mesh.shm.start_exchange
+        return "gloo" if "gloo" in calls else "mailboxes" if calls else "deepspeed"
 
     g = torch.Generator().manual_seed(10 + rank)
     same = {}
-    for name, t in {"fp32 (DeepSpeed's shm op)": torch.randn(3001, generator=g),
-                    "fp64 (SPIM's channel)": torch.randn(70001, dtype=torch.float64, generator=g),
-                    "int64 (channel)": torch.randint(-9, 9, (5, 7), generator=g)}.items():
+    for name, t in {"fp32": torch.randn(3001, generator=g),
+                    "fp64": torch.randn(70001, dtype=torch.float64, generator=g),
+                    "int64": torch.randint(-9, 9, (5, 7), generator=g)}.items():
         mine, ref_t = t.clone(), t.clone()
-        used = via_gloo(ds_dist.all_reduce, None, mine)
+        used = via(ds_dist.all_reduce, mine)
         real_ar(ref_t)
         same[name] = (torch.equal(mine, ref_t), used)
     big = torch.randn(64, 9, generator=g)
@@ -217,19 +220,19 @@ def _ranks(tmp: str):
     for name in ("max", "non-contiguous", "inside backward"):
         mine, ref_t = big.t(), big.t().clone()
         if name == "max":
-            used = via_gloo(ds_dist.all_reduce, None, mine, op=ds_dist.ReduceOp.MAX)
+            used = via(ds_dist.all_reduce, mine, op=ds_dist.ReduceOp.MAX)
         elif name == "non-contiguous":
-            used = via_gloo(ds_dist.all_reduce, None, mine)
+            used = via(ds_dist.all_reduce, mine)
         else:  # from a gradient hook (SPIM's exchanges may be in flight there): fp64, not DeepSpeed's op
             mine, ref_t = big.double(), big.double()
             h = w.register_hook(lambda gr: (ds_dist.all_reduce(mine), gr)[1])
-            used = via_gloo(lambda: (w * 2).sum().backward(), None)
+            used = via(lambda: (w * 2).sum().backward())
             h.remove()
         real_ar(ref_t, op=dist.ReduceOp.MAX if name == "max" else dist.ReduceOp.SUM)
         same[name] = (torch.equal(mine.contiguous(), ref_t.contiguous()), used)
     shard = torch.randn(1003, generator=g)
     gathered, ref_parts = torch.empty(2 * 1003), [torch.empty(1003) for _ in range(2)]
-    used = via_gloo(ds_dist.all_gather_into_tensor, None, gathered, shard)
+    used = via(ds_dist.all_gather_into_tensor, gathered, shard)
     dist.all_gather(ref_parts, shard)
     same["all_gather_into_tensor"] = (torch.equal(gathered, torch.cat(ref_parts)), used)
     out["routed_same"] = same
@@ -274,8 +277,11 @@ def test_deepspeed_collectives_through_shared_memory_equal_gloo(ranks):
         assert r["routed"] == r["routed_again"] == ["all_reduce", "all_gather_into_tensor"], r["routed"]
         same = r["routed_same"]
         assert all(equal for equal, _ in same.values()), same
-        # routed: no gloo call; not routable (MAX, a strided view, inside backward): gloo, still right
-        assert {k for k, (_, gloo) in same.items() if gloo} == {"max", "non-contiguous", "inside backward"}, same
+        # routed: no gloo call; not routable (MAX, a strided view, inside backward): gloo, still right.
+        # fp32 on DeepSpeed's shm op (LOCAL_SIZE == world here), other dtypes and the gather on the mailboxes
+        assert {k: t for k, (_, t) in same.items()} == {
+            "fp32": "deepspeed", "fp64": "mailboxes", "int64": "mailboxes", "max": "gloo", "non-contiguous": "gloo",
+            "inside backward": "gloo", "all_gather_into_tensor": "mailboxes"}, same
 
 
 @pytest.mark.timeout(600)
