@@ -165,6 +165,49 @@ def test_whole_scene_tiles_assemble_to_the_padded_scene(tmp_path, scene):
     reader.close()
 
 
+
+def test_window_cache_gives_the_same_tiles_and_keeps_its_windows(tmp_path, scene):
+    """With a WindowCache every training tile (flips, rotations, photometric terms,
+    nodata fill, region) equals the uncached read, the disk is read once per source
+    window, a caller writing into its tile does not change the kept window, and the
+    memory bound holds (a window over the bound is not kept)."""
+    from rest_ds.data import WindowCache, prepare_scene
+    from rest_ds.spim.mesh import SpatialMesh
+    from rest_ds.train.config import load_config
+    from rest_ds.train.data import OpenScene, WholeSceneData
+
+    cfg = load_config(data=tiny_config(scene, tmp_path / "run"),
+                      overrides=["data.augment.brightness=0.2", "data.augment.noise=0.1"])
+    reader, summary, stats = prepare_scene(scene)
+    sc = OpenScene(reader, stats, summary)
+    grid, align = (1, 2), 8
+    mesh = SpatialMesh(1, 2, grid, 1, None, None, (0, 1))
+    plain = WholeSceneData([sc], cfg, mesh, grid, align)
+    cache = WindowCache(64)
+    cached = WholeSceneData([sc], cfg, mesh, grid, align, cache=cache)
+    for micro in list(range(12)) * 2:  # every micro-step twice: the second time from the cache
+        x0, y0, l0 = plain.batch(micro)
+        x1, y1, l1 = cached.batch(micro)
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and l0 == l1
+        x1.fill_(7.0), y1.fill_(3)  # the caller owns its tile
+    assert cache.misses <= 8 and cache.hits >= 16  # at most 8 source windows (4 rotations x flip)
+    assert (y0 == -100).any() and (x0 != 0).any()
+    kept = len(cache._entries)
+    assert 0 < cache.nbytes <= 64 * 2 ** 20
+    from rest_ds.data import read_tile
+    win = (slice(0, 40), slice(8, 80))
+    for region in ("train", "val", None, "train"):  # the region is part of the key; the kept arrays are not handed out
+        for st in (stats, None):
+            ref = read_tile(reader, *win, stats=st, region=region)
+            got = read_tile(reader, *win, stats=st, region=region, cache=cache)
+            assert np.array_equal(ref.image, got.image) and np.array_equal(ref.label, got.label)
+            got.image[:] = 5.0
+            got.label[:] = 1
+    tiny = WindowCache(0.001)  # ~1 KiB: no window fits, every read goes to disk
+    again = WholeSceneData([sc], cfg, mesh, grid, align, cache=tiny)
+    assert torch.equal(again.batch(3)[0], plain.batch(3)[0]) and tiny.nbytes == 0 and kept >= 1
+    reader.close()
+
 # --- shipped configs ------------------------------------------------------------------------------
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

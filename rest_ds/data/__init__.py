@@ -14,7 +14,7 @@ from .samples import (NC_LANDSAT7_CLASS_COUNTS, SAMPLES, default_cache_dir, fetc
 from .scene import (IGNORE_INDEX, ClassInfo, ClassMap, LabelSource, Region, Scene, SceneReader, Source,
                     check_same_grid, open_scene)
 from .stats import BandMoments, BandStats, SceneSummary, prepare_scene, scan_scene
-from .tiles import SceneTile, read_rank_tile, read_tile, scene_layout
+from .tiles import SceneTile, WindowCache, read_rank_tile, read_tile, scene_layout
 
 __all__ = [
     "AugmentConfig", "AugmentPlan", "gaussian_field", "plan_augmentation",
@@ -25,5 +25,5 @@ __all__ = [
     "IGNORE_INDEX", "ClassInfo", "ClassMap", "LabelSource", "Region", "Scene", "SceneReader", "Source",
     "check_same_grid", "open_scene",
     "BandMoments", "BandStats", "SceneSummary", "prepare_scene", "scan_scene",
-    "SceneTile", "read_rank_tile", "read_tile", "scene_layout",
+    "SceneTile", "WindowCache", "read_rank_tile", "read_tile", "scene_layout",
 ]

@@ -17,7 +17,8 @@ Sections (every field has a default except ``data.scenes``)::
                                    # <fields merged over it>}; num_classes and encoder.in_chans
                                    # default to the scene's; parsed as a ModelConfig
     data:    {scenes, val_scenes, train_region, val_region, cache, scan, mode, crop_size,
-              crops_per_rank, min_labelled, augment: {flip, rot90, crop, brightness, shift, noise}}
+              crops_per_rank, min_labelled, tile_cache_mb,
+              augment: {flip, rot90, crop, brightness, shift, noise}}
     mesh:    {sp, grid, attention}
     deepspeed: {zero_stage, precision, gradient_clipping, gradient_accumulation_steps, config}
     optimizer: {name, lr, weight_decay, momentum, betas, eps}
@@ -64,7 +65,10 @@ class DataSection:
     to the config file). ``mode``: ``whole`` trains on whole (augmented)
     scenes split over the sp ranks; ``crop`` is the cropping baseline: each
     rank trains on ``crops_per_rank`` random ``crop_size`` crops holding at
-    least ``min_labelled`` labelled pixels (sp = 1, every rank data-parallel)."""
+    least ``min_labelled`` labelled pixels (sp = 1, every rank data-parallel).
+    ``tile_cache_mb``: host memory per rank for the source windows whole-scene
+    training and evaluation read again at every step (normalised image and labels,
+    :class:`rest_ds.data.WindowCache`); 0: read them from disk every time."""
 
     scenes: list[str] = field(default_factory=list)
     val_scenes: list[str] | None = None
@@ -76,6 +80,7 @@ class DataSection:
     crop_size: int = bounded(128, ge=1)
     crops_per_rank: int = bounded(4, ge=1)
     min_labelled: float = bounded(0.05, ge=0, le=1)
+    tile_cache_mb: float = bounded(1024.0, ge=0)
     augment: AugmentSection = field(default_factory=AugmentSection)
 
 

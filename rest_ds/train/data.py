@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import (AugmentConfig, DataError, DataWarning, Scene, SceneReader, load_sample, plan_augmentation,
-                    prepare_scene, read_tile)
+                    WindowCache, prepare_scene, read_tile)
 from ..data.samples import SAMPLES, is_fetched
 from ..spim.tiling import TileLayout, choose_grid
 from .inference import padded_shape, read_padded
@@ -103,9 +103,11 @@ def _aug_config(cfg, align: int, grid: tuple[int, int] = (1, 1)) -> AugmentConfi
 class WholeSceneData:
     """Whole-scene micro-batches: this rank's tile of one augmented scene."""
 
-    def __init__(self, scenes: list[OpenScene], cfg, mesh, grid: tuple[int, int], align: int):
+    def __init__(self, scenes: list[OpenScene], cfg, mesh, grid: tuple[int, int], align: int,
+                 cache: WindowCache | None = None):
         self.scenes, self.cfg, self.mesh, self.grid, self.align = scenes, cfg, mesh, grid, align
         self.augment = _aug_config(cfg, align, grid)
+        self.cache = cache
 
     def scene_index(self, micro: int) -> int:
         return (micro * self.mesh.dp + self.mesh.dp_index) % len(self.scenes)
@@ -119,7 +121,7 @@ class WholeSceneData:
         layout = TileLayout.even(*padded_shape(plan.out_shape, self.align), self.grid, self.align)
         rows, cols = layout.tile(*self.mesh.coord)
         img, lab, _ = read_padded(sc.reader, rows, cols, plan.out_shape, stats=sc.stats, plan=plan,
-                                  region=self.cfg.data.train_region)
+                                  region=self.cfg.data.train_region, cache=self.cache)
         return torch.from_numpy(img)[None], torch.from_numpy(lab)[None], layout
 
 

@@ -53,6 +53,7 @@ from .config import ConfigError, TrainConfig
 # the DeepSpeed adaptations live in deepspeed_compat; these names stay importable from here
 from .deepspeed_compat import check_functionals, quiet as quiet_deepspeed, zero3_spatial_hooks
 from .deepspeed_compat import ds_config as deepspeed_config
+from ..data import WindowCache
 from .data import CropData, WholeSceneData, auto_grid, open_scenes, scene_tile_layout
 from .inference import predict_slide, predict_whole, read_padded, slide_windows
 from .metrics import class_weights_from_counts, confusion_matrix, segmentation_loss, segmentation_metrics
@@ -322,6 +323,8 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
 
+        # the windows whole-scene training and evaluation read again and again, kept in host memory
+        self.window_cache = WindowCache(d.tile_cache_mb) if d.tile_cache_mb > 0 else None
         if d.mode == "crop":
             self.mesh = SpatialMesh.build(sp=1)
             self.grid = (1, 1)
@@ -331,7 +334,8 @@ class Trainer:
             sp = cfg.mesh.sp or self.world
             self.grid = cfg.grid() or auto_grid(self.train_scenes, sp, self.align)
             self.mesh = SpatialMesh.build(sp=sp, grid=self.grid)
-            self.data = WholeSceneData(self.train_scenes, cfg, self.mesh, self.grid, self.align)
+            self.data = WholeSceneData(self.train_scenes, cfg, self.mesh, self.grid, self.align,
+                                       cache=self.window_cache)
             micro = 1
             if self.mesh.sp > 1:
                 parallelize(self.model, self.mesh, align=self.align, attention=cfg.mesh.attention, rng_seed=cfg.seed)
@@ -435,7 +439,8 @@ class Trainer:
             hw = sc.reader.shape[1:]
             layout = scene_tile_layout(hw, self.grid, self.align)
             rows, cols = layout.tile(*mesh.coord)
-            img, lab, _ = read_padded(sc.reader, rows, cols, hw, stats=sc.stats, region=self.cfg.data.val_region)
+            img, lab, _ = read_padded(sc.reader, rows, cols, hw, stats=sc.stats, region=self.cfg.data.val_region,
+                                      cache=self.window_cache)
             logits = predict_whole(self.engine, mesh, layout, torch.from_numpy(img)[None].to(self.device))
             if not pad:
                 conf += confusion_matrix(logits.argmax(1)[0], lab, K, self.ignore_index)

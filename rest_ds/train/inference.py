@@ -34,10 +34,11 @@ def padded_shape(shape: tuple[int, int], align: int) -> tuple[int, int]:
 
 
 def read_padded(reader, rows: slice, cols: slice, scene_hw: tuple[int, int], *, stats, plan=None,
-                region: str | None = None, with_label: bool = True, fill: float = 0.0):
+                region: str | None = None, with_label: bool = True, fill: float = 0.0, cache=None):
     """Window ``rows x cols`` of the padded (augmented) scene of size ``scene_hw``
     before padding. Returns ``(image C x h x w float32, label h x w int64 or None,
-    valid h x w bool)``; only the part inside the scene is read from disk."""
+    valid h x w bool)``; only the part inside the scene is read from disk (or taken
+    from ``cache``, a :class:`~rest_ds.data.WindowCache`)."""
     H, W = scene_hw
     r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
     h, w = r1 - r0, c1 - c0
@@ -49,7 +50,8 @@ def read_padded(reader, rows: slice, cols: slice, scene_hw: tuple[int, int], *, 
     ir1, ic1 = min(r1, H), min(c1, W)
     if r0 < ir1 and c0 < ic1:
         t = read_tile(reader, slice(r0, ir1), slice(c0, ic1), stats=stats, plan=plan,
-                      region=region if want_label else None, fill=fill, with_label=want_label)
+                      region=region if want_label else None, fill=fill, with_label=want_label,
+                      cache=cache)
         img[:, : ir1 - r0, : ic1 - c0] = t.image
         valid[: ir1 - r0, : ic1 - c0] = t.valid
         if want_label:
