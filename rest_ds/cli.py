@@ -94,7 +94,8 @@ loadable, malformed option, tiles too small, a rank raised)."""
 VERIFY_EPILOG = """\
 examples:
   rest-ds verify rest_ds.models.zoo:resnet18_upernet --input-shape 2,3,256,256 --grid 2x2 --train
-  rest-ds verify my_models.py:build --input-shape 1,6,97,131 --grid 1x3 --json report.json"""
+  rest-ds verify my_models.py:build --input-shape 1,6,97,131 --grid 1x3 --json report.json
+  rest-ds verify my_models.py:build --train     (input 2 x C x 128 x 128, grid 1x2, C read off the model)"""
 
 
 def _add_verify(sub) -> None:
@@ -103,10 +104,13 @@ def _add_verify(sub) -> None:
         description=VERIFY_DESCRIPTION, epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", metavar="TARGET", help="model factory: 'package.module:factory' or 'path/to/file.py:factory'")
-    p.add_argument("--input-shape", required=True, type=parse_shape, metavar="B,C,H,W",
-                   help="shape of the whole (unsharded) random input, e.g. 2,3,256,256")
-    p.add_argument("--grid", required=True, type=parse_grid, metavar="PHxPW",
-                   help="tile grid: PH rows x PW columns of ranks (PH*PW gloo processes), e.g. 2x2 or 1x3")
+    p.add_argument("--input-shape", type=parse_shape, metavar="B,C,H,W",
+                   help="shape of the whole (unsharded) random input, e.g. 2,3,256,256 (default: batch 2, "
+                        "the in_channels of the model's first layer that has them, 128 x 128 rounded up to "
+                        "the alignment with at least one alignment unit per tile)")
+    p.add_argument("--grid", type=parse_grid, default=(1, 2), metavar="PHxPW",
+                   help="tile grid: PH rows x PW columns of ranks (PH*PW gloo processes), e.g. 2x2 or 1x3 "
+                        "(default: 1x2)")
     p.add_argument("--train", action="store_true",
                    help="train mode (batch statistics in BatchNorm, dropout active) and compare the "
                         "parameters and buffers after one SGD step")
@@ -114,9 +118,10 @@ def _add_verify(sub) -> None:
                    help="relative error that passes outright; above it a check passes only within its "
                         "measured rounding noise (default: %(default)g)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the input and the loss (default: %(default)s)")
-    p.add_argument("--align", type=positive_int, default=1, metavar="A",
+    p.add_argument("--align", type=positive_int, metavar="A",
                    help="tile borders on multiples of A input pixels; use the network's total stride "
-                        "(e.g. 32 for ResNet + UPerNet) (default: %(default)s)")
+                        "(e.g. 32 for ResNet + UPerNet) (default: the model's 'align' attribute where it "
+                        "has one, as rest_ds's segmentors do, else 1)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="precision of model and input (default: %(default)s); float64 checks the algorithm "
                         "free of fp32 rounding (its noise floor is estimated from the fp32 reference)")
@@ -129,6 +134,23 @@ def _add_verify(sub) -> None:
                    help="kill the ranks after this many seconds (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of a failing rank")
     p.set_defaults(func=cmd_verify)
+
+
+def _model_defaults(factory) -> tuple[int | None, int | None]:
+    """``(input channels, alignment)`` read off the model ``factory()`` builds: the
+    ``in_channels`` of its first module that has one (the stem conv, the patch
+    embedding's projection), and its ``align`` attribute (None where absent)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        try:
+            model = factory()
+        except Exception:  # a factory that needs real tensors (e.g. loads weights): build it for real
+            model = None
+    if model is None:
+        model = factory()
+    chans = next((int(m.in_channels) for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)),
+                 None)
+    align = getattr(model, "align", None)
+    return chans, int(align) if isinstance(align, int) and align > 0 else None
 
 
 def _resolve_target(target: str) -> str:
@@ -174,6 +196,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return fail(f"--json {args.json} is a directory")
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda: torch sees no CUDA device on this machine")
+    if args.input_shape is None or args.align is None:
+        try:
+            chans, align = _model_defaults(load_factory(target))
+        except SPIMError as e:
+            return fail(e)
+        except Exception as e:  # the factory itself failed
+            if args.debug:
+                import traceback
+                traceback.print_exc()
+            return fail(f"'{args.target}': building the model failed: {type(e).__name__}: {one_line(e)}")
+        if args.align is None:
+            args.align = align or 1
+        if args.input_shape is None:
+            if chans is None:
+                return fail(f"'{args.target}': no layer with in_channels to read the input's channels from; "
+                            f"give --input-shape B,C,H,W")
+            a, side = args.align, -(-128 // args.align) * args.align  # 128 rounded up to the alignment
+            args.input_shape = (2, chans, max(side, a * args.grid[0]), max(side, a * args.grid[1]))
     B, C, H, W = args.input_shape
     ph, pw = args.grid
     try:

@@ -79,6 +79,16 @@ MODELS = textwrap.dedent("""
         return nn.Conv2d(3, 4, 4, stride=4)
 
 
+    def five_bands_aligned():
+        m = nn.Sequential(nn.Conv2d(5, 4, 3, padding=1), nn.Conv2d(4, 2, 3, stride=2, padding=1))
+        m.align = 48  # as rest_ds's segmentors carry their total stride
+        return m
+
+
+    def no_channels():
+        return nn.Sequential(nn.Identity())
+
+
     NOT_A_FACTORY = 3
 """)
 
@@ -156,6 +166,19 @@ def test_zero_quantities_pass_in_float64(models, capsys):
     assert "ZERO-REF" in line, _show(p)
 
 
+def test_defaults_read_off_the_model(models, capsys):
+    # No --input-shape / --grid / --align: batch 2, the first layer's in_channels, 128 x 128
+    # rounded up to the model's 'align' (48 -> 144: tile borders on multiples of it), grid 1x2
+    p = rest_ds_inproc(capsys, "verify", f"{models}:five_bands_aligned")
+    assert p.returncode == 0, _show(p)
+    head = p.stdout.splitlines()[0]
+    assert "input 2x5x144x144, grid 1x2" in head and "cols [0, 96, 144]" in head, _show(p)
+    p = rest_ds_inproc(capsys, "verify", f"{models}:conv_bn", "--grid", "2x1", "--align", "8")
+    assert p.returncode == 0 and "input 2x3x128x128, grid 2x1" in p.stdout.splitlines()[0], _show(p)
+    p = rest_ds_inproc(capsys, "verify", f"{models}:no_channels")
+    assert p.returncode == 2 and "give --input-shape" in p.stderr and "Traceback" not in p.stderr, _show(p)
+
+
 def test_verdict_classes():
     # The rule on made-up numbers (tol 1e-5, k = 10): absolute error against
     # tol * |ref| + k * noise; zero-ness comes from the measurement, not from
@@ -224,7 +247,7 @@ def test_failing_rank_is_one_line_error(models, capsys):
     (["--input-shape", "2,3,32,32", "--grid", "0x2"], "--grid"),
     (["--input-shape", "2,3,64", "--grid", "1x2"], "--input-shape"),
     (["--input-shape", "2,3,a,32", "--grid", "1x2"], "--input-shape"),
-    (["--input-shape", "2,3,32,32"], "--grid"),
+    (["--input-shape", "2,3,32,32", "--grid", "1"], "--grid"),
     (["--input-shape", "2,3,1,32", "--grid", "2x1"], "cannot split"),
     (["--input-shape", "2,3,32,32", "--grid", "1x2", "--align", "32"], "cannot split"),
 ])
