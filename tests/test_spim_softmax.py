@@ -1,6 +1,7 @@
 """softmax / log_softmax along a sharded dim (a token dim and each grid dim) and
 a matmul that contracts over the scene's tokens (GCNet-style attention pooling:
-``x.view(B, C, H*W) @ softmax(attn).view(B, H*W, 1)``), float64 on an uneven
+``x.view(B, C, H*W) @ softmax(attn).view(B, H*W, 1)``), F.normalize along a
+sharded dim and cross-covariance attention (EdgeNeXt / XCiT), float64 on an uneven
 2x2 grid vs one process: output, input grad, parameter grads and parameters
 after one SGD step at 1e-10."""
 from __future__ import annotations
@@ -68,9 +69,32 @@ class GlobalContextPool(nn.Module):
         return gated, m
 
 
+class CrossCovariance(nn.Module):
+    """EdgeNeXt / XCiT cross-covariance attention: q and k L2-normalised over the
+    scene's tokens (F.normalize along the sharded token dim), the replicated
+    channel x channel map ``q @ k^T``, then ``attn @ v`` with a batched replicated
+    left operand; plus F.normalize along one grid dim (rows, p=2) and along the
+    columns (p=1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, C, H, W = y.shape
+        t = y.reshape(B, C, H * W).permute(0, 2, 1)  # (B, N, C) tokens
+        q, k, v = self.qkv(t).reshape(B, H * W, 3, 2, 2).permute(2, 0, 3, 4, 1).unbind(0)  # (B, heads, c, N)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)).softmax(-1)
+        z = (attn @ v).permute(0, 3, 1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
+        return z + F.normalize(y, dim=2) + F.normalize(y, p=1.0, dim=-1)
+
+
 CASES = {f"{w}_{'log' if log else 'softmax'}": (lambda w=w, log=log: SoftmaxNet(w, log))
          for w in ("tokens", "tokens_trail", "rows", "cols", "cols_nhwc") for log in (False, True)}
 CASES["global_context"] = GlobalContextPool
+CASES["cross_covariance"] = CrossCovariance
 
 
 def _rank(grid):

@@ -57,8 +57,17 @@ def _matmul(func, args, kwargs):
             raise context.unsupported(op, "a batched replicated right operand")
         return wrap(torch.matmul(a._local, b), a._spec)
     if isinstance(b, SpatialTensor) and not isinstance(a, SpatialTensor):
-        if b.dim() - 2 in b._spec.dims or a.dim() > 2:
+        if b.dim() - 2 in b._spec.dims:
             raise context.unsupported(op, "contraction over a sharded dim of the right operand")
+        if a.dim() > 2:
+            # a batched replicated left operand meets every column of b: exact per column when
+            # b is sharded only on its last (column) dim (EdgeNeXt's / XCiT's attn @ v over the
+            # tokens); a sharded batch dim of b would meet a's whole batch
+            if b._spec.dims != (b.dim() - 1,):
+                raise context.unsupported(op, "a batched replicated left operand and a right operand "
+                                          "sharded on a batch dim")
+            out = torch.matmul(a, b._local)
+            return wrap(out, b._spec.with_dims((out.dim() - 1,)))
         return wrap(torch.matmul(a, b._local), b._spec)
     sa, sb = a._spec, b._spec
     if sa.same_layout(sb) and a.dim() == b.dim() and all(d < a.dim() - 2 for d in sa.dims):

@@ -288,6 +288,12 @@ def _along_dim(func, args, kwargs):
     if dim in _spatial_set(x) and name in ("softmax", "log_softmax"):
         return _softmax_sharded(x, dim, name == "log_softmax", kwargs.get("dtype", next(
             (a for a in args[2:] if isinstance(a, torch.dtype)), None)), op_name(func))
+    if dim in _spatial_set(x) and name == "normalize" and x is args[0]:
+        a = dict(zip(("input", "p", "dim", "eps", "out"), args))
+        a.update(kwargs)
+        if a.get("out") is not None:
+            raise context.unsupported(op_name(func), "out= is not supported on sharded tensors")
+        return _normalize_sharded(x, dim, a.get("p", 2.0), a.get("eps", 1e-12), op_name(func))
     if dim in _spatial_set(x):
         raise context.unsupported(op_name(func), f"along sharded dim {dim}")
     ndim = max(a.dim() for a in args if isinstance(a, torch.Tensor))
@@ -344,6 +350,25 @@ def _softmax_sharded(x: SpatialTensor, dim: int, log: bool, dtype, op: str) -> S
     e = z.exp()
     s = _scene_reduce(e.sum(dim, keepdim=True), spec, dim, False)
     return wrap(z - s.log() if log else e / s, spec)
+
+
+def _normalize_sharded(x: SpatialTensor, dim: int, p, eps: float, op: str) -> SpatialTensor:
+    """``F.normalize`` along a sharded dim (EdgeNeXt's / XCiT's cross-covariance
+    attention normalises q and k over the tokens), exact: the scene's sum of
+    ``|x|^p`` along ``dim`` (an autograd all-reduce, _scene_reduce), its p-th
+    root clamped at ``eps`` as torch does, the tile divided locally. Like
+    torch's norm, the gradient at a zero norm is zero. Same layout as ``x``."""
+    spec = x._spec
+    if spec.is_tokens and spec.prefix:
+        raise context.unsupported(op, f"along a token dim that holds {spec.prefix} replicated prefix tokens")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:
+        raise context.unsupported(op, f"p={p!r} along sharded dim {dim} (only finite p > 0 is exact)")
+    t = x._local
+    s = _scene_reduce((t * t if p == 2 else t.abs() ** p).sum(dim, keepdim=True), spec, dim, False)
+    pos = s > 0
+    # s ** (1/p) with a zero (not NaN) gradient where the norm is zero, as torch's norm backward
+    n = torch.where(pos, torch.where(pos, s, torch.ones_like(s)) ** (1.0 / p), torch.zeros_like(s))
+    return wrap(t / n.clamp_min(eps), spec)
 
 
 @register(*funcs_named("cat", "concat", "concatenate", "stack", owners=(torch,)))
