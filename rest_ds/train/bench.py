@@ -930,7 +930,7 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
 
     # wall seconds (what a quiet machine reports) and main-thread CPU seconds (steadier on a shared one)
     fig, axes = plt.subplots(1, 2, figsize=(2 * max(5, 0.8 * len(runs) + 2), 4.5))
-    labels = [f"{r['scene']['name'].split(' (')[0]}\n{r['key'].split('|')[-1]}" for r in runs]
+    labels = [f"{r['scene']['name'].split(' (')[0]}\n{r['key'].split('|')[1]}" for r in runs]  # scene, layout
     for ax, field, comm_field, what in ((axes[0], "phases_s", "comm_s", "wall"),
                                          (axes[1], "phases_cpu_s", "comm_cpu_s", "main-thread CPU")):
         bottom = [0.0] * len(runs)

@@ -112,7 +112,9 @@ def quiet() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
+    # DeepSpeed's ZeRO calls torch's older collective names; torch 2.14 warns on each rank's first call
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*is deprecated",
+                            category=FutureWarning)
     try:
         from deepspeed.utils import logger
         logger.setLevel(logging.WARNING)
