@@ -153,27 +153,84 @@ def _profile_fields(cfg_path):
 
 
 def test_calibration_from_bench_json_recovers_the_coefficients(tmp_path, tiny_cfg):
-    """Bench-format runs whose allocator peaks and step times follow known coefficients:
-    calibrate_from_bench must give those coefficients back (CPU-RSS-only runs feed c_time only)."""
+    """Bench-format runs whose allocator peaks, step times, optimizer phases and DeepSpeed
+    traffic follow known coefficients: calibrate_from_bench must give those coefficients back
+    (c_opt and c_time from the 1-rank runs, c_bw from bytes / seconds of the ds:* collectives,
+    c_sp from the sp > 1 runs; CPU-RSS-only runs feed the time coefficients only)."""
     import json
 
     from rest_ds.train.config import load_config
-    from rest_ds.train.plan import calibrate_from_bench, estimate, profile_model
+    from rest_ds.train.plan import calibrate_from_bench, estimate, grad_comm_bytes, profile_model
 
     cfg = load_config(tiny_cfg)
     prof = profile_model(cfg.model, 4, 3)
-    truth = {"c_act_sp": 1.4, "c_act_one": 1.1, "c_fixed_sp": 3e6, "c_fixed": 5e6}
+    # known time terms: the coefficients multiply them, whatever this machine measured
+    prof.fits["0"].update(s=2e-6, u=3e-12, t0=0.01)
+    prof.opt_s = 0.02
+    truth = {"c_act_sp": 1.4, "c_act_one": 1.1, "c_fixed_sp": 3e6, "c_fixed": 5e6,
+             "c_time": 3.0, "c_opt": 1.5, "c_sp": 4.5, "c_bw": 2e9}
     runs = []
     for (h, w), grid in [((128, 128), (1, 1)), ((256, 256), (1, 1)), ((192, 256), (1, 2)), ((256, 256), (2, 2)),
                          ((512, 512), (2, 1))]:
-        e = estimate(prof, hw=(h, w), grid=grid, world=grid[0] * grid[1], zero_stage=2, coeffs=truth)
+        n = grid[0] * grid[1]
+        e = estimate(prof, hw=(h, w), grid=grid, world=n, zero_stage=2, coeffs=truth)
+        sent = grad_comm_bytes(prof.params, n, 2)  # per rank; bench records the sum over ranks
         runs.append({"config": str(tiny_cfg), "scene": {"height": h, "width": w}, "grid": list(grid),
-                     "ranks": grid[0] * grid[1], "zero_stage": 2, "step_s": 3.0 * e["step_s"],
+                     "ranks": n, "sp": n, "zero_stage": 2, "step_s": e["step_s"],
+                     "phases_s": {"optimizer": e["time_parts"]["optimizer"], "forward": 0.1},
+                     "bytes": {"ds:all_reduce": 2 * sent / 3 * n, "ds:all_gather": sent / 3 * n, "halo": 123},
+                     "comm_s": {"ds:all_reduce": 0.5 * sent / truth["c_bw"], "ds:all_gather": 0.5 * sent / truth["c_bw"],
+                                "spim:halo": 0.5},
                      "memory": {"rss_peak_mib": [1.0], "cuda_peak_mib": [e["peak_bytes"] / 2 ** 20]}})
+        assert (e["time_parts"]["spim"] > 0) == (n > 1) and (e["time_parts"]["comm"] > 0) == (n > 1)
     runs.append({**runs[0], "memory": {"rss_peak_mib": [999.0], "cuda_peak_mib": None}})   # CPU run: time only
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"schema": 1, "runs": runs}))
     got = calibrate_from_bench(str(path), lambda c: (prof, load_config(c)))
-    assert got["c_time"] == pytest.approx(3.0, rel=1e-9)
     for k, v in truth.items():
         assert got[k] == pytest.approx(v, rel=1e-3), (k, got)
+
+
+def _synthetic_profile(**fit):
+    from rest_ds.train.plan import ModelProfile
+
+    return ModelProfile(encoder="x", params=1_000_000, largest_layer=1000, align=16, opt_s=0.04,
+                        fits={"0": {"a": 100.0, "q": 0.0, "b": 0.0, "s_per_px": 1e-6, **fit}})
+
+
+def test_step_time_terms():
+    """The step-time model's terms (plan module docstring), on a profile with known terms:
+    the optimizer is divided over the ranks from ZeRO 1 on, the attention term grows with the
+    scene at a fixed tile, SPIM's fixed cost only at sp > 1, DeepSpeed's traffic only at world > 1."""
+    from rest_ds.train.plan import estimate, grad_comm_bytes
+
+    prof = _synthetic_profile(s=1e-6, u=2e-12, t0=0.01)
+    c = {"c_time": 2.0, "c_opt": 1.5, "c_sp": 4.0, "c_bw": 1e9}
+    one = estimate(prof, hw=(256, 256), grid=(1, 1), world=1, zero_stage=2, coeffs=c)["time_parts"]
+    A = 256 * 256
+    assert one["compute"] == pytest.approx(2.0 * (1e-6 * A + 2e-12 * A * A + 0.01), rel=1e-12)
+    assert one["optimizer"] == pytest.approx(1.5 * 0.04) and one["spim"] == 0 and one["comm"] == 0
+    two = estimate(prof, hw=(256, 512), grid=(1, 2), world=2, zero_stage=2, coeffs=c)["time_parts"]
+    # the same 256 x 256 tile, its queries over the whole 256 x 512 scene's keys
+    assert two["compute"] == pytest.approx(2.0 * (1e-6 * A + 2e-12 * A * 2 * A + 0.01), rel=1e-12)
+    assert two["optimizer"] == pytest.approx(one["optimizer"] / 2) and two["spim"] == pytest.approx(4.0 * 0.01)
+    assert two["comm"] == pytest.approx(3 * 0.5 * 4 * 1e6 / 1e9)  # all-reduce + ZeRO-2 all-gather, fp32
+    z0 = estimate(prof, hw=(256, 512), grid=(1, 2), world=2, zero_stage=0, coeffs=c)["time_parts"]
+    assert z0["optimizer"] == pytest.approx(one["optimizer"]) and z0["comm"] == pytest.approx(2 * 0.5 * 4e6 / 1e9)
+    dp = estimate(prof, hw=(256, 256), grid=(1, 1), world=2, zero_stage=2, coeffs=c)
+    assert dp["time_parts"]["spim"] == 0 and dp["time_parts"]["comm"] == pytest.approx(two["comm"])
+    assert dp["step_s"] == pytest.approx(sum(dp["time_parts"].values()))
+    assert grad_comm_bytes(10, 1, 2) == 0
+    # a profile without the time fit (s_per_px only) still predicts: s = s_per_px, no u or t0
+    old = estimate(_synthetic_profile(), hw=(256, 256), grid=(1, 1), world=1, zero_stage=0, coeffs=c)
+    assert old["time_parts"]["compute"] == pytest.approx(2.0 * 1e-6 * A)
+
+
+def test_time_fit_recovers_known_terms():
+    from rest_ds.train.plan import _fit_time
+
+    pts = [(float(s * s), 3e-6 * s * s + 1e-12 * (s * s) ** 2 + 0.02) for s in (64, 128, 256, 384, 512)]
+    s, u, t0 = _fit_time(pts)
+    assert (s, u, t0) == pytest.approx((3e-6, 1e-12, 0.02), rel=1e-6)
+    s, u, t0 = _fit_time([(a, 3e-6 * a + 0.02) for a, _ in pts], quadratic=False)
+    assert u == 0 and (s, t0) == pytest.approx((3e-6, 0.02), rel=1e-6)

@@ -44,10 +44,37 @@ The measure is the CPU allocator's live bytes (torch profiler memory events),
 not the process RSS: it counts tensors (parameters, gradients, optimizer state,
 activations, DeepSpeed's buffers) and not the Python heap, libraries, gloo's
 own buffers or shared-memory segments; a device's allocator cache adds to it
-on GPU. Step time: forward/backward time per tile pixel measured on this
-machine (with checkpointing: measured with it), scaled to the tile; it is this
-machine's time, not a GPU's, unless ``c_time`` is calibrated from ``rest-ds
-bench`` runs on the target machine. Communication time is not modelled.
+on GPU.
+
+Step time (seconds, the rank with the largest tile; :func:`step_time`)::
+
+    step = c_time * batch * (s A_tile + u A_tile A_scene + t0)      forward + backward + loss
+         + c_opt * opt_s / N_opt                                     optimizer step
+         + c_sp * batch * t0                   (sp > 1)              SPIM's fixed cost per pass
+         + bytes_ds / c_bw                     (world > 1)           DeepSpeed's collectives
+
+``s``, ``u``, ``t0`` are MEASURED: the plain model's forward/backward timed at
+the probe sides and two smaller ones (the faster of two passes; thread CPU time
+with one torch thread, which other jobs' load inflates less than the wall
+clock), fitted by non-negative least squares; ``u`` (the attention term: under
+SPIM a rank's queries see the whole scene's keys, so it grows with tile x
+scene) only for a model that calls ``scaled_dot_product_attention`` (for a CNN
+the probes' curvature is noise). ``t0`` is the per-pass fixed cost (the time at
+A -> 0: dispatch of every op). ``opt_s``: one step of the config's optimizer
+with its gradient clipping on all parameters, divided over ``N_opt = world``
+ranks from ZeRO stage 1 on. ``bytes_ds``: :func:`grad_comm_bytes` (gradient
+all-reduce, ZeRO's all-gather of the updated partitions). SPIM's own cost at
+sp > 1 (Python dispatch of the sharded ops, halo / norm all-reduce / all-to-all
+latencies) is modelled as ``c_sp`` times the plain model's ``t0``: both count
+the model's ops weighted by their fixed cost. On this machine the sp > 1 steps
+left 4.2 x t0 (ViT-UPerNet) and 3.3 x t0 (ResNet-18-UPerNet) after the other
+terms; its leaf-module count (127 vs 121) or its aten op count per pass (729 vs
+509) would have ranked the two models the wrong way round (the ResNet's SPIM
+cost, ~0.15 s, is 4-5 x the ViT's, ~0.035 s). ``c_time``, ``c_opt``
+(DeepSpeed's step with its flat-buffer copies / torch's optimizer step),
+``c_sp`` and ``c_bw`` are CALIBRATED (:data:`DEFAULT_TIME_COEFFS`, or
+:func:`calibrate_from_bench` from ``rest-ds bench`` runs on the target machine:
+the step time is this machine's, not a GPU's, unless calibrated there).
 """
 from __future__ import annotations
 
@@ -72,6 +99,16 @@ GIB = 1024 ** 3
 # communication buffers depend on timing.)
 DEFAULT_COEFFS = {"c_act_sp": 1.245, "c_act_sp_ckpt": 1.39, "c_act_one": 1.146, "c_act_one_ckpt": 1.37,
                   "c_fixed_sp": 1.46e6, "c_fixed": 0.0}
+# Step time (module docstring): c_time: measured 1-rank forward+backward / the probes' prediction;
+# c_opt: DeepSpeed's optimizer phase / the probe's torch optimizer step (+ clipping); c_sp: SPIM's
+# fixed cost per pass at sp > 1 in units of the plain model's per-pass fixed cost t0; c_bw: bytes/s
+# of one rank's DeepSpeed collectives. Calibrated by calibrate_from_bench on two quiet rest-ds bench
+# runs of this machine (2 cores, gloo, one thread per rank, fp32, ZeRO-2; 2026-12-07, at e6d174a):
+# nc_landsat7_rest at 443x489 / 256 / 512 / 1024 px and nc_landsat7_resnet18 at 443x489 / 256 / 512
+# px, 1 rank and 1x2 / 2x1 (14 runs), profiles taken on the shared machine: c_time 0.963, c_opt 1.68,
+# c_sp 3.25, c_bw 1.15e9 (per model: c_sp 4.2 ViT, 3.3 ResNet; c_bw 1.5e9, 1.1e9). The probes vary
+# by 5-15 % with the machine's load (thread CPU time still shares caches and cores), and so does c_time.
+DEFAULT_TIME_COEFFS = {"c_time": 0.963, "c_opt": 1.68, "c_sp": 3.25, "c_bw": 1.15e9}
 
 
 # --- the allocator measure -----------------------------------------------------------------------------
@@ -196,7 +233,10 @@ class ModelProfile:
     training mode): ``params``; per activation-checkpointing setting (``"0"``/``"1"``)
     the fit ``peak(A) = a A + q A^2 + b`` of one forward/backward's peak live bytes
     over scene pixels ``A`` (gradients already allocated, so the fit holds activations and
-    backward temporaries) and the seconds per pixel of that forward/backward."""
+    backward temporaries), the fit ``t(A) = s A + u A^2 + t0`` of that forward/backward's
+    seconds (``s``, ``u``, ``t0``; ``s_per_px``: the least seconds per pixel over the
+    probes), and ``times[setting]``: ``[side, seconds]`` per timed probe side; ``opt_s``:
+    one optimizer step (with gradient clipping where configured) over all parameters."""
 
     encoder: str
     params: int
@@ -204,6 +244,8 @@ class ModelProfile:
     align: int
     fits: dict[str, dict[str, float]] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)
+    times: dict[str, list[list[float]]] = field(default_factory=dict)
+    opt_s: float = 0.0
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
@@ -219,6 +261,46 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
             return float(a), float(q), float(b)
     a, b = np.polyfit(xs, ys, 1)
     return float(max(a, 0.0)), 0.0, float(b)
+
+
+def _fit_time(points: list[tuple[float, float]], quadratic: bool = True) -> tuple[float, float, float]:
+    """Least squares ``t = s A + u A^2 + t0`` with every term >= 0 (absolute error:
+    the largest probes, the ones nearest real tiles, weigh most); ``u = 0`` unless
+    ``quadratic`` (a model without attention: its probes' curvature is the machine's noise,
+    and extrapolated to a large scene it would dominate)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    xs = np.array([p[0] for p in points], dtype=np.float64)
+    ys = np.array([p[1] for p in points], dtype=np.float64)
+    m = max(float(xs.max()), 1.0)
+    cols = np.stack([xs / m, (xs / m) ** 2 * quadratic, np.ones_like(xs)], axis=1)  # scaled: well-conditioned
+    (s, u, t0), _ = nnls(cols, ys)
+    return float(s / m), float(u / m ** 2), float(t0)
+
+
+class _SeesAttention:
+    """``with _SeesAttention() as sa: model(x)``: ``sa.seen`` is True when the pass called
+    ``F.scaled_dot_product_attention`` (whose cost grows with tile x scene under SPIM)."""
+
+    def __enter__(self):
+        import torch.nn.functional as F
+        from torch.overrides import TorchFunctionMode
+
+        outer = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is F.scaled_dot_product_attention:
+                    outer.seen = True
+                return func(*args, **(kwargs or {}))
+
+        self.seen, self._mode = False, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
 
 
 PROBE_BUDGET = 2e12  # parameters x probe pixels: bounds the probes' forward/backward cost on a CPU
@@ -239,11 +321,15 @@ def probe_sides(params: int, align: int) -> tuple[int, int, int]:
 
 def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: int,
                   act_ckpt: tuple[bool, ...] = (False,),
-                  sides: tuple[int, ...] | None = None) -> ModelProfile:
+                  sides: tuple[int, ...] | None = None, train_cfg: "TrainConfig | None" = None) -> ModelProfile:
     """Measure ``model_cfg`` (with activation checkpointing too when ``act_ckpt`` holds True
     and the encoder has the switch) on small synthetic square scenes (three sides, multiples of
     the model's alignment, :func:`probe_sides`) in this process; a few seconds for
-    small models, about a minute for a 300 M-parameter encoder on a CPU core. The weights are random (the values do not matter)."""
+    small models, about a minute for a 300 M-parameter encoder on a CPU core. The weights are
+    random (the values do not matter). The forward/backward is also timed at two smaller sides
+    (2 and 4 x max(align, 16)), which pin the per-pass fixed cost ``t0``; then one step of
+    ``train_cfg``'s optimizer (its parameter groups and gradient clipping; None: AdamW) is timed
+    on the gradients (``opt_s``)."""
     import torch
 
     from .engine import build_model, enable_activation_checkpointing
@@ -276,25 +362,37 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
         if True in cks:
             enable_activation_checkpointing(model, ck)
 
+    base = max(align, 16)
+    small = sorted({k * base // align * align for k in (2, 4)} - set(sides))
+    small = [v for v in small if v < min(sides)]
     points: dict = {ck: [] for ck in cks}
-    secs: dict = {ck: [] for ck in cks}
-    for i, s in enumerate(sides):
+    timed: dict = {ck: [] for ck in cks}
+    with _SeesAttention() as attn:  # one forward at the smallest probe side: does the model attend?
+        model(torch.randn((1, in_chans, sides[0], sides[0]), generator=gen))
+    for i, s in enumerate([*small, *sides]):
         x = torch.randn((1, in_chans, s, s), generator=gen)
         y = torch.randint(0, num_classes, (1, s, s), generator=gen)
         # Timed: the faster of two passes per setting, the settings interleaved, after an untimed
         # one each at the first side (one-off set-up costs, and a drift of the machine's speed,
         # then favour neither). The gradients exist before the measured passes (accumulated into
         # in place): their allocation would otherwise hide the activations of a large model at a
-        # small probe.
+        # small probe. The small timing-only sides are cheap: five passes there steady t0.
         times: dict = {ck: [] for ck in cks}
-        for _ in range(3 if i == 0 else 2):
-            for ck in cks:
-                use(ck)
-                t0 = clock()
-                segmentation_loss(model(x), y, aux_weight=aux).backward()
-                times[ck].append(clock() - t0)
+        try:
+            for _ in range((1 if i == 0 else 0) + (2 if s in sides else 5)):
+                for ck in cks:
+                    use(ck)
+                    t0 = clock()
+                    segmentation_loss(model(x), y, aux_weight=aux).backward()
+                    times[ck].append(clock() - t0)
+        except (RuntimeError, ValueError):
+            if s in sides:
+                raise
+            continue  # a small timing-only side the model cannot take (BatchNorm of a 1 x 1 map): skipped
         for ck in cks:
-            secs[ck].append(min(times[ck][-2:]) / (s * s))
+            timed[ck].append([s, min(times[ck][1:] if i == 0 else times[ck])])
+            if s not in sides:
+                continue
             use(ck)
             model.zero_grad(set_to_none=False)
             with LiveBytes() as lb:
@@ -302,11 +400,37 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
                 loss.backward()
             del loss
             points[ck].append((float(s * s), float(lb.peak)))
-    model.zero_grad(set_to_none=True)
     for ck in cks:
         a, q, b = _fit(points[ck])
-        prof.fits["1" if ck else "0"] = {"a": a, "q": q, "b": b, "s_per_px": min(secs[ck])}
+        s_px, u, t0 = _fit_time([(float(s * s), t) for s, t in timed[ck]], quadratic=attn.seen)
+        prof.fits["1" if ck else "0"] = {"a": a, "q": q, "b": b, "s": s_px, "u": u, "t0": t0,
+                                         "s_per_px": min(t / (s * s) for s, t in timed[ck] if s in sides)}
+        prof.times["1" if ck else "0"] = timed[ck]
+    prof.opt_s = _time_optimizer(model, train_cfg, clock)
+    model.zero_grad(set_to_none=True)
     return prof
+
+
+def _time_optimizer(model, train_cfg, clock) -> float:
+    """Seconds of one optimizer step over ``model``'s parameters (their gradients exist):
+    the faster of two after one untimed (which allocates the optimizer state); DeepSpeed's
+    gradient clipping (``deepspeed.gradient_clipping`` > 0) is part of its step, so timed with it."""
+    import torch
+
+    from .engine import make_optimizer
+
+    opt = make_optimizer(model, train_cfg) if train_cfg is not None else torch.optim.AdamW(model.parameters())
+    clip = float(getattr(getattr(train_cfg, "deepspeed", None), "gradient_clipping", 0.0) or 0.0)
+    ps = [p for p in model.parameters() if p.grad is not None]
+    secs = []
+    for _ in range(3):
+        t0 = clock()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(ps, clip)
+        opt.step()
+        secs.append(clock() - t0)
+    del opt
+    return min(secs[1:])
 
 
 # --- the model -----------------------------------------------------------------------------------------
@@ -375,12 +499,44 @@ def estimate(prof: ModelProfile, *, hw: tuple[int, int], grid: tuple[int, int], 
                          prof.largest_layer, bucket)
     parts["activations"] = act
     parts["overhead"] = c["c_fixed"] + (c["c_fixed_sp"] if sp > 1 else 0.0)
-    step_s = batch * fit["s_per_px"] * tile * c.get("c_time", 1.0)
+    times = step_time(prof, fit, tile=tile, scene_px=H * W, sp=sp, world=world, zero_stage=zero_stage,
+                      precision=precision, batch=batch, coeffs=c)
+    step_s = sum(times.values())
     return {"grid": tuple(grid), "sp": sp, "dp": world // sp, "world": world, "zero_stage": zero_stage,
             "act_ckpt": act_ckpt, "precision": precision, "scene": (H, W), "tile_px": tile,
             # pixels along the interior tile borders: what the halo exchanges scale with
             "border_px": (grid[0] - 1) * W + (grid[1] - 1) * H,
-            "parts": parts, "peak_bytes": peak_of(parts), "step_s": step_s}
+            "parts": parts, "peak_bytes": peak_of(parts), "step_s": step_s, "time_parts": times}
+
+
+def grad_comm_bytes(params: int, world: int, zero_stage: int, precision: str = "fp32") -> float:
+    """Bytes one rank sends per step in DeepSpeed's collectives over ``world`` ranks (ring
+    algorithms): the gradient all-reduce ``2 (N-1)/N w P`` (stages 0-2; ZeRO-1/2 reduce
+    then the updated partitions are all-gathered, ``(N-1)/N w P`` more), stage 3 the
+    parameters gathered in forward and in backward and the gradients reduce-scattered
+    (``3 (N-1)/N w P``); 0 on one rank."""
+    if world <= 1:
+        return 0.0
+    w = 4 if precision == "fp32" else 2
+    f = (world - 1) / world * w * float(params)
+    return {0: 2 * f, 1: 3 * f, 2: 3 * f}.get(zero_stage, 3 * f)
+
+
+def step_time(prof: ModelProfile, fit: dict, *, tile: int, scene_px: int, sp: int, world: int, zero_stage: int,
+              precision: str = "fp32", batch: int = 1, coeffs: dict | None = None) -> dict[str, float]:
+    """Seconds of one training step on the rank with the largest tile, by part (module
+    docstring): ``compute`` = c_time x batch x (s tile + u tile scene_px + t0),
+    ``optimizer`` = c_opt x opt_s / N (N = world from ZeRO stage 1 on, else 1),
+    ``spim`` = c_sp x batch x t0 (sp > 1), ``comm`` = :func:`grad_comm_bytes` / c_bw
+    (world > 1). ``fit``: one entry of ``prof.fits`` (older profiles without ``s``/``u``/``t0``
+    fall back to ``s_per_px`` alone)."""
+    c = {**DEFAULT_TIME_COEFFS, **(coeffs or {})}
+    s, u, t0 = fit.get("s", fit.get("s_per_px", 0.0)), fit.get("u", 0.0), fit.get("t0", 0.0)
+    n_opt = world if zero_stage >= 1 else 1
+    return {"compute": c["c_time"] * batch * (s * tile + u * tile * scene_px + t0),
+            "optimizer": c["c_opt"] * prof.opt_s / n_opt,
+            "spim": c["c_sp"] * batch * t0 if sp > 1 else 0.0,
+            "comm": grad_comm_bytes(prof.params, world, zero_stage, precision) / c["c_bw"]}
 
 
 def peak_of(parts: dict[str, float]) -> float:
@@ -514,11 +670,18 @@ def max_scene(prof: ModelProfile, *, devices: int, memory_bytes: float, aspect: 
 
 
 def calibrate_from_bench(path: str, profile_of) -> dict[str, float]:
-    """Coefficients from ``rest-ds bench`` JSON: ``c_time`` (device seconds / this model's
-    per-pixel time, median over runs) from every run, and the memory coefficients
-    from the runs with an allocator peak (``cuda_peak_mib``; CPU runs report only the
-    process RSS, which is not this model's measure). ``profile_of(config_path)`` gives
-    ``(ModelProfile, TrainConfig)`` of a run's config."""
+    """Coefficients from ``rest-ds bench`` JSON. Step time (:func:`step_time`): ``c_opt`` =
+    median over the 1-rank runs of their optimizer phase (``phases_s['optimizer']``) / ``opt_s``;
+    ``c_time`` = median over the 1-rank runs of (measured step - optimizer) / predicted
+    forward+backward (over every run's residual after the other terms where no run has
+    1 rank); ``c_bw`` =
+    median over the runs with ranks > 1 of the bytes one rank sent in DeepSpeed's
+    collectives (``bytes['ds:*']`` / ranks) per second blocked in them (``comm_s['ds:*']``);
+    ``c_sp`` = least squares (relative error) of what the sp > 1 runs' steps leave after
+    those terms over ``batch x t0``. Memory: the coefficients of :func:`calibrate` from the
+    runs with an allocator peak (``cuda_peak_mib``; CPU runs report only the process RSS,
+    which is not this model's measure). ``profile_of(config_path)`` gives
+    ``(ModelProfile, TrainConfig)`` of a run's config. Only what the runs determine is returned."""
     import statistics
 
     with open(path) as f:
@@ -526,16 +689,21 @@ def calibrate_from_bench(path: str, profile_of) -> dict[str, float]:
     runs = data.get("runs") if isinstance(data, dict) else None
     if not runs:
         raise ValueError(f"{path}: no 'runs' (not a rest-ds bench JSON)")
-    ratios, rows, profs = [], [], {}
+    rows, profs, timed, bws = [], {}, [], []
+    bare = {"c_time": 1.0, "c_opt": 1.0, "c_sp": 1.0, "c_bw": 1.0}  # each time part in its own unit
     for r in runs:
         prof, cfg = profile_of(r["config"])
         profs[r["config"]] = prof
         hw, grid = (r["scene"]["height"], r["scene"]["width"]), tuple(r["grid"])
         e = estimate(prof, hw=hw, grid=grid, world=r["ranks"], zero_stage=r["zero_stage"],
                      optimizer=cfg.optimizer.name, act_ckpt=cfg.train.activation_checkpointing,
-                     precision=cfg.deepspeed.precision, bucket=cfg.deepspeed.reduce_bucket_size)
-        if e["step_s"] > 0 and r.get("step_s"):
-            ratios.append(r["step_s"] / e["step_s"])
+                     precision=cfg.deepspeed.precision, bucket=cfg.deepspeed.reduce_bucket_size, coeffs=bare)
+        if r.get("step_s"):
+            timed.append((r, e["time_parts"]))
+        ds_bytes = sum(v for k, v in (r.get("bytes") or {}).items() if k.startswith("ds:"))
+        ds_secs = sum(v for k, v in (r.get("comm_s") or {}).items() if k.startswith("ds:") and v)
+        if r["ranks"] > 1 and ds_bytes > 0 and ds_secs > 0:
+            bws.append(ds_bytes / r["ranks"] / ds_secs)
         peaks = (r.get("memory") or {}).get("cuda_peak_mib")
         if peaks:
             rows.append({"model": r["config"], "hw": hw, "grid": grid, "world": r["ranks"],
@@ -543,8 +711,32 @@ def calibrate_from_bench(path: str, profile_of) -> dict[str, float]:
                          "act_ckpt": cfg.train.activation_checkpointing, "precision": cfg.deepspeed.precision,
                          "bucket": cfg.deepspeed.reduce_bucket_size, "peak_bytes": max(peaks) * 2 ** 20})
     out = dict(calibrate(rows, profs)) if len(rows) >= 2 else {}
-    if ratios:
-        out["c_time"] = statistics.median(ratios)
+    if bws:
+        out["c_bw"] = statistics.median(bws)
+    c_bw = out.get("c_bw", DEFAULT_TIME_COEFFS["c_bw"])
+    opts = [r["phases_s"]["optimizer"] / p["optimizer"] for r, p in timed if r["ranks"] == 1
+            and p["optimizer"] > 0 and (r.get("phases_s") or {}).get("optimizer")]
+    if opts:
+        out["c_opt"] = statistics.median(opts)
+    c_opt = out.get("c_opt", DEFAULT_TIME_COEFFS["c_opt"])
+    one = [(r["step_s"] - c_opt * p["optimizer"]) / p["compute"] for r, p in timed
+           if r["ranks"] == 1 and p["compute"] > 0]
+    if one:
+        out["c_time"] = statistics.median(one)
+    elif timed:  # no 1-rank run: what the comm and SPIM terms (at their defaults) leave
+        c_sp = DEFAULT_TIME_COEFFS["c_sp"]
+        out["c_time"] = statistics.median((r["step_s"] - c_opt * p["optimizer"] - p["comm"] / c_bw -
+                                           c_sp * p["spim"]) / p["compute"] for r, p in timed if p["compute"] > 0)
+    if one:
+        # sp > 1: the step minus the scaled compute, the optimizer and DeepSpeed's collectives, per t0
+        num = den = 0.0
+        for r, p in timed:
+            if r.get("sp", r["grid"][0] * r["grid"][1]) > 1 and p["spim"] > 0:
+                rest = r["step_s"] - out["c_time"] * p["compute"] - c_opt * p["optimizer"] - p["comm"] / c_bw
+                num += p["spim"] * rest / r["step_s"] ** 2
+                den += (p["spim"] / r["step_s"]) ** 2
+        if den > 0:
+            out["c_sp"] = max(0.0, num / den)
     return out
 
 
@@ -623,8 +815,10 @@ def format_plan(plan: dict, *, top: int = 12) -> str:
     lines = [f"plan: {prof.encoder} model, {prof.params / 1e6:.2f} M parameters, align {prof.align}; {what} "
              f"on {plan['ranks']} rank(s); device memory "
              + (f"{mem / GIB:.1f} GiB (fits: peak <= 90%)" if mem else "not given (--memory GiB)"),
-             f"  measured: {fit0['a']:.0f} B/px activations (+{fit0['q']:.2g} B/px^2), "
-             f"{fit0['s_per_px'] * 1e6:.2f} us/px forward+backward on this machine (sides {prof.sizes} px)",
+             f"  measured: {fit0['a']:.0f} B/px activations (+{fit0['q']:.2g} B/px^2); forward+backward "
+             f"{fit0.get('s', fit0['s_per_px']) * 1e6:.2f} us/px + {fit0.get('u', 0.0):.2g} s/px^2 (tile x scene) "
+             f"+ {fit0.get('t0', 0.0) * 1e3:.1f} ms/pass, optimizer step {prof.opt_s * 1e3:.1f} ms "
+             f"on this machine (sides {prof.sizes} px)",
              f"  {'grid':<5} {'dp':>3} {'sp':>3}  {'ZeRO':>4}  {'ckpt':>4}  {'peak':>10}  {'param+grad':>10}  "
              f"{'opt+master':>10}  {'activation':>10}  {'buckets':>10}  {'step s':>8}  {'fits':>4}"]
     order = sorted(plan["candidates"], key=lambda c: (bool(mem) and c["peak_bytes"] > 0.9 * mem, *_preference(c)))
@@ -645,7 +839,8 @@ def format_plan(plan: dict, *, top: int = 12) -> str:
         lines.append(f"recommendation: mesh.grid={rec['grid'][0]}x{rec['grid'][1]} mesh.sp={rec['sp']} "
                      f"deepspeed.zero_stage={rec['zero_stage']} "
                      f"train.activation_checkpointing={str(rec['act_ckpt']).lower()} "
-                     f"(peak {_gib(rec['peak_bytes'])} per rank, ~{rec['step_s']:.3g} s/step here)")
+                     f"(peak {_gib(rec['peak_bytes'])} per rank, ~{rec['step_s']:.3g} s/step here: "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in rec.get("time_parts", {}).items() if v) + ")")
     lines += [f"note: {n}" for n in plan["notes"]]
     return "\n".join(lines)
 
@@ -706,7 +901,7 @@ def _coeffs_from(path: str | None, cfg) -> dict | None:
     with open(path) as f:
         data = json.load(f)
     if isinstance(data, dict) and "runs" not in data:
-        return {k: float(v) for k, v in data.items() if k in (*DEFAULT_COEFFS, "c_time")}
+        return {k: float(v) for k, v in data.items() if k in (*DEFAULT_COEFFS, *DEFAULT_TIME_COEFFS)}
 
     def profile_of(config_path):
         from .config import load_config
