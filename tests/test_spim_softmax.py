@@ -1,7 +1,8 @@
 """softmax / log_softmax along a sharded dim (a token dim and each grid dim) and
 a matmul that contracts over the scene's tokens (GCNet-style attention pooling:
 ``x.view(B, C, H*W) @ softmax(attn).view(B, H*W, 1)``), F.normalize along a
-sharded dim and cross-covariance attention (EdgeNeXt / XCiT), float64 on an uneven
+sharded dim, cross-covariance attention (EdgeNeXt / XCiT) and ReLU linear
+attention (EfficientViT), float64 on an uneven
 2x2 grid vs one process: output, input grad, parameter grads and parameters
 after one SGD step at 1e-10."""
 from __future__ import annotations
@@ -91,10 +92,30 @@ class CrossCovariance(nn.Module):
         return z + F.normalize(y, dim=2) + F.normalize(y, p=1.0, dim=-1)
 
 
+class LinearAttention(nn.Module):
+    """EfficientViT's ReLU linear attention: v padded with a channel of ones
+    (F.pad of a non-token dim of a token-layout tensor), ``k^T @ v`` contracted
+    over the scene's tokens, the queries times that replicated map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, _, H, W = y.shape
+        q, k, v = y.reshape(B, 2, 6, H * W).transpose(-1, -2).chunk(3, dim=-1)  # (B, heads, N, 2)
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        out = F.relu(q) @ (F.relu(k).transpose(-1, -2) @ v)
+        out = out[..., :-1] / (out[..., -1:] + 1e-3)
+        return out.transpose(-1, -2).reshape(B, 4, H, W)
+
+
 CASES = {f"{w}_{'log' if log else 'softmax'}": (lambda w=w, log=log: SoftmaxNet(w, log))
          for w in ("tokens", "tokens_trail", "rows", "cols", "cols_nhwc") for log in (False, True)}
 CASES["global_context"] = GlobalContextPool
 CASES["cross_covariance"] = CrossCovariance
+CASES["linear_attention"] = LinearAttention
 
 
 def _rank(grid):

@@ -605,6 +605,13 @@ def _pad(func, args, kwargs):
     per_dim = {nd - 1 - i: (pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)}
     if any(v < 0 for pr in per_dim.values() for v in pr):
         raise context.unsupported("pad", "negative padding (cropping) of a sharded tensor")
+    if spec.is_tokens:
+        # token layout: padding other dims is local (EfficientViT's linear attention pads v's
+        # channels with ones); the flattened token dim has no scene border to pad at
+        if any(per_dim.get(spec.dims[0], (0, 0))):
+            raise context.unsupported("pad", f"padding the token dim {spec.dims[0]} of a token-layout tensor")
+        out = F.pad(x._local, pad, mode=mode, value=value) if mode == "constant" else F.pad(x._local, pad, mode=mode)
+        return wrap(out, spec)
     r, c = spec.mesh.coord
     ph, pw = spec.mesh.grid
     local_pad = []
