@@ -94,7 +94,8 @@ class CrossCovariance(nn.Module):
 
 class LinearAttention(nn.Module):
     """EfficientViT's ReLU linear attention: v padded with a channel of ones
-    (F.pad of a non-token dim of a token-layout tensor), ``k^T @ v`` contracted
+    (F.pad of a non-token dim of a token-layout tensor), ``q[:, :, 0:]`` (a
+    slice that keeps the whole token dim), ``k^T @ v`` contracted
     over the scene's tokens, the queries times that replicated map."""
 
     def __init__(self):
@@ -106,6 +107,7 @@ class LinearAttention(nn.Module):
         B, _, H, W = y.shape
         q, k, v = y.reshape(B, 2, 6, H * W).transpose(-1, -2).chunk(3, dim=-1)  # (B, heads, N, 2)
         v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        q = q[:, :, 0:]  # a whole-dim slice of the token dim (MViTv2 without a class token)
         out = F.relu(q) @ (F.relu(k).transpose(-1, -2) @ v)
         out = out[..., :-1] / (out[..., -1:] + 1e-3)
         return out.transpose(-1, -2).reshape(B, 4, H, W)

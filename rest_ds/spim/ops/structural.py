@@ -451,7 +451,8 @@ def _getitem(func, args, kwargs):
                 rest[k] = slice(None)
                 return _getitem(func, (crop, tuple(rest)), kwargs)
         if src in x._spec.dims:
-            if not (isinstance(i, slice) and i == slice(None)):
+            # a slice that keeps the whole dim (MViTv2's x[:, :, 0:, :] with no class token) is ':'
+            if not (isinstance(i, slice) and (i == slice(None) or i.indices(x.shape[src]) == (0, x.shape[src], 1))):
                 raise context.unsupported(
                     "Tensor.__getitem__", f"indexing sharded dim {src} with {i!r} (only ':' is allowed there)"
                 )
