@@ -67,10 +67,11 @@ all-reduce, ZeRO's all-gather of the updated partitions). SPIM's own cost at
 sp > 1 (Python dispatch of the sharded ops, halo / norm all-reduce / all-to-all
 latencies) is modelled as ``c_sp`` times the plain model's ``t0``: both count
 the model's ops weighted by their fixed cost. On this machine the sp > 1 steps
-left 4.2 x t0 (ViT-UPerNet) and 3.3 x t0 (ResNet-18-UPerNet) after the other
-terms; its leaf-module count (127 vs 121) or its aten op count per pass (729 vs
-509) would have ranked the two models the wrong way round (the ResNet's SPIM
-cost, ~0.15 s, is 4-5 x the ViT's, ~0.035 s). ``c_time``, ``c_opt``
+left 4.5 x t0 (ViT-UPerNet, t0 ~9 ms) and 2.9 x t0 (ResNet-18-UPerNet, t0 ~50
+ms) after the other terms; the leaf-module count (127 vs 121) or the aten op
+count per pass (729 vs 509) would have ranked the two models the wrong way round
+(the ResNet's SPIM cost, ~0.15 s, is ~4 x the ViT's, ~0.04 s). Not measured
+beyond sp = 2 (more neighbours may cost more per op). ``c_time``, ``c_opt``
 (DeepSpeed's step with its flat-buffer copies / torch's optimizer step),
 ``c_sp`` and ``c_bw`` are CALIBRATED (:data:`DEFAULT_TIME_COEFFS`, or
 :func:`calibrate_from_bench` from ``rest-ds bench`` runs on the target machine:
@@ -106,9 +107,9 @@ DEFAULT_COEFFS = {"c_act_sp": 1.245, "c_act_sp_ckpt": 1.39, "c_act_one": 1.146, 
 # runs of this machine (2 cores, gloo, one thread per rank, fp32, ZeRO-2; 2026-12-07, at e6d174a):
 # nc_landsat7_rest at 443x489 / 256 / 512 / 1024 px and nc_landsat7_resnet18 at 443x489 / 256 / 512
 # px, 1 rank and 1x2 / 2x1 (14 runs), profiles taken on the shared machine: c_time 0.963, c_opt 1.68,
-# c_sp 3.25, c_bw 1.15e9 (per model: c_sp 4.2 ViT, 3.3 ResNet; c_bw 1.5e9, 1.1e9). The probes vary
+# c_sp 3.14, c_bw 1.15e9 (per model: c_sp 4.5 ViT, 2.9 ResNet; c_bw 1.5e9, 1.1e9). The probes vary
 # by 5-15 % with the machine's load (thread CPU time still shares caches and cores), and so does c_time.
-DEFAULT_TIME_COEFFS = {"c_time": 0.963, "c_opt": 1.68, "c_sp": 3.25, "c_bw": 1.15e9}
+DEFAULT_TIME_COEFFS = {"c_time": 0.963, "c_opt": 1.68, "c_sp": 3.14, "c_bw": 1.15e9}
 
 
 # --- the allocator measure -----------------------------------------------------------------------------
@@ -264,8 +265,10 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
 
 
 def _fit_time(points: list[tuple[float, float]], quadratic: bool = True) -> tuple[float, float, float]:
-    """Least squares ``t = s A + u A^2 + t0`` with every term >= 0 (absolute error:
-    the largest probes, the ones nearest real tiles, weigh most); ``u = 0`` unless
+    """Non-negative least squares ``t = s A + u A^2 + t0`` in two stages: ``t0`` from a fit
+    on the relative error (the small probes pin it: on the absolute error it varied 2x between
+    profiles of one model on this shared machine), then ``s`` and ``u`` on the absolute error of
+    ``t - t0`` (the largest probes, the ones nearest real tiles, weigh most). ``u = 0`` unless
     ``quadratic`` (a model without attention: its probes' curvature is the machine's noise,
     and extrapolated to a large scene it would dominate)."""
     import numpy as np
@@ -275,8 +278,10 @@ def _fit_time(points: list[tuple[float, float]], quadratic: bool = True) -> tupl
     ys = np.array([p[1] for p in points], dtype=np.float64)
     m = max(float(xs.max()), 1.0)
     cols = np.stack([xs / m, (xs / m) ** 2 * quadratic, np.ones_like(xs)], axis=1)  # scaled: well-conditioned
-    (s, u, t0), _ = nnls(cols, ys)
-    return float(s / m), float(u / m ** 2), float(t0)
+    w = 1.0 / np.maximum(ys, 1e-12)
+    t0 = float(nnls(cols * w[:, None], ys * w)[0][2])
+    (s, u), _ = nnls(cols[:, :2], ys - t0)
+    return float(s / m), float(u / m ** 2), t0
 
 
 class _SeesAttention:
@@ -750,6 +755,22 @@ def device_memory_bytes() -> float | None:
     return None
 
 
+_CONFIG_PROFILES: dict = {}
+
+
+def profile_config(cfg, in_chans: int, num_classes: int) -> ModelProfile:
+    """:func:`profile_model` of a training config (both checkpointing settings, its optimizer
+    and clipping), measured once per process per model / optimizer / bands / classes: a plan
+    calibrated from bench runs of the same config then uses the very measurement (``t0``,
+    ``opt_s``) its coefficients were fitted to, so that the probes' noise cancels."""
+    key = (repr(cfg.model), repr(cfg.optimizer), repr(getattr(cfg, "finetune", None)),
+           cfg.deepspeed.gradient_clipping, in_chans, num_classes)
+    if key not in _CONFIG_PROFILES:
+        _CONFIG_PROFILES[key] = profile_model(cfg.model, in_chans, num_classes, act_ckpt=(False, True),
+                                              train_cfg=cfg)
+    return _CONFIG_PROFILES[key]
+
+
 def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes: float | None = None,
              coeffs: dict | None = None, all_choices: bool = True, scenes: dict | None = None) -> dict:
     """The plan of a training config on ``ranks`` ranks: the model's profile, every
@@ -769,7 +790,7 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
     if info["in_chans"] is None or info["num_classes"] is None:
         raise ConfigError(cfg.source_file, "model", "bands and classes unknown: give model.encoder.in_chans and "
                                                     "model.num_classes, or a fetched scene")
-    prof = profile_model(cfg.model, info["in_chans"], info["num_classes"], act_ckpt=(False, True))
+    prof = profile_config(cfg, info["in_chans"], info["num_classes"])
     ck_ok = "1" in prof.fits
     sp, grid = check_grid(cfg, ranks, prof.align, hw)
     o = cfg.optimizer
@@ -910,7 +931,7 @@ def _coeffs_from(path: str | None, cfg) -> dict | None:
         from .preflight import preflight
 
         info = preflight(c, 1)
-        return profile_model(c.model, info["in_chans"], info["num_classes"]), c
+        return profile_config(c, info["in_chans"], info["num_classes"]), c
 
     return calibrate_from_bench(path, profile_of)
 
@@ -930,7 +951,7 @@ def cmd_plan(args) -> int:
             from .preflight import preflight
 
             info = preflight(cfg, args.devices)
-            prof = profile_model(cfg.model, info["in_chans"], info["num_classes"], act_ckpt=(False, True))
+            prof = profile_config(cfg, info["in_chans"], info["num_classes"])
             aspect = args.scene[0] / args.scene[1] if args.scene else 1.0
             o = cfg.optimizer
             best = max_scene(prof, devices=args.devices, memory_bytes=mem, aspect=aspect,
@@ -961,6 +982,7 @@ def cmd_plan(args) -> int:
     return EXIT_OK
 
 
-__all__ = ["LiveBytes", "ModelProfile", "profile_model", "static_bytes", "estimate", "candidates", "recommend",
+__all__ = ["LiveBytes", "ModelProfile", "profile_model", "profile_config", "step_time", "grad_comm_bytes",
+           "static_bytes", "estimate", "candidates", "recommend",
            "max_scene", "calibrate", "calibrate_from_bench", "measure_step", "measure_steps", "plan_run",
            "format_plan", "add_parser", "cmd_plan", "DEFAULT_COEFFS"]
