@@ -2,7 +2,8 @@
 
 Sharded vs one process (output, input grad, parameter grads) for global
 attention with Ulysses and all-gather K/V (heads divisible and not divisible by
-sp, prefix tokens, explicit q @ k^T attention), and windowed attention; the
+sp, prefix tokens, explicit q @ k^T attention, a replicated attention bias over
+the scene or over MaxViT's grid-partition windows), and windowed attention; the
 bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -47,7 +48,41 @@ class SamLayerNCHW(nn.Module):
         return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class BiasedAttention(nn.Module):
+    """Attention with a learned relative-position-like bias given to sdpa as a
+    replicated ``attn_mask`` over (queries, keys): ``grid=False`` over all the
+    scene's tokens (CoAtNet's Attention2d on NCHW); ``grid=True`` MaxViT's grid
+    partition, each window the pixels ``gh x gw`` strided across the scene (here
+    ``(H, 1, W/2, 2)``: a window side of 1), so a window's tokens span the tiles."""
+
+    def __init__(self, grid: bool, heads: int = 2, c: int = 24):
+        super().__init__()
+        self.grid, self.heads = grid, heads
+        n = H * (W // 2) if grid else H * W
+        torch.manual_seed(4)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.bias = nn.Parameter(0.5 * torch.randn(heads, n, n))
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        if not self.grid:
+            q, k, v = self.qkv(x).view(B, 3 * self.heads, C // self.heads, h * w).transpose(-1, -2).chunk(3, 1)
+            o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+            return o.transpose(-1, -2).reshape(B, C, h, w) + x
+        t = self.qkv(x).permute(0, 2, 3, 1).view(B, h, 1, w // 2, 2, 3 * C).permute(0, 2, 4, 1, 3, 5)
+        t = t.reshape(B * 2, h * (w // 2), 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        o = nn.functional.scaled_dot_product_attention(t[0], t[1], t[2], attn_mask=self.bias)  # (2B, heads, n, d)
+        o = o.transpose(1, 2).reshape(B, 1, 2, h, w // 2, C).permute(0, 3, 1, 4, 2, 5).reshape(B, h, w, C)
+        return o.permute(0, 3, 1, 2) + x
+
+
+# MaxViT's grid partition needs the column borders on multiples of its inner size 2
+EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
+                (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
+
 CASES = {
+    "biased_global": lambda: BiasedAttention(False),
+    "biased_grid_partition": lambda: BiasedAttention(True),
     "heads4": lambda: TokenBlock(heads=4),                     # Ulysses on 1x2 and 2x2, all-gather on 1x3
     "heads3": lambda: TokenBlock(heads=3),                     # all-gather on 1x2, 2x2; Ulysses on 1x3
     "cls_token": lambda: TokenBlock(heads=4, cls=True, depth=2),
@@ -61,7 +96,8 @@ def _rank(grid):
     out = {}
     for name, factory in CASES.items():
         x = torch.randn(2, 24, H, W, generator=torch.Generator().manual_seed(5))
-        rep = compare_sharded(factory, x, mesh, LAYOUTS[grid], train=True, step=True)
+        layout = EVEN_LAYOUTS[grid] if name == "biased_grid_partition" else LAYOUTS[grid]
+        rep = compare_sharded(factory, x, mesh, layout, train=True, step=True)
         out[name] = (rep.errors, rep.refused)
     # float64: the algorithm itself, free of fp32 rounding (SAM's eager attention
     # runs its softmax in fp32 whatever the input dtype, so the sdpa variant here)

@@ -201,11 +201,17 @@ def _sdpa(func, args, kwargs):
     if mask is not None:
         # a bias/mask over (queries, keys): its query rows are sharded like q, its key
         # columns cover the whole scene in global order, so K and V are gathered in that order
-        if not isinstance(mask, SpatialTensor) or not mask._spec.same_layout(spec.with_dims((mask.dim() - 2,))):
-            raise context.unsupported(op, "attn_mask must be sharded along its query dim like the query")
+        if isinstance(mask, SpatialTensor):
+            if not mask._spec.same_layout(spec.with_dims((mask.dim() - 2,))):
+                raise context.unsupported(op, "attn_mask must be sharded along its query dim like the query")
+            mask = mask._local
+        elif mask.dim() >= 2:
+            # a replicated bias over the whole scene's (queries, keys) (MaxViT's / CoAtNet's
+            # relative-position bias): this tile's query rows
+            mask = align_plain(mask, q.dim(), spec, op)
         kf = gather_tokens(k._local, k.dim() - 2, k._spec)
         vf = gather_tokens(v._local, v.dim() - 2, v._spec)
-        return wrap(F.scaled_dot_product_attention(q._local, kf, vf, attn_mask=mask._local, scale=a.get("scale"),
+        return wrap(F.scaled_dot_product_attention(q._local, kf, vf, attn_mask=mask, scale=a.get("scale"),
                                                    enable_gqa=a.get("enable_gqa", False)), spec)
     out = sequence_parallel_attention(q._local, k._local, v._local, spec.token_counts(), spec.mesh,
                                       scale=a.get("scale"), algorithm=context.attention(),
