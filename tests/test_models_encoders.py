@@ -260,6 +260,24 @@ def test_prithvi_presets_follow_terratorch_configs():
     tiny = build_encoder("prithvi_eo_tiny")
     assert tiny.indices == [0, 1, 2, 3] and tiny.out_channels == [256] * 4 and tiny.align == 16
     assert PRITHVI_VARIANTS["prithvi_eo_v2_300_tl"][4] == ("time", "location")
+    # a preset shrunk by kwargs (as a CPU try of a GPU config does) takes its default levels from that depth
+    small = build_encoder("prithvi_eo_v2_300", embed_dim=32, depth=8, num_heads=2)
+    assert small.indices == [1, 3, 5, 7] and small.out_channels == [32] * 4
+
+
+def test_factory_refusal_names_the_config_section():
+    """A factory's ValueError (a value it cannot take) is a ConfigError naming the file and section."""
+    from rest_ds.models.config import ConfigError, build_segmentor
+
+    enc = {"name": "prithvi_vit", "in_chans": 3, "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2,
+                                                             "patch_size": 8, "indices": [0, 5]}}
+    cfg = {"num_classes": 3, "encoder": enc, "decoder": {"name": "linear"}}
+    with pytest.raises(ConfigError, match=r"^x\.yaml: model\.encoder: 'prithvi_vit': .*block index 5 out of range"):
+        build_segmentor(cfg, "x.yaml")
+    enc["kwargs"]["indices"] = [0, 1]
+    cfg["neck"] = {"name": "simple_pyramid", "kwargs": {"scales": [4, 2, 1, 0.5], "in_index": None}}
+    with pytest.raises(ConfigError, match=r"^x\.yaml: model\.neck: 'simple_pyramid': .*4 scales and 2 levels"):
+        build_segmentor(cfg, "x.yaml")
 
 
 # --- transformers SAM at another scene size --------------------------------------------------

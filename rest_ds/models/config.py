@@ -217,7 +217,7 @@ def _build_encoder(cfg: EncoderConfig, where) -> nn.Module:
                 raise ConfigError(where, f"model.encoder.kwargs.{k}", f"duplicates model.encoder.{k}")
             kwargs[k] = v
     _check_factory_kwargs(ENCODERS, "encoder", cfg.name, kwargs, where, "model.encoder", extra=cfg.kwargs)
-    encoder = build_encoder(cfg.name, **kwargs)
+    encoder = _built(where, "model.encoder", build_encoder, cfg.name, **kwargs)
     missing = [a for a in ("out_channels", "strides") if getattr(encoder, a, None) is None]
     if missing:
         raise ConfigError(where, "model.encoder.name", f"encoder '{cfg.name}' does not follow the encoder contract "
@@ -225,15 +225,26 @@ def _build_encoder(cfg: EncoderConfig, where) -> nn.Module:
     return encoder
 
 
+def _built(where, key: str, build, name: str, *args, **kwargs) -> nn.Module:
+    """``build(name, ...)``; a factory's ValueError (it refuses an argument's value: sizes,
+    indices, scales) becomes a ConfigError naming the config section ``key``."""
+    try:
+        return build(name, *args, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(where, key, f"'{name}': {e}") from None
+
+
 def _decoder_kwargs(d) -> dict[str, Any]:
     common = {k: v for k, v in (("channels", d.channels), ("norm", d.norm), ("dropout", d.dropout)) if v is not None}
     return {**common, **d.kwargs}
 
 
-def build_segmentor(cfg: "ModelConfig | dict | str | os.PathLike") -> Segmentor:
+def build_segmentor(cfg: "ModelConfig | dict | str | os.PathLike", where: str | None = None) -> Segmentor:
     """A :class:`Segmentor` from a config (dataclass, mapping or YAML path); the
-    config is kept as ``segmentor.config``."""
-    where = None
+    config is kept as ``segmentor.config``. ``where``: the file named in errors
+    (default: the YAML path, if one is given)."""
     if isinstance(cfg, (str, os.PathLike)):
         where = os.fspath(cfg)
         cfg = ModelConfig.from_yaml(cfg)
@@ -248,17 +259,18 @@ def build_segmentor(cfg: "ModelConfig | dict | str | os.PathLike") -> Segmentor:
     channels, strides = list(encoder.out_channels), list(encoder.strides)
     neck = None
     if cfg.neck is not None:
-        neck = build_neck(cfg.neck.name, channels, strides, **cfg.neck.kwargs)
+        neck = _built(where, "model.neck", build_neck, cfg.neck.name, channels, strides, **cfg.neck.kwargs)
         channels, strides = list(neck.out_channels), list(neck.strides)
-    decoder = build_decoder(cfg.decoder.name, channels, strides, cfg.num_classes, **_decoder_kwargs(cfg.decoder))
+    decoder = _built(where, "model.decoder", build_decoder, cfg.decoder.name, channels, strides, cfg.num_classes,
+                     **_decoder_kwargs(cfg.decoder))
     aux_head, aux_level, aux_weight = None, -1, 0.0
     if cfg.aux_head is not None:
         a = cfg.aux_head
         if not -len(channels) <= a.level < len(channels):
             raise ConfigError(where, "model.aux_head.level",
                               f"{a.level} is out of range for the {len(channels)} feature levels the decoder sees")
-        aux_head = build_decoder(a.name, [channels[a.level]], [strides[a.level]], cfg.num_classes,
-                                 **_decoder_kwargs(a))
+        aux_head = _built(where, "model.aux_head", build_decoder, a.name, [channels[a.level]], [strides[a.level]],
+                          cfg.num_classes, **_decoder_kwargs(a))
         aux_level, aux_weight = a.level, a.weight
     model = Segmentor(encoder, decoder, neck=neck, aux_head=aux_head, aux_level=aux_level, aux_weight=aux_weight)
     model.config = cfg

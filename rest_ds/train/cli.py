@@ -276,6 +276,10 @@ def _check(cfg, args: argparse.Namespace, world: int) -> int:
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             return EXIT_INTERRUPTED
+        from .config import ConfigError
+
+        if isinstance(e, ConfigError) and e.where is None:  # raised where the file is not known (the plan's model)
+            e = ConfigError(cfg.source_file, e.key, e.message)
         return _die(e, args.debug, 0, 1)
     seen = [s for s in info["scenes"] if s["fetched"]]
     print(f"check: config {cfg.source_file}: OK; {len(info['scenes'])} scene(s) "

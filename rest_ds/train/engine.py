@@ -124,7 +124,7 @@ def build_model(model_cfg: "ModelConfig | dict", *, num_classes: int | None, in_
                           f"({mcfg.encoder.name}) must take them (a prithvi encoder with num_frames {dates} and "
                           f"in_chans {in_chans})")
     try:
-        model = build_segmentor(mcfg)
+        model = build_segmentor(mcfg, where)
     except TypeError as e:
         if dates > 1 and "num_frames" in str(e):  # an encoder without dates
             raise refusal from None

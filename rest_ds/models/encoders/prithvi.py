@@ -325,8 +325,9 @@ def _preset(name: str):
     dim, depth, heads, patch, coords = PRITHVI_VARIANTS[name]
 
     def factory(indices: int | Sequence[int] | None = None, **kwargs) -> PrithviViT:
-        if indices is None:  # four evenly spaced blocks, the last one included (UPerNet-style pyramids)
-            indices = [math.ceil(depth * (i + 1) / 4) - 1 for i in range(4)]
+        if indices is None:  # four evenly spaced blocks, the last one included (UPerNet-style pyramids),
+            n = kwargs.get("depth", depth)  # of the depth asked for (a shrunk preset keeps working)
+            indices = [math.ceil(n * (i + 1) / 4) - 1 for i in range(4)]
         args = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch, coords_encoding=coords,
                     coords_scale_learn=bool(coords))
         args.update(kwargs)
