@@ -184,8 +184,8 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
             return tuple(loc), Spec(spec.mesh, (p, p + 1), spec.rows, spec.cols)
         # (H/k, k, W/k, k): windows of a grid layout (tiles must hold whole windows)
         if (not spec.is_tokens and p + 3 < len(new) and before == a_tot and new[p] * new[p + 1] == H
-                and new[p + 2] * new[p + 3] == W and math.prod(new[p + 4:]) == z_tot
-                and (new[p + 1] > 1 or new[p + 3] > 1)):  # one window side may be 1 (MaxViT's grid on 4 x 8)
+                and new[p + 2] * new[p + 3] == W and math.prod(new[p + 4:]) == z_tot):
+            # window sides may be 1 (MaxViT's grid partition of a map as small as its grid: (4, 1, 4, 1))
             k1, k2 = new[p + 1], new[p + 3]
             if all(b % k1 == 0 for b in spec.rows) and all(b % k2 == 0 for b in spec.cols):
                 loc = list(new)
