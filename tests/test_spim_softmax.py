@@ -2,7 +2,7 @@
 a matmul that contracts over the scene's tokens (GCNet-style attention pooling:
 ``x.view(B, C, H*W) @ softmax(attn).view(B, H*W, 1)``), F.normalize along a
 sharded dim, cross-covariance attention (EdgeNeXt / XCiT) and ReLU linear
-attention (EfficientViT), float64 on an uneven
+attention (EfficientViT), talking-heads attention (EfficientFormerV2), float64 on an uneven
 2x2 grid vs one process: output, input grad, parameter grads and parameters
 after one SGD step at 1e-10."""
 from __future__ import annotations
@@ -113,11 +113,30 @@ class LinearAttention(nn.Module):
         return out.transpose(-1, -2).reshape(B, 4, H, W)
 
 
+class TalkingHeads(nn.Module):
+    """EfficientFormerV2's talking-heads attention: 1x1 convs over the heads of the
+    (B, heads, queries, keys) score map, whose query dim is sharded (token layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        # th1 without bias: a per-head constant before the softmax over keys has a zero gradient
+        self.th1, self.th2 = nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, _, H, W = y.shape
+        q, k, v = y.reshape(B, 2, 6, H * W).transpose(-1, -2).chunk(3, dim=-1)  # (B, heads, N, 2)
+        attn = self.th2(self.th1(q @ k.transpose(-2, -1)).softmax(-1))
+        return (attn @ v).transpose(-1, -2).reshape(B, 4, H, W)
+
+
 CASES = {f"{w}_{'log' if log else 'softmax'}": (lambda w=w, log=log: SoftmaxNet(w, log))
          for w in ("tokens", "tokens_trail", "rows", "cols", "cols_nhwc") for log in (False, True)}
 CASES["global_context"] = GlobalContextPool
 CASES["cross_covariance"] = CrossCovariance
 CASES["linear_attention"] = LinearAttention
+CASES["talking_heads"] = TalkingHeads
 
 
 def _rank(grid):

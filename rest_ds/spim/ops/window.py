@@ -494,6 +494,11 @@ def _conv2d(func, args, kwargs):
     s, d = _pair(a.get("stride", 1)), _pair(a.get("dilation", 1))
     k = tuple(weight.shape[-2:])
     padding = a.get("padding", 0)
+    if (x._spec.is_tokens and x.dim() == 4 and x._spec.dims[0] != 1 and k == (1, 1) and s == (1, 1)
+            and padding in (0, (0, 0), [0, 0], "valid", "same")):
+        # a 1x1 conv mixes channels per position: local on a tensor sharded on any other dim
+        # (EfficientFormerV2's talking heads: a conv over the heads of a (B, heads, Nq, Nk) map)
+        return wrap(F.conv2d(x._local, weight, a.get("bias"), 1, 0, 1, a.get("groups", 1)), x._spec)
     ke, pb, n_out, (plan, pads, spec, ranges), geo = _conv_geometry(
         x._spec, id(x._spec.mesh), x.dim(), x._local.shape, k, s, d,
         padding if isinstance(padding, str) else _pair(padding))
