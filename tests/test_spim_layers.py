@@ -60,6 +60,23 @@ class GlobalReductions(nn.Module):
         return self.fc(pooled), y.sum(), y.var(), y.mean(1)
 
 
+class Conv3dPerSlice(nn.Module):
+    """conv3d with kernel 1 along its unsharded spatial dim: LambdaNet's
+    ``Conv3d(1, K, (r, r, 1))`` on (B, 1, H, W, V) (grid on dims 2, 3), and a
+    (1, 3, 3) conv, stride 2 on the grid, on (B, C, T, H, W) (grid on 3, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lam = nn.Conv3d(1, 2, (3, 3, 1), padding=(1, 1, 0))
+        self.t = nn.Conv3d(1, 2, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        a = self.lam(x.permute(0, 2, 3, 1).unsqueeze(1))  # (B, 2, H, W, C)
+        b = self.t(x.unsqueeze(1))  # (B, 2, C, H', W')
+        return a.permute(0, 1, 4, 2, 3).reshape(B, 2 * C, H, W), b
+
+
 def _seq(*mods):
     return lambda: nn.Sequential(*mods)
 
@@ -93,6 +110,7 @@ CASES = {
     "convtranspose_2": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 3, 2, 2)),
     "residual": lambda: Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))),
     "plain_operands": PlainOperand,
+    "conv3d_per_slice": Conv3dPerSlice,
     "global_reductions": GlobalReductions,
     "stack": lambda: nn.Sequential(
         nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),

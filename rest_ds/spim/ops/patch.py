@@ -26,14 +26,22 @@ def _conv3d(func, args, kwargs):
     if not isinstance(x, SpatialTensor) or isinstance(w, SpatialTensor) or isinstance(a.get("bias"), SpatialTensor):
         raise context.unsupported("conv3d", "a sharded weight or bias")
     spec = x._spec
-    if spec.is_tokens or spec.dims != (x.dim() - 2, x.dim() - 1):
-        raise context.unsupported("conv3d", f"sharded dims {spec.dims} are not the last two (N, C, T, H, W)")
+    if spec.is_tokens or x.dim() != 5 or not set(spec.dims) <= {2, 3, 4}:
+        raise context.unsupported("conv3d", f"sharded dims {spec.dims} are not two of the spatial dims of "
+                                  "(N, C, D1, D2, D3)")
     k = tuple(w.shape[-3:])
     s = _triple(a.get("stride", 1))
     p = a.get("padding", 0)
     if isinstance(p, str):
         raise context.unsupported("conv3d", f"padding='{p}'")
     p, d = _triple(p), _triple(a.get("dilation", 1))
+    patch = spec.dims == (3, 4) and k[1:] == s[1:] and p[1:] == (0, 0) and d[1:] == (1, 1)
+    u = ({2, 3, 4} - set(spec.dims)).pop()  # the spatial dim that is not sharded
+    if not patch and (k[u - 2], s[u - 2], p[u - 2]) == (1, 1, 0):
+        return _per_slice_conv2d(x, w, a.get("bias"), u, s, p, d, a.get("groups", 1))
+    if spec.dims != (3, 4):
+        raise context.unsupported("conv3d", f"sharded dims {spec.dims} with kernel {k}, stride {s}, padding {p} "
+                                  f"along the unsharded dim {u} (only 1, 1, 0 there, or a patch embedding)")
     if k[1:] != s[1:] or p[1:] != (0, 0) or d[1:] != (1, 1):
         raise context.unsupported(
             "conv3d", f"only patch embeddings are supported: kernel == stride, no padding or dilation on the "
@@ -49,3 +57,20 @@ def _conv3d(func, args, kwargs):
         raise context.unsupported("conv3d", "a tile smaller than one patch")
     out = F.conv3d(x._local, w, a.get("bias"), s, p, d, a.get("groups", 1))
     return wrap(out, Spec(spec.mesh, spec.dims, rows, cols))
+
+
+def _per_slice_conv2d(x: SpatialTensor, w, bias, u: int, s, p, d, groups: int):
+    """A conv3d whose kernel along the unsharded spatial dim ``u`` is 1 (stride 1,
+    no padding there) is a 2-D conv of every slice along ``u`` (LambdaNet's
+    position lambdas: ``Conv3d(1, K, (r, r, 1))`` on (B, 1, H, W, V)): ``u`` is
+    moved next to the batch and merged into it, the 2-D conv runs under the halo
+    rules of window.py, and the result is put back in (N, C, D1, D2, D3) order."""
+    g0, g1 = x._spec.dims
+    order = (0, u, 1, g0, g1)
+    N, Du = x.shape[0], x.shape[u]
+    xt = x.permute(order)
+    xt = xt.reshape(N * Du, *xt.shape[2:])
+    sel = lambda t: (t[g0 - 2], t[g1 - 2])  # noqa: E731
+    y = F.conv2d(xt, w.squeeze(u), bias, sel(s), sel(p), sel(d), groups)
+    y = y.reshape(N, Du, *y.shape[1:])
+    return y.permute([order.index(i) for i in range(5)])
