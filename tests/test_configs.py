@@ -120,3 +120,20 @@ def test_shipped_config_trains_and_segments(name, nc_landsat7, tmp_path):
     assert m.shape == (443, 489)
     valid = m[m != 255]
     assert valid.size > 100_000 and set(np.unique(valid)) <= set(range(1, 8))
+
+
+def test_overrides_after_an_option_are_overrides(capsys):
+    """`train --config C a=1 --check --ranks 2 b=2`: argparse takes one run of positionals; the KEY=VALUE
+    words after an option are overrides too (they were 'unrecognized arguments'), in command-line order."""
+    from rest_ds.cli import main
+
+    cfg = str(ROOT / "configs" / "nc_landsat7_rest.yaml")
+    assert main(["train", "--config", cfg, "train.steps=3", "--print-config", "train.log_interval=7",
+                 "train.steps=5"]) == 0
+    import yaml
+
+    train = yaml.safe_load(capsys.readouterr().out)["train"]
+    assert (train["steps"], train["log_interval"]) == (5, 7)
+    with pytest.raises(SystemExit) as e:  # a word that is no KEY=VALUE is still refused
+        main(["train", "--config", cfg, "--print-config", "train.steps=3", "--debug", "oops"])
+    assert e.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
