@@ -71,6 +71,29 @@ class ConvNorm(nn.Module):
         return self.norm(y) if self.twice else y
 
 
+class TokenBatchNorm(nn.Module):
+    """BatchNorm1d over tokens: LeViT's ``bn(x.flatten(0, 1))`` of (B, N, C) tokens
+    (the token dim merged with the batch) and a BatchNorm1d of (B, C, N)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.lin, self.mix = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.bn_flat, self.bn_bcn = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        B, C, H, W = y.shape
+        t = self.lin(y.flatten(2).transpose(1, 2))  # (B, N, C)
+        # channels mixed between the norms: bn_flat's weight would otherwise have a zero gradient
+        t = self.mix(F.relu(self.bn_flat(t.flatten(0, 1)).reshape_as(t)))
+        return self.bn_bcn(t.transpose(1, 2)).reshape(B, C, H, W)
+
+
+def token_bn():
+    return TokenBatchNorm()
+
+
 def _random_running_stats(norm: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -387,6 +410,7 @@ CASES = {
     "bn_train": (bn_train, (2, 3, 13, 17), True),
     "bn_momentum_none": (bn_momentum_none, (2, 3, 13, 17), True),
     "bn_eval": (bn_eval, (2, 3, 13, 17), False),
+    "bn1d_tokens": (token_bn, (2, 3, 13, 17), True),
     "bn_no_running_stats": (bn_no_stats, (2, 3, 13, 17), False),
     "group_norm": (group_norm, (2, 3, 13, 17), True),
     "group_norm_channels_last": (group_norm_channels_last, (2, 3, 13, 17), True),

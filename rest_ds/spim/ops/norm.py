@@ -421,7 +421,10 @@ def _batch_norm(func, args, kwargs):
     _plain("batch_norm", running_mean=rm, running_var=rv, weight=w, bias=b)
     if not isinstance(x, SpatialTensor):
         raise context.unsupported("batch_norm", "a sharded tensor as a secondary argument")
-    _check_channel_layout(x, "batch_norm")
+    if not (x._spec.is_tokens and x._spec.dims[0] != 1 and not x._spec.prefix and x.dim() >= 2):
+        # a token-layout tensor sharded on a dim other than channels, every token a sample of
+        # the statistics (LeViT's BatchNorm1d over (B * N, C)): the same whole-scene rule
+        _check_channel_layout(x, "batch_norm")
     spec, loc = x._spec, x._local
     if not a["training"] and rm is not None and rv is not None:
         # eval mode with running statistics: per pixel, no communication
