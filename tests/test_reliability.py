@@ -239,6 +239,11 @@ def test_segment_refuses_outputs_that_destroy_inputs(tmp_path, capsys):
          "--preview writes a PNG"),
         (["--input", str(image), "--output", str(tmp_path / "old.tif")], "--output exists; pass --overwrite"),
         (["--input", str(image), "--output", str(tmp_path / "file" / "m.tif")], "not a writable folder"),
+        # a grid of another rank count: refused before the ranks start (each rank raised a SPIMError)
+        (["--input", str(image), "--output", str(tmp_path / "m.tif"), "--nproc", "2", "--grid", "3x1"],
+         "--grid 3x1: 3 tiles but the job has 2 rank(s) (--nproc)"),
+        (["--input", str(image), "--output", str(tmp_path / "m.tif"), "--grid", "1x2"],
+         "--grid 1x2: 2 tiles but the job has 1 rank(s)"),
     ]
     for args, words in cases:
         rc = main(["segment", "--checkpoint", str(model), *args])

@@ -360,6 +360,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if launched and args.nproc > 1:
         return fail("--nproc starts local ranks; do not combine it with a launcher")
+    ranks = world if launched else args.nproc
+    if grid is not None and grid[0] * grid[1] != ranks:  # before any rank starts (else a SPIMError from each rank)
+        return fail(f"--grid {args.grid}: {grid[0] * grid[1]} tiles but the job has {ranks} rank(s) "
+                    f"({'the launcher' if launched else '--nproc'}); give a grid of {ranks} tiles")
     if not launched and args.nproc > 1:
         from ..spim.spawn import RankError, spawn
         from .segment import _segment_rank
