@@ -256,6 +256,20 @@ def test_segment_refuses_outputs_that_destroy_inputs(tmp_path, capsys):
     assert rc == 2 and "none.json: missing" in capsys.readouterr().err
 
 
+def test_unwritable_folder_probes_for_real(tmp_path, capsys):
+    """A folder whose mode bits allow writing but whose mkdir fails (/proc: root passes os.access
+    everywhere) is unwritable: train --check said 'writable', then every rank died of PermissionError."""
+    from rest_ds.cli import main
+    from rest_ds.data.samples import unwritable_folder
+
+    assert unwritable_folder(tmp_path / "new" / "sub" / "f") is None
+    assert not any(p.name.startswith(".rest_ds-probe") for p in tmp_path.iterdir())   # the probe is removed
+    assert unwritable_folder("/proc/rest_ds_run/.rest_ds.lock") == Path("/proc")
+    cfg = ROOT / "configs" / "nc_landsat7_rest.yaml"
+    assert main(["train", "--config", str(cfg), "--check", "output_dir=/proc/rest_ds_run"]) == 2
+    assert "output_dir: /proc/rest_ds_run: cannot write there (/proc is" in capsys.readouterr().err
+
+
 def test_files_keep_the_umask(tmp_path):
     from rest_ds.train.checkpoint import atomic_write_json, export_model
 

@@ -288,7 +288,15 @@ def unwritable_folder(path: str | os.PathLike) -> Path | None:
     probe = Path(path).parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return None if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else probe
+    if not (probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)):
+        return probe
+    # os.access trusts the mode bits, which root passes everywhere: /proc, /sys or a read-only
+    # bind mount answer "writable" and refuse the mkdir. A real (empty, removed) folder decides.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rest_ds-probe-", dir=probe))
+    except OSError:
+        return probe
+    return None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
