@@ -270,6 +270,24 @@ def test_unwritable_folder_probes_for_real(tmp_path, capsys):
     assert "output_dir: /proc/rest_ds_run: cannot write there (/proc is" in capsys.readouterr().err
 
 
+def test_train_checks_the_mesh_against_the_launched_world(tmp_path, capsys, monkeypatch):
+    """Under a launcher of 2 ranks, mesh.grid=3x1 / mesh.sp=3 are refused naming the key before
+    torch.distributed starts (each rank raised a SPIMError naming no config after DeepSpeed's start)."""
+    from rest_ds.cli import main
+
+    cfg = str(ROOT / "configs" / "nc_landsat7_rest.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for override, words in [("mesh.grid=3x1", "mesh.grid: 3x1 has 3 tiles but the run has sp=2"),
+                            ("mesh.sp=3", "mesh.sp: 3 does not divide the 2 ranks")]:
+        assert main(["train", "--config", cfg, override, f"output_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{cfg}: {words}" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("RANK", "1")   # the other ranks exit 2 quietly (rank 0 reports)
+    assert main(["train", "--config", cfg, "mesh.sp=3", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_files_keep_the_umask(tmp_path):
     from rest_ds.train.checkpoint import atomic_write_json, export_model
 

@@ -191,17 +191,12 @@ def check_grid(cfg, ranks: int, align: int, hw: tuple[int, int]) -> tuple[int, t
     from ..spim.tiling import choose_grid
     from .inference import padded_shape
 
+    from .validation import check_mesh
+
     w = cfg.source_file
     if cfg.data.mode == "crop":
         return 1, (1, 1)
-    fixed = cfg.grid()
-    sp = cfg.mesh.sp or ranks  # as the trainer decides
-    if ranks % sp:
-        raise ConfigError(w, "mesh.sp", f"{sp} does not divide the {ranks} ranks (ranks = dp x sp)")
-    if fixed and fixed[0] * fixed[1] != sp:
-        raise ConfigError(w, "mesh.grid", f"{fixed[0]}x{fixed[1]} has {fixed[0] * fixed[1]} tiles but the run has "
-                                          f"sp={sp} ({'mesh.sp' if cfg.mesh.sp else 'mesh.sp null: all ranks'}); "
-                                          f"set mesh.sp={fixed[0] * fixed[1]} or another grid")
+    sp, fixed = check_mesh(cfg, ranks), cfg.grid()
     H, W = padded_shape(hw, align)
     grid = fixed or choose_grid(H, W, sp, align)
     if H // align < grid[0] or W // align < grid[1]:

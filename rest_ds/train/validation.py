@@ -88,12 +88,33 @@ def check_resume(cfg, world_size: int | None = None) -> None:
     ckpt.scan_checkpoint(root / tag)
 
 
+def check_mesh(cfg, ranks: int) -> int:
+    """The run's sp (ranks per scene) on ``ranks`` ranks: ``mesh.sp`` divides them and a
+    fixed ``mesh.grid`` has sp tiles (crop mode: 1, whatever the mesh says)."""
+    w = cfg.source_file
+    if cfg.data.mode == "crop":
+        return 1
+    fixed = cfg.grid()
+    sp = cfg.mesh.sp or ranks  # as the trainer decides
+    if ranks % sp:
+        raise ConfigError(w, "mesh.sp", f"{sp} does not divide the {ranks} ranks (ranks = dp x sp)")
+    if fixed and fixed[0] * fixed[1] != sp:
+        raise ConfigError(w, "mesh.grid", f"{fixed[0]}x{fixed[1]} has {fixed[0] * fixed[1]} tiles but the run has "
+                                          f"sp={sp} ({'mesh.sp' if cfg.mesh.sp else 'mesh.sp null: all ranks'}); "
+                                          f"set mesh.sp={fixed[0] * fixed[1]} or another grid")
+    return sp
+
+
 def check_train_config(cfg, world_size: int | None = None) -> None:
-    """All of the above (seconds; imports the model registry but builds nothing)."""
+    """All of the above (seconds; imports the model registry but builds nothing);
+    with ``world_size`` also the mesh against it (:func:`check_mesh`)."""
     check_precision(cfg)
+    if world_size is not None:
+        check_mesh(cfg, world_size)
     check_resume(cfg, world_size)
     check_output_dir(cfg)
     check_model_names(cfg)
 
 
-__all__ = ["check_train_config", "check_precision", "check_model_names", "check_output_dir", "check_resume"]
+__all__ = ["check_train_config", "check_precision", "check_model_names", "check_output_dir", "check_resume",
+           "check_mesh"]
