@@ -66,3 +66,14 @@ def nonneg_int(text: str) -> int:
 
 def nonneg_float(text: str) -> float:
     return _number(text, float, 0, "a number")
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (a size such as --memory GIB)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not v > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"'{text}' must be > 0")
+    return v

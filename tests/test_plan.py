@@ -118,6 +118,17 @@ def test_check_bad_input_names_the_key(capsys, tiny_cfg, override, words):
     assert "Traceback" not in err and "check: config" not in out
 
 
+@pytest.mark.parametrize("value, words", [("-1", "'-1' must be > 0"), ("0", "'0' must be > 0"),
+                                          ("nan", "'nan' must be > 0"), ("4GB", "'4GB' is not a number")])
+def test_memory_must_be_positive(capsys, tiny_cfg, value, words):
+    """--memory -1 planned against negative memory ('nothing fits'); now a usage error, as --ranks 0."""
+    for cmd in (["plan"], ["train", "--check"]):
+        with pytest.raises(SystemExit) as e:
+            _run(capsys, *cmd, "--config", tiny_cfg, "--memory", value)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument --memory: {words}" in err, err
+
+
 def test_check_grid_thinner_than_alignment(capsys, tiny_cfg):
     code, out, err = _run(capsys, "train", "--check", "--config", tiny_cfg, "--ranks", 8, "mesh.grid=8x1")
     assert code == 2 and "mesh.grid: 8x1 tiles do not fit a 48x64 scene" in err, err

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_args import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, nonneg_int, one_line, parse_grid, positive_int
+from ..cli_args import (EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, nonneg_int, one_line, parse_grid,
+                        positive_float, positive_int)
 
 TRAIN_DESCRIPTION = """\
 Train a segmentation model on whole scenes (SPIM spatial parallelism inside
@@ -93,7 +94,7 @@ def add_parser(subparsers) -> None:
                         "labels, classes, regions), grid vs scene, output folder; then the memory plan (rest-ds plan)")
     p.add_argument("--ranks", type=positive_int, metavar="N", help="with --check: ranks of the run (default: "
                                                                     "$WORLD_SIZE, mesh.sp or 1)")
-    p.add_argument("--memory", type=float, metavar="GIB", help="with --check: memory per device for the plan")
+    p.add_argument("--memory", type=positive_float, metavar="GIB", help="with --check: memory per device for the plan")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)

@@ -909,14 +909,14 @@ def add_parser(subparsers) -> None:
     """Register ``plan`` on ``subparsers``."""
     import argparse
 
-    from ..cli_args import positive_int
+    from ..cli_args import positive_float, positive_int
 
     p = subparsers.add_parser("plan", help="predict per-rank memory and step time; recommend a layout",
                               description=PLAN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="YAML", help="training config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. mesh.grid=2x2")
     p.add_argument("--ranks", type=positive_int, metavar="N", help="ranks of the run (default: mesh.sp or 1)")
-    p.add_argument("--memory", type=float, metavar="GIB", help="memory per device in GiB (default: this GPU's)")
+    p.add_argument("--memory", type=positive_float, metavar="GIB", help="memory per device in GiB (default: this GPU's)")
     p.add_argument("--scene", type=_parse_hw, metavar="HxW", help="scene size (default: the largest training scene)")
     p.add_argument("--max-scene", action="store_true", help="the largest scene that fits --devices x --memory")
     p.add_argument("--devices", type=positive_int, metavar="N", help="with --max-scene: devices (ranks)")
