@@ -144,3 +144,35 @@ def test_segment_errors_are_named(model_and_scene, tmp_path, capsys):
                "--output", str(tmp_path / "o.tif")])
     err = capsys.readouterr().err
     assert rc == 2 and "has 3 bands but the model expects 4" in err
+
+
+def test_segment_grid_and_overlap_are_checked(model_and_scene, tmp_path, capsys):
+    """A --grid too fine for the scene names --grid (SPIM's tiling error named no option); an --overlap
+    not below the window is a usage error; another --crop defaults to overlap crop/4 (the training run's
+    overlap, 8, was kept and refused a window of 8)."""
+    import rasterio
+
+    from rest_ds.cli import main
+
+    m = model_and_scene
+    align = json.loads(Path(m["model"]).with_suffix(".json").read_text())["align"]
+    with rasterio.open(m["image"]) as src:
+        prof, data = src.profile, src.read()[:, :align]          # one alignment unit high
+    prof.update(height=align)
+    with rasterio.open(tmp_path / "flat.tif", "w", **prof) as dst:
+        dst.write(data)
+    rc = main(["segment", "--checkpoint", str(m["model"]), "--input", str(tmp_path / "flat.tif"),
+               "--output", str(tmp_path / "g.tif"), "--nproc", "2", "--grid", "2x1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--grid 2x1: the tiles do not fit the {align}x101 scene" in err, err
+    rc = main(["segment", "--checkpoint", str(m["model"]), "--input", str(m["image"]), "--output",
+               str(tmp_path / "o.tif"), "--mode", "slide", "--overlap", "32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overlap 32 must be smaller than the window (--crop 32" in err, err
+    maps = {}
+    for name, extra in (("default", []), ("explicit", ["--overlap", "2"])):
+        assert main(["segment", "--checkpoint", str(m["model"]), "--input", str(m["image"]), "--output",
+                     str(tmp_path / f"{name}.tif"), "--mode", "slide", "--crop", "8", *extra]) == 0
+        with rasterio.open(tmp_path / f"{name}.tif") as src:
+            maps[name] = src.read(1)
+    assert np.array_equal(maps["default"], maps["explicit"])

@@ -85,6 +85,18 @@ def class_values(meta: dict, values: str = "auto") -> np.ndarray:
     return np.asarray([int(v) for v in raw], dtype=np.uint8)
 
 
+def _check_grid_fits(grid: tuple[int, int] | None, padded: tuple[int, int], align: int, input: str,
+                     hw: tuple[int, int]) -> None:
+    """A ``--grid`` whose tiles would be thinner than one alignment unit (SPIM's tiling
+    error names no option) is refused naming ``--grid`` and the scene."""
+    if grid is not None and (padded[0] // align < grid[0] or padded[1] // align < grid[1]):
+        from ..data import DataError
+
+        unit = f"{align} px (the model's alignment)" if align > 1 else "1 px"
+        raise DataError(input, f"--grid {grid[0]}x{grid[1]}: the tiles do not fit the {hw[0]}x{hw[1]} scene; each "
+                               f"needs at least {unit} per side")
+
+
 MAP_SUFFIXES = (".tif", ".tiff")
 
 
@@ -289,6 +301,7 @@ def segment(checkpoint: str, input: str, output: str, *, mode: str = "whole", cr
             if mode == "whole":
                 Hp, Wp = padded_shape((H, W), align)
                 g = grid or choose_grid(Hp, Wp, world, align)
+                _check_grid_fits(grid, (Hp, Wp), align, input, (H, W))
                 layout = TileLayout.even(Hp, Wp, g, align)
                 mesh = SpatialMesh.build(sp=world, grid=g) if world > 1 else SpatialMesh.single()
                 if world > 1:
@@ -298,9 +311,17 @@ def segment(checkpoint: str, input: str, output: str, *, mode: str = "whole", cr
                 x = torch.from_numpy(img)[None]
                 logits = predict_whole(model, mesh, layout, x if device is None else x.to(device))[0].cpu()
             elif mode == "slide":
-                crop = crop or int(meta.get("crop_size") or 128)
-                overlap = overlap if overlap is not None else int(meta.get("slide_overlap") or crop // 4)
+                trained = int(meta.get("crop_size") or 128)
+                crop = crop or trained
+                if overlap is None:  # the training run's overlap goes with its crop size; another --crop: crop / 4
+                    overlap = int(meta.get("slide_overlap") or crop // 4) if crop == trained else crop // 4
+                if overlap >= crop:
+                    from ..data import DataError
+
+                    raise DataError(None, f"--overlap {overlap} must be smaller than the window (--crop {crop}"
+                                          f"{'' if crop != trained else ', the training crop size'})")
                 g = grid or choose_grid(H, W, world, 1)
+                _check_grid_fits(grid, (H, W), 1, input, (H, W))
                 layout = TileLayout.even(H, W, g, 1)
                 rows, cols = layout.tile(*divmod(rank, g[1]))
                 logits, _ = predict_slide(model, reader, st, rows, cols, crop=crop, overlap=overlap, align=align,
