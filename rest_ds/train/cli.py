@@ -112,7 +112,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole: REST whole-scene inference (default); slide: sliding-window baseline")
     p.add_argument("--crop", type=positive_int, metavar="N", help="slide: window size (default: the training crop size)")
-    p.add_argument("--overlap", type=nonneg_int, metavar="M", help="slide: window overlap (default: the training run's at its crop size, else crop/4)")
+    p.add_argument("--overlap", type=nonneg_int, metavar="M",
+                   help="slide: window overlap (default: the training run's at its crop size, else crop/4)")
     p.add_argument("--probs", type=Path, metavar="PROBS.tif", help="also write per-class probabilities (float32)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG preview of the map")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (refused otherwise)")
