@@ -166,6 +166,34 @@ def test_whole_scene_tiles_assemble_to_the_padded_scene(tmp_path, scene):
 
 
 
+@pytest.mark.launcher  # one `rest-ds train` subprocess (refused before DeepSpeed starts: ~5 s)
+def test_train_region_without_a_labelled_pixel_is_refused(tmp_path, scene):
+    """A train region whose labels all lie on nodata imagery (or are unlabeled) trained silently at
+    loss 0; has_labelled_pixel finds it (image validity applied, several row blocks read), and
+    `rest-ds train` refuses it naming data.train_region (exit 2, nothing written)."""
+    from rest_ds.data import prepare_scene
+    from rest_ds.train.data import OpenScene, has_labelled_pixel
+    from tests.harness import rest_ds
+
+    desc = yaml.safe_load(scene.read_text())
+    W = 88
+    desc["regions"].update({"nodata": {"windows": [[0, 3, 0, 5]]},          # labelled, but in the nodata corner
+                            "unlabeled": {"windows": [[0, 3, W - 5, W]]},   # label 0 = unlabeled
+                            "late": {"windows": [[60, 61, 40, 41]]}})      # one pixel, in the last block
+    scene.write_text(yaml.safe_dump(desc, sort_keys=False))
+    reader, summary, stats = prepare_scene(scene)
+    sc = OpenScene(reader, stats, summary)
+    found = {reg: has_labelled_pixel([sc], reg, block_rows=8) for reg in ("nodata", "unlabeled", "late", "train")}
+    assert found == {"nodata": False, "unlabeled": False, "late": True, "train": True}
+    assert has_labelled_pixel([sc], None)
+    reader.close()
+    cfg = tiny_config(scene, tmp_path / "run")
+    cfg["data"]["train_region"] = "nodata"
+    p = rest_ds(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))], tmp_path, timeout=300)
+    assert p.returncode == 2 and "data.train_region: no labelled pixel in region 'nodata'" in p.stderr, p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_window_cache_gives_the_same_tiles_and_keeps_its_windows(tmp_path, scene):
     """With a WindowCache every training tile (flips, rotations, photometric terms,
     nodata fill, region) equals the uncached read, the disk is read once per source

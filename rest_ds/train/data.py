@@ -92,6 +92,23 @@ def open_scenes(refs: list[str], *, cache: str | None, expected_bands: int | Non
     return scenes
 
 
+def has_labelled_pixel(scenes: list[OpenScene], region: str | None, block_rows: int = 512) -> bool:
+    """Whether any scene has a pixel that training uses: a class (not label nodata, not
+    unlabeled) on valid imagery inside ``region`` (None: anywhere). Reads row blocks as
+    training does and stops at the first such pixel (usually within the first block)."""
+    for sc in scenes:
+        r = sc.reader
+        H, W = r.shape[1:]
+        for r0 in range(0, H, block_rows):
+            rows, cols = slice(r0, min(r0 + block_rows, H)), slice(0, W)
+            if not (r.read_label(rows, cols) != r.scene.ignore_index).any():
+                continue  # the label alone rules the block out (cheap)
+            _, lab, _ = read_padded(r, rows, cols, (H, W), stats=sc.stats, region=region)
+            if (lab != r.scene.ignore_index).any():
+                return True
+    return False
+
+
 def _aug_config(cfg, align: int, grid: tuple[int, int] = (1, 1)) -> AugmentConfig:
     a = cfg.data.augment
     # a random sub-scene keeps at least one alignment unit per tile along each axis
@@ -176,4 +193,5 @@ def auto_grid(scenes: list[OpenScene], sp: int, align: int) -> tuple[int, int]:
     return choose_grid(H, W, sp, align)
 
 
-__all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout"]
+__all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout",
+           "has_labelled_pixel"]

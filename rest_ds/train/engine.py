@@ -54,7 +54,7 @@ from .config import ConfigError, TrainConfig
 from .deepspeed_compat import check_functionals, quiet as quiet_deepspeed, zero3_spatial_hooks
 from .deepspeed_compat import ds_config as deepspeed_config
 from ..data import WindowCache
-from .data import CropData, WholeSceneData, auto_grid, open_scenes, scene_tile_layout
+from .data import CropData, WholeSceneData, auto_grid, has_labelled_pixel, open_scenes, scene_tile_layout
 from .inference import predict_slide, predict_whole, read_padded, slide_windows
 from .metrics import class_weights_from_counts, confusion_matrix, segmentation_loss, segmentation_metrics
 
@@ -301,6 +301,13 @@ class Trainer:
                                   f"'{self.train_scenes[0].name}' has {self.in_chans} and {self.class_names}")
             if r.label is None:
                 raise ConfigError(cfg.source_file, "data.scenes", f"scene '{sc.name}' has no label")
+        # every rank reads the same files (no collective): a train region without one labelled pixel
+        # trained silently at loss 0
+        if not has_labelled_pixel(self.train_scenes, d.train_region):
+            where = f"region '{d.train_region}' of " if d.train_region else ""
+            raise ConfigError(cfg.source_file, "data.train_region" if d.train_region else "data.scenes",
+                              f"no labelled pixel in {where}the training scenes "
+                              f"({', '.join(sc.name for sc in self.train_scenes)}): nothing to train on")
 
         torch.manual_seed(cfg.seed)
         self.model, self.model_cfg = build_model(cfg.model, num_classes=self.num_classes, in_chans=self.in_chans,
