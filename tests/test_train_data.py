@@ -170,7 +170,7 @@ def test_whole_scene_tiles_assemble_to_the_padded_scene(tmp_path, scene):
 def test_train_region_without_a_labelled_pixel_is_refused(tmp_path, scene):
     """A train region whose labels all lie on nodata imagery (or are unlabeled) trained silently at
     loss 0; has_labelled_pixel finds it (image validity applied, several row blocks read), and
-    `rest-ds train` refuses it naming data.train_region (exit 2, nothing written)."""
+    `rest-ds train` refuses it (and such a val region) naming the key (exit 2, nothing written)."""
     from rest_ds.data import prepare_scene
     from rest_ds.train.data import OpenScene, has_labelled_pixel
     from tests.harness import rest_ds
@@ -187,11 +187,12 @@ def test_train_region_without_a_labelled_pixel_is_refused(tmp_path, scene):
     assert found == {"nodata": False, "unlabeled": False, "late": True, "train": True}
     assert has_labelled_pixel([sc], None)
     reader.close()
-    cfg = tiny_config(scene, tmp_path / "run")
-    cfg["data"]["train_region"] = "nodata"
-    p = rest_ds(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))], tmp_path, timeout=300)
-    assert p.returncode == 2 and "data.train_region: no labelled pixel in region 'nodata'" in p.stderr, p.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    for key, words in (("train_region", "of the training scenes"), ("val_region", "of the validation scenes")):
+        cfg = tiny_config(scene, tmp_path / "run")
+        cfg["data"][key] = "nodata"     # (the val region evaluated to mIoU NaN)
+        p = rest_ds(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))], tmp_path, timeout=300)
+        assert p.returncode == 2 and f"data.{key}: no labelled pixel in region 'nodata' {words}" in p.stderr, p.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_window_cache_gives_the_same_tiles_and_keeps_its_windows(tmp_path, scene):

@@ -302,12 +302,16 @@ class Trainer:
             if r.label is None:
                 raise ConfigError(cfg.source_file, "data.scenes", f"scene '{sc.name}' has no label")
         # every rank reads the same files (no collective): a train region without one labelled pixel
-        # trained silently at loss 0
-        if not has_labelled_pixel(self.train_scenes, d.train_region):
-            where = f"region '{d.train_region}' of " if d.train_region else ""
-            raise ConfigError(cfg.source_file, "data.train_region" if d.train_region else "data.scenes",
-                              f"no labelled pixel in {where}the training scenes "
-                              f"({', '.join(sc.name for sc in self.train_scenes)}): nothing to train on")
+        # trained silently at loss 0, a val region without one evaluated to NaN
+        for scenes, region, key, role, what in (
+                (self.train_scenes, d.train_region, "data.train_region", "training", "nothing to train on"),
+                (self.val_scenes, d.val_region, "data.val_region", "validation", "nothing to evaluate")):
+            if not has_labelled_pixel(scenes, region):
+                where = f"region '{region}' of " if region else ""
+                raise ConfigError(cfg.source_file, key if region else ("data.scenes" if role == "training" else
+                                                                       "data.val_scenes"),
+                                  f"no labelled pixel in {where}the {role} scenes "
+                                  f"({', '.join(sc.name for sc in scenes)}): {what}")
 
         torch.manual_seed(cfg.seed)
         self.model, self.model_cfg = build_model(cfg.model, num_classes=self.num_classes, in_chans=self.in_chans,
