@@ -636,7 +636,9 @@ class Trainer:
     # -- logging ------------------------------------------------------------------------------------
     def describe(self, start: int) -> str:
         cfg = self.cfg
-        sc = self.train_scenes[0].reader
+        shown = [f"{s.name} {'x'.join(map(str, s.reader.shape))}" for s in self.train_scenes[:3]]
+        more = len(self.train_scenes) - len(shown)
+        scenes = ("scene " if len(self.train_scenes) == 1 else f"{len(self.train_scenes)} scenes ") + ", ".join(shown)
         n = dsc.param_count(self.model)
         mode = (f"whole scenes, sp={self.mesh.sp} grid {self.grid[0]}x{self.grid[1]}, dp={self.mesh.dp}"
                 if cfg.data.mode == "whole" else
@@ -644,7 +646,7 @@ class Trainer:
         return (f"train {cfg.name}: {self.world} rank(s) ({dist.get_backend()}, {self.threads} thread(s) each), {mode}; "
                 f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}; model {self.model_cfg['encoder']['name']}"
                 f" + {self.model_cfg['decoder']['name']} ({n / 1e6:.2f} M params, align {self.align}); "
-                f"scene {self.train_scenes[0].name} {sc.shape[0]}x{sc.shape[1]}x{sc.shape[2]}; "
+                f"{scenes}{f' and {more} more' if more else ''}; "
                 f"steps {start}->{cfg.train.steps}; output {self.out}")
 
     def _print(self, bar, msg: str) -> None:
