@@ -180,6 +180,7 @@ VERIFY_GRID = (1, 2)
 VERIFY_SCENES = {
     "swin": (2, (128, 320), 128, TileLayout((0, 128), (0, 256, 320))),
     "sr32": (2, (64, 152), 32, TileLayout((0, 64), (0, 64, 152))),
+    "cli": (2, (128, 128), 32, TileLayout((0, 128), (0, 64, 128))),  # rest-ds verify's defaults
 }
 VERIFY_EXTRA = {
     "timm_swin_tiny_features": (Z.timm_swin_tiny_features, "swin"),
@@ -187,6 +188,7 @@ VERIFY_EXTRA = {
     "hf_swin_backbone": (Z.hf_swin_backbone, "swin"),
     "timm_pvt_v2_b0_features": (Z.timm_pvt_v2_b0_features, "sr32"),
     "hf_segformer": (Z.hf_segformer, "sr32"),
+    "timm_ese_vovnet19b_dw_features": (Z.timm_ese_vovnet19b_dw_features, "cli"),
 }
 
 
@@ -211,7 +213,7 @@ def default_verify_reports(grid: tuple[int, int]) -> dict:
         t0 = time.perf_counter()
         try:
             rep = compare_sharded(factory, x, mesh, layout, train=True, step=True, seed=SEED, align=align,
-                                  dtype=torch.float32, noise_floor=True)
+                                  dtype=torch.float32, noise_floor=True, confirm_tol=VERIFY_TOL)
         except SPIMError as e:
             rep = f"{type(e).__name__}: {e}"
         out[name] = (rep, time.perf_counter() - t0)
