@@ -288,6 +288,38 @@ def test_train_checks_the_mesh_against_the_launched_world(tmp_path, capsys, monk
     assert capsys.readouterr().err == ""
 
 
+def test_resume_auto_never_starts_over_past_a_damaged_manifest(tmp_path):
+    """The newest checkpoint's manifest unreadable: resume=auto silently started a new run from step 0
+    (ignoring the complete older checkpoint, which rotation then deleted). Now it falls back to the
+    older one with a notice, refuses naming the manifest when there is none, and only an empty or
+    missing folder means 'nothing to resume' (NoCheckpoint)."""
+    from rest_ds.train import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        d = root / ck.tag_of(step)
+        d.mkdir(parents=True)
+        (d / "w.pt").write_bytes(bytes([step]) * 64)
+        (d / ck.MANIFEST).write_text(json.dumps({"format": ck.CKPT_FORMAT, "step": step, "files": ck.file_record(d)}))
+    (root / "latest").write_text(ck.tag_of(2))
+    bad = root / ck.tag_of(2) / ck.MANIFEST
+    bad.write_text('{"format": "rest_ds-check')                              # cut short
+    notes = []
+    got_root, tag, manifest = ck.select_checkpoint(root, fallback=True, log=notes.append)
+    assert (got_root, tag, manifest["step"]) == (root, ck.tag_of(1), 1)
+    assert len(notes) == 1 and f"the latest checkpoint is damaged ({bad}: unreadable manifest" in notes[0], notes
+    with pytest.raises(ck.CheckpointError, match="unreadable manifest"):  # without fallback: named
+        ck.select_checkpoint(root, fallback=False)
+    shutil.rmtree(root / ck.tag_of(1))
+    with pytest.raises(ck.CheckpointError, match="unreadable manifest") as e:  # nothing older: named, not a new run
+        ck.select_checkpoint(root, fallback=True, log=notes.append)
+    assert not isinstance(e.value, ck.NoCheckpoint)
+    shutil.rmtree(root / ck.tag_of(2))
+    for empty in (root, tmp_path / "none"):
+        with pytest.raises(ck.NoCheckpoint):
+            ck.find_checkpoint(empty)
+
+
 def test_files_keep_the_umask(tmp_path):
     from rest_ds.train.checkpoint import atomic_write_json, export_model
 

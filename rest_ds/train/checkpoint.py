@@ -64,6 +64,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint or exported model that cannot be used; the message names the path."""
 
 
+class NoCheckpoint(CheckpointError):
+    """Nothing to resume from: no such folder, or no complete checkpoint in it (unlike a
+    damaged one, which ``train.resume=auto`` must not silently start over from)."""
+
+
 # --- atomic file helpers -------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     try:
@@ -211,22 +216,29 @@ def select_checkpoint(path: str | os.PathLike, *, fallback: bool, log: Callable[
     """:func:`find_checkpoint` and :func:`verify_checkpoint`. With ``fallback``, a
     damaged newest checkpoint is skipped for the newest older complete one (with a
     notice to ``log``); else its error is raised."""
-    root, tag, manifest = find_checkpoint(path)
+    tag = None
     try:
+        root, tag, manifest = find_checkpoint(path)
         verify_checkpoint(root, tag, manifest)
         return root, tag, manifest
+    except NoCheckpoint:
+        raise
     except CheckpointError as e:
         if not fallback or (Path(path) / MANIFEST).is_file():  # an explicit step folder: no other choice
             raise
         first = e
+    if tag is None:  # the newest checkpoint's manifest is unreadable: every complete-looking one is a candidate
+        root = Path(path)
+        if (root / "checkpoints").is_dir() and not (root / "latest").exists():
+            root = root / "checkpoints"
     for step, folder in reversed(list_checkpoints(root)):
-        if folder.name >= tag:
+        if tag is not None and folder.name >= tag:
             continue
         try:
             _, t, m = find_checkpoint(folder)
             verify_checkpoint(root, t, m)
         except CheckpointError as e:
-            if log:
+            if log and str(e) != str(first):  # (the newest one's error comes in the notice below)
                 log(f"notice: skipping checkpoint {folder}: {e}")
             continue
         if log:
@@ -267,7 +279,7 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, str, dict]:
         if (p / "checkpoints").is_dir() and not (p / "latest").exists():
             p = p / "checkpoints"
         if not p.is_dir():
-            raise CheckpointError(f"{path}: no such checkpoint folder")
+            raise NoCheckpoint(f"{path}: no such checkpoint folder")
         tag = None
         latest = p / "latest"
         if latest.is_file():
@@ -277,7 +289,7 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, str, dict]:
         if tag is None:
             found = list_checkpoints(p)
             if not found:
-                raise CheckpointError(f"{path}: no complete checkpoint (a folder step_N/ with {MANIFEST})")
+                raise NoCheckpoint(f"{path}: no complete checkpoint (a folder step_N/ with {MANIFEST})")
             tag = found[-1][1].name
         root = p
     try:
@@ -519,7 +531,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
                               f"{one_line(e)[:200]})") from None
 
 
-__all__ = ["CheckpointError", "MANIFEST", "tag_of", "list_checkpoints", "find_checkpoint", "save_checkpoint",
+__all__ = ["CheckpointError", "NoCheckpoint", "MANIFEST", "tag_of", "list_checkpoints", "find_checkpoint", "save_checkpoint",
            "load_checkpoint", "consolidated_state_dict", "export_model", "read_export", "atomic_write_json",
            "atomic_write_bytes", "sha256_file", "safe_torch_load", "safe_loading", "DEEPSPEED_SAFE_GLOBALS",
            "verify_checkpoint", "select_checkpoint", "file_record", "chmod_like_open", "resume_changes",

@@ -520,10 +520,13 @@ class Trainer:
         where = self.out / "checkpoints" if r == "auto" else Path(r)
         try:
             ckpt.find_checkpoint(where)
-        except ckpt.CheckpointError:
+        except ckpt.NoCheckpoint:
             if r == "auto":
                 return 0
             raise
+        except ckpt.CheckpointError:
+            if r != "auto":
+                raise  # auto: a damaged newest checkpoint falls back to an older complete one below, or is named
         # rank 0 checks the files (sizes, sha256; auto: a damaged latest falls back to the one before)
         # and tells the others, so every rank loads the same checkpoint
         res: list = [None]

@@ -80,8 +80,12 @@ def check_resume(cfg, world_size: int | None = None) -> None:
     where = Path(cfg.out_dir) / "checkpoints" if r == "auto" else Path(r)
     try:
         root, tag, manifest = ckpt.find_checkpoint(where)
-    except ckpt.CheckpointError:
+    except ckpt.NoCheckpoint:
         if r == "auto":   # nothing to resume: a new run
+            return
+        raise
+    except ckpt.CheckpointError:
+        if r == "auto":   # a damaged newest checkpoint: the trainer falls back to an older one (notice) or names it
             return
         raise
     ckpt.check_resume_config(manifest, cfg.to_dict(), world_size, root / tag)
