@@ -166,6 +166,18 @@ def test_whole_scene_tiles_assemble_to_the_padded_scene(tmp_path, scene):
 
 
 
+def test_text_overrides_keep_their_text(tmp_path, scene):
+    """YAML reads name=0x10 as 16, name=yes as True, mesh.grid=0x2 as 2 ('2' is not PHxPW named no typo);
+    a str-typed key takes the text as written, other keys keep YAML's value."""
+    from rest_ds.train.config import ConfigError
+
+    cfg = _load(tmp_path, tiny_config(scene, tmp_path / "run"),
+                ["name=0x10", "train.resume=123", "data.cache=yes", "train.steps=12", "mesh.sp=null"])
+    assert (cfg.name, cfg.train.resume, cfg.data.cache, cfg.train.steps, cfg.mesh.sp) == ("0x10", "123", "yes", 12, None)
+    with pytest.raises(ConfigError, match="mesh.grid: grid '0x2' needs at least one row"):
+        _load(tmp_path, tiny_config(scene, tmp_path / "run"), ["mesh.grid=0x2"])
+
+
 @pytest.mark.launcher  # one `rest-ds train` subprocess (refused before DeepSpeed starts: ~5 s)
 def test_train_region_without_a_labelled_pixel_is_refused(tmp_path, scene):
     """A train region whose labels all lie on nodata imagery (or are unlabeled) trained silently at

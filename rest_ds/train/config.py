@@ -303,6 +303,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _text_field(keys: list[str]) -> bool:
+    """Whether the dotted key names a field of the train config typed ``str`` (or ``str | None``)."""
+    import typing
+
+    tp: Any = TrainConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if k not in hints:
+            return False
+        tp = hints[k]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and type(None) in typing.get_args(tp):
+            tp = args[0]
+    return tp is str
+
+
 def _set(d: dict, path: list[str], value, where) -> None:
     cur = d
     for i, p in enumerate(path[:-1]):
@@ -357,8 +375,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(mpath, "model", "a model config must be a mapping")
         # 'from: file.yaml' plus keys: the file, with those keys merged over it
         data["model"] = _merge(loaded, {k: v for k, v in m.items() if k != "from"}) if isinstance(m, dict) else loaded
-    for keys, value in parsed:
+    for text, (keys, value) in zip(overrides, parsed):
         if keys != ["model"]:
+            if isinstance(value, (bool, int, float)) and _text_field(keys):
+                # YAML reads name=0x10 as 16 and name=yes as True; a text field takes the text as written
+                value = text.split("=", 1)[1].strip()
             _set(data, keys, value, where)
     if base is not None and isinstance(data.get("model"), dict):
         # weight paths are relative to this config file, like scene and model paths
