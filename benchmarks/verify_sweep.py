@@ -1,0 +1,453 @@
+"""The third-party model sweep of ``rest-ds verify``: ~80 timm, torchvision and
+transformers models, each run through ``rest-ds verify --train`` at the settings
+it needs, one at a time.
+
+Every model is a factory in this file (random weights, no download; a small
+segmentation head where the model has none), so any one of them is a
+``rest-ds verify`` target on its own::
+
+    .venv/bin/rest-ds verify benchmarks/verify_sweep.py:resnet18d --train
+    .venv/bin/rest-ds verify benchmarks/verify_sweep.py:swin_t --train   # align 224 from the model
+
+Each factory's model carries the ``align`` of its row of :data:`MODELS`, so
+verify's defaults (grid 1x2, input 2 x 3 x 128 x 128 rounded up to the
+alignment) match the sweep except where a row names another input shape.
+The sweep::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/verify_sweep.py [--only NAME,...] [--out DIR]
+
+prints one line per model (verdict, check counts by class, max error, seconds)
+and writes DIR/verify_sweep.md and DIR/verify_sweep.json (default DIR
+runs/verify_sweep). ``expect`` is the verdict V2's sweep found; a model whose
+verdict differs is flagged ``CHANGED`` (a regression if it was PASS) and the
+script exits 1. Seconds are wall clock on whatever machine runs it, not
+benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+
+
+# ----------------------------------------------------------------- wrappers
+
+class Dense(nn.Module):
+    """A backbone's last feature map -> 1x1 conv to 3 classes -> bilinear upsampling to the input size.
+
+    ``mode``: ``features`` (timm ``features_only``: a list of NCHW maps), ``features_nhwc`` (the same, NHWC),
+    ``intermediates`` (timm ``forward_intermediates``), ``plain`` (the module returns one NCHW map),
+    ``nhwc`` (one NHWC map), ``out`` (a dict with ``'out'``, torchvision segmentation: no head).
+    """
+
+    def __init__(self, backbone: nn.Module, ch: int, mode: str = "features", classes: int = 3):
+        super().__init__()
+        self.backbone = backbone
+        self.mode = mode
+        self.head = nn.Conv2d(ch, classes, 1) if mode != "out" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if self.mode == "out":
+            return self.backbone(x)["out"]
+        if self.mode == "features":
+            f = self.backbone(x)[-1]
+        elif self.mode == "features_nhwc":
+            f = self.backbone(x)[-1].permute(0, 3, 1, 2)
+        elif self.mode == "intermediates":
+            f = self.backbone.forward_intermediates(x, intermediates_only=True)[-1]
+        elif self.mode == "nhwc":
+            f = self.backbone(x).permute(0, 3, 1, 2)
+        else:
+            f = self.backbone(x)
+        return F.interpolate(self.head(f), size=(H, W), mode="bilinear", align_corners=False)
+
+
+class _HF(nn.Module):
+    """A transformers model -> 3-class map at the input size (``kind``: sam, segformer, upernet, dinov2)."""
+
+    def __init__(self, m: nn.Module, ch: int, kind: str, patch: int = 14):
+        super().__init__()
+        self.m = m
+        self.kind = kind
+        self.patch = patch
+        self.head = nn.Conv2d(ch, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if self.kind == "segformer":
+            return F.interpolate(self.m(pixel_values=x).logits, size=(H, W), mode="bilinear")
+        if self.kind == "upernet":
+            return self.m(pixel_values=x).logits
+        if self.kind == "sam":
+            f = self.m(pixel_values=x).last_hidden_state
+        else:  # dinov2: patch tokens (drop CLS) back to a map
+            o = self.m(pixel_values=x).last_hidden_state[:, 1:]
+            B, N, C = o.shape
+            f = o.transpose(1, 2).reshape(B, C, H // self.patch, W // self.patch)
+        return F.interpolate(self.head(f), size=(H, W), mode="bilinear")
+
+
+# ----------------------------------------------------------------- builders
+
+def _feat(name: str, **kw) -> nn.Module:
+    import timm
+
+    m = timm.create_model(name, pretrained=False, features_only=True, **kw)
+    return Dense(m, m.feature_info.channels()[-1], "features")
+
+
+def _feat_nhwc(name: str, **kw) -> nn.Module:
+    d = _feat(name, **kw)
+    d.mode = "features_nhwc"
+    return d
+
+
+def _inter(name: str, ch: int | None = None, **kw) -> nn.Module:
+    import timm
+
+    m = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    return Dense(m, ch if ch is not None else m.num_features, "intermediates")
+
+
+def _tv_seg(name: str) -> nn.Module:
+    import torchvision
+
+    m = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=3,
+                                                      aux_loss=False)
+    return Dense(m, 0, "out")
+
+
+def _tv(name: str, features: Callable[[nn.Module], nn.Module], ch: int, mode: str = "plain", **kw) -> nn.Module:
+    import torchvision
+
+    m = getattr(torchvision.models, name)(weights=None, **kw)
+    return Dense(features(m), ch, mode)
+
+
+def _tv_googlenet() -> nn.Module:
+    def feats(m):
+        return nn.Sequential(m.conv1, m.maxpool1, m.conv2, m.conv3, m.maxpool2, m.inception3a, m.inception3b,
+                             m.maxpool3, m.inception4a, m.inception4b, m.inception4c, m.inception4d,
+                             m.inception4e, m.maxpool4, m.inception5a, m.inception5b)
+    return _tv("googlenet", feats, 1024, aux_logits=False, init_weights=True)
+
+
+def _hf_sam() -> nn.Module:
+    from transformers import SamVisionConfig, SamVisionModel
+
+    cfg = SamVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, output_channels=32,
+                          image_size=128, patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=128)
+    return _HF(SamVisionModel(cfg), 32, "sam")
+
+
+def _hf_segformer() -> nn.Module:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    cfg = SegformerConfig(hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=64, num_labels=3, depths=[1, 1, 1, 1])
+    return _HF(SegformerForSemanticSegmentation(cfg), 3, "segformer")
+
+
+def _hf_upernet() -> nn.Module:
+    from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
+
+    bb = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                        out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = UperNetConfig(backbone_config=bb, hidden_size=32, auxiliary_in_channels=64, use_auxiliary_head=False,
+                        num_labels=3)
+    return _HF(UperNetForSemanticSegmentation(cfg), 3, "upernet")
+
+
+def _hf_dinov2() -> nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=126, patch_size=14)
+    return _HF(Dinov2Model(cfg), 64, "dinov2", patch=14)
+
+
+# ----------------------------------------------------------------- the table
+
+S128 = (2, 3, 128, 128)
+WIN = (2, 3, 224, 448)     # one 7x7 window of 32-px tokens per tile side at the last stage: align 224
+P14 = (2, 3, 112, 224)     # patch 14 models: 8 x 16 patches
+
+
+@dataclass(frozen=True)
+class Entry:
+    family: str                       # "timm", "torchvision", "transformers"
+    build: Callable[[], nn.Module]
+    shape: tuple[int, int, int, int] = S128
+    grid: str = "1x2"
+    align: int = 32
+    expect: str = "PASS"              # V2's verdict: PASS or REFUSED
+    note: str = ""
+
+
+def _t(name: str, **kw) -> Callable[[], nn.Module]:
+    return lambda: _feat(name, **kw)
+
+
+MODELS: dict[str, Entry] = {
+    # timm CNNs and hybrids, features_only, 2x3x128x128, align 32
+    "resnet18d": Entry("timm", _t("resnet18d")),
+    "resnet26d": Entry("timm", _t("resnet26d")),
+    "resnext26ts": Entry("timm", _t("resnext26ts")),
+    "seresnet18": Entry("timm", _t("seresnet18")),
+    "ecaresnet26t": Entry("timm", _t("ecaresnet26t")),
+    "resnest14d": Entry("timm", _t("resnest14d")),
+    "skresnet18": Entry("timm", _t("skresnet18")),
+    "res2net50_14w_8s": Entry("timm", _t("res2net50_14w_8s")),
+    "nf_resnet26": Entry("timm", _t("nf_resnet26")),
+    "cspresnet50": Entry("timm", _t("cspresnet50")),
+    "cspdarknet53": Entry("timm", _t("cspdarknet53")),
+    "efficientnet_b0": Entry("timm", _t("efficientnet_b0")),
+    "tinynet_e": Entry("timm", _t("tinynet_e")),
+    "mixnet_s": Entry("timm", _t("mixnet_s")),
+    "lcnet_050": Entry("timm", _t("lcnet_050")),
+    "mobilenetv3_small_100": Entry("timm", _t("mobilenetv3_small_100")),
+    "mobilenetv4_conv_small": Entry("timm", _t("mobilenetv4_conv_small")),
+    "mobilenetv4_hybrid_medium": Entry("timm", _t("mobilenetv4_hybrid_medium")),
+    "regnety_002": Entry("timm", _t("regnety_002")),
+    "convnext_atto": Entry("timm", _t("convnext_atto")),
+    "convnextv2_atto": Entry("timm", _t("convnextv2_atto")),
+    "ghostnet_050": Entry("timm", _t("ghostnet_050")),
+    "ghostnetv2_100": Entry("timm", _t("ghostnetv2_100")),
+    "repvgg_a0": Entry("timm", _t("repvgg_a0")),
+    "mobileone_s0": Entry("timm", _t("mobileone_s0")),
+    "repvit_m1": Entry("timm", _t("repvit_m1")),
+    "hrnet_w18_small": Entry("timm", _t("hrnet_w18_small")),
+    "dla34": Entry("timm", _t("dla34")),
+    "ese_vovnet19b_dw": Entry("timm", _t("ese_vovnet19b_dw"), note="FP64-PASS checks"),
+    "rexnet_100": Entry("timm", _t("rexnet_100"), note="FP64-PASS checks"),
+    "densenet121": Entry("timm", _t("densenet121"), note="FP64-PASS checks"),
+    "dpn48b": Entry("timm", _t("dpn48b"), note="FP64-PASS checks"),
+    "hgnetv2_b0": Entry("timm", _t("hgnetv2_b0"), note="FP64-PASS checks"),
+    "vgg11": Entry("timm", _t("vgg11")),
+    "xception41": Entry("timm", _t("xception41")),
+    "selecsls42b": Entry("timm", _t("selecsls42b")),
+    "rdnet_tiny": Entry("timm", _t("rdnet_tiny")),
+    "starnet_s1": Entry("timm", _t("starnet_s1")),
+    "fastvit_t8": Entry("timm", _t("fastvit_t8")),
+    "poolformer_s12": Entry("timm", _t("poolformer_s12")),
+    "poolformerv2_s12": Entry("timm", _t("poolformerv2_s12")),
+    "inception_next_atto": Entry("timm", _t("inception_next_atto")),
+    "mambaout_femto": Entry("timm", lambda: _feat_nhwc("mambaout_femto")),
+    "edgenext_xx_small": Entry("timm", _t("edgenext_xx_small")),
+    "efficientvit_b0": Entry("timm", _t("efficientvit_b0")),
+    "efficientformerv2_s0": Entry("timm", _t("efficientformerv2_s0", img_size=128), note="img_size 128"),
+    "lambda_resnet26t": Entry("timm", _t("lambda_resnet26t", img_size=128), note="img_size 128"),
+    "coatnet_nano_rw_224": Entry("timm", _t("coatnet_nano_rw_224", img_size=128), note="img_size 128"),
+    "maxxvitv2_nano_rw_256": Entry("timm", _t("maxxvitv2_nano_rw_256", img_size=128), note="img_size 128"),
+    "maxvit_nano_rw_256": Entry("timm", _t("maxvit_nano_rw_256", img_size=128), shape=(2, 3, 128, 256), align=128,
+                                note="img_size 128; tiles of whole 128-px windows"),
+    "twins_pcpvt_small": Entry("timm", _t("twins_pcpvt_small")),
+    "focalnet_tiny_srf": Entry("timm", _t("focalnet_tiny_srf")),
+    "twins_svt_small": Entry("timm", _t("twins_svt_small"), shape=WIN, align=224, note="window-aligned tiles"),
+    "davit_tiny": Entry("timm", _t("davit_tiny"), shape=WIN, align=224, note="window-aligned tiles"),
+    # timm ViT-likes through forward_intermediates
+    "vit_tiny_patch16_224": Entry("timm", lambda: _inter("vit_tiny_patch16_224", dynamic_img_size=True),
+                                  note="dynamic_img_size"),
+    "deit_tiny_patch16_224": Entry("timm", lambda: _inter("deit_tiny_patch16_224", dynamic_img_size=True),
+                                   note="dynamic_img_size"),
+    "deit3_small_patch16_224": Entry("timm", lambda: _inter("deit3_small_patch16_224", depth=2,
+                                                            dynamic_img_size=True), note="depth 2"),
+    "vit_relpos_small_patch16_224": Entry("timm", lambda: _inter("vit_relpos_small_patch16_224", depth=2,
+                                                                 img_size=128), note="depth 2, img_size 128"),
+    "beit_base_patch16_224": Entry("timm", lambda: _inter("beit_base_patch16_224", depth=2, img_size=128),
+                                   note="depth 2, img_size 128"),
+    "samvit_base_patch16": Entry("timm", lambda: _inter("samvit_base_patch16", ch=768, depth=2, img_size=128,
+                                                        global_attn_indexes=(1,), window_size=4),
+                                 note="depth 2, img_size 128, window 4"),
+    "xcit_nano_12_p16_224": Entry("timm", lambda: _inter("xcit_nano_12_p16_224")),
+    "hiera_tiny_224": Entry("timm", lambda: _inter("hiera_tiny_224", img_size=128), note="img_size 128"),
+    "levit_128s": Entry("timm", lambda: _inter("levit_128s", img_size=128), note="img_size 128"),
+    "eva02_tiny_patch14_224": Entry("timm", lambda: _inter("eva02_tiny_patch14_224", dynamic_img_size=True),
+                                    shape=P14, align=14, note="dynamic_img_size, patch 14"),
+    # refused by SPIM (expected: a one-line SPIMError naming the op)
+    "botnet26t_256": Entry("timm", _t("botnet26t_256", img_size=128), expect="REFUSED", note="img_size 128"),
+    "halonet26t": Entry("timm", _t("halonet26t", img_size=256), shape=(2, 3, 256, 512), align=256,
+                        expect="REFUSED", note="img_size 256, halo-block-aligned tiles"),
+    "mvitv2_tiny": Entry("timm", _t("mvitv2_tiny", img_size=128), expect="REFUSED", note="img_size 128"),
+    "davit_tiny_at_128": Entry("timm", _t("davit_tiny"), expect="REFUSED",
+                               note="too small an input for whole windows per tile"),
+    # torchvision
+    "tv_fcn_resnet50": Entry("torchvision", lambda: _tv_seg("fcn_resnet50")),
+    "tv_deeplabv3_resnet50": Entry("torchvision", lambda: _tv_seg("deeplabv3_resnet50")),
+    "tv_deeplabv3_mobilenet_v3_large": Entry("torchvision", lambda: _tv_seg("deeplabv3_mobilenet_v3_large")),
+    "tv_lraspp_mobilenet_v3_large": Entry("torchvision", lambda: _tv_seg("lraspp_mobilenet_v3_large")),
+    "tv_regnet_y_400mf": Entry("torchvision", lambda: _tv("regnet_y_400mf",
+                                                         lambda m: nn.Sequential(m.stem, m.trunk_output), 440)),
+    "tv_efficientnet_v2_s": Entry("torchvision", lambda: _tv("efficientnet_v2_s", lambda m: m.features, 1280)),
+    "tv_shufflenet_v2_x0_5": Entry("torchvision", lambda: _tv(
+        "shufflenet_v2_x0_5", lambda m: nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5),
+        1024)),
+    "tv_convnext_tiny": Entry("torchvision", lambda: _tv("convnext_tiny", lambda m: m.features, 768)),
+    "tv_squeezenet1_1": Entry("torchvision", lambda: _tv("squeezenet1_1", lambda m: m.features, 512)),
+    "tv_mnasnet0_5": Entry("torchvision", lambda: _tv("mnasnet0_5", lambda m: m.layers, 1280)),
+    "tv_googlenet": Entry("torchvision", _tv_googlenet, note="FP64-PASS checks"),
+    "tv_swin_t": Entry("torchvision", lambda: _tv("swin_t", lambda m: m.features, 768, mode="nhwc"), shape=WIN,
+                       align=224, note="window-aligned tiles"),
+    # transformers (random weights from a small config)
+    "hf_sam_vision": Entry("transformers", _hf_sam, note="hidden 64, 2 layers, window 4"),
+    "hf_segformer": Entry("transformers", _hf_segformer, note="widths 16-128, depth 1 per stage"),
+    "hf_upernet_convnext": Entry("transformers", _hf_upernet, note="ConvNeXt widths 16-128"),
+    "hf_dinov2": Entry("transformers", _hf_dinov2, shape=P14, align=14, note="hidden 64, 2 layers, patch 14"),
+}
+
+
+def _factory(name: str, e: Entry) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        m = e.build()
+        m.align = e.align  # verify's default --align (and so its default input side)
+        return m
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{e.family} {name} ({e.note or 'defaults'}); verify with --grid {e.grid} --align {e.align}."
+    return build
+
+
+# every row is a module-level factory: benchmarks/verify_sweep.py:NAME
+for _name, _e in MODELS.items():
+    globals()[_name] = _factory(_name, _e)
+
+
+# ----------------------------------------------------------------- runner
+
+_COUNT_CLASSES = ("PASS", "ROUNDING", "ZERO-REF", "FP64-PASS", "FAIL")
+
+
+def run_one(name: str, out: Path, timeout_s: int) -> dict:
+    """Run ``rest-ds verify --train`` on one row in a subprocess; return its result row."""
+    e = MODELS[name]
+    js = out / "json" / f"{name}.json"
+    log = out / "logs" / f"{name}.log"
+    js.unlink(missing_ok=True)
+    shape = ",".join(map(str, e.shape))
+    cmd = [str(REPO / ".venv" / "bin" / "rest-ds"), "verify", f"{HERE}:{name}", "--train", "--input-shape", shape,
+           "--grid", e.grid, "--align", str(e.align), "--json", str(js), "--timeout", str(timeout_s)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as ex:
+        rc, text = None, f"{ex.stdout or ''}{ex.stderr or ''}\ntimeout after {timeout_s + 60} s"
+    secs = time.monotonic() - t0
+    log.write_text(text)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if re.match(r"^(PASS|FAIL|REFUSED)\b|^error\b", ln)),
+                lines[-1] if lines else "")
+    row = {"name": name, "family": e.family, "shape": shape, "grid": e.grid, "align": e.align, "note": e.note,
+           "expect": e.expect, "rc": rc, "seconds": round(secs, 1), "message": last.strip()}
+    counts = {c: 0 for c in _COUNT_CLASSES}
+    if js.exists():
+        data = json.loads(js.read_text())
+        checks = data.get("checks", {})
+        for c in checks.values():
+            counts[c["class"]] = counts.get(c["class"], 0) + 1
+        judged = [c["rel_error"] for c in checks.values() if c["class"] in ("PASS", "ROUNDING", "FAIL")
+                  and c["rel_error"] is not None]
+        row["max_error"] = max(judged) if judged else None
+        fp64 = [c["float64_rel_error"] for c in checks.values() if c["class"] == "FP64-PASS"]
+        row["max_fp64_error"] = max(fp64) if fp64 else None
+        row["verify_seconds"] = data.get("seconds")
+    row["checks"] = sum(counts.values())
+    row["counts"] = counts
+    row["verdict"] = {0: "PASS", 1: "FAIL"}.get(rc, "REFUSED" if last.startswith("REFUSED") or
+                                                  "SPIMError" in last else "ERROR")
+    return row
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1e}"
+
+
+def _counts(r: dict) -> str:
+    return ", ".join(f"{n} {c}" for c, n in r["counts"].items() if n) or "-"
+
+
+def line(r: dict) -> str:
+    flag = "" if r["verdict"] == r["expect"] else f"  CHANGED (expected {r['expect']})"
+    s = f"{r['name']:<32} {r['verdict']:<7} {r['checks']:>5} checks: {_counts(r)}; max {_fmt(r.get('max_error'))}"
+    if r.get("max_fp64_error") is not None:
+        s += f" (FP64-PASS: float64 max {_fmt(r['max_fp64_error'])})"
+    s += f" [{r['seconds']:.0f} s]{flag}"
+    if r["verdict"] not in ("PASS", "FAIL"):
+        s += f"\n    {r['message'][:300]}"
+    return s
+
+
+def markdown(rows: list[dict], commit: str) -> str:
+    out = [f"Measured at commit {commit}: `rest-ds verify benchmarks/verify_sweep.py:NAME --train` "
+           "(fp32, CPU gloo ranks), settings per row.", "",
+           "| model | family | input, grid, align | settings | verdict | checks by class | max error |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = _fmt(r.get("max_error"))
+        if r.get("max_fp64_error") is not None:
+            err += f" (FP64-PASS in float64: {_fmt(r['max_fp64_error'])})"
+        if r["verdict"] in ("REFUSED", "ERROR"):
+            err = r["message"].replace("|", "\\|")[:200]
+        out.append(f"| `{r['name']}` | {r['family']} | {r['shape']}, {r['grid']}, {r['align']} | {r['note'] or '-'} "
+                   f"| {r['verdict']} | {_counts(r)} | {err} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", metavar="NAME,...", help="run only these rows")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "verify_sweep", metavar="DIR",
+                    help="where verify_sweep.md, verify_sweep.json, json/ and logs/ go (default runs/verify_sweep)")
+    ap.add_argument("--timeout", type=int, default=300, metavar="SECONDS", help="per model (default 300)")
+    ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    a = ap.parse_args()
+    names = [n for n in a.only.split(",") if n] or list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        ap.error(f"--only: unknown model(s) {', '.join(unknown)} (--list shows the rows)")
+    if a.list:
+        for n in names:
+            e = MODELS[n]
+            print(f"{n:<32} {e.family:<12} {','.join(map(str, e.shape))} {e.grid} align {e.align} "
+                  f"expect {e.expect} {e.note}")
+        return 0
+    (a.out / "json").mkdir(parents=True, exist_ok=True)
+    (a.out / "logs").mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--short", "--untracked-files=no", "rest_ds"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty:
+        commit += f" (+{len(dirty.splitlines())} uncommitted rest_ds file(s))"
+    print(f"verify sweep at {commit}: {len(names)} model(s), one at a time", flush=True)
+    rows = []
+    for n in names:
+        rows.append(run_one(n, a.out, a.timeout))
+        print(line(rows[-1]), flush=True)
+        (a.out / "verify_sweep.json").write_text(json.dumps({"commit": commit, "rows": rows}, indent=2) + "\n")
+        (a.out / "verify_sweep.md").write_text(markdown(rows, commit))
+    changed = [r["name"] for r in rows if r["verdict"] != r["expect"]]
+    by = {v: sum(1 for r in rows if r["verdict"] == v) for v in ("PASS", "FAIL", "REFUSED", "ERROR")}
+    print(f"{len(rows)} models: " + ", ".join(f"{n} {v}" for v, n in by.items() if n)
+          + (f"; CHANGED from the expected verdict: {', '.join(changed)}" if changed else "; all as expected")
+          + f"; table in {a.out / 'verify_sweep.md'}")
+    return 1 if changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
