@@ -11,5 +11,18 @@ shift 2
 CORES="$(nproc)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / N > 0 ? CORES / N : 1 ))}"
 PORT="${MASTER_PORT:-$("$ROOT/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
-exec "$ROOT/.venv/bin/deepspeed" --num_gpus "$N" --master_port "$PORT" --no_local_rank \
-    --module rest_ds train --config "$CONFIG" "$@"
+# Not exec: DeepSpeed's single-node runner does not pass a SIGTERM on (a 'kill' of the launcher left
+# deepspeed.launcher.launch and the ranks training on, orphaned, holding the output folder's lock). The
+# runner gets its own process group, and a TERM/INT/HUP to this script goes to that whole group.
+setsid "$ROOT/.venv/bin/deepspeed" --num_gpus "$N" --master_port "$PORT" --no_local_rank \
+    --module rest_ds train --config "$CONFIG" "$@" &
+PID=$!
+trap 'kill -TERM -- "-$PID" 2>/dev/null' TERM INT HUP
+set +e
+wait "$PID"
+RC=$?
+while kill -0 "$PID" 2>/dev/null; do  # a trapped signal ends 'wait' early: wait for the group to stop
+    wait "$PID"
+    RC=$?
+done
+exit "$RC"
