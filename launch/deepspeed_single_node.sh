@@ -13,11 +13,13 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / N > 0 ? CORES / N : 1 ))}
 PORT="${MASTER_PORT:-$("$ROOT/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 # Not exec: DeepSpeed's single-node runner does not pass a SIGTERM on (a 'kill' of the launcher left
 # deepspeed.launcher.launch and the ranks training on, orphaned, holding the output folder's lock). The
-# runner gets its own process group, and a TERM/INT/HUP to this script goes to that whole group.
+# runner gets its own process group, and a TERM/INT/HUP to this script goes to that whole group (an INT
+# as INT, as Ctrl-C reached every rank before).
 setsid "$ROOT/.venv/bin/deepspeed" --num_gpus "$N" --master_port "$PORT" --no_local_rank \
     --module rest_ds train --config "$CONFIG" "$@" &
 PID=$!
-trap 'kill -TERM -- "-$PID" 2>/dev/null' TERM INT HUP
+trap 'kill -TERM -- "-$PID" 2>/dev/null' TERM HUP
+trap 'kill -INT -- "-$PID" 2>/dev/null' INT
 set +e
 wait "$PID"
 RC=$?
