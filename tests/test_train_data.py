@@ -166,6 +166,29 @@ def test_whole_scene_tiles_assemble_to_the_padded_scene(tmp_path, scene):
 
 
 
+def test_auto_grid_splits_every_scene_and_its_rotation():
+    """auto_grid looked at the first training scene only, as it is: under rot90 the turned scene (or a
+    smaller validation scene) could not be split and SPIM's tiling failed on every rank naming no key."""
+    from types import SimpleNamespace
+
+    from rest_ds.train.data import auto_grid, grid_fits, grid_shapes
+
+    def sc(h, w):
+        return SimpleNamespace(reader=SimpleNamespace(shape=(3, h, w)))
+
+    wide, small = [sc(64, 200)], [sc(40, 20)]
+    assert auto_grid(wide, 4, 32) == (1, 4)                                   # least halo, as before
+    need = grid_shapes(wide, [], rot90=True)
+    assert need == [(64, 200), (200, 64)] and not grid_fits((1, 4), (200, 64), 32)
+    assert auto_grid(wide, 4, 32, need) == (2, 2)                             # fits both orientations
+    assert auto_grid(small, 2, 32, grid_shapes(small, [], rot90=False)) == (2, 1)
+    assert auto_grid(small, 2, 32, grid_shapes(small, [], rot90=True)) is None
+    assert auto_grid(wide, 4, 32, grid_shapes(wide, [sc(40, 150)], rot90=False)) == (1, 4)
+    assert auto_grid(wide, 4, 32, grid_shapes(wide, [sc(40, 90)], rot90=False)) == (2, 2)  # val: 3 units wide
+    assert auto_grid(wide, 4, 32, grid_shapes(wide, [sc(20, 90)], rot90=False)) is None    # and 1 unit high
+    assert grid_shapes(wide, small, rot90=True, crop=True) == [(40, 20)]     # a crop sets the training size
+
+
 def test_text_overrides_keep_their_text(tmp_path, scene):
     """YAML reads name=0x10 as 16, name=yes as True, mesh.grid=0x2 as 2 ('2' is not PHxPW named no typo);
     a str-typed key takes the text as written, other keys keep YAML's value."""

@@ -24,6 +24,7 @@ import torch
 from ..data import (AugmentConfig, DataError, DataWarning, Scene, SceneReader, load_sample, plan_augmentation,
                     WindowCache, prepare_scene, read_tile)
 from ..data.samples import SAMPLES, is_fetched
+from ..spim import SPIMError
 from ..spim.tiling import TileLayout, choose_grid
 from .inference import padded_shape, read_padded
 
@@ -187,11 +188,42 @@ def scene_tile_layout(shape: tuple[int, ...], grid: tuple[int, int], align: int)
     return TileLayout.even(*padded_shape(tuple(shape)[-2:], align), grid, align)
 
 
-def auto_grid(scenes: list[OpenScene], sp: int, align: int) -> tuple[int, int]:
-    """The grid with the least halo traffic on the first (padded) scene (rest_ds.spim.choose_grid)."""
+def grid_fits(grid: tuple[int, int], hw: tuple[int, int], align: int) -> bool:
+    """Whether an ``H x W`` scene padded to ``align`` splits into ``grid`` tiles of at least one unit."""
+    H, W = padded_shape(tuple(hw), align)
+    return H // align >= grid[0] and W // align >= grid[1]
+
+
+def grid_shapes(train: list[OpenScene], val: list[OpenScene], rot90: bool, crop: bool = False
+                ) -> list[tuple[int, int]]:
+    """The ``H x W`` sizes one whole-scene grid must split: every training scene (also turned
+    by 90 degrees when ``rot90`` augments it; none when an augmentation crop sets the size)
+    and every validation scene as it is."""
+    out = []
+    for sc in ([] if crop else train):
+        H, W = sc.reader.shape[-2:]
+        out += [(H, W), (W, H)] if rot90 else [(H, W)]
+    return out + [tuple(sc.reader.shape[-2:]) for sc in val]
+
+
+def auto_grid(scenes: list[OpenScene], sp: int, align: int,
+              need: list[tuple[int, int]] | None = None) -> tuple[int, int] | None:
+    """The grid with the least halo traffic on the first (padded) scene (rest_ds.spim.choose_grid)
+    among those that split every size in ``need`` (default: just that scene); None if none does."""
+    from ..spim.tiling import factorisations
+
     H, W = padded_shape(scenes[0].reader.shape[1:], align)
-    return choose_grid(H, W, sp, align)
+    fits = [g for g in factorisations(sp) if all(grid_fits(g, hw, align) for hw in need or [(H, W)])]
+    if not fits:
+        return None
+    try:
+        best = choose_grid(H, W, sp, align)
+        if best in fits:
+            return best
+    except SPIMError:
+        pass
+    return min(fits, key=lambda g: ((g[0] - 1) * W + (g[1] - 1) * H, -g[0]))  # choose_grid's cost and ties
 
 
 __all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout",
-           "has_labelled_pixel"]
+           "has_labelled_pixel", "grid_fits", "grid_shapes"]

@@ -54,7 +54,8 @@ from .config import ConfigError, TrainConfig
 from .deepspeed_compat import check_functionals, quiet as quiet_deepspeed, zero3_spatial_hooks
 from .deepspeed_compat import ds_config as deepspeed_config
 from ..data import WindowCache
-from .data import CropData, WholeSceneData, auto_grid, has_labelled_pixel, open_scenes, scene_tile_layout
+from .data import (CropData, WholeSceneData, auto_grid, grid_fits, grid_shapes, has_labelled_pixel, open_scenes,
+                   scene_tile_layout)
 from .inference import predict_slide, predict_whole, read_padded, slide_windows
 from .metrics import class_weights_from_counts, confusion_matrix, segmentation_loss, segmentation_metrics
 
@@ -343,7 +344,22 @@ class Trainer:
             micro = d.crops_per_rank
         else:
             sp = cfg.mesh.sp or self.world
-            self.grid = cfg.grid() or auto_grid(self.train_scenes, sp, self.align)
+            # one grid splits every training scene (turned too, under rot90) and every validation scene;
+            # a scene it cannot split failed in SPIM's tiling, naming no config key
+            need = grid_shapes(self.train_scenes, self.val_scenes, d.augment.rot90, crop=bool(d.augment.crop))
+            self.grid = cfg.grid() or auto_grid(self.train_scenes, sp, self.align, need)
+            if self.grid is None or not all(grid_fits(self.grid, hw, self.align) for hw in need):
+                if self.grid is None:
+                    small = min(need, key=min)
+                    head = f"no grid of {sp} tiles splits a {small[0]}x{small[1]} scene"
+                else:
+                    small = next(hw for hw in need if not grid_fits(self.grid, hw, self.align))
+                    head = f"grid {self.grid[0]}x{self.grid[1]} does not split a {small[0]}x{small[1]} scene"
+                rot = " (data.augment.rot90 also turns the training scenes)" if d.augment.rot90 else ""
+                raise ConfigError(cfg.source_file, "mesh.grid" if cfg.grid() else "mesh.sp",
+                                  f"{head}{rot}: each tile needs at least {self.align} px (the model's alignment) "
+                                  f"per side; use fewer ranks per scene{', another grid' if cfg.grid() else ''} or "
+                                  f"larger scenes{', or data.augment.rot90=false' if d.augment.rot90 else ''}")
             self.mesh = SpatialMesh.build(sp=sp, grid=self.grid)
             self.data = WholeSceneData(self.train_scenes, cfg, self.mesh, self.grid, self.align,
                                        cache=self.window_cache)
