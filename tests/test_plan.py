@@ -118,6 +118,16 @@ def test_check_bad_input_names_the_key(capsys, tiny_cfg, override, words):
     assert "Traceback" not in err and "check: config" not in out
 
 
+def test_check_grid_fits_the_turned_scene(capsys, tiny_cfg):
+    """rot90 turns the 48x64 training scene to 64x48: a 1x8 grid of 8 px tiles fits it as it is, not
+    turned (--check said OK; every rank then failed in SPIM's tiling at the first turned step)."""
+    code, out, err = _run(capsys, "train", "--check", "--config", tiny_cfg, "--ranks", 8, "mesh.grid=1x8")
+    assert code == 2 and "mesh.grid: 1x8 tiles do not fit a 64x48 scene (data.augment.rot90 also" in err, err
+    code, out, err = _run(capsys, "train", "--check", "--config", tiny_cfg, "--ranks", 8, "mesh.grid=1x8",
+                          "data.augment.rot90=false")
+    assert code == 0 and "grid 1x8 on 8 rank(s)" in out, err
+
+
 @pytest.mark.parametrize("value, words", [("-1", "'-1' must be > 0"), ("0", "'0' must be > 0"),
                                           ("nan", "'nan' must be > 0"), ("4GB", "'4GB' is not a number")])
 def test_memory_must_be_positive(capsys, tiny_cfg, value, words):

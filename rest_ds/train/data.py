@@ -210,10 +210,16 @@ def auto_grid(scenes: list[OpenScene], sp: int, align: int,
               need: list[tuple[int, int]] | None = None) -> tuple[int, int] | None:
     """The grid with the least halo traffic on the first (padded) scene (rest_ds.spim.choose_grid)
     among those that split every size in ``need`` (default: just that scene); None if none does."""
+    return fitting_grid(scenes[0].reader.shape[-2:], sp, align, need)
+
+
+def fitting_grid(hw: tuple[int, int], sp: int, align: int,
+                 need: list[tuple[int, int]] | None = None) -> tuple[int, int] | None:
+    """:func:`auto_grid` for a scene of size ``hw``."""
     from ..spim.tiling import factorisations
 
-    H, W = padded_shape(scenes[0].reader.shape[1:], align)
-    fits = [g for g in factorisations(sp) if all(grid_fits(g, hw, align) for hw in need or [(H, W)])]
+    H, W = padded_shape(tuple(hw), align)
+    fits = [g for g in factorisations(sp) if all(grid_fits(g, s, align) for s in need or [(H, W)])]
     if not fits:
         return None
     try:
@@ -226,4 +232,4 @@ def auto_grid(scenes: list[OpenScene], sp: int, align: int,
 
 
 __all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout",
-           "has_labelled_pixel", "grid_fits", "grid_shapes"]
+           "has_labelled_pixel", "grid_fits", "grid_shapes", "fitting_grid"]

@@ -800,7 +800,10 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
                                                     "model.num_classes, or a fetched scene")
     prof = profile_config(cfg, info["in_chans"], info["num_classes"])
     ck_ok = "1" in prof.fits
-    sp, grid = check_grid(cfg, ranks, prof.align, hw)
+    a = cfg.data.augment  # every scene one grid must split, as the trainer checks (turned too under rot90)
+    shapes = [(s["height"], s["width"]) for s in info["scenes"] if s["fetched"]]
+    shapes += [(s["width"], s["height"]) for s in seen] if a.rot90 and not a.crop else []
+    sp, grid = check_grid(cfg, ranks, prof.align, hw, shapes)
     o = cfg.optimizer
     kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs,
               bucket=cfg.deepspeed.reduce_bucket_size)

@@ -185,23 +185,27 @@ def _model_channels(cfg, bands: int | None, classes: int | None) -> tuple[int | 
     return (bands if bands is not None else want), (classes if classes is not None else k)
 
 
-def check_grid(cfg, ranks: int, align: int, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+def check_grid(cfg, ranks: int, align: int, hw: tuple[int, int],
+               shapes: list[tuple[int, int]] = ()) -> tuple[int, tuple[int, int]]:
     """``(sp, grid)`` of the run on ``ranks`` ranks for a scene of ``hw``; raises when
-    sp does not divide the ranks or a tile would be thinner than ``align``."""
-    from ..spim.tiling import choose_grid
-    from .inference import padded_shape
-
+    sp does not divide the ranks or a tile would be thinner than ``align``, in ``hw``
+    or any of ``shapes`` (the other scenes, turned ones under rot90: as the trainer)."""
+    from .data import fitting_grid, grid_fits
     from .validation import check_mesh
 
     w = cfg.source_file
     if cfg.data.mode == "crop":
         return 1, (1, 1)
     sp, fixed = check_mesh(cfg, ranks), cfg.grid()
-    H, W = padded_shape(hw, align)
-    grid = fixed or choose_grid(H, W, sp, align)
-    if H // align < grid[0] or W // align < grid[1]:
-        raise ConfigError(w, "mesh.grid", f"{grid[0]}x{grid[1]} tiles do not fit a {hw[0]}x{hw[1]} scene: each "
-                                          f"tile needs at least {align} px (the model's alignment) per side")
+    need = [tuple(hw), *shapes]
+    grid = fixed or fitting_grid(hw, sp, align, need)
+    bad = [s for s in need if grid is None or not grid_fits(grid, s, align)]
+    if bad:
+        what = f"{grid[0]}x{grid[1]} tiles do not fit" if grid else f"no grid of {sp} tiles fits"
+        rot = " (data.augment.rot90 also turns the training scenes)" if cfg.data.augment.rot90 else ""
+        raise ConfigError(w, "mesh.grid" if fixed else "mesh.sp", f"{what} a {bad[0][0]}x{bad[0][1]} scene{rot}: "
+                                                                  f"each tile needs at least {align} px (the model's "
+                                                                  f"alignment) per side")
     return sp, grid
 
 
