@@ -789,6 +789,7 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
 
     info = scenes or preflight(cfg, ranks)
     seen = [s for s in info["scenes"] if s["fetched"] and s["role"] == "train"]
+    planned_hw = hw is not None  # a size to plan for (--scene): the config's scenes are not checked against it
     if hw is None:
         if not seen:
             raise ConfigError(cfg.source_file, "data.scenes", "no scene size known (samples not fetched: "
@@ -801,8 +802,8 @@ def plan_run(cfg, *, ranks: int, hw: tuple[int, int] | None = None, memory_bytes
     prof = profile_config(cfg, info["in_chans"], info["num_classes"])
     ck_ok = "1" in prof.fits
     a = cfg.data.augment  # every scene one grid must split, as the trainer checks (turned too under rot90)
-    shapes = [(s["height"], s["width"]) for s in info["scenes"] if s["fetched"]]
-    shapes += [(s["width"], s["height"]) for s in seen] if a.rot90 and not a.crop else []
+    shapes = [] if planned_hw else [(s["height"], s["width"]) for s in info["scenes"] if s["fetched"]]
+    shapes += [(s["width"], s["height"]) for s in seen] if a.rot90 and not a.crop and not planned_hw else []
     sp, grid = check_grid(cfg, ranks, prof.align, hw, shapes)
     o = cfg.optimizer
     kw = dict(precision=cfg.deepspeed.precision, optimizer=o.name, momentum=o.momentum, coeffs=coeffs,
