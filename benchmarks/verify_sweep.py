@@ -7,7 +7,7 @@ segmentation head where the model has none), so any one of them is a
 ``rest-ds verify`` target on its own::
 
     .venv/bin/rest-ds verify benchmarks/verify_sweep.py:resnet18d --train
-    .venv/bin/rest-ds verify benchmarks/verify_sweep.py:swin_t --train   # align 224 from the model
+    .venv/bin/rest-ds verify benchmarks/verify_sweep.py:tv_swin_t --train   # align 224 from the model: 224 x 448
 
 Each factory's model carries the ``align`` of its row of :data:`MODELS`, so
 verify's defaults (grid 1x2, input 2 x 3 x 128 x 128 rounded up to the
@@ -285,6 +285,12 @@ MODELS: dict[str, Entry] = {
     "mvitv2_tiny": Entry("timm", _t("mvitv2_tiny", img_size=128), expect="REFUSED", note="img_size 128"),
     "davit_tiny_at_128": Entry("timm", _t("davit_tiny"), expect="REFUSED",
                                note="too small an input for whole windows per tile"),
+    "twins_svt_small_at_128": Entry("timm", _t("twins_svt_small"), expect="REFUSED",
+                                    note="too small an input for whole windows per tile"),
+    "maxvit_nano_rw_256_at_128": Entry("timm", _t("maxvit_nano_rw_256", img_size=128), expect="REFUSED",
+                                       note="img_size 128; tiles not on the 128-px window grid"),
+    "halonet26t_at_128": Entry("timm", _t("halonet26t", img_size=128), expect="REFUSED",
+                               note="img_size 128; tiles not on the halo-block grid"),
     # torchvision
     "tv_fcn_resnet50": Entry("torchvision", lambda: _tv_seg("fcn_resnet50")),
     "tv_deeplabv3_resnet50": Entry("torchvision", lambda: _tv_seg("deeplabv3_resnet50")),
@@ -393,18 +399,23 @@ def line(r: dict) -> str:
 
 
 def markdown(rows: list[dict], commit: str) -> str:
-    out = [f"Measured at commit {commit}: `rest-ds verify benchmarks/verify_sweep.py:NAME --train` "
-           "(fp32, CPU gloo ranks), settings per row.", "",
-           "| model | family | input, grid, align | settings | verdict | checks by class | max error |",
+    """The rows as a markdown table, then the refusals and errors with their one-line messages."""
+    out = [f"Measured at commit {commit}: `rest-ds verify benchmarks/verify_sweep.py:NAME --train "
+           "--input-shape S --grid G --align A` (float32, CPU gloo ranks), S, G, A per row.", "",
+           "| model | family | input; grid; align | settings | verdict | checks by class | max error |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         err = _fmt(r.get("max_error"))
         if r.get("max_fp64_error") is not None:
-            err += f" (FP64-PASS in float64: {_fmt(r['max_fp64_error'])})"
+            err += f" (FP64-PASS: {_fmt(r['max_fp64_error'])} in float64)"
         if r["verdict"] in ("REFUSED", "ERROR"):
-            err = r["message"].replace("|", "\\|")[:200]
-        out.append(f"| `{r['name']}` | {r['family']} | {r['shape']}, {r['grid']}, {r['align']} | {r['note'] or '-'} "
+            err = "see below"
+        out.append(f"| `{r['name']}` | {r['family']} | {r['shape']}; {r['grid']}; {r['align']} | {r['note'] or '-'} "
                    f"| {r['verdict']} | {_counts(r)} | {err} |")
+    bad = [r for r in rows if r["verdict"] in ("REFUSED", "ERROR")]
+    if bad:
+        out += ["", "Refused or errored:", ""]
+        out += [f"- `{r['name']}` ({r['note'] or 'defaults'}): {r['message']}" for r in bad]
     return "\n".join(out) + "\n"
 
 
