@@ -227,3 +227,20 @@ def test_cli_synthetic(tmp_path, capsys):
     assert "SYNTHETIC" in capsys.readouterr().out
     assert _cli(["data", "info", str(tmp_path / "scene.yaml"), "--json", str(tmp_path / "s.json")]) == 0
     assert "8 bands x 20 x 16" in capsys.readouterr().out and (tmp_path / "s.json").is_file()
+
+
+@pytest.mark.launcher
+def test_cli_output_into_a_closed_pipe_is_quiet(tmp_path):
+    # `rest-ds data info SCENE | head -1`: the reader closes the pipe before the output ends; the command
+    # stops quietly with exit 0 (it printed 'error: BrokenPipeError' and exited 2)
+    import subprocess
+
+    from tests.harness import BIN
+
+    assert _cli(["data", "synthetic", str(tmp_path), "--bands", "3", "--height", "8",
+                 "--width", "8"]) == 0
+    p = subprocess.Popen([str(BIN / "rest-ds"), "data", "info", str(tmp_path / "scene.yaml")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first line is written (python takes a second to start)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "BrokenPipe" not in err and "Traceback" not in err, err

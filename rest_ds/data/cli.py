@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         return {"list": _list, "fetch": _fetch, "info": _info, "synthetic": _synthetic}[cmd](args)
     except DataError as e:
         return fail(e)
+    except BrokenPipeError:  # the reader of the output went away (`| head`): rest_ds.cli.main's
+        raise
     except (OSError, ValueError) as e:  # bad input that reached a library (one line, not a traceback)
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
         return fail(f"{where}{type(e).__name__}: {e}")
