@@ -523,7 +523,8 @@ def read_export(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (named by {js})")
     if meta.get("sha256") and sha256_file(weights) != meta["sha256"]:
-        raise CheckpointError(f"{weights}: sha256 does not match {js} (the pair was not written together)")
+        raise CheckpointError(f"{weights}: sha256 does not match {js}: the file was changed, truncated or damaged "
+                              f"after the export, or the two files come from different exports; export again")
     try:
         return meta, load_file(str(weights))
     except Exception as e:  # safetensors' SafetensorError names no file
