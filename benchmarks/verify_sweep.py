@@ -1,4 +1,4 @@
-"""The third-party model sweep of ``rest-ds verify``: ~80 timm, torchvision and
+"""The third-party model sweep of ``rest-ds verify``: 83 timm, torchvision and
 transformers models, each run through ``rest-ds verify --train`` at the settings
 it needs, one at a time.
 
@@ -32,7 +32,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -314,6 +314,15 @@ MODELS: dict[str, Entry] = {
     "hf_upernet_convnext": Entry("transformers", _hf_upernet, note="ConvNeXt widths 16-128"),
     "hf_dinov2": Entry("transformers", _hf_dinov2, shape=P14, align=14, note="hidden 64, 2 layers, patch 14"),
 }
+
+# the same models on other grids: 2x2 puts a tile corner (four-way halos) inside the scene, 2x1 splits rows
+for _name in ("resnet26d", "hgnetv2_b0", "mobilenetv4_hybrid_medium", "edgenext_xx_small", "efficientvit_b0",
+              "efficientformerv2_s0", "lambda_resnet26t", "coatnet_nano_rw_224", "levit_128s", "xcit_nano_12_p16_224"):
+    MODELS[f"{_name}_2x2"] = replace(MODELS[_name], grid="2x2", note=MODELS[_name].note.replace("FP64-PASS checks", ""))
+MODELS["maxvit_nano_rw_256_2x2"] = replace(MODELS["maxvit_nano_rw_256"], grid="2x2", shape=(2, 3, 256, 256))
+for _name in ("edgenext_xx_small", "efficientvit_b0", "efficientformerv2_s0", "lambda_resnet26t",
+              "coatnet_nano_rw_224", "levit_128s", "maxxvitv2_nano_rw_256"):
+    MODELS[f"{_name}_2x1"] = replace(MODELS[_name], grid="2x1")
 
 
 def _factory(name: str, e: Entry) -> Callable[[], nn.Module]:
