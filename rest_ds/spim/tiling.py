@@ -44,26 +44,38 @@ def factorisations(sp: int) -> list[tuple[int, int]]:
     return [(ph, sp // ph) for ph in range(1, sp + 1) if sp % ph == 0]
 
 
-def choose_grid(height: int, width: int, sp: int, align: int = 1, halo: int = 1) -> tuple[int, int]:
-    """The ``ph x pw`` grid for ``sp`` ranks that moves the fewest halo pixels.
+def grid_cost(height: int, width: int, grid: tuple[int, int], align: int = 1,
+              halo: int = 1) -> tuple[int, int, int] | None:
+    """How :func:`choose_grid` ranks ``grid`` on a ``height x width`` scene (smaller
+    is better), or None where its tiles cannot be aligned or are thinner than ``halo``:
+    ``(largest tile area, interior border length, -rows)``.
 
-    Halo traffic per layer is proportional to the total interior border length,
-    ``(ph - 1) * width + (pw - 1) * height`` (corners are O(halo^2) and ignored).
-    Grids whose tiles cannot be aligned or are thinner than ``halo`` are skipped;
-    ties go to the grid with more rows (row-major tiles are contiguous in memory
-    order of a C x H x W raster, which readers prefer)."""
+    The largest tile comes first: every rank waits for it at each collective, so it
+    bounds the step, while halo traffic per layer (proportional to the interior border
+    length, ``(ph - 1) * width + (pw - 1) * height``; corners are O(halo^2) and ignored)
+    is small against a tile's compute. Ties go to more rows (row-major tiles are
+    contiguous in memory order of a C x H x W raster, which readers prefer)."""
+    ph, pw = grid
+    try:
+        layout = TileLayout.even(height, width, (ph, pw), align)
+    except SPIMError:
+        return None
+    rows, cols = tile_sizes(layout.rows), tile_sizes(layout.cols)
+    if min(rows) < halo or min(cols) < halo:
+        return None
+    return max(rows) * max(cols), (ph - 1) * width + (pw - 1) * height, -ph
+
+
+def choose_grid(height: int, width: int, sp: int, align: int = 1, halo: int = 1) -> tuple[int, int]:
+    """The ``ph x pw`` grid for ``sp`` ranks with the smallest largest tile, then the
+    fewest halo pixels (:func:`grid_cost`). Alignment can leave tiles uneven (a 560 px
+    side in 112 px units splits 224 / 336): then a grid that splits evenly wins even
+    with a longer interior border."""
     best = None
-    for ph, pw in factorisations(sp):
-        try:
-            layout = TileLayout.even(height, width, (ph, pw), align)
-        except SPIMError:
-            continue
-        if min(tile_sizes(layout.rows)) < halo or min(tile_sizes(layout.cols)) < halo:
-            continue
-        cost = (ph - 1) * width + (pw - 1) * height
-        key = (cost, -ph)
-        if best is None or key < best[0]:
-            best = (key, (ph, pw))
+    for g in factorisations(sp):
+        key = grid_cost(height, width, g, align, halo)
+        if key is not None and (best is None or key < best[0]):
+            best = (key, g)
     if best is None:
         raise SPIMError(
             f"no grid of {sp} ranks fits a {height}x{width} scene with alignment {align}: "

@@ -23,9 +23,10 @@ pw*W`` on a ``ph x pw`` grid, so every rank keeps an ``H x W`` tile).
 Shape-changing augmentations (rot90, random crops) are turned off so every
 step does the same work; flips stay.
 
-Layouts (``--layouts``): ``P`` (sp = P ranks on one scene, grid chosen for
-least halo traffic), ``PHxPW`` (sp with that grid), ``dpD`` (D data-parallel
-replicas, sp = 1), ``dpD:P`` / ``dpD:PHxPW`` (D replicas of an sp group).
+Layouts (``--layouts``): ``P`` (sp = P ranks on one scene, grid chosen for the
+smallest largest tile, then the least halo traffic), ``PHxPW`` (sp with that
+grid), ``dpD`` (D data-parallel replicas, sp = 1), ``dpD:P`` / ``dpD:PHxPW`` (D
+replicas of an sp group).
 
 Timing: each step's wall time is the slowest rank's; phases are timed by
 wrapping the engine's own calls (no second training loop): ``data``
@@ -119,7 +120,7 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer", "other", "loop")
 # --- specs -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """``dp`` replicas x ``sp`` ranks per scene; ``grid`` None = least halo traffic."""
+    """``dp`` replicas x ``sp`` ranks per scene; ``grid`` None = auto (rest_ds.spim.choose_grid)."""
 
     dp: int
     sp: int

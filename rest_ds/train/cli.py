@@ -117,7 +117,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--probs", type=Path, metavar="PROBS.tif", help="also write per-class probabilities (float32)")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a PNG preview of the map")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (refused otherwise)")
-    p.add_argument("--grid", metavar="PHxPW", help="tile grid of the ranks (default: least halo traffic)")
+    p.add_argument("--grid", metavar="PHxPW",
+                   help="tile grid of the ranks (default: the smallest largest tile, then the least halo traffic)")
     p.add_argument("--stats", choices=("model", "scene"), default="model",
                    help="normalisation: the training statistics stored with the model (default) or the input "
                         "scene's own (scanned once, cached)")

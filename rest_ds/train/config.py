@@ -87,7 +87,7 @@ class DataSection:
 @dataclass
 class MeshSection:
     """``sp``: ranks per scene (null: all ranks; crop mode: 1). ``grid``:
-    ``auto`` (least halo traffic) or ``PHxPW``. ``attention``: ``auto``,
+    ``auto`` (the smallest largest tile, then the least halo traffic) or ``PHxPW``. ``attention``: ``auto``,
     ``ulysses`` or ``allgather``."""
 
     sp: int | None = bounded(None, ge=1)

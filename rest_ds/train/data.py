@@ -14,6 +14,7 @@ exactly what the uninterrupted one would have read.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..data import (AugmentConfig, DataError, DataWarning, Scene, SceneReader, l
                     WindowCache, prepare_scene, read_tile)
 from ..data.samples import SAMPLES, is_fetched
 from ..spim import SPIMError
-from ..spim.tiling import TileLayout, choose_grid
+from ..spim.tiling import TileLayout, choose_grid, grid_cost
 from .inference import padded_shape, read_padded
 
 
@@ -208,7 +209,8 @@ def grid_shapes(train: list[OpenScene], val: list[OpenScene], rot90: bool, crop:
 
 def auto_grid(scenes: list[OpenScene], sp: int, align: int,
               need: list[tuple[int, int]] | None = None) -> tuple[int, int] | None:
-    """The grid with the least halo traffic on the first (padded) scene (rest_ds.spim.choose_grid)
+    """The grid with the smallest largest tile, then the least halo traffic, on the first (padded)
+    scene (rest_ds.spim.choose_grid)
     among those that split every size in ``need`` (default: just that scene); None if none does."""
     return fitting_grid(scenes[0].reader.shape[-2:], sp, align, need)
 
@@ -228,7 +230,7 @@ def fitting_grid(hw: tuple[int, int], sp: int, align: int,
             return best
     except SPIMError:
         pass
-    return min(fits, key=lambda g: ((g[0] - 1) * W + (g[1] - 1) * H, -g[0]))  # choose_grid's cost and ties
+    return min(fits, key=lambda g: grid_cost(H, W, g, align) or (math.inf,))  # choose_grid's order
 
 
 __all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout",
