@@ -331,13 +331,14 @@ def test_choose_grid(h, w, sp, want):
 
 
 def test_choose_grid_prefers_even_tiles_to_a_shorter_border():
-    # 448 x 560 in 112 px units (SAM, patch 16 x window 7): 1x2 splits the columns 224 / 336 (largest
-    # tile 448 x 336), 2x1 the rows 224 / 224 (224 x 560): 2x1 wins though its border is longer
+    # 448 x 560 in 112 px units: 1x2 splits the columns 224 / 336 (largest tile 448 x 336), 2x1 the
+    # rows 224 / 224 (224 x 560): 2x1 wins though its border is longer
     assert choose_grid(448, 560, 2, align=112) == (2, 1)
     assert grid_cost(448, 560, (1, 2), 112) == (448 * 336, 448, -1)
     assert grid_cost(448, 560, (2, 1), 112) == (224 * 560, 560, -2)
     assert grid_cost(448, 560, (4, 1), 112) == (112 * 560, 3 * 560, -4) and grid_cost(448, 560, (8, 1), 112) is None
     assert choose_grid(448, 512, 2, align=32) == (1, 2)  # even either way: the shorter border (the main job)
+    assert choose_grid(448, 672, 2, align=224) == (2, 1)  # the SAM config on nc-landsat7 (1x2: 224 / 448 columns)
 
 
 def test_choose_grid_skips_grids_that_do_not_fit():

@@ -68,8 +68,8 @@ def grid_cost(height: int, width: int, grid: tuple[int, int], align: int = 1,
 
 def choose_grid(height: int, width: int, sp: int, align: int = 1, halo: int = 1) -> tuple[int, int]:
     """The ``ph x pw`` grid for ``sp`` ranks with the smallest largest tile, then the
-    fewest halo pixels (:func:`grid_cost`). Alignment can leave tiles uneven (a 560 px
-    side in 112 px units splits 224 / 336): then a grid that splits evenly wins even
+    fewest halo pixels (:func:`grid_cost`). Alignment can leave tiles uneven (a 672 px
+    side in 224 px units splits 224 / 448): then a grid that splits evenly wins even
     with a longer interior border."""
     best = None
     for g in factorisations(sp):
