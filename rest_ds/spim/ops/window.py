@@ -473,16 +473,6 @@ def _conv_geometry(spec: Spec, mesh_id: int, ndim: int, x_shape, k, s, d, paddin
     return ke, pb, n_out, wp, geo
 
 
-# A border strip is a conv over a few output pixels that reads the whole weight, and CPU conv
-# kernels run such narrow inputs at a fraction of their speed, so where the weight outweighs the
-# tile the strips cost more than _HaloConv2d's copy of the tile into its halo-extended window.
-# Forward + backward on 2 CPU ranks, 1x2 grid, against the plain conv on the tile (min of 15,
-# interleaved; notes: conv_paths.py): 512 channels on 16 x 16 (weight 18x the tile) strips +36%,
-# window +20%; 128 on 16 x 16 and 512 on 32 x 32 (4.5x) strips +54% / +9%, window +37% / +6%;
-# at 2x they tie; on large tiles (weight <= 0.3x the tile) the strips win by 3-7%.
-_STRIPS_LOSE = 4
-
-
 @register(F.conv2d)
 def _conv2d(func, args, kwargs):
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -509,8 +499,6 @@ def _conv2d(func, args, kwargs):
         return wrap(F.conv2d(ext, weight, a.get("bias"), s, 0, d, a.get("groups", 1)), spec)
     if x.mesh.sp == 1:  # the tile is the scene: torch's own conv, its padding included
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), spec)
-    if geo is not None and weight.numel() >= _STRIPS_LOSE * x._local.numel():
-        geo = None  # a deep, small tile: the window path is cheaper (see _STRIPS_LOSE)
     if geo is not None:
         out = _BorderConv2d.apply(x._local, weight, a.get("bias"), x.mesh, plan, geo, s, d, a.get("groups", 1))
     else:
