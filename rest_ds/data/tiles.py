@@ -118,7 +118,7 @@ class WindowCache:
         return self._bytes
 
 
-def _own(a: np.ndarray, kept: np.ndarray, cached: bool) -> np.ndarray:
+def _unshared(a: np.ndarray, kept: np.ndarray, cached: bool) -> np.ndarray:
     """``a`` (a transform of ``kept``) as an array of its own where ``kept`` is in a cache."""
     return a.copy() if cached and (a is kept or np.shares_memory(a, kept)) else a
 
@@ -158,8 +158,8 @@ def read_tile(reader: SceneReader, rows: slice, cols: slice, *, stats: BandStats
     else:
         src_image, src_valid, ids = kept
 
-    image = _own(plan.geometric(src_image), src_image, cache is not None)
-    valid = _own(plan.geometric(src_valid), src_valid, cache is not None)
+    image = _unshared(plan.geometric(src_image), src_image, cache is not None)
+    valid = _unshared(plan.geometric(src_valid), src_valid, cache is not None)
     if plan.photometric:
         image = plan.photometric_apply(image, valid, rows, cols)
     invalid = ~valid
@@ -167,7 +167,7 @@ def read_tile(reader: SceneReader, rows: slice, cols: slice, *, stats: BandStats
 
     label = None
     if labelled:
-        label = _own(plan.geometric(ids), ids, cache is not None)
+        label = _unshared(plan.geometric(ids), ids, cache is not None)
         np.copyto(label, label.dtype.type(reader.scene.ignore_index), where=invalid)
     return SceneTile(image, label, valid, rows, cols, src_rows, src_cols)
 
