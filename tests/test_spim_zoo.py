@@ -180,7 +180,7 @@ VERIFY_GRID = (1, 2)
 VERIFY_SCENES = {
     "swin": (2, (128, 320), 128, TileLayout((0, 128), (0, 256, 320))),
     "sr32": (2, (64, 152), 32, TileLayout((0, 64), (0, 64, 152))),
-    "cli": (2, (128, 128), 32, TileLayout((0, 128), (0, 64, 128))),  # rest-ds verify's defaults
+    "cli": (2, (128, 160), 32, TileLayout((0, 128), (0, 96, 160))),  # near rest-ds verify's defaults
 }
 VERIFY_EXTRA = {
     "timm_swin_tiny_features": (Z.timm_swin_tiny_features, "swin"),
