@@ -540,11 +540,7 @@ class SceneReader:
         NaN/inf on a valid pixel is a :class:`DataError` naming the file and pixel."""
         r0, _, c0, _ = window_bounds(rows, cols, *self.shape[1:], what=f"{self.scene.name}: image window")
         raw = self.image.read(rows, cols)
-        valid = np.ones(raw.shape[1:], dtype=bool)
-        for b, nd in enumerate(self._nodata):
-            if nd is None:
-                continue
-            valid &= ~np.isnan(raw[b]) if (isinstance(nd, float) and math.isnan(nd)) else (raw[b] != nd)
+        valid = self._valid(raw)
         if raw.dtype.kind == "f":
             finite = np.isfinite(raw)
             bad = ~finite & valid[None]
@@ -557,6 +553,21 @@ class SceneReader:
                                                     f"the band's nodata is {self.image.nodata[b]}; fix the file or set "
                                                     f"image.nodata: .nan")
         return raw.astype(np.float32, copy=False), valid
+
+    def _valid(self, raw: np.ndarray) -> np.ndarray:
+        """bool ``h x w``: the pixels of a raw ``C x h x w`` block that no band marks as nodata."""
+        valid = np.ones(raw.shape[1:], dtype=bool)
+        for b, nd in enumerate(self._nodata):
+            if nd is None:
+                continue
+            valid &= ~np.isnan(raw[b]) if (isinstance(nd, float) and math.isnan(nd)) else (raw[b] != nd)
+        return valid
+
+    def read_valid(self, rows: slice, cols: slice) -> np.ndarray:
+        """bool ``h x w``: :meth:`read_image`'s validity of a window (nodata), without its
+        check of the values (a non-finite value is reported when the pixels are read)."""
+        window_bounds(rows, cols, *self.shape[1:], what=f"{self.scene.name}: image window")
+        return self._valid(self.image.read(rows, cols))
 
     def _band_file(self, band: int) -> str:
         paths = getattr(self.image, "paths", None)

@@ -96,17 +96,19 @@ def open_scenes(refs: list[str], *, cache: str | None, expected_bands: int | Non
 
 def has_labelled_pixel(scenes: list[OpenScene], region: str | None, block_rows: int = 512) -> bool:
     """Whether any scene has a pixel that training uses: a class (not label nodata, not
-    unlabeled) on valid imagery inside ``region`` (None: anywhere). Reads row blocks as
-    training does and stops at the first such pixel (usually within the first block)."""
+    unlabeled) on valid imagery inside ``region`` (None: anywhere). Reads row blocks and
+    stops at the first such pixel (usually within the first block); the image only where
+    the label has a class, and only its nodata mask (its values are checked, per rank,
+    when the rank reads its tile)."""
     for sc in scenes:
         r = sc.reader
         H, W = r.shape[1:]
         for r0 in range(0, H, block_rows):
             rows, cols = slice(r0, min(r0 + block_rows, H)), slice(0, W)
-            if not (r.read_label(rows, cols) != r.scene.ignore_index).any():
-                continue  # the label alone rules the block out (cheap)
-            _, lab, _ = read_padded(r, rows, cols, (H, W), stats=sc.stats, region=region)
-            if (lab != r.scene.ignore_index).any():
+            lab = r.read_label(rows, cols) != r.scene.ignore_index
+            if region is not None and lab.any():
+                lab &= r.read_region(region, rows, cols)
+            if lab.any() and (lab & r.read_valid(rows, cols)).any():
                 return True
     return False
 
