@@ -52,8 +52,8 @@ launch train --config configs/nc_landsat7_crop.yaml "output_dir=$OUT/crop" "${EX
 T_CROP=$(( $(date +%s) - T1 ))
 
 stamp "export"
-"$BIN/rest-ds" export --checkpoint "$OUT/rest" --output "$OUT/models/rest.safetensors"
-"$BIN/rest-ds" export --checkpoint "$OUT/crop" --output "$OUT/models/crop.safetensors"
+"$BIN/rest-ds" export --checkpoint "$OUT/rest" --output "$OUT/models/rest.safetensors" --overwrite
+"$BIN/rest-ds" export --checkpoint "$OUT/crop" --output "$OUT/models/crop.safetensors" --overwrite
 
 stamp "segment the whole scene with both"
 "$BIN/rest-ds" segment --checkpoint "$OUT/models/rest.safetensors" --input nc-landsat7 \

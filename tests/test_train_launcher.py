@@ -96,6 +96,13 @@ def test_export_then_segment_on_other_rank_counts(run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     meta = json.loads(model.with_suffix(".json").read_text())
     assert meta["step"] == 4 and meta["trained_with"]["world_size"] == 2 and meta["num_classes"] == 3
+    # an existing export is not replaced by accident (as segment's outputs), and is with --overwrite
+    before = model.stat().st_mtime_ns
+    p = rest_ds(["export", "--checkpoint", str(run["out"]), "--output", str(model)], tmp_path)
+    assert p.returncode != 0 and "exists; pass --overwrite" in p.stderr and model.stat().st_mtime_ns == before
+    p = rest_ds(["export", "--checkpoint", str(run["out"]), "--output", str(model), "--overwrite"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(model.with_suffix(".json").read_text())["sha256"] == meta["sha256"]
     maps = {}
     for P in (1, 3):
         out = tmp_path / f"map{P}.tif"

@@ -469,14 +469,21 @@ def consolidated_state_dict(root: Path, tag: str, manifest: dict) -> dict[str, t
             for k, v in sd.items()}
 
 
+def export_paths(output: str | os.PathLike) -> tuple[Path, Path]:
+    """The (weights, JSON) paths an export to ``output`` writes: ``output`` with a
+    ``.safetensors`` suffix (added when missing) and the ``.json`` beside it."""
+    out = Path(output)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(out.suffix + ".safetensors") if out.suffix else out.with_suffix(".safetensors")
+    return out, out.with_suffix(".json")
+
+
 def export_model(state_dict: dict[str, torch.Tensor], meta: dict, output: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``output`` (``.safetensors``) and the JSON beside it (same stem);
     both atomically, the JSON last with the weights' sha256. Returns both paths."""
     from safetensors.torch import save_file
 
-    out = Path(output)
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(out.suffix + ".safetensors") if out.suffix else out.with_suffix(".safetensors")
+    out, js = export_paths(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -490,7 +497,6 @@ def export_model(state_dict: dict[str, torch.Tensor], meta: dict, output: str | 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    js = out.with_suffix(".json")
     atomic_write_json(js, {"format": EXPORT_FORMAT, "weights": out.name, "sha256": sha256_file(out), **meta})
     return out, js
 

@@ -78,7 +78,8 @@ ranks) into one .safetensors file plus a .json (model config, classes,
 normalisation, bands), the input of 'rest-ds segment' on any number of ranks.
 
 CHECKPOINT is a run folder, its checkpoints/ folder (the latest complete
-checkpoint is used) or one checkpoints/step_N/ folder."""
+checkpoint is used) or one checkpoints/step_N/ folder. An existing export at
+--output is replaced only with --overwrite."""
 
 
 def add_parser(subparsers) -> None:
@@ -140,6 +141,7 @@ def add_parser(subparsers) -> None:
                    help="run folder, checkpoints/ folder or checkpoints/step_N/ folder")
     p.add_argument("--output", required=True, type=Path, metavar="MODEL.safetensors",
                    help="output weights (the .json is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export (refused otherwise)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     p.set_defaults(func=cmd_export)
 
@@ -436,7 +438,7 @@ def _print_segment(res: dict) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
-        from .checkpoint import consolidated_state_dict, export_model, select_checkpoint
+        from .checkpoint import consolidated_state_dict, export_model, export_paths, select_checkpoint
         from .engine import quiet_deepspeed
 
         quiet_deepspeed()
@@ -447,6 +449,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.output.is_dir() or blocked is not None:
             why = "it is a folder" if blocked is None else f"{blocked} is not a writable folder"
             raise CheckpointError(f"{args.output}: --output cannot be written ({why})")
+        existing = [p for p in export_paths(args.output) if p.exists()]
+        if existing and not args.overwrite:   # as segment does: an export is not replaced by accident
+            raise CheckpointError(f"{existing[0]} exists; pass --overwrite to replace it")
 
         root, tag, manifest = select_checkpoint(args.checkpoint, fallback=False)
         sd = consolidated_state_dict(root, tag, manifest)
