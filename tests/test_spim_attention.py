@@ -3,8 +3,11 @@
 Sharded vs one process (output, input grad, parameter grads) for global
 attention with Ulysses and all-gather K/V (heads divisible and not divisible by
 sp, prefix tokens, explicit q @ k^T attention, a replicated attention bias over
-the scene or over MaxViT's grid-partition windows), and windowed attention; the
-bytes moved per layer against the analytic volumes."""
+the scene or over MaxViT's grid-partition windows), and windowed attention; in
+float64 HaloNet-style blocks with a halo (``Tensor.unfold`` along the grid dims:
+a halo exchange), unfold with other sizes/steps, and MViTv2-style relative
+positions assigned in place (``attn[:, :, 0:, 0:] = ...``); the bytes moved per
+layer against the analytic volumes."""
 from __future__ import annotations
 
 import pytest
@@ -76,6 +79,84 @@ class BiasedAttention(nn.Module):
         return o.permute(0, 3, 1, 2) + x
 
 
+class HaloBlocks(nn.Module):
+    """HaloNet-style blocked attention (timm HaloAttn's layout, tiny): queries in
+    ``b x b`` blocks, keys/values from each block with a halo of ``h`` around it
+    (``F.pad`` then ``Tensor.unfold`` along both grid dims: a halo exchange),
+    a relative term per (query row, key) tiled over the block's columns with
+    ``expand``, the output folded back to NCHW."""
+
+    def __init__(self, c: int = 24, heads: int = 2, b: int = 2, h: int = 1):
+        super().__init__()
+        self.heads, self.b, self.h, self.win = heads, b, h, b + 2 * h
+        torch.manual_seed(6)
+        self.q = nn.Conv2d(c, c, 1)
+        self.kv = nn.Conv2d(c, 2 * c, 1)
+        self.rel = nn.Parameter(0.3 * torch.randn(self.win, c // heads))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        b, win, d = self.b, self.win, C // self.heads
+        nh, nw = H // b, W // b
+        q = self.q(x).reshape(-1, d, nh, b, nw, b).permute(0, 1, 3, 5, 2, 4)
+        q = q.reshape(B * self.heads, d, b * b, nh * nw).transpose(1, 3)  # (B heads, blocks, b b, d)
+        kv = nn.functional.pad(self.kv(x), [self.h] * 4)
+        kv = kv.unfold(2, win, b).unfold(3, win, b).reshape(B * self.heads, 2 * d, nh * nw, -1).permute(0, 2, 3, 1)
+        k, v = torch.split(kv, [d, d], dim=-1)
+        rel = (q @ self.rel.transpose(0, 1)).reshape(-1, b, 1, b, win).expand(-1, -1, win, -1, -1)
+        rel = rel.permute(0, 1, 3, 2, 4).reshape(B * self.heads, nh * nw, b * b, win * win)
+        attn = ((q @ k.transpose(-1, -2)) * d ** -0.5 + rel).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 3).reshape(-1, b, b, nh, nw)
+        return out.permute(0, 3, 1, 4, 2).reshape(B, C, H, W) + x
+
+
+class UnfoldWindows(nn.Module):
+    """``Tensor.unfold`` along both grid dims with other sizes and steps: rows
+    overlapping (size 3, step 2), cols with gaps (size 2, step 3), and along a
+    channel dim (local); a weighted sum over each window."""
+
+    def __init__(self, c: int = 24):
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = nn.Conv2d(c, 6, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(3, 3, 2))
+
+    def forward(self, x):
+        y = self.conv(x).unfold(1, 3, 3).unfold(2, 3, 2).unfold(3, 2, 3)  # (B, 2, H', W', 3, 3, 2)
+        return (y * self.w).sum((-3, -2, -1))
+
+
+class RelPosSetitem(nn.Module):
+    """MViTv2's decomposed relative positions written into the attention logits
+    in place (timm mvitv2.cal_rel_pos_type without a class token):
+    ``attn[:, :, 0:, 0:] = (attn.view(B, heads, H, W, H, W) + rel_h + rel_w).view(...)``
+    with the query tokens sharded; then a plain full-scene tensor assigned
+    into a channel slice of the output (sliced to the tile)."""
+
+    def __init__(self, c: int = 24, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        torch.manual_seed(8)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.rel_h = nn.Parameter(0.3 * torch.randn(H, H, c // heads))
+        self.rel_w = nn.Parameter(0.3 * torch.randn(W, W, c // heads))
+        self.pos = nn.Parameter(torch.randn(1, 2, H, W))
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        qkv = self.qkv(x.flatten(2).transpose(1, 2)).reshape(B, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        r_q = q[:, :, 0:].reshape(B, self.heads, h, w, -1)
+        rel_h = torch.einsum("byhwc,hkc->byhwk", r_q, self.rel_h)
+        rel_w = torch.einsum("byhwc,wkc->byhwk", r_q, self.rel_w)
+        attn[:, :, 0:, 0:] = (attn[:, :, 0:, 0:].view(B, -1, h, w, h, w) + rel_h.unsqueeze(-1)
+                              + rel_w.unsqueeze(-2)).view(B, -1, h * w, h * w)
+        o = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, h, w, C).permute(0, 3, 1, 2) + x
+        o[:, 1:3] = self.pos * 2.0
+        return o
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -88,6 +169,12 @@ CASES = {
     "cls_token": lambda: TokenBlock(heads=4, cls=True, depth=2),
     "explicit_attention": lambda: TokenBlock(heads=2, fused=False),
     "sam_global": lambda: SamLayerNCHW(0),
+}
+# float64 (the algorithm itself, to ~1e-14), on EVEN_LAYOUTS (borders on the 2 x 2 halo blocks)
+CASES_FP64 = {
+    "halo_blocks_fp64": HaloBlocks,
+    "unfold_windows_fp64": UnfoldWindows,
+    "relpos_setitem_fp64": RelPosSetitem,
 }
 
 
@@ -104,6 +191,9 @@ def _rank(grid):
     x = torch.randn(2, 24, H, W, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     rep = compare_sharded(lambda: SamLayerNCHW(0, "sdpa").double(), x, mesh, LAYOUTS[grid], train=True, step=True)
     out["sam_global_fp64"] = (rep.errors, rep.refused)
+    for name, factory in CASES_FP64.items():
+        rep = compare_sharded(lambda: factory().double(), x, mesh, EVEN_LAYOUTS[grid], train=True, step=True)
+        out[name] = (rep.errors, rep.refused)
     return out
 
 
@@ -112,7 +202,7 @@ def _results(grid):
 
 
 @pytest.mark.parametrize("grid", grid_params(LAYOUTS, FAST_GRID))
-@pytest.mark.parametrize("case", list(CASES) + ["sam_global_fp64"])
+@pytest.mark.parametrize("case", list(CASES) + ["sam_global_fp64"] + list(CASES_FP64))
 def test_attention_exact(grid, case):
     errors, refused = _results(grid)[case]
     check_report(errors, refused, TOL[torch.float64 if case.endswith("fp64") else torch.float32], f"{case} on {grid}")

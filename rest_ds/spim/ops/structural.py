@@ -238,10 +238,10 @@ def _reshape_as(func, args, kwargs):
     return reshape_to(args[0], list(args[1].shape), op_name(func))
 
 
-@register(*funcs_named("expand", "repeat",
-                       "unfold", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
+@register(torch.nn.functional.unfold,  # im2col; Tensor.unfold (sliding windows along one dim): window.py
+          *funcs_named("expand", "repeat", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
                        "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "pixel_shuffle",
-                       "pixel_unshuffle", "tolist", "numpy", "item", "__setitem__", "__bool__", "__reduce_ex__",
+                       "pixel_unshuffle", "tolist", "numpy", "item", "__bool__", "__reduce_ex__",
                        "__deepcopy__", "mm", "tensordot",
                        "fold", "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm"))
 def _refuse_layout(func, args, kwargs):
@@ -253,6 +253,12 @@ def _refuse_layout(func, args, kwargs):
             shape = tuple(shape[0])
         if all(int(s) in (-1, n) for s, n in zip(shape, x.shape)) and len(shape) == x.dim():
             return x  # expanding to its own shape
+        lead = len(shape) - x.dim()
+        if lead >= 0 and all(int(shape[d + lead]) in (-1, x.shape[d]) for d in x._spec.dims):
+            # sharded dims kept, size-1 dims broadcast (HaloNet's relative logits tiled over a block
+            # row): local; new leading dims shift the sharded ones
+            loc = [-1 if k - lead in x._spec.dims else int(n) for k, n in enumerate(shape)]
+            return wrap(x._local.expand(loc), x._spec.with_dims([d + lead for d in x._spec.dims]))
     if name.endswith(("cumsum", "cumprod", "flip", "sort", "topk", "diff", "narrow", "index_select")):
         dim = args[2] if name.endswith("narrow") or name.endswith("index_select") else (args[1] if len(args) > 1 else kwargs.get("dim"))
         if name.endswith("flip") and dim is None:
@@ -463,6 +469,51 @@ def _getitem(func, args, kwargs):
         src += 1
     out = x._local[idx]
     return wrap(out, x._spec.with_dims([new_dims[d] for d in x._spec.dims]))
+
+
+@register(torch.Tensor.__setitem__)
+def _setitem(func, args, kwargs):
+    """``x[index] = value`` in place on the tile, where ``index`` keeps every
+    sharded dim of ``x`` whole (``:`` or a slice over all of it; MViTv2's
+    ``attn[:, :, 0:, 0:] = attn[...] + rel_pos`` without a class token): the
+    indexed view of the tile is then this tile's part of the indexed global
+    view, so the assignment is local. ``value`` is a sharded tensor of that
+    view's layout, or a plain one (a number, or a tensor broadcast against the
+    view's global shape, sliced to the tile where it spans a sharded dim).
+    Anything else (an index into a sharded dim, a sharded value into a
+    replicated tensor) is refused."""
+    x, index, value = args
+    if not isinstance(x, SpatialTensor):
+        raise context.unsupported("Tensor.__setitem__", "assigning a sharded value into a replicated tensor "
+                                  "(it would hold only this tile's part)")
+    idx = index if isinstance(index, tuple) else (index,)
+    if any(i is None or not isinstance(i, (int, slice, type(Ellipsis))) for i in idx):
+        raise context.unsupported("Tensor.__setitem__", "advanced (tensor/list/None) indexing of a sharded tensor")
+    n_real = sum(1 for i in idx if i is not Ellipsis)
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1:]
+    else:
+        idx = idx + (slice(None),) * (x.dim() - n_real)
+    for d in x._spec.dims:
+        i = idx[d]
+        if not (isinstance(i, slice) and i.indices(x.shape[d]) == (0, x.shape[d], 1)):
+            raise context.unsupported(
+                "Tensor.__setitem__", f"assigning into sharded dim {d} with {i!r} of a tensor of global shape "
+                f"{tuple(x.shape)} (only ':' is allowed there)")
+    view = _getitem(torch.Tensor.__getitem__, (x, idx), {})
+    if isinstance(value, SpatialTensor):
+        if value.dim() != view.dim() or not value._spec.same_layout(view._spec):
+            raise context.unsupported(
+                "Tensor.__setitem__", f"the value's layout (dims {value._spec.dims}, global shape "
+                f"{tuple(value.shape)}) is not the target's (dims {view._spec.dims}, global shape {tuple(view.shape)})")
+        v = value._local
+    elif isinstance(value, torch.Tensor):
+        v = align_plain(value, view.dim(), view._spec, "Tensor.__setitem__")
+    else:
+        v = value
+    x._local[idx] = v
+    return None
 
 
 def every_kth(x: SpatialTensor, dim: int, sl: slice) -> SpatialTensor | None:

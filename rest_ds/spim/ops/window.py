@@ -641,3 +641,43 @@ def _pad(func, args, kwargs):
                 raise SPIMError(f"{context.where()}: pad: reflect padding of {max(b, e)} needs a tile larger than that")
     out = F.pad(loc, local_pad, mode=mode, value=value) if mode == "constant" else F.pad(loc, local_pad, mode=mode)
     return wrap(out, Spec(spec.mesh, spec.dims, rows, cols))
+
+
+@register(torch.Tensor.unfold)
+def _unfold(func, args, kwargs):
+    """``x.unfold(dim, size, step)``: the windows ``[o step, o step + size)``
+    along ``dim`` as a new last dim (HaloNet's key/value blocks with a halo:
+    a padded map unfolded by ``block + 2 halo`` with step ``block``).
+
+    Along an unsharded dim: local. Along a grid dim: a window op with extent
+    ``size``, stride ``step`` and no padding (module docstring): output window
+    ``o`` belongs to the tile holding its centre, each rank fetches the rows
+    (cols) its windows read from its neighbours (the halo exchange, corners
+    not needed: the other grid dim is its own tile) and unfolds locally, so
+    every rank holds exactly its windows; the halo's gradient goes back to its
+    owner. A tile that owns no window is refused (geometry.output_partition);
+    a token dim is refused."""
+    a = dict(zip(("self", "dimension", "size", "step"), args))
+    a.update(kwargs)
+    x, size, step = a["self"], int(a["size"]), int(a["step"])
+    dim = int(a["dimension"]) % max(x.dim(), 1)
+    spec = x._spec
+    if dim not in spec.dims:
+        return wrap(x._local.unfold(dim, size, step), spec)
+    if spec.is_tokens:
+        raise context.unsupported("Tensor.unfold", f"windows along the token dim {dim} (flattened grid) of a "
+                                  f"tensor of global shape {tuple(x.shape)}")
+    n = x.shape[dim]
+    if size < 1 or step < 1 or size > n:
+        raise SPIMError(f"{context.where()}: Tensor.unfold: size {size} and step {step} do not fit the global "
+                        f"extent {n} of dim {dim}")
+    axis = spec.dims.index(dim)
+    part = (spec.rows, spec.cols)[axis]
+    out = output_partition(part, (n - size) // step + 1, size, step, 0, "Tensor.unfold", ("row", "col")[axis])
+    need = [needs(out, size, step, 0), needs((spec.rows, spec.cols)[1 - axis], 1, 1, 0)]
+    if axis == 1:
+        need.reverse()
+    ext = halo_exchange(x._local, spec.mesh, spec.rows, spec.cols, need[0], need[1], spec.dims, "Tensor.unfold",
+                        reference_paths())
+    new = Spec(spec.mesh, spec.dims, out, spec.cols) if axis == 0 else Spec(spec.mesh, spec.dims, spec.rows, out)
+    return wrap(ext.unfold(dim, size, step), new)
