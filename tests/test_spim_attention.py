@@ -6,8 +6,9 @@ sp, prefix tokens, explicit q @ k^T attention, a replicated attention bias over
 the scene or over MaxViT's grid-partition windows), and windowed attention; in
 float64 HaloNet-style blocks with a halo (``Tensor.unfold`` along the grid dims:
 a halo exchange), unfold with other sizes/steps, and MViTv2-style relative
-positions assigned in place (``attn[:, :, 0:, 0:] = ...``); the bytes moved per
-layer against the analytic volumes."""
+positions assigned in place (``attn[:, :, 0:, 0:] = ...``), BoTNet-style
+relative-to-absolute logits (through layouts that mix the grid: index-mapped);
+the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
 import pytest
@@ -157,6 +158,43 @@ class RelPosSetitem(nn.Module):
         return o
 
 
+def _rel_to_abs(q, rel_k):
+    """BoTNet's relative logits along the last grid dim (timm bottleneck_attn.rel_logits_1d):
+    (B, H, W, d) -> (B, H, H, W, W), through layouts that mix the grid with the batch."""
+    B, H, W, _ = q.shape
+    x = (q @ rel_k.transpose(-1, -2)).reshape(-1, W, 2 * W - 1)
+    x = nn.functional.pad(nn.functional.pad(x, [0, 1]).flatten(1), [0, W - 1]).reshape(-1, W + 1, 2 * W - 1)
+    return x[:, :W, W - 1:].reshape(B, H, 1, W, W).expand(-1, -1, H, -1, -1)
+
+
+class RelToAbsAttention(nn.Module):
+    """BoTNet-style global attention with relative logits (timm PosEmbedRel): each
+    axis' relative-to-absolute skew (a reshape merging the grid rows into the
+    batch, pad, flatten, pad, reshape, slice) leaves every layout SPIM can
+    shard and comes back to the grid (an index-mapped rearrangement)."""
+
+    def __init__(self, c: int = 24, heads: int = 2):
+        super().__init__()
+        self.heads, d = heads, c // heads
+        torch.manual_seed(9)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.rel_h = nn.Parameter(0.3 * torch.randn(2 * H - 1, d))
+        self.rel_w = nn.Parameter(0.3 * torch.randn(2 * W - 1, d))
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        d = C // self.heads
+        q, k, v = torch.split(self.qkv(x), [C, C, C], dim=1)
+        q = q.reshape(B * self.heads, d, -1).transpose(-1, -2)
+        k = k.reshape(B * self.heads, d, -1)
+        v = v.reshape(B * self.heads, d, -1).transpose(-1, -2)
+        qg = q.reshape(B * self.heads, h, w, d)
+        rel = (_rel_to_abs(qg, self.rel_w).permute(0, 1, 3, 2, 4)
+               + _rel_to_abs(qg.transpose(1, 2), self.rel_h).permute(0, 3, 1, 4, 2))
+        attn = ((q @ k) * d ** -0.5 + rel.reshape(B * self.heads, h * w, h * w)).softmax(dim=-1)
+        return (attn @ v).transpose(-1, -2).reshape(B, C, h, w) + x
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -175,6 +213,7 @@ CASES_FP64 = {
     "halo_blocks_fp64": HaloBlocks,
     "unfold_windows_fp64": UnfoldWindows,
     "relpos_setitem_fp64": RelPosSetitem,
+    "rel_to_abs_fp64": RelToAbsAttention,
 }
 
 

@@ -31,6 +31,15 @@ class MergeChannelsRows(nn.Module):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+class ShiftThroughPairs(nn.Module):
+    def forward(self, x):
+        # through pairs of the flattened grid (a layout that cuts it: index-mapped) and back, one
+        # pair later: values cross the tile borders, so it must be refused, not computed on the tile
+        B, C, H, W = x.shape
+        y = x.reshape(B, C, H * W // 2, 2)
+        return torch.nn.functional.pad(y, [0, 0, 1, 0])[:, :, :-1].reshape(B, C, H, W)
+
+
 class Roll(nn.Module):
     def forward(self, x):
         # without dims torch.roll shifts the flattened tensor: that mixes the sharded dims with the
@@ -104,6 +113,9 @@ def _grid2x2_cases() -> dict[str, tuple[str, str]]:
     def roll_sharded():
         parallelize(Wrapper(Roll()), mesh)(torch.randn(1, 3, 6, 6))
 
+    def shift_through_pairs():
+        parallelize(Wrapper(ShiftThroughPairs()), mesh)(torch.randn(1, 3, 6, 6))
+
     def custom_function():
         parallelize(Wrapper(CustomFunction()), mesh)(torch.randn(1, 3, 6, 6))
 
@@ -113,6 +125,7 @@ def _grid2x2_cases() -> dict[str, tuple[str, str]]:
     for name, fn in [("no_output_rows", no_output_rows), ("misaligned", misaligned), ("aligned_ok", aligned_ok),
                      ("channels_mismatch", channels_mismatch), ("row_heights_mismatch", row_heights_mismatch),
                      ("merge_rows_sharded", merge_rows_sharded), ("roll_sharded", roll_sharded),
+                     ("shift_through_pairs", shift_through_pairs),
                      ("custom_function", custom_function), ("reentrant_checkpoint", reentrant_checkpoint)]:
         out[name] = _catch(fn)
         dist.barrier()  # a case that left a rank behind would hang here and time out the test
@@ -235,10 +248,13 @@ def test_mismatched_row_heights(grid2x2, three_ranks):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("case, op", [("merge_rows_sharded", "reshape"), ("roll_sharded", "roll")])
+@pytest.mark.parametrize("case, op", [("merge_rows_sharded", "reshape"), ("roll_sharded", "roll"),
+                                      ("shift_through_pairs", "reshape")])
 def test_unsupported_op_names_module(grid2x2, case, op):
     msg = _same_error_everywhere(grid2x2, case, SPIMUnsupportedError)
     assert "module 'head.1'" in msg and op in msg, msg
+    if op == "reshape":
+        assert "would mix or cut the sharded dims" in msg, msg
 
 
 @pytest.mark.timeout(600)

@@ -31,6 +31,7 @@ from . import context
 from .comm import all_reduce_
 from .errors import SPIMError, SPIMUnsupportedError
 from .mesh import SpatialMesh
+from .ops.indexmap import settle
 from . import rng
 from .sharding import from_local
 from .tensor import FUNCTION_GUARD, SpatialTensor
@@ -115,7 +116,10 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
         return tuple(args), kwargs
 
     def root_post(mod, args, out):
-        run.pop("")
+        try:
+            return settle(out)  # never an index map out of a module (ops/indexmap.py)
+        finally:
+            run.pop("")
 
     # always_call: a forward that raises still leaves the run (and the guard)
     handles = [model.register_forward_pre_hook(root_pre_hook, with_kwargs=True),
@@ -136,9 +140,12 @@ def parallelize(model: nn.Module, mesh: SpatialMesh, *, align: int = 1,
     def post(name):
         def hook(mod, args, out):
             try:
-                run.pop(name)
-            finally:  # as two always-called hooks: the second runs when the first raises
-                rng_leave()
+                return settle(out)  # never an index map out of a module (ops/indexmap.py)
+            finally:
+                try:
+                    run.pop(name)
+                finally:  # as two always-called hooks: the second runs when the first raises
+                    rng_leave()
         return hook
 
     for name, m in model.named_modules():

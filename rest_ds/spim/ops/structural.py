@@ -17,6 +17,7 @@ from .. import context
 from ..comm import all_reduce_, all_reduce_sum
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
+from .indexmap import index_mapped
 from .pointwise import align_plain, localize
 
 
@@ -124,10 +125,22 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
     ``(H, W)`` (grid layout) or one dim ``L * H * W * T`` (token layout, with
     ``L`` split off the dims before the grid and ``T`` off those after). A grid
     may also be split into / merged from windows ``(H / k, k, W / k, k)`` when
-    every tile border lies on the window grid. Anything that would mix the grid
-    with other dims or cut it is refused."""
+    every tile border lies on the window grid. A reshape of a grid layout that
+    would mix the grid with other dims or cut it returns an index-mapped
+    rearrangement (ops/indexmap.py: exact where it comes back to a grid layout
+    within the module, refused otherwise); of a token layout it is refused."""
     spec = x._spec
-    loc, out = _reshape_plan(spec, id(spec.mesh), tuple(x.shape), tuple(int(s) for s in new_shape), op)
+    new_shape = tuple(int(s) for s in new_shape)
+    plan = _reshape_plan(spec, id(spec.mesh), tuple(x.shape), new_shape, op)
+    if plan is None:
+        new_shape = tuple(_resolve(new_shape, math.prod(x.shape), op))
+        # a rearrangement through a layout that mixes or cuts the grid: tracked as a global
+        # index map until it is a grid layout again (ops/indexmap.py), or refused with this
+        err = context.unsupported(
+            op, f"reshaping global shape {tuple(x.shape)} to {new_shape} would mix or cut the sharded "
+            f"{'token dim' if spec.is_tokens else 'dims'} {spec.dims}")
+        return index_mapped(x, new_shape, err)
+    loc, out = plan
     return wrap(x._local.reshape(loc), out)
 
 
@@ -136,8 +149,8 @@ def reshape_to(x: SpatialTensor, new_shape, op: str) -> SpatialTensor:
 # not cached (lru_cache): errors come as before, naming the module. ``mesh_id``: see
 # window._window_plan (the output Spec holds the mesh object).
 @functools.lru_cache(maxsize=1024)
-def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: str) -> tuple[tuple, Spec]:
-    """(local shape, Spec) of :func:`reshape_to`."""
+def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: str) -> tuple[tuple, Spec] | None:
+    """(local shape, Spec) of :func:`reshape_to`; None where the reshape would mix or cut the grid."""
     old = list(old)
     new = _resolve(new_shape, math.prod(old), op)
     H, W = spec.global_hw
@@ -169,7 +182,7 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
                     return tuple(loc), out
             raise context.unsupported(op, f"reshaping windows {tuple(old)} -> {tuple(new)} other than back to the grid")
         else:
-            raise context.unsupported(op, f"the sharded dims {spec.dims} are not adjacent")
+            return None  # the grid's dims apart or transposed: reshape_to decides
     (r0, r1), (c0, c1) = spec.row_range, spec.col_range
     h, w = r1 - r0, c1 - c0
     for p in range(len(new)):
@@ -204,10 +217,7 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
                 loc[p] = lead * h * w * trail
                 out = Spec(spec.mesh, (p,), spec.rows, spec.cols, 0, lead, trail)
                 return tuple(loc), out
-    raise context.unsupported(
-        op, f"reshaping global shape {tuple(old)} to {tuple(new)} would mix or cut the sharded "
-        f"{'token dim' if spec.is_tokens else 'dims'} {spec.dims}"
-    )
+    return None  # would mix or cut the grid: reshape_to decides
 
 
 @register(*funcs_named("view", "reshape", owners=(torch, torch.Tensor)))
