@@ -192,18 +192,19 @@ def _start_plan_exchange(plan: "_Plan", send_items, recv_items, like: torch.Tens
     return start_exchange(send_items, recv_items, mesh, phase)
 
 
-def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0) -> torch.Tensor:
+def assemble(pieces: dict, dims, pads: tuple[int, int, int, int] = (0, 0, 0, 0), fill: float = 0.0,
+             memory_format: torch.memory_format | None = None) -> torch.Tensor:
     """The window from its pieces (keyed by global (rows, cols)), with ``pads``
     = (left, right, top, bottom) elements of ``fill`` added at the scene border
-    (:func:`window_part` of the pieces' box so extended); a lone piece without
-    padding is returned as is (a view of the tile)."""
+    (:func:`window_part` of the pieces' box so extended, in ``memory_format``);
+    a lone piece without padding is returned as is (a view of the tile)."""
     keys = list(pieces)
     if len(keys) == 1 and not any(pads):
         return pieces[keys[0]]
     left, right, top, bottom = pads
     rows = (min(k[0][0] for k in keys) - top, max(k[0][1] for k in keys) + bottom)
     cols = (min(k[1][0] for k in keys) - left, max(k[1][1] for k in keys) + right)
-    return window_part(pieces, dims, rows, cols, fill)
+    return window_part(pieces, dims, rows, cols, fill, memory_format)
 
 
 def fetch(x: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims) -> dict:
@@ -255,13 +256,17 @@ def return_grads(g: torch.Tensor, mesh: SpatialMesh, plan: _Plan, dims, x_shape,
     return gx
 
 
-def window_part(pieces: dict, dims, rows: Range, cols: Range, fill: float = 0.0) -> torch.Tensor:
+def window_part(pieces: dict, dims, rows: Range, cols: Range, fill: float = 0.0,
+                memory_format: torch.memory_format | None = None) -> torch.Tensor:
     """Global rows x cols of a window from its pieces ({(rows, cols): tensor},
     e.g. from :func:`start_fetch`, which tile the window's part inside the
-    scene), ``fill`` where no piece lies (the scene border). One allocation;
-    only the bands outside the pieces are filled."""
+    scene), ``fill`` where no piece lies (the scene border). One allocation,
+    in ``memory_format`` (default: contiguous); only the bands outside the
+    pieces are filled."""
     ref = next(iter(pieces.values()))
-    out = ref.new_empty(_box_shape(ref.shape, dims, rows, cols))
+    shape = _box_shape(ref.shape, dims, rows, cols)
+    out = ref.new_empty(shape) if memory_format is None else \
+        torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=memory_format)
     parts = [(box, key, t) for key, t in pieces.items() if (box := _box(key, rows, cols)) is not None]
     if not parts:
         return out.fill_(fill)

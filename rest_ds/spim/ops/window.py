@@ -124,12 +124,28 @@ def windowed(x: SpatialTensor, op: str, ke, s, p, n_out, pad_mode="constant", pa
     return ext, out_spec, ranges
 
 
+def tile_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a tile ``x`` (channels-last when it is laid out so and
+    not also NCHW-contiguous, the test torch's layout-dependent kernels and
+    :class:`~rest_ds.spim.ops.norm._GroupNormScene` use), for the windows
+    assembled from it. torch's conv and pooling keep their input's layout, so
+    an op over a window in this format returns what the op on the tile itself
+    returns (the padded-tile paths, one process). A window op must do so on
+    every path: the path is chosen per rank (the tile's position decides), and
+    an op after it may choose its own collective by layout (group norm gathers
+    per-group moments of an NCHW tile, per-channel ones of a channels-last
+    tile): ranks that disagree mix unlike buffers, silently."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _rebuild(x: torch.Tensor, halos, plan, dims, pads) -> torch.Tensor:
     """The padded window again, from the saved tile and received halos."""
     pieces = {(rr, cc): h for (_, rr, cc), h in zip(plan.recv, halos)}
     if plan.own is not None:
         pieces[plan.own] = _slice_own(x, plan, dims)
-    return assemble(pieces, dims, pads)
+    return assemble(pieces, dims, pads, memory_format=tile_format(x))
 
 
 def _slice_own(x: torch.Tensor, plan, dims) -> torch.Tensor:
@@ -151,13 +167,18 @@ class _HaloConv2d(torch.autograd.Function):
     computes the weight gradient from the rebuilt window, frees it, and only
     then the window gradient (a transposed conv of the output gradient), which
     becomes the tile gradient in place. Peak memory per rank then stays that of
-    a plain conv on the tile."""
+    a plain conv on the tile. The window has the tile's memory format, so the
+    output has the layout of the padded-tile path and of one process
+    (:func:`tile_format`; an NCHW window gave an NCHW output for a
+    channels-last tile, and a group norm after a conv that took this path on
+    some ranks only mixed unlike statistics)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mesh, plan, pads, stride, dilation, groups):
         dims = (x.dim() - 2, x.dim() - 1)
         pieces = fetch(x, mesh, plan, dims)
-        out = F.conv2d(assemble(pieces, dims, pads), weight, bias, stride, 0, dilation, groups)
+        out = F.conv2d(assemble(pieces, dims, pads, memory_format=tile_format(x)), weight, bias, stride, 0, dilation,
+                       groups)
         halos = [pieces[(rr, cc)] for _, rr, cc in plan.recv]
         ctx.save_for_backward(x, weight, *halos)
         ctx.cfg = (mesh, plan, pads, stride, dilation, groups, bias is not None, dims)
@@ -406,7 +427,7 @@ class _HaloMaxPool2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, plan, pads, kernel, stride, dilation):
         dims = (x.dim() - 2, x.dim() - 1)
-        ext = assemble(fetch(x, mesh, plan, dims), dims, pads, float("-inf"))
+        ext = assemble(fetch(x, mesh, plan, dims), dims, pads, float("-inf"), tile_format(x))  # x's layout
         out, idx = torch.ops.aten.max_pool2d_with_indices(ext, list(kernel), list(stride), [0, 0], list(dilation),
                                                           False)
         ctx.save_for_backward(idx)
@@ -431,7 +452,7 @@ class _HaloSumPool2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, plan, pads, kernel, stride):
         dims = (x.dim() - 2, x.dim() - 1)
-        ext = assemble(fetch(x, mesh, plan, dims), dims, pads)
+        ext = assemble(fetch(x, mesh, plan, dims), dims, pads, memory_format=tile_format(x))  # x's layout
         out = F.avg_pool2d(ext, kernel, stride, 0, False, True, 1)
         ctx.cfg = (mesh, plan, pads, dims, x.shape, kernel, stride)
         return out
