@@ -12,7 +12,9 @@ statistics gather per-group moments of an NCHW tile but per-channel ones of a
 channels-last tile, mixed unlike buffers across ranks (float64 errors of
 order 1: the ViTDet pyramid + FPN decoders with commit 1c9099a's size rule,
 and, without any forcing, a valid conv then a group norm on the uneven 1x3
-grid below).
+grid below). The group norm now gathers per-group moments from every tile
+whatever its layout, which also covers a channels-last map whose tile on one
+rank is 1 x 1 (contiguous in both layouts: the 2x2 grid below).
 
 Each case is conv -> GroupNorm -> "same" conv, float64 vs one process (output,
 input and parameter gradients) at 1e-10, on uneven 1x2, 2x2 and 1x3 grids,
@@ -61,9 +63,11 @@ CONVS = {
 # (case name, conv, mode, channels-last input)
 CASES = [(f"all-{n}-{'cl' if i % 2 else 'nchw'}", n, "all", bool(i % 2)) for i, n in enumerate(CONVS)]
 CASES += [(f"rank0-{n}-cl", n, "rank0", True) for n in ("k3-same", "k5-s2-p2", "k3-valid", "k3-d2-p2")]
-CASES += [("natural-k3-valid-cl", "k3-valid", "natural", True), ("natural-k3-valid-nchw", "k3-valid", "natural", False)]
+CASES += [("natural-k3-valid-cl", "k3-valid", "natural", True), ("natural-k3-valid-nchw", "k3-valid", "natural", False),
+          # on 2x2, sp rank 1's output is 1 x 1: NCHW- and channels-last-contiguous at once
+          ("natural-k4-s4-cl", "k4-s4-patchify", "natural", True)]
 
-_PATHS: dict[str, str] = {}  # this rank's path of the first conv of the case being run
+_PATHS: dict[str, tuple] = {}  # this rank's (path, local output size) of the first conv of the case being run
 
 
 class ConvNormConv(nn.Module):
@@ -81,7 +85,7 @@ class ConvNormConv(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.conv(x)
         if isinstance(y, SpatialTensor):  # the sharded run (the reference is a plain tensor)
-            _PATHS[self.name] = type(to_local(y).grad_fn).__name__
+            _PATHS[self.name] = (type(to_local(y).grad_fn).__name__, tuple(to_local(y).shape[-2:]))
         return self.head(self.norm(y))
 
 
@@ -122,7 +126,7 @@ def _rank(grid):
         with _window_path(mode == "all"):
             rep = compare_sharded(_factory(name, conv, mode, cl, forced), x, mesh, layout, train=True, step=True,
                                   dtype=torch.float64)
-        out[name] = (rep.errors, rep.refused, _PATHS.pop(name, None))
+        out[name] = (rep.errors, rep.refused, *_PATHS.pop(name, (None, None)))
     return out
 
 
@@ -131,15 +135,17 @@ def _rank(grid):
 def test_window_conv_path_equals_one_process(grid):
     per_rank = run_ranks(_rank, grid[0] * grid[1], grid)
     for name, conv, mode, cl in CASES:
-        errors, refused, _ = per_rank[0][name]
+        errors, refused, _, _ = per_rank[0][name]
         check_report(errors, refused, TOL, f"{name} on {grid}")
         assert any(k.startswith("grad conv.") for k in errors), sorted(errors)
         paths = [r[name][2] for r in per_rank]
         if mode in ("all", "rank0"):  # the window path ran where it was forced
             forced = paths if mode == "all" else paths[:1]
             assert set(forced) == {"_HaloConv2dBackward"}, (name, paths)
-        if mode == "natural" and grid == (1, 3):  # a valid conv: the first tile's window, the middle tile's strips
+        if mode == "natural" and conv == "k3-valid" and grid == (1, 3):  # first tile: window; middle: strips
             assert paths[0] == "_HaloConv2dBackward" and paths[1] == "_BorderConv2dBackward", paths
     # the forced rank-0-only cases ran both paths at once somewhere (the case the layout fix is for)
     mixed = [n for n, _, mode, _ in CASES if mode == "rank0" and len({r[n][2] for r in per_rank}) == 2]
     assert mixed, "no rank-0-only case mixed the paths"
+    if grid == (2, 2):  # the group norm case of a tile whose layout is ambiguous
+        assert (1, 1) in [r["natural-k4-s4-cl"][3] for r in per_rank]
