@@ -7,7 +7,8 @@ the scene or over MaxViT's grid-partition windows), and windowed attention; in
 float64 HaloNet-style blocks with a halo (``Tensor.unfold`` along the grid dims:
 a halo exchange), unfold with other sizes/steps, and MViTv2-style relative
 positions assigned in place (``attn[:, :, 0:, 0:] = ...``), BoTNet-style
-relative-to-absolute logits (through layouts that mix the grid: index-mapped);
+relative-to-absolute logits (through layouts that mix the grid: index-mapped),
+``nn.MultiheadAttention`` with and without its weights;
 the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -195,6 +196,27 @@ class RelToAbsAttention(nn.Module):
         return (attn @ v).transpose(-1, -2).reshape(B, C, h, w) + x
 
 
+class MHABlock(nn.Module):
+    """torchvision ViT's attention: a class token, ``nn.MultiheadAttention``
+    (batch-first, so ``(L, N, E)`` inside) once without weights (sdpa) and once
+    with its head-averaged weights, which are used too (``weights @ tokens``)."""
+
+    def __init__(self, c: int = 24, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(10)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.attn = nn.MultiheadAttention(c, heads, batch_first=True)
+        self.attn2 = nn.MultiheadAttention(c, heads, batch_first=True)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = torch.cat([self.cls.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        o, wts = self.attn2(t, t, t)
+        t = t + o + wts @ t
+        return t[:, 1:].transpose(1, 2).reshape(B, C, h, w) + t[:, :1].transpose(1, 2).unsqueeze(-1)
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -214,6 +236,7 @@ CASES_FP64 = {
     "unfold_windows_fp64": UnfoldWindows,
     "relpos_setitem_fp64": RelPosSetitem,
     "rel_to_abs_fp64": RelToAbsAttention,
+    "multihead_attention_fp64": MHABlock,
 }
 
 

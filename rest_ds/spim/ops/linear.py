@@ -18,6 +18,9 @@ for its tokens.
 A product that contracts over the tokens (``x.view(B, C, H*W) @ attn``, GCNet's
 attention pooling), both operands sharded alike, is a local product plus one
 autograd all-reduce; the result is replicated.
+
+``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is composed of
+the rules above: projections, sequence-parallel attention, output projection.
 """
 from __future__ import annotations
 
@@ -254,3 +257,73 @@ def _sdpa_gathered_kv(a: dict, q: SpatialTensor, k, v, op: str) -> SpatialTensor
                   for t in (k, v))
     return wrap(F.scaled_dot_product_attention(q._local, kf, vf, scale=a.get("scale"),
                                                enable_gqa=a.get("enable_gqa", False)), q._spec)
+
+
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+             "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                 "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
+                 "v_proj_weight": None, "static_k": None, "static_v": None, "average_attn_weights": True,
+                 "is_causal": False}
+
+
+@register(F.multi_head_attention_forward)
+def _multi_head_attention(func, args, kwargs):
+    """``nn.MultiheadAttention``'s functional core (torchvision's ViT, ...) on
+    sequence-first ``(L, N, E)`` inputs with the query token-sharded on dim 0 (a
+    batch-first module transposes before calling it): the same input projections,
+    attention and output projection, each through its own SPIM rule, so the
+    attention itself is ``F.scaled_dot_product_attention``'s sequence-parallel
+    rule (or, for ``need_weights``, the explicit ``q @ k^T`` with the keys
+    gathered). Keys/values: token-sharded like the query or replicated. Returns
+    ``(output (L, N, E) sharded like the query, weights (N, [heads,] L, S) sharded
+    on L, or None)`` as torch does. Refused by name: ``bias_k``/``bias_v``,
+    ``add_zero_attn``, masks, ``static_k``/``static_v``, ``is_causal``, attention
+    dropout in training, unbatched input."""
+    a = dict(_MHA_DEFAULTS)
+    a.update(zip(_MHA_ARGS, args))
+    a.update(kwargs)
+    op = "multi_head_attention_forward"
+    q_in, k_in, v_in = a["query"], a["key"], a["value"]
+    for name, why in (("bias_k", "bias_k/bias_v (a key appended to the scene's tokens)"),
+                      ("bias_v", "bias_k/bias_v (a key appended to the scene's tokens)"),
+                      ("key_padding_mask", "key_padding_mask"), ("attn_mask", "attn_mask"),
+                      ("static_k", "static_k/static_v"), ("static_v", "static_k/static_v")):
+        if a[name] is not None:
+            raise context.unsupported(op, why)
+    if a["add_zero_attn"] or a["is_causal"]:
+        raise context.unsupported(op, "add_zero_attn" if a["add_zero_attn"] else "is_causal (no causal order over a scene)")
+    if a["training"] and a["dropout_p"]:
+        raise context.unsupported(op, "attention dropout > 0 in training (set the module's dropout to 0 "
+                                      "or call it in eval mode)")
+    if not isinstance(q_in, SpatialTensor) or q_in.dim() != 3 or q_in._spec.dims != (0,):
+        raise context.unsupported(op, "the query must be a batched (L, N, E) tensor token-sharded on L")
+    E, heads = a["embed_dim_to_check"], a["num_heads"]
+    d = E // heads
+    if a["use_separate_proj_weight"]:
+        w = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+    else:
+        w = a["in_proj_weight"].chunk(3)
+    b = a["in_proj_bias"].chunk(3) if a["in_proj_bias"] is not None else (None, None, None)
+    if q_in is k_in and k_in is v_in and not a["use_separate_proj_weight"]:
+        q, k, v = F.linear(q_in, a["in_proj_weight"], a["in_proj_bias"]).chunk(3, dim=-1)
+    else:
+        q, k, v = (F.linear(t, w_, b_) for t, w_, b_ in zip((q_in, k_in, v_in), w, b))
+
+    def heads_first(t):  # (L, N, E) -> (N, heads, L, d)
+        return t.reshape(t.shape[0], t.shape[1], heads, d).permute(1, 2, 0, 3)
+
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    weights = None
+    if a["need_weights"]:
+        weights = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = weights @ v
+        if a["average_attn_weights"]:
+            weights = weights.mean(dim=1)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    L, N = q_in.shape[0], q_in.shape[1]
+    out = F.linear(out.permute(2, 0, 1, 3).reshape(L, N, E), a["out_proj_weight"], a["out_proj_bias"])
+    return out, weights
