@@ -8,7 +8,8 @@ float64 HaloNet-style blocks with a halo (``Tensor.unfold`` along the grid dims:
 a halo exchange), unfold with other sizes/steps, and MViTv2-style relative
 positions assigned in place (``attn[:, :, 0:, 0:] = ...``), BoTNet-style
 relative-to-absolute logits (through layouts that mix the grid: index-mapped),
-``nn.MultiheadAttention`` with and without its weights;
+``nn.MultiheadAttention`` with and without its weights, Linears over the token
+dim (MLP-Mixer / gMLP token mixing);
 the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -217,6 +218,27 @@ class MHABlock(nn.Module):
         return t[:, 1:].transpose(1, 2).reshape(B, C, h, w) + t[:, :1].transpose(1, 2).unsqueeze(-1)
 
 
+class TokenMixing(nn.Module):
+    """MLP-Mixer / gMLP token mixing: Linears over the token dim (``(B, C, N)``,
+    tokens sharded last) N -> 16 -> N and a gMLP-style spatial gate N -> N, with a
+    class token (its weight columns are added once, not per rank)."""
+
+    def __init__(self, c: int = 24):
+        super().__init__()
+        n = H * W + 1
+        torch.manual_seed(11)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.fc1, self.fc2, self.gate = nn.Linear(n, 16), nn.Linear(16, n), nn.Linear(n, n)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = torch.cat([self.cls.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        t = t + self.fc2(nn.functional.gelu(self.fc1(t.transpose(1, 2)))).transpose(1, 2)
+        u, v = t.chunk(2, dim=-1)
+        t = torch.cat([u, u * self.gate(v.transpose(-1, -2)).transpose(-1, -2)], dim=-1)
+        return t[:, 1:].transpose(1, 2).reshape(B, C, h, w) + t[:, :1].transpose(1, 2).unsqueeze(-1)
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -237,6 +259,7 @@ CASES_FP64 = {
     "relpos_setitem_fp64": RelPosSetitem,
     "rel_to_abs_fp64": RelToAbsAttention,
     "multihead_attention_fp64": MHABlock,
+    "token_mixing_fp64": TokenMixing,
 }
 
 

@@ -19,6 +19,9 @@ A product that contracts over the tokens (``x.view(B, C, H*W) @ attn``, GCNet's
 attention pooling), both operands sharded alike, is a local product plus one
 autograd all-reduce; the result is replicated.
 
+A Linear over the token dim (MLP-Mixer, ResMLP, gMLP) is the same contraction
+with the weight's columns for the tile's tokens; its result is replicated.
+
 ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is composed of
 the rules above: projections, sequence-parallel attention, output projection.
 """
@@ -31,6 +34,7 @@ from .. import context
 from ..attention import gather_tokens, sequence_parallel_attention
 from ..comm import all_reduce_sum
 from ..tensor import SpatialTensor, funcs_named, op_name, register, wrap
+from ..tokens import tile_of_full
 from .pointwise import align_plain
 
 
@@ -43,8 +47,31 @@ def _linear(func, args, kwargs):
     if isinstance(a["weight"], SpatialTensor) or isinstance(a.get("bias"), SpatialTensor):
         raise context.unsupported("linear", "a sharded weight or bias")
     if x.dim() - 1 in x._spec.dims:
+        if x._spec.is_tokens and x._spec.dims == (x.dim() - 1,):
+            return _linear_over_tokens(x, a["weight"], a.get("bias"))
         raise context.unsupported("linear", f"the contracted last dim {x.dim() - 1} is sharded")
     return wrap(F.linear(x._local, a["weight"], a.get("bias")), x._spec)
+
+
+def _linear_over_tokens(x: SpatialTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A Linear over the token dim (MLP-Mixer / ResMLP token mixing, gMLP's spatial
+    gating: ``nn.Linear(N, M)`` on ``(..., C, N)``), ``x`` token-sharded on its last
+    dim only: each rank multiplies its tokens by their weight columns (global token
+    order), one autograd all-reduce sums the parts, the prefix tokens' columns and
+    the bias are added once after it. The result ``(..., M)`` is replicated (a plain
+    tensor; where ``M`` is the token count, an op with a sharded operand takes its
+    tile's tokens of it)."""
+    s = x._spec
+    n = s.global_sizes()[0]
+    if weight.dim() != 2 or weight.shape[1] != n:
+        raise context.unsupported("linear", f"a weight of shape {tuple(weight.shape)} over the token dim of "
+                                            f"{n} tokens")
+    w = tile_of_full(weight, 1, s)  # the prefix tokens' columns, then this tile's
+    k, xl = s.prefix, x._local
+    out = all_reduce_sum(F.linear(xl.narrow(-1, k, xl.shape[-1] - k), w.narrow(1, k, w.shape[1] - k)), s.mesh)
+    if k:
+        out = out + F.linear(xl.narrow(-1, 0, k), w.narrow(1, 0, k))
+    return out + bias if bias is not None else out
 
 
 @register(*funcs_named("matmul", "__matmul__", "__rmatmul__", "bmm", owners=(torch, torch.Tensor)))
