@@ -94,6 +94,28 @@ def token_bn():
     return TokenBatchNorm()
 
 
+class TokenGroupNorm(nn.Module):
+    """GroupNorm over token-layout tensors (MobileViTv2's GroupNorm(1, C) of unfolded
+    patches (B, C, P, N)): of (B, C, N) and of (B, C, 1, N), in float64 inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Linear(4, 4)
+        self.gn1, self.gn2 = nn.GroupNorm(1, 4), nn.GroupNorm(2, 4)
+        self.double()
+
+    def forward(self, x):
+        y = self.conv(x.double())
+        B, C, H, W = y.shape
+        t = self.mix(self.gn1(y.flatten(2)).transpose(1, 2)).transpose(1, 2)
+        return self.gn2(t.unsqueeze(2)).squeeze(2).reshape(B, C, H, W)
+
+
+def token_gn():
+    return TokenGroupNorm()
+
+
 def _random_running_stats(norm: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -413,6 +435,7 @@ CASES = {
     "bn1d_tokens": (token_bn, (2, 3, 13, 17), True),
     "bn_no_running_stats": (bn_no_stats, (2, 3, 13, 17), False),
     "group_norm": (group_norm, (2, 3, 13, 17), True),
+    "group_norm_tokens_fp64": (token_gn, (2, 3, 13, 17), True),
     "group_norm_channels_last": (group_norm_channels_last, (2, 3, 13, 17), True),
     "group_norm_channels_last_1": (group_norm_channels_last, (1, 3, 13, 17), True),
     "group_norm_1": (group_norm, (1, 3, 13, 17), True),

@@ -461,14 +461,22 @@ def _group_stats_norm(x: SpatialTensor, groups: int, weight, bias, eps: float, o
     """Normalise per (sample, group) over the group's channels and the whole
     scene, then apply the per-channel ``weight``/``bias`` (or None).
     Returns (local result, group mean (B, G), unbiased group var (B, G)); the
-    statistics may be None when ``stats`` is False (not asked for)."""
-    _check_channel_layout(x, op)
+    statistics may be None when ``stats`` is False (not asked for). A token-layout
+    ``x`` sharded after its batch and channel dims (MobileViTv2's GroupNorm(1, C)
+    over unfolded patches ``(B, C, P, N)``) is normalised by the same whole-scene
+    sums (the generic fused op: every element but the prefix tokens, which a
+    token layout with them would count on every rank, is on one rank only)."""
+    s = x._spec
+    tokens = s.is_tokens and min(s.dims) >= 2 and not s.prefix
+    if not tokens:
+        _check_channel_layout(x, op)
     loc = x._local
     B, C = loc.shape[0], loc.shape[1]
     if C % groups:
         raise SPIMError(f"{context.where()}: {op}: {C} channels are not divisible by num_groups={groups}")
     count = (C // groups) * (x.numel() // (x.shape[0] * C))
-    if loc.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == loc.dtype for p in (weight, bias)):
+    if not tokens and loc.dtype in (torch.float32, torch.float64) and all(
+            p is None or p.dtype == loc.dtype for p in (weight, bias)):
         # torch's native batch-norm kernels with whole-scene group statistics and the affine
         # folded in (_GroupNormScene: two passes forward, four backward)
         y, st = _GroupNormScene.apply(loc, weight, bias, B, groups, count, float(eps), x._spec.mesh,
