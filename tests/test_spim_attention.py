@@ -9,7 +9,7 @@ a halo exchange), unfold with other sizes/steps, and MViTv2-style relative
 positions assigned in place (``attn[:, :, 0:, 0:] = ...``), BoTNet-style
 relative-to-absolute logits (through layouts that mix the grid: index-mapped),
 ``nn.MultiheadAttention`` with and without its weights, Linears over the token
-dim (MLP-Mixer / gMLP token mixing);
+dim (MLP-Mixer / gMLP token mixing), SHViT's ``v @ attn^T``;
 the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -239,6 +239,23 @@ class TokenMixing(nn.Module):
         return t[:, 1:].transpose(1, 2).reshape(B, C, h, w) + t[:, :1].transpose(1, 2).unsqueeze(-1)
 
 
+class ChannelFirstAttention(nn.Module):
+    """SHViT's single-head attention on (B, C, N): ``attn = q^T @ k``, then
+    ``v @ attn^T`` (the values' tokens contracted against the keys of attn^T)."""
+
+    def __init__(self, c: int = 24, d: int = 8):
+        super().__init__()
+        torch.manual_seed(12)
+        self.d = d
+        self.qkv = nn.Conv2d(c, 2 * d + c, 1)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).split([self.d, self.d, C], dim=1)
+        attn = ((q.transpose(-2, -1) @ k) * self.d ** -0.5).softmax(dim=-1)
+        return (v @ attn.transpose(-2, -1)).reshape(B, C, h, w) + x
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -260,6 +277,7 @@ CASES_FP64 = {
     "rel_to_abs_fp64": RelToAbsAttention,
     "multihead_attention_fp64": MHABlock,
     "token_mixing_fp64": TokenMixing,
+    "values_at_attention_t_fp64": ChannelFirstAttention,
 }
 
 

@@ -19,8 +19,10 @@ A product that contracts over the tokens (``x.view(B, C, H*W) @ attn``, GCNet's
 attention pooling), both operands sharded alike, is a local product plus one
 autograd all-reduce; the result is replicated.
 
-A Linear over the token dim (MLP-Mixer, ResMLP, gMLP) is the same contraction
-with the weight's columns for the tile's tokens; its result is replicated.
+``v @ attn^T`` with ``v`` token-sharded on its last dim (SHViT) gathers ``v``'s
+tokens like a right operand. A Linear over the token dim (MLP-Mixer, ResMLP,
+gMLP) is a contraction over the tokens with the weight's columns for the tile's
+tokens; its result is replicated.
 
 ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is composed of
 the rules above: projections, sequence-parallel attention, output projection.
@@ -105,6 +107,10 @@ def _matmul(func, args, kwargs):
         return wrap(torch.matmul(a._local, b._local), sa)
     if _contracts_tokens(a, b):
         return _contract_tokens(a, b)
+    if _values_times_transposed_attention(a, b):
+        # v @ attn^T (SHViT): the values' tokens are gathered whole in global order, the
+        # order of attn^T's full key dim; each rank computes its queries' columns
+        return wrap(torch.matmul(gather_tokens(a._local, a.dim() - 1, sa), b._local), sb)
     # both sharded on tokens: the left operand keeps its token sharding on dim -2; the
     # right one (keys or values) may live on another token grid (spatial-reduction
     # attention: K/V on a strided-conv-reduced grid), it is gathered whole either way
@@ -126,6 +132,17 @@ def _contracts_tokens(a: SpatialTensor, b: SpatialTensor) -> bool:
     return (sa.is_tokens and sb.is_tokens and a.dim() >= 2 and b.dim() >= 2 and sa.dims[0] == a.dim() - 1
             and sb.dims[0] == b.dim() - 2 and sa.mesh == sb.mesh and sa.same_layout(sb.with_dims(sa.dims))
             and not sa.prefix)
+
+
+def _values_times_transposed_attention(a: SpatialTensor, b: SpatialTensor) -> bool:
+    """``v @ attn.transpose(-2, -1)`` (SHViT's single-head attention on (B, C, N)):
+    ``a`` token-sharded on its last (contracted) dim only; ``b`` token-sharded on its
+    last dim only (the queries), its dim -2 whole (the keys: the global token count,
+    in global order, as ``q @ k`` with gathered keys leaves it), same mesh, batch
+    dims not sharded."""
+    sa, sb = a._spec, b._spec
+    return (sa.is_tokens and sb.is_tokens and a.dim() >= 2 and b.dim() >= 2 and sa.dims == (a.dim() - 1,)
+            and sb.dims == (b.dim() - 1,) and sa.mesh == sb.mesh and b.shape[-2] == sa.global_sizes()[0])
 
 
 def _contract_tokens(a: SpatialTensor, b: SpatialTensor) -> torch.Tensor:
