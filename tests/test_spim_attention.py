@@ -9,7 +9,8 @@ a halo exchange), unfold with other sizes/steps, and MViTv2-style relative
 positions assigned in place (``attn[:, :, 0:, 0:] = ...``), BoTNet-style
 relative-to-absolute logits (through layouts that mix the grid: index-mapped),
 ``nn.MultiheadAttention`` with and without its weights, Linears over the token
-dim (MLP-Mixer / gMLP token mixing), SHViT's ``v @ attn^T``;
+dim (MLP-Mixer / gMLP token mixing), SHViT's ``v @ attn^T``, CrossViT's
+class-token attention (softmax and contraction over [cls, patches]);
 the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -256,6 +257,29 @@ class ChannelFirstAttention(nn.Module):
         return (v @ attn.transpose(-2, -1)).reshape(B, C, h, w) + x
 
 
+class ClassTokenCrossAttention(nn.Module):
+    """CrossViT's cross-attention: the class token (replicated) queries [cls, patches]
+    with an explicit ``softmax(q @ k^T) @ v``: a softmax and a contraction along a
+    token dim that holds a replicated prefix token."""
+
+    def __init__(self, c: int = 24, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(13)
+        self.heads = heads
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.q, self.kv, self.proj = nn.Linear(c, c), nn.Linear(c, 2 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = torch.cat([self.cls.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        d = C // self.heads
+        q = self.q(t[:, :1]).reshape(B, 1, self.heads, d).transpose(1, 2)
+        k, v = self.kv(t).reshape(B, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * d ** -0.5).softmax(dim=-1)
+        cls = self.proj((attn @ v).transpose(1, 2).reshape(B, 1, C))
+        return x * cls.transpose(1, 2).unsqueeze(-1)
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -278,6 +302,7 @@ CASES_FP64 = {
     "multihead_attention_fp64": MHABlock,
     "token_mixing_fp64": TokenMixing,
     "values_at_attention_t_fp64": ChannelFirstAttention,
+    "class_token_cross_attention_fp64": ClassTokenCrossAttention,
 }
 
 

@@ -126,12 +126,11 @@ def _matmul(func, args, kwargs):
 
 def _contracts_tokens(a: SpatialTensor, b: SpatialTensor) -> bool:
     """``a @ b`` contracting over the token dim: ``a`` sharded on its last dim,
-    ``b`` on its dim -2, both the same token layout (no prefix tokens), batch
+    ``b`` on its dim -2, both the same token layout (prefix tokens included), batch
     dims not sharded (GCNet's attention pooling ``x.view(B, C, H*W) @ attn``)."""
     sa, sb = a._spec, b._spec
     return (sa.is_tokens and sb.is_tokens and a.dim() >= 2 and b.dim() >= 2 and sa.dims[0] == a.dim() - 1
-            and sb.dims[0] == b.dim() - 2 and sa.mesh == sb.mesh and sa.same_layout(sb.with_dims(sa.dims))
-            and not sa.prefix)
+            and sb.dims[0] == b.dim() - 2 and sa.mesh == sb.mesh and sa.same_layout(sb.with_dims(sa.dims)))
 
 
 def _values_times_transposed_attention(a: SpatialTensor, b: SpatialTensor) -> bool:
@@ -148,8 +147,15 @@ def _values_times_transposed_attention(a: SpatialTensor, b: SpatialTensor) -> bo
 def _contract_tokens(a: SpatialTensor, b: SpatialTensor) -> torch.Tensor:
     """Exact ``a @ b`` summed over the scene's tokens: each rank's tokens (the
     same tokens in both operands) give a partial product, one autograd
-    all-reduce sums them; the result is replicated (a plain tensor)."""
-    return all_reduce_sum(torch.matmul(a._local, b._local), a._spec.mesh)
+    all-reduce sums them, the replicated prefix tokens' product is added once
+    (CrossViT's ``attn @ v`` over [cls, patches]); the result is replicated (a
+    plain tensor)."""
+    k = a._spec.prefix
+    al, bl = a._local, b._local
+    if not k:
+        return all_reduce_sum(torch.matmul(al, bl), a._spec.mesh)
+    tiles = torch.matmul(al.narrow(-1, k, al.shape[-1] - k), bl.narrow(-2, k, bl.shape[-2] - k))
+    return all_reduce_sum(tiles, a._spec.mesh) + torch.matmul(al.narrow(-1, 0, k), bl.narrow(-2, 0, k))
 
 
 def _queries_times_replicated(a: SpatialTensor, b: torch.Tensor) -> bool:

@@ -357,15 +357,18 @@ def _softmax_sharded(x: SpatialTensor, dim: int, log: bool, dtype, op: str) -> S
     along ``dim`` (a shift, constant for autograd: softmax does not depend on
     it), the scene's sum of ``exp`` (an autograd all-reduce, whose backward
     supplies the global sum of ``grad * y``), then the tile normalised locally.
+    Replicated prefix tokens (CrossViT's class-token attention over [cls, patches])
+    enter the max as they are and the sum once, after the all-reduce.
     Same layout as ``x``."""
     spec = x._spec
-    if spec.is_tokens and spec.prefix:
-        raise context.unsupported(op, f"along a token dim that holds {spec.prefix} replicated prefix tokens")
+    k = spec.prefix if spec.is_tokens else 0
     t = x._local if dtype is None else x._local.to(dtype)
     m = _scene_reduce(t.detach().amax(dim, keepdim=True), spec, dim, True)
     z = t - m
     e = z.exp()
-    s = _scene_reduce(e.sum(dim, keepdim=True), spec, dim, False)
+    s = _scene_reduce(e.narrow(dim, k, e.shape[dim] - k).sum(dim, keepdim=True), spec, dim, False)
+    if k:
+        s = s + e.narrow(dim, 0, k).sum(dim, keepdim=True)
     return wrap(z - s.log() if log else e / s, spec)
 
 
