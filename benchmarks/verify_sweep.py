@@ -180,6 +180,169 @@ def _hf_dinov2() -> nn.Module:
     return _HF(Dinov2Model(cfg), 64, "dinov2", patch=14)
 
 
+# second sweep: builders for the families the first sweep had not tried
+
+class _Tokens(nn.Module):
+    """A module returning (B, N, C) patch tokens (``skip`` leading class tokens dropped) -> NCHW map at
+    ``H/patch x W/patch`` -> 1x1 conv to 3 classes -> bilinear to the input size."""
+
+    def __init__(self, m: nn.Module, ch: int, patch: int, skip: int = 0, call: Callable | None = None):
+        super().__init__()
+        self.m = m
+        self.patch = patch
+        self.skip = skip
+        self.call = call
+        self.head = nn.Conv2d(ch, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        t = (self.call(self.m, x) if self.call is not None else self.m(x))[:, self.skip:]
+        f = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], H // self.patch, W // self.patch)
+        return F.interpolate(self.head(f), size=(H, W), mode="bilinear")
+
+
+class _HFOut(nn.Module):
+    """A transformers model -> one NCHW map (``pick``: ``logits``, ``depth``, ``last`` = last_hidden_state,
+    ``fmap`` = the last of a backbone's feature_maps, ``tokens`` = last_hidden_state's patch tokens after
+    ``skip`` class tokens, ``m2f`` = Mask2Former's semantic map) -> 3 classes at the input size."""
+
+    def __init__(self, m: nn.Module, ch: int, pick: str, patch: int = 16, skip: int = 0):
+        super().__init__()
+        self.m = m
+        self.pick = pick
+        self.patch = patch
+        self.skip = skip
+        self.head = nn.Conv2d(ch, 3, 1) if pick not in ("logits", "m2f") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        o = self.m(pixel_values=x)
+        if self.pick == "logits":
+            return F.interpolate(o.logits, size=(H, W), mode="bilinear")
+        if self.pick == "m2f":  # the semantic-segmentation inference of Mask2Former: classes x masks
+            cls = o.class_queries_logits.softmax(-1)[..., :-1]
+            f = torch.einsum("bqc,bqhw->bchw", cls, o.masks_queries_logits.sigmoid())
+            return F.interpolate(f, size=(H, W), mode="bilinear")
+        if self.pick == "depth":
+            f = o.predicted_depth.unsqueeze(1)
+        elif self.pick == "last":
+            f = o.last_hidden_state
+        elif self.pick == "fmap":
+            f = o.feature_maps[-1]
+        else:
+            t = o.last_hidden_state[:, self.skip:]
+            f = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], H // self.patch, W // self.patch)
+        return F.interpolate(self.head(f), size=(H, W), mode="bilinear")
+
+
+def _hf_mobilevit(v2: bool = False) -> nn.Module:
+    import transformers as tf
+
+    if v2:
+        cfg = tf.MobileViTV2Config(image_size=128, width_multiplier=0.5, num_labels=3)
+        return _HFOut(tf.MobileViTV2ForSemanticSegmentation(cfg), 0, "logits")
+    cfg = tf.MobileViTConfig(image_size=128, hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
+                             num_labels=3)
+    return _HFOut(tf.MobileViTForSemanticSegmentation(cfg), 0, "logits")
+
+
+def _hf_dpt(backbone: str = "vit") -> nn.Module:
+    import transformers as tf
+
+    if backbone == "vit":
+        cfg = tf.DPTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                           image_size=128, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                           neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=32, num_labels=3,
+                           use_auxiliary_head=False)
+        return _HFOut(tf.DPTForSemanticSegmentation(cfg), 0, "logits")
+    bb = tf.Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                         image_size=112, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                         reshape_hidden_states=False)
+    cfg = tf.DPTConfig(backbone_config=bb, neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=32,
+                       reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1, is_hybrid=False)
+    return _HFOut(tf.DPTForDepthEstimation(cfg), 1, "depth")
+
+
+def _hf_beit() -> nn.Module:
+    import transformers as tf
+
+    cfg = tf.BeitConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                        image_size=128, patch_size=16, use_relative_position_bias=True, out_indices=[0, 1, 2, 3],
+                        pool_scales=[1, 2, 3, 6], auxiliary_channels=32, use_auxiliary_head=False, num_labels=3)
+    return _HFOut(tf.BeitForSemanticSegmentation(cfg), 0, "logits")
+
+
+def _hf_convnext(v2: bool = False) -> nn.Module:
+    import transformers as tf
+
+    kw = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])
+    m = tf.ConvNextV2Model(tf.ConvNextV2Config(**kw)) if v2 else tf.ConvNextModel(tf.ConvNextConfig(**kw))
+    return _HFOut(m, 128, "last")
+
+
+def _hf_swin(v2: bool = False) -> nn.Module:
+    import transformers as tf
+
+    kw = dict(image_size=224, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7,
+              out_features=["stage4"])
+    m = tf.Swinv2Backbone(tf.Swinv2Config(**kw)) if v2 else tf.SwinBackbone(tf.SwinConfig(**kw))
+    return _HFOut(m, 256, "fmap")
+
+
+def _hf_pvt_v2() -> nn.Module:
+    import transformers as tf
+
+    return _HFOut(tf.PvtV2Backbone(tf.PvtV2Config(depths=[1, 1, 1, 1], out_features=["stage4"])), 256, "fmap")
+
+
+def _hf_upernet_swin() -> nn.Module:
+    import transformers as tf
+
+    bb = tf.SwinConfig(image_size=224, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7,
+                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = tf.UperNetConfig(backbone_config=bb, hidden_size=32, auxiliary_in_channels=64, use_auxiliary_head=False,
+                           num_labels=3)
+    return _HFOut(tf.UperNetForSemanticSegmentation(cfg), 0, "logits")
+
+
+def _hf_mask2former() -> nn.Module:
+    import transformers as tf
+
+    bb = tf.SwinConfig(image_size=224, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7,
+                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = tf.Mask2FormerConfig(backbone_config=bb, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=64, num_queries=8, num_labels=3)
+    return _HFOut(tf.Mask2FormerForUniversalSegmentation(cfg), 0, "m2f")
+
+
+def _convmixer_narrow() -> nn.Module:
+    from timm.models.convmixer import ConvMixer
+
+    m = ConvMixer(dim=64, depth=4, kernel_size=7, patch_size=7, act_layer=nn.ReLU)  # convmixer_768_32's kernels
+    return Dense(nn.Sequential(m.stem, m.blocks), 64, "plain")
+
+
+def _tv_maxvit_narrow() -> nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    m = MaxVit(input_size=(448, 448), stem_channels=16, partition_size=7, block_channels=[16, 32, 64, 128],
+               block_layers=[1, 1, 1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3)
+    return Dense(nn.Sequential(m.stem, *m.blocks), 128, "plain")
+
+
+def _tv_vit_b_16() -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.vit_b_16(weights=None, image_size=128)
+
+    def tokens(m: nn.Module, x: torch.Tensor) -> torch.Tensor:  # VisionTransformer.forward up to the encoder
+        t = m._process_input(x)
+        t = torch.cat([m.class_token.expand(t.shape[0], -1, -1), t], dim=1)
+        return m.encoder(t)
+    return _Tokens(m, 768, 16, skip=1, call=tokens)
+
+
 # ----------------------------------------------------------------- the table
 
 S128 = (2, 3, 128, 128)
@@ -324,6 +487,77 @@ MODELS["maxvit_nano_rw_256_2x2"] = replace(MODELS["maxvit_nano_rw_256"], grid="2
 for _name in ("edgenext_xx_small", "efficientvit_b0", "efficientformerv2_s0", "lambda_resnet26t",
               "coatnet_nano_rw_224", "levit_128s", "maxxvitv2_nano_rw_256"):
     MODELS[f"{_name}_2x1"] = replace(MODELS[_name], grid="2x1")
+
+# second sweep (V5): families the first sweep had not tried; input, grid and alignment at the first settings a
+# new user would try (window models on whole windows per tile, fixed-size models built for the input)
+WIN256 = (2, 3, 256, 512)  # window 8 of 32-px tokens: align 256
+MODELS.update({
+    "mobilevit_xxs": Entry("timm", _t("mobilevit_xxs"), align=64, note="patch 2 at stride 32: align 64"),
+    "mobilevitv2_050": Entry("timm", _t("mobilevitv2_050"), align=64, note="patch 2 at stride 32: align 64"),
+    "tiny_vit_5m_224": Entry("timm", _t("tiny_vit_5m_224"), shape=WIN, align=224, note="window-aligned tiles"),
+    "pvt_v2_b0": Entry("timm", _t("pvt_v2_b0")),
+    "swin_tiny_patch4_window7_224": Entry("timm", lambda: _feat_nhwc("swin_tiny_patch4_window7_224",
+                                                                     img_size=(224, 448)),
+                                          shape=WIN, align=224, note="img_size 224x448, window-aligned tiles"),
+    "swinv2_cr_tiny_ns_224": Entry("timm", _t("swinv2_cr_tiny_ns_224", img_size=(224, 448)), shape=WIN, align=224,
+                                   note="img_size 224x448, window-aligned tiles"),
+    "swinv2_tiny_window8_256": Entry("timm", lambda: _feat_nhwc("swinv2_tiny_window8_256", img_size=(256, 512)),
+                                     shape=WIN256, align=256, note="img_size 256x512, window-aligned tiles"),
+    "gcvit_xxtiny": Entry("timm", _t("gcvit_xxtiny", img_size=(224, 448)), shape=WIN, align=224,
+                          note="img_size 224x448, window-aligned tiles"),
+    "nest_tiny": Entry("timm", _t("nest_tiny", img_size=128), align=64, note="img_size 128, block-aligned tiles"),
+    "pit_ti_224": Entry("timm", _t("pit_ti_224", img_size=128), note="img_size 128"),
+    "cait_xxs24_224": Entry("timm", lambda: _inter("cait_xxs24_224", img_size=128, depth=2),
+                            note="img_size 128, depth 2"),
+    "convit_tiny": Entry("timm", lambda: _inter("convit_tiny", img_size=128, depth=2), note="img_size 128, depth 2"),
+    "volo_d1_224": Entry("timm", _t("volo_d1_224", img_size=128), note="img_size 128"),
+    "mixer_s16_224": Entry("timm", _t("mixer_s16_224", img_size=128), note="img_size 128"),
+    "resmlp_12_224": Entry("timm", _t("resmlp_12_224", img_size=128), note="img_size 128"),
+    "gmlp_ti16_224": Entry("timm", _t("gmlp_ti16_224", img_size=128), note="img_size 128"),
+    "sequencer2d_s": Entry("timm", lambda: _feat_nhwc("sequencer2d_s"), shape=(2, 3, 112, 224), align=14,
+                           note="patch 7: input 112x224, align 14"),
+    "convmixer_768_32": Entry("timm", _convmixer_narrow, shape=(2, 3, 112, 224), align=7,
+                              note="narrowed: dim 64, depth 4; patch 7"),
+    "crossvit_tiny_240": Entry("timm", _t("crossvit_tiny_240"), shape=(2, 3, 240, 240), align=48,
+                               note="fixed 240 input (second branch resized to 224)"),
+    "efficientnetv2_rw_t": Entry("timm", _t("efficientnetv2_rw_t")),
+    "fasternet_t0": Entry("timm", _t("fasternet_t0")),
+    "nextvit_small": Entry("timm", _t("nextvit_small")),
+    "vitamin_small_224": Entry("timm", _t("vitamin_small_224", img_size=128), note="img_size 128"),
+    "ghostnetv3_050": Entry("timm", _t("ghostnetv3_050")),
+    "shvit_s1": Entry("timm", _t("shvit_s1"), align=64, note="stride 64: align 64"),
+    "hf_mobilevit": Entry("transformers", _hf_mobilevit, align=64, note="xx-small-like widths, DeepLabV3 head"),
+    "hf_mobilevitv2": Entry("transformers", lambda: _hf_mobilevit(v2=True), align=64,
+                            note="width 0.5, DeepLabV3 head"),
+    "hf_dpt": Entry("transformers", _hf_dpt, note="ViT hidden 64, 4 layers, segmentation head"),
+    "hf_dpt_dinov2": Entry("transformers", lambda: _hf_dpt("dinov2"), shape=P14, align=14,
+                           note="DINOv2 hidden 64, 4 layers, depth head"),
+    "hf_beit": Entry("transformers", _hf_beit, note="hidden 64, 4 layers, rel. pos. bias, UperNet head"),
+    "hf_convnext": Entry("transformers", _hf_convnext, note="widths 16-128"),
+    "hf_convnextv2": Entry("transformers", lambda: _hf_convnext(v2=True), note="widths 16-128"),
+    "hf_swin": Entry("transformers", _hf_swin, shape=WIN, align=224, note="embed 32, window-aligned tiles"),
+    "hf_swinv2": Entry("transformers", lambda: _hf_swin(v2=True), shape=WIN, align=224,
+                       note="embed 32, window-aligned tiles"),
+    "hf_pvt_v2": Entry("transformers", _hf_pvt_v2, note="b0 widths, depth 1 per stage"),
+    "hf_upernet_swin": Entry("transformers", _hf_upernet_swin, shape=WIN, align=224,
+                             note="Swin embed 32, window-aligned tiles"),
+    "hf_mask2former_swin": Entry("transformers", _hf_mask2former, shape=WIN, align=224,
+                                 note="Swin embed 32, 1 encoder / 2 decoder layers, 8 queries"),
+    "tv_maxvit_t": Entry("torchvision", _tv_maxvit_narrow, shape=(2, 3, 448, 448), align=224,
+                         note="narrowed: channels 16-128, 1 block per stage; input_size 448 (square only)"),
+    "tv_swin_v2_t": Entry("torchvision", lambda: _tv("swin_v2_t", lambda m: m.features, 768, mode="nhwc"),
+                          shape=WIN256, align=256, note="window 8: window-aligned tiles"),
+    "tv_vit_b_16": Entry("torchvision", _tv_vit_b_16, note="image_size 128"),
+    "swinv2_cr_tiny_ns_224_at_448": Entry("timm", _t("swinv2_cr_tiny_ns_224", img_size=448), shape=(2, 3, 448, 448),
+                                          align=224, note="img_size 448: 7x7 windows at every stage"),
+})
+# refused by SPIM at these settings (verify's one-line reasons in docs/verified_models.md, "Second sweep")
+for _name in ("mobilevit_xxs", "swinv2_cr_tiny_ns_224", "gcvit_xxtiny", "nest_tiny", "volo_d1_224", "sequencer2d_s",
+              "nextvit_small", "hf_mobilevit", "hf_mobilevitv2", "hf_mask2former_swin", "tv_maxvit_t"):
+    MODELS[_name] = replace(MODELS[_name], expect="REFUSED")
+for _name in ("mobilevitv2_050", "mixer_s16_224", "gmlp_ti16_224", "crossvit_tiny_240", "shvit_s1", "hf_beit",
+              "tv_vit_b_16"):
+    MODELS[f"{_name}_2x2"] = replace(MODELS[_name], grid="2x2")
 
 
 def _factory(name: str, e: Entry) -> Callable[[], nn.Module]:
