@@ -118,7 +118,7 @@ def _pixel_loss(func, args, kwargs, op: str, names: tuple[str, ...]):
     flag = [] if probs else [torch.full((), 0.0 if bad is None else 1.0, dtype=num.dtype, device=num.device)]
     if reduction == "sum":
         total = all_reduce_sum(torch.stack([num] + flag), spec.mesh) if flag else all_reduce_sum(num, spec.mesh)
-        if flag and float(total[1]):
+        if flag and float(total.detach()[1]):  # detached: the flag carries no gradient
             _raise_bad_classes(K, ignore, op)
         return total[0] if flag else total
     if probs:
@@ -134,7 +134,7 @@ def _pixel_loss(func, args, kwargs, op: str, names: tuple[str, ...]):
         counts = torch.bincount(idx.reshape(-1), minlength=K + 1)[:K]
         den = torch.dot(counts.to(weight.dtype), weight).to(num.dtype)
     total = all_reduce_sum(torch.stack([num, den] + flag), spec.mesh)  # one collective for all
-    if float(total[2]):
+    if float(total.detach()[2]):
         _raise_bad_classes(K, ignore, op)
     return total[0] / total[1]
 
