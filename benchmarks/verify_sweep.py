@@ -548,8 +548,9 @@ MODELS.update({
     "tv_swin_v2_t": Entry("torchvision", lambda: _tv("swin_v2_t", lambda m: m.features, 768, mode="nhwc"),
                           shape=WIN256, align=256, note="window 8: window-aligned tiles"),
     "tv_vit_b_16": Entry("torchvision", _tv_vit_b_16, note="image_size 128"),
-    "swinv2_cr_tiny_ns_224_at_448": Entry("timm", _t("swinv2_cr_tiny_ns_224", img_size=448), shape=(2, 3, 448, 448),
-                                          align=224, note="img_size 448: 7x7 windows at every stage"),
+    "swinv2_cr_tiny_ns_224_window7": Entry("timm", _t("swinv2_cr_tiny_ns_224", img_size=(224, 448), window_size=7),
+                                           shape=WIN, align=224,
+                                           note="img_size 224x448, window_size 7 (not scaled with the input)"),
 })
 # refused by SPIM at these settings (verify's one-line reasons in docs/verified_models.md, "Second sweep")
 for _name in ("mobilevit_xxs", "swinv2_cr_tiny_ns_224", "gcvit_xxtiny", "nest_tiny", "volo_d1_224", "sequencer2d_s",
