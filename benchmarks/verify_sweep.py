@@ -1,6 +1,7 @@
-"""The third-party model sweep of ``rest-ds verify``: 83 timm, torchvision and
-transformers models, each run through ``rest-ds verify --train`` at the settings
-it needs, one at a time.
+"""The third-party model sweeps of ``rest-ds verify``: 123 timm, torchvision and
+transformers models (83 in the first sweep, 40 of new families in the second),
+each run through ``rest-ds verify --train`` at the settings it needs, one at a
+time.
 
 Every model is a factory in this file (random weights, no download; a small
 segmentation head where the model has none), so any one of them is a
