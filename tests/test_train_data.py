@@ -299,3 +299,40 @@ def test_main_job_configs_share_model_and_budget():
     model, _ = build_model(rest.model, num_classes=7, in_chans=6)
     H, W = padded_shape((443, 489), model.align)                 # nc-landsat7, 2 ranks
     assert crop.data.crops_per_rank * crop.data.crop_size ** 2 == H * W // 2
+
+
+def test_scenes_with_bands_in_another_order_are_refused(tmp_path, scene):
+    """A second training scene holding the same bands in another order trained silently on mixed-up
+    inputs (only the band count was compared). scene_headers (run by `rest-ds train` before the ranks
+    start and by --check) names the scene and the image.bands that reads it in order; with that fix the
+    scene reads the first scene's bands; names compare by spectral role (B04 = red)."""
+    import rasterio
+
+    from rest_ds.config_schema import ConfigError
+    from rest_ds.data import open_scene
+    from rest_ds.train.data import band_order_problem
+    from rest_ds.train.preflight import scene_headers
+
+    other = make_scene(tmp_path / "other", seed=0)
+    with rasterio.open(other.parent / "image.tif") as src:
+        prof, img = src.profile, src.read()
+    with rasterio.open(other.parent / "image.tif", "w", **prof) as dst:
+        dst.write(img[[2, 0, 3, 1]])                                  # stored in another order
+    desc = yaml.safe_load(other.read_text())
+    desc["band_names"], desc["name"] = ["b2", "b0", "b3", "b1"], "other"
+    other.write_text(yaml.safe_dump(desc, sort_keys=False))
+    cfg = tiny_config(scene, tmp_path / "run")
+    cfg["data"]["scenes"].append(str(other))
+    with pytest.raises(ConfigError) as e:
+        scene_headers(_load(tmp_path, cfg))
+    assert "data.scenes: scene 'other'" in str(e.value) and "image.bands: [1, 3, 0, 2]" in str(e.value)
+    desc["image"] = {"path": "image.tif", "bands": [1, 3, 0, 2]}       # the fix the message names
+    desc["band_names"] = ["b0", "b1", "b2", "b3"]
+    other.write_text(yaml.safe_dump(desc, sort_keys=False))
+    assert len(scene_headers(_load(tmp_path, cfg))) == 2
+    with open_scene(other) as r, open_scene(scene) as s:
+        whole = (slice(0, 64), slice(0, 88))
+        assert np.array_equal(r.read_image(*whole)[0], s.read_image(*whole)[0])
+    assert band_order_problem(["B02", "B03", "B04"], ["blue", "green", "red"]) is None
+    assert band_order_problem(["b0", "b1"], None) is None
+    assert band_order_problem(["B1", "B2"], ["B2", "B3"]) is None           # other sensors' numbers: allowed

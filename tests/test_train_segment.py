@@ -176,3 +176,40 @@ def test_segment_grid_and_overlap_are_checked(model_and_scene, tmp_path, capsys)
         with rasterio.open(tmp_path / f"{name}.tif") as src:
             maps[name] = src.read(1)
     assert np.array_equal(maps["default"], maps["explicit"])
+
+
+def test_segment_refuses_bands_in_another_order(model_and_scene, tmp_path, capsys):
+    """A scene whose band_names hold the model's bands in another order was segmented silently
+    with every band read as another one; segment names the scene and the image.bands that reads it
+    in the model's order, and with that fix the map equals the map of the scene in the right order."""
+    import shutil
+
+    import rasterio
+    import yaml
+
+    from rest_ds.cli import main
+
+    m = model_and_scene
+    (tmp_path / "named").mkdir()
+    model = tmp_path / "named" / Path(m["model"]).name           # the model with its bands named
+    shutil.copy(m["model"], model)
+    meta = json.loads(Path(m["model"]).with_suffix(".json").read_text())
+    meta["band_names"] = ["B02", "B03", "B04", "B08"]
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    with rasterio.open(m["image"]) as src:
+        prof, img = src.profile, src.read()
+    with rasterio.open(tmp_path / "swapped.tif", "w", **prof) as dst:
+        dst.write(img[[3, 2, 1, 0]])
+    desc = {"name": "swapped", "image": {"path": "swapped.tif"}, "band_names": ["nir", "red", "green", "blue"]}
+    (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(desc))
+    args = ["segment", "--checkpoint", str(model), "--nproc", "1"]
+    rc = main(args + ["--input", str(tmp_path / "swapped.yaml"), "--output", str(tmp_path / "s.tif")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "swapped.yaml: the scene has the same bands in another order" in err, err
+    assert "image.bands: [3, 2, 1, 0]" in err and not (tmp_path / "s.tif").exists()
+    desc.update(image={"path": "swapped.tif", "bands": [3, 2, 1, 0]}, band_names=["blue", "green", "red", "nir"])
+    (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(desc))
+    assert main(args + ["--input", str(tmp_path / "swapped.yaml"), "--output", str(tmp_path / "s.tif")]) == 0
+    assert main(args + ["--input", str(m["image"]), "--output", str(tmp_path / "ref.tif")]) == 0
+    with rasterio.open(tmp_path / "s.tif") as a, rasterio.open(tmp_path / "ref.tif") as b:
+        assert np.array_equal(a.read(), b.read())

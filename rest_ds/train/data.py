@@ -235,5 +235,25 @@ def fitting_grid(hw: tuple[int, int], sp: int, align: int,
     return min(fits, key=lambda g: grid_cost(H, W, g, align) or (math.inf,))  # choose_grid's order
 
 
+def band_order_problem(want, got) -> str | None:
+    """Why bands named ``got`` cannot stand for bands named ``want`` position by position: the
+    same bands in another order (names compare by spectral role, ``B04`` = ``red``,
+    case-insensitive; rest_ds.models.encoders.bands); the message names the ``image.bands``
+    indices that read them in the expected order. None otherwise: when they agree, when either
+    side names no bands, and for other names (band numbers are sensor-specific: Landsat 8's B2-B7
+    are Landsat 7's B1-B5, B7, which a model may rightly be applied to)."""
+    from ..models.encoders.bands import canonical
+
+    if not want or not got or len(want) != len(got):
+        return None  # a different count is the band-count check's error
+    a, b = [canonical(str(n)) for n in want], [canonical(str(n)) for n in got]
+    if a == b or sorted(a) != sorted(b) or len(set(b)) != len(b):
+        return None
+    order = [b.index(n) for n in a]
+    return (f"has the same bands in another order ({', '.join(map(str, got))}; expected "
+            f"{', '.join(map(str, want))}): read them in that order (image.bands: {order} for one file, "
+            f"or paths in that order) and list band_names alike")
+
+
 __all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout",
-           "has_labelled_pixel", "grid_fits", "grid_shapes", "fitting_grid"]
+           "has_labelled_pixel", "grid_fits", "grid_shapes", "fitting_grid", "band_order_problem"]

@@ -9,7 +9,8 @@ Checks, in order (the first problem raises :class:`ConfigError` or
 * encoder arguments against the encoder factory's signature
   (:func:`check_encoder_kwargs`: unknown names, values of the wrong type);
 * every training and validation scene, headers only (no pixel is read): files,
-  band count (the same in every scene, and the model's ``in_chans``), a label
+  band count (the same in every scene, and the model's ``in_chans``), band names
+  (the same bands in the same order where scenes name them), a label
   on every training scene, the same classes everywhere and the model's
   ``num_classes``, the ``train_region`` / ``val_region`` the config names;
 * the tile grid against the scene (``mesh.sp`` divides the ranks, each tile at
@@ -117,7 +118,7 @@ def scene_headers(cfg) -> list[dict]:
     ``fetched: False`` (rank 0 fetches them at the start of training)."""
     from ..data import DataError, DataWarning, open_scene
     from ..data.samples import SAMPLES, is_fetched
-    from .data import resolve_scene
+    from .data import band_order_problem, resolve_scene
 
     d = cfg.data
     w = cfg.source_file
@@ -143,6 +144,7 @@ def scene_headers(cfg) -> list[dict]:
                 info = {"ref": ref, "name": scene.name, "role": role, "fetched": True, "bands": C, "height": H,
                         "width": W, "classes": list(scene.class_names or []) if r.label is not None else None,
                         "labelled": r.label is not None, "regions": sorted(scene.regions),
+                        "band_names": list(scene.band_names or []),
                         "file": scene.source_file or str(ref)}
         except DataError as e:
             raise ConfigError(w, key, str(e)) from None
@@ -153,6 +155,10 @@ def scene_headers(cfg) -> list[dict]:
         if s["bands"] != seen[0]["bands"]:
             raise ConfigError(w, key, f"scene '{s['name']}' ({s['file']}) has {s['bands']} bands, "
                                       f"'{seen[0]['name']}' has {seen[0]['bands']}")
+        bad_bands = band_order_problem(seen[0]["band_names"], s["band_names"])
+        if bad_bands:  # mixing band orders would train on silently wrong inputs
+            raise ConfigError(w, key, f"scene '{s['name']}' ({s['file']}) {bad_bands} (compared with scene "
+                                      f"'{seen[0]['name']}')")
         if not s["labelled"]:
             raise ConfigError(w, key, f"scene '{s['name']}' ({s['file']}) has no label")
         if s["classes"] != seen[0]["classes"]:

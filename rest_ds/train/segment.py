@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import SceneReader
+from ..data import DataError, SceneReader
 from ..data.stats import BandStats
 from ..spim import SpatialMesh, parallelize
 from ..spim.tiling import TileLayout, choose_grid
@@ -170,7 +170,7 @@ def _ctx():
 
 
 def _open_input(ref: str, meta: dict, cache: str | None, rank: int, barrier) -> SceneReader:
-    from .data import resolve_scene
+    from .data import band_order_problem, resolve_scene
 
     err = None
     scene = None
@@ -190,7 +190,13 @@ def _open_input(ref: str, meta: dict, cache: str | None, rank: int, barrier) -> 
 
     with warnings.catch_warnings():  # datum-only CRS differences of the label: 'rest-ds data info' reports them
         warnings.simplefilter("ignore", DataWarning)
-        return SceneReader(scene, expected_bands=int(meta["in_chans"]))
+        reader = SceneReader(scene, expected_bands=int(meta["in_chans"]))
+    bad = band_order_problem(meta.get("band_names"), scene.band_names)
+    if bad:  # the model would read each band as another one: silently wrong maps
+        reader.close()
+        raise DataError(scene.source_file or ref, f"the scene {bad} (the model was trained on "
+                                                  f"{', '.join(map(str, meta['band_names']))})")
+    return reader
 
 
 def _stats(reader: SceneReader, meta: dict, which: str, cache, rank: int, barrier) -> BandStats:
