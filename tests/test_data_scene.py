@@ -292,6 +292,38 @@ def test_nan_and_inf_in_the_image(tmp_path):
     assert summary.valid_pixels == H * W - 1
 
 
+def test_nonfinite_pixels_as_nodata_besides_the_nodata_value(tmp_path):
+    """A file with a nodata value (-9999) and NaN / inf pixels as well: the error's advice was
+    'set image.nodata: .nan', which gave -9999 back as data and still refused the inf (its message
+    repeated the advice). image.nonfinite: nodata makes NaN and +-inf pixels nodata too: statistics,
+    validity and labels as if those pixels held the nodata value."""
+    a = cube("float32", (3, H, W), seed=11)
+    bad = [(0, 7, 11), (2, 9, 3), (1, 15, 20)]
+    for (b, i, j), v in zip(bad, (np.nan, np.inf, -np.inf)):
+        a[b, i, j] = v
+    path, a, lab = labelled_scene(tmp_path, image=a.copy())            # nodata -9999 pixels as well
+    msg = _one_line_error(prepare_scene, path)
+    assert "image has NaN at band 0" in msg and "set image.nonfinite: nodata" in msg
+    ref = a.copy()
+    for b, i, j in bad:
+        ref[:, i, j] = NODATA
+    write_raster(tmp_path / "ref.tif", ref, nodata=NODATA)
+    desc = yaml.safe_load(open(path).read())
+    desc["image"]["nonfinite"] = "nodata"
+    open(path, "w").write(yaml.safe_dump(desc))
+    desc.update(image={"path": "ref.tif"}, name="ref")
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(desc))
+    r1, s1, st1 = prepare_scene(path, recompute=True)
+    r2, s2, st2 = prepare_scene(tmp_path / "ref.yaml", recompute=True)
+    with r1, r2:
+        assert s1.valid_pixels == s2.valid_pixels == int((ref != NODATA).all(0).sum())
+        np.testing.assert_allclose(st1.mean, st2.mean, rtol=1e-12)
+        np.testing.assert_allclose(st1.std, st2.std, rtol=1e-12)
+        t1, t2 = read_tile(r1, slice(0, H), slice(0, W), stats=st1), read_tile(r2, slice(0, H), slice(0, W), stats=st2)
+        assert np.array_equal(t1.valid, t2.valid) and np.array_equal(t1.label, t2.label)
+        assert np.array_equal(t1.image, t2.image) and np.isfinite(t1.image).all()
+
+
 def test_empty_scene(tmp_path):
     a = np.full((3, H, W), NODATA, np.float32)
     path, _, _ = labelled_scene(tmp_path, image=a)

@@ -14,6 +14,7 @@ A scene description, with paths relative to the YAML file::
       reference: 0                    # stack: the file whose grid the others are resampled onto
       resampling: bilinear            # stack: one name or one per file (see BandStackReader)
       nodata: -99999                  # one value or one per band; default: the files' own
+      # nonfinite: nodata             # NaN/inf pixels are nodata too (default error: a corrupt file)
       # crs: EPSG:32618               # for formats without georeferencing (HDF5, MATLAB)
       # transform: [10, 0, 4e5, 0, -10, 4.2e6]
     band_names: [B1, B2, B3]
@@ -38,10 +39,12 @@ typed (``dates`` >= 1, band indices >= 0, colours ``'#rrggbb'`` or ``[r, g, b]``
 and an error is one :class:`DataError` line naming the file and the key.
 
 **Validity.** A pixel is valid when every band differs from that band's nodata
-(NaN nodata: is not NaN). Labels of invalid pixels, of label-nodata pixels, of
-``unlabeled`` values and (with a region) of pixels outside the region are
-``ignore_index``. ``ignore_index`` defaults to -100, PyTorch's default for
-``cross_entropy``; labels are int64.
+(NaN nodata: is not NaN) and, with ``image.nonfinite: nodata``, every band is
+finite (otherwise NaN/inf on a valid pixel is an error naming the pixel).
+Labels of invalid pixels, of label-nodata pixels, of ``unlabeled`` values and
+(with a region) of pixels outside the region are ``ignore_index``.
+``ignore_index`` defaults to -100, PyTorch's default for ``cross_entropy``;
+labels are int64.
 
 **Grids.** Label and region rasters must lie on the image grid: same height and
 width, and, where both carry georeferencing, the same transform (to 1e-6
@@ -92,6 +95,7 @@ class Source:
     reference: int = bounded(0, ge=0)
     resampling: str | list[str] = "bilinear"
     nodata: float | list[float] | None = None
+    nonfinite: Literal["error", "nodata"] = "error"   # image: NaN/inf on a valid pixel is an error, or nodata
     crs: str | None = None
     transform: list[float] | None = None
 
@@ -541,7 +545,7 @@ class SceneReader:
         r0, _, c0, _ = window_bounds(rows, cols, *self.shape[1:], what=f"{self.scene.name}: image window")
         raw = self.image.read(rows, cols)
         valid = self._valid(raw)
-        if raw.dtype.kind == "f":
+        if raw.dtype.kind == "f" and self.scene.image.nonfinite == "error":
             finite = np.isfinite(raw)
             bad = ~finite & valid[None]
             if bad.any():
@@ -551,7 +555,8 @@ class SceneReader:
                 raise DataError(self._band_file(b), f"image has {kind} at band {b}, pixel (row {r0 + i}, col {c0 + j}) "
                                                     f"({n} non-finite value{'s' if n > 1 else ''} in this window) and "
                                                     f"the band's nodata is {self.image.nodata[b]}; fix the file or set "
-                                                    f"image.nodata: .nan")
+                                                    f"image.nonfinite: nodata (NaN/inf pixels become nodata, "
+                                                    f"besides the nodata value)")
         return raw.astype(np.float32, copy=False), valid
 
     def _valid(self, raw: np.ndarray) -> np.ndarray:
@@ -561,6 +566,8 @@ class SceneReader:
             if nd is None:
                 continue
             valid &= ~np.isnan(raw[b]) if (isinstance(nd, float) and math.isnan(nd)) else (raw[b] != nd)
+        if raw.dtype.kind == "f" and self.scene.image.nonfinite == "nodata":
+            valid &= np.isfinite(raw).all(0)
         return valid
 
     def read_valid(self, rows: slice, cols: slice) -> np.ndarray:
