@@ -10,7 +10,8 @@ positions assigned in place (``attn[:, :, 0:, 0:] = ...``), BoTNet-style
 relative-to-absolute logits (through layouts that mix the grid: index-mapped),
 ``nn.MultiheadAttention`` with and without its weights, Linears over the token
 dim (MLP-Mixer / gMLP token mixing), SHViT's ``v @ attn^T``, CrossViT's
-class-token attention (softmax and contraction over [cls, patches]);
+class-token attention (softmax and contraction over [cls, patches]),
+``F.unfold`` / ``F.fold`` into non-overlapping patches and back;
 the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -280,6 +281,23 @@ class ClassTokenCrossAttention(nn.Module):
         return x * cls.transpose(1, 2).unsqueeze(-1)
 
 
+class PatchUnfoldFold(nn.Module):
+    """MobileViTv2's (transformers) patch unfolding: ``F.unfold`` into 2 x 2
+    non-overlapping patches (a token layout on the patch grid), GroupNorm(1, C)
+    and a channel mix over (B, C, P, N), ``F.fold`` back to the map."""
+
+    def __init__(self, c: int = 24):
+        super().__init__()
+        torch.manual_seed(14)
+        self.norm, self.mix = nn.GroupNorm(1, c), nn.Linear(c, c)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = nn.functional.unfold(x, kernel_size=2, stride=2).reshape(B, C, 4, -1)
+        t = self.mix(self.norm(t).transpose(1, 3)).transpose(1, 3)
+        return nn.functional.fold(t.reshape(B, C * 4, -1), (h, w), kernel_size=2, stride=2) + x
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -303,6 +321,7 @@ CASES_FP64 = {
     "token_mixing_fp64": TokenMixing,
     "values_at_attention_t_fp64": ChannelFirstAttention,
     "class_token_cross_attention_fp64": ClassTokenCrossAttention,
+    "patch_unfold_fold_fp64": PatchUnfoldFold,
 }
 
 

@@ -4,7 +4,14 @@ Prithvi-EO's ``Conv3d(C, D, (t, p, p), stride=(t, p, p))``).
 
 With every tile border on the patch grid, each patch lies in one tile: the
 conv is local and the partition divides by the patch size. (2-D convs of any
-shape go through the halo rules in window.py.)"""
+shape go through the halo rules in window.py.)
+
+``F.unfold`` / ``F.fold`` with kernel == stride (no padding, no dilation):
+non-overlapping patches, MobileViTv2's (transformers) patch unfolding
+``(B, C, H, W) -> (B, C*kh*kw, H/kh * W/kw)`` and back. With tile borders on the
+patch grid each patch lies in one tile, and the tile's patches in tile raster
+order are its part of a token layout on the patch grid: both are local.
+Overlapping windows (VOLO's outlook attention) are refused."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -74,3 +81,70 @@ def _per_slice_conv2d(x: SpatialTensor, w, bias, u: int, s, p, d, groups: int):
     y = F.conv2d(xt, w.squeeze(u), bias, sel(s), sel(p), sel(d), groups)
     y = y.reshape(N, Du, *y.shape[1:])
     return y.permute([order.index(i) for i in range(5)])
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def _patch_args(op: str, a: dict) -> tuple[int, int]:
+    """The patch size of an unfold/fold call, refused unless kernel == stride, no padding, no dilation."""
+    k, s = _pair(a["kernel_size"]), _pair(a.get("stride", 1))
+    p, d = _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
+    if k != s or p != (0, 0) or d != (1, 1):
+        raise context.unsupported(op, f"overlapping or padded windows (kernel {k}, stride {s}, padding {p}, "
+                                      f"dilation {d}) mix the sharded dims into channels; only non-overlapping "
+                                      "patches (kernel == stride, no padding or dilation) are exact")
+    return k
+
+
+def _patch_grid(op: str, rows, cols, k) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The partitions of the patch grid; refused unless every tile border is on it."""
+    for part, step, axis in ((rows, k[0], "row"), (cols, k[1], "column")):
+        if any(b % step for b in part):
+            raise context.unsupported(op, f"{axis} tile borders {list(part)} are not on the {step}-px patch grid; "
+                                          "align tiles to the patch size")
+    r, c = tuple(b // k[0] for b in rows), tuple(b // k[1] for b in cols)
+    if any(b1 <= b0 for b0, b1 in zip(r, r[1:])) or any(b1 <= b0 for b0, b1 in zip(c, c[1:])):
+        raise context.unsupported(op, "a tile smaller than one patch")
+    return r, c
+
+
+@register(F.unfold)
+def _unfold_patches(func, args, kwargs):
+    """``F.unfold`` of an (N, C, H, W) grid layout into non-overlapping patches:
+    local; the result (N, C*kh*kw, L) is token-sharded on dim 2 over the patch grid."""
+    a = dict(zip(("input", "kernel_size", "dilation", "padding", "stride"), args))
+    a.update(kwargs)
+    x = a["input"]
+    op = "unfold"
+    if not isinstance(x, SpatialTensor) or x.dim() != 4 or x._spec.dims != (2, 3):
+        raise context.unsupported(op, "only a batched (N, C, H, W) map sharded on H and W")
+    k = _patch_args(op, a)
+    # whole patches only (torch drops a remainder: on a tile that would drop pixels inside the scene)
+    rows, cols = _patch_grid(op, x._spec.rows, x._spec.cols, k)
+    return wrap(F.unfold(x._local, k, stride=k), Spec(x._spec.mesh, (2,), rows, cols))
+
+
+@register(F.fold)
+def _fold_patches(func, args, kwargs):
+    """``F.fold`` of non-overlapping patches (N, C*kh*kw, L), token-sharded on dim 2
+    over the patch grid (no prefix tokens), back to the (N, C, H, W) map of the
+    whole scene's ``output_size``: local, grid-sharded on H and W."""
+    a = dict(zip(("input", "output_size", "kernel_size", "dilation", "padding", "stride"), args))
+    a.update(kwargs)
+    x = a["input"]
+    op = "fold"
+    if not isinstance(x, SpatialTensor) or x.dim() != 3 or x._spec.dims != (2,):
+        raise context.unsupported(op, "only a batched (N, C*kh*kw, L) tensor token-sharded on L")
+    s = x._spec
+    if s.prefix or s.lead != 1 or s.trail != 1:
+        raise context.unsupported(op, "a token dim with prefix tokens or merged dims")
+    k = _patch_args(op, a)
+    out = _pair(a["output_size"])
+    H, W = s.global_hw
+    if out != (H * k[0], W * k[1]):
+        raise context.unsupported(op, f"output_size {out} is not the patch grid {H} x {W} times the patch {k}")
+    (r0, r1), (c0, c1) = s.row_range, s.col_range
+    y = F.fold(x._local, ((r1 - r0) * k[0], (c1 - c0) * k[1]), k, stride=k)
+    return wrap(y, Spec(s.mesh, (2, 3), tuple(b * k[0] for b in s.rows), tuple(b * k[1] for b in s.cols)))
