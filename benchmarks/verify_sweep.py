@@ -555,7 +555,7 @@ MODELS.update({
 })
 # refused by SPIM at these settings (verify's one-line reasons in docs/verified_models.md, "Second sweep")
 for _name in ("mobilevit_xxs", "swinv2_cr_tiny_ns_224", "gcvit_xxtiny", "nest_tiny", "volo_d1_224", "sequencer2d_s",
-              "nextvit_small", "hf_mobilevit", "hf_mobilevitv2", "hf_mask2former_swin", "tv_maxvit_t"):
+              "nextvit_small", "hf_mobilevit", "hf_mask2former_swin", "tv_maxvit_t"):
     MODELS[_name] = replace(MODELS[_name], expect="REFUSED")
 for _name in ("mobilevitv2_050", "mixer_s16_224", "gmlp_ti16_224", "crossvit_tiny_240", "shvit_s1", "hf_beit",
               "tv_vit_b_16"):
