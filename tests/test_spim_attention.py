@@ -11,7 +11,8 @@ relative-to-absolute logits (through layouts that mix the grid: index-mapped),
 ``nn.MultiheadAttention`` with and without its weights, Linears over the token
 dim (MLP-Mixer / gMLP token mixing), SHViT's ``v @ attn^T``, CrossViT's
 class-token attention (softmax and contraction over [cls, patches]),
-``F.unfold`` / ``F.fold`` into non-overlapping patches and back;
+``F.unfold`` / ``F.fold`` into non-overlapping patches and back, sdpa on 5-D
+and 3-D inputs;
 the bytes moved per layer against the analytic volumes."""
 from __future__ import annotations
 
@@ -298,6 +299,26 @@ class PatchUnfoldFold(nn.Module):
         return nn.functional.fold(t.reshape(B, C * 4, -1), (h, w), kernel_size=2, stride=2) + x
 
 
+class BlockBatchedAttention(nn.Module):
+    """Global attention through ``F.scaled_dot_product_attention`` on 5-D
+    ``(B, heads, T, N, d)`` (NesT's blocks, T = 1) and 3-D ``(B, N, d)`` inputs."""
+
+    def __init__(self, c: int = 24, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(15)
+        self.heads = heads
+        self.qkv, self.qkv1 = nn.Linear(c, 3 * c), nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).reshape(B, -1, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unsqueeze(3)
+        t = t + nn.functional.scaled_dot_product_attention(q, k, v).squeeze(2).transpose(1, 2).reshape(B, -1, C)
+        q, k, v = self.qkv1(t).chunk(3, dim=-1)
+        t = t + nn.functional.scaled_dot_product_attention(q, k, v)
+        return t.transpose(1, 2).reshape(B, C, h, w)
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -322,6 +343,7 @@ CASES_FP64 = {
     "values_at_attention_t_fp64": ChannelFirstAttention,
     "class_token_cross_attention_fp64": ClassTokenCrossAttention,
     "patch_unfold_fold_fp64": PatchUnfoldFold,
+    "sdpa_5d_3d_fp64": BlockBatchedAttention,
 }
 
 

@@ -266,10 +266,18 @@ def _sdpa(func, args, kwargs):
         vf = gather_tokens(v._local, v.dim() - 2, v._spec)
         return wrap(F.scaled_dot_product_attention(q._local, kf, vf, attn_mask=mask, scale=a.get("scale"),
                                                    enable_gqa=a.get("enable_gqa", False)), spec)
-    out = sequence_parallel_attention(q._local, k._local, v._local, spec.token_counts(), spec.mesh,
+    ql, kl, vl = q._local, k._local, v._local
+    lead = ql.shape[:-2]
+    if ql.dim() != 4:
+        # (B, N, d) or (B, heads, T, N, d) (NesT's blocks): the dims before the tokens are
+        # independent problems; sequence-parallel attention takes (B, heads, N, d)
+        if ql.dim() < 3 or kl.shape[:-2] != lead or vl.shape[:-2] != lead:
+            raise context.unsupported(op, f"query, key and value of {q.dim()} dims with different batch dims")
+        ql, kl, vl = (t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in (ql, kl, vl))
+    out = sequence_parallel_attention(ql, kl, vl, spec.token_counts(), spec.mesh,
                                       scale=a.get("scale"), algorithm=context.attention(),
                                       enable_gqa=a.get("enable_gqa", False), prefix=spec.prefix)
-    return wrap(out, spec)
+    return wrap(out.reshape(*lead, *out.shape[-2:]), spec)
 
 
 def _kv_on_other_grid(q: SpatialTensor, k, v) -> bool:

@@ -205,6 +205,11 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
                 loc[p], loc[p + 2] = h // k1, w // k2
                 out = Spec(spec.mesh, (p, p + 2), tuple(b // k1 for b in spec.rows), tuple(b // k2 for b in spec.cols))
                 return tuple(loc), out
+            if (new[p] == 1 and len(spec.rows) > 2) or (new[p + 2] == 1 and len(spec.cols) > 2):
+                raise context.unsupported(
+                    op, f"one window of {k1}x{k2} spans the whole {H}x{W} map along a split axis (attention over "
+                    f"the whole map through a window reshape): no tiling keeps it whole; "
+                    f"split the map only along axes with several windows")
             raise context.unsupported(
                 op, f"splitting the grid into windows of {k1}x{k2} needs every tile border on the window grid "
                 f"(tile borders rows {spec.rows}, cols {spec.cols}); align tiles to the window size")
