@@ -81,11 +81,13 @@ def check_range(rng: tuple, value: Any, where: str | None, key: str) -> None:
             check_range(rng, v, where, f"{key}.{k}")
         return
     lo, lo_open, hi, hi_open = rng
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value) and not (
+    # NaN and +-inf are refused too: no ranged setting means anything at infinity (lr=inf trained to NaN)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and not (
         lo is not None and (value <= lo if lo_open else value < lo)) and not (
         hi is not None and (value >= hi if hi_open else value > hi))
     if not ok:
-        raise ConfigError(where, key, f"must be {range_text(rng)}, got {value!r}")
+        finite = "a finite number " if isinstance(value, float) and math.isinf(value) else ""
+        raise ConfigError(where, key, f"must be {finite}{range_text(rng)}, got {value!r}")
 
 
 def check_ranges(obj: Any, where: str | None, key: str) -> None:

@@ -66,6 +66,9 @@ def test_config_defaults_and_overrides(tmp_path, scene):
     (["train.class_weights=inverse"], "train.class_weights", "sqrt_inv"),
     (["optimizer.betas=[0.9]"], "optimizer.betas", "two numbers"),
     (["train.steps"], "train.steps", "KEY=VALUE"),
+    (["optimizer.lr=.inf"], "optimizer.lr", "must be a finite number > 0"),           # trained to NaN
+    (["optimizer.lr=1e300"], "optimizer.lr", "1e+300 does not fit fp32"),   # was torch's RuntimeError
+    (["finetune.encoder_lr=-.inf"], "finetune.encoder_lr", "finite"),
 ])
 def test_bad_config_is_named(tmp_path, scene, override, key, words):
     from rest_ds.train.config import ConfigError

@@ -59,6 +59,8 @@ class AugmentSection:
     noise: float = bounded(0.0, ge=0)
 
 
+_FP32_MAX = 3.4028234663852886e38  # the largest fp32: an lr at or above it overflows in the optimizer step
+
 @dataclass
 class DataSection:
     """``scenes``: sample names (``nc-landsat7``) or scene YAML paths (relative
@@ -231,6 +233,11 @@ class TrainConfig:
 
         need(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
         need(len(self.data.scenes) > 0, "data.scenes", "give at least one scene (a sample name or a scene YAML path)")
+        for key, lr in (("optimizer.lr", self.optimizer.lr), ("finetune.encoder_lr", self.finetune.encoder_lr)):
+            # the optimizer step computes in fp32: a larger lr failed there with torch's overflow error
+            if lr is not None and lr >= _FP32_MAX:
+                raise ConfigError(w, key, f"{lr:g} does not fit fp32 (the optimizer's arithmetic); must be < "
+                                          f"{_FP32_MAX:.4g}")
         need(self.data.val_scenes is None or len(self.data.val_scenes) > 0, "data.val_scenes",
              "must be null (the training scenes) or a non-empty list")
         a = self.data.augment
