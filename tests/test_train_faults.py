@@ -98,15 +98,15 @@ def _save(engine, root, step):
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
-    from rest_ds.train.checkpoint import find_checkpoint, list_checkpoints
+    from rest_ds.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
 
     root = tmp_path / "checkpoints"
     eng = _FakeEngine()
     _save(eng, root, 2)
     eng.fail = True
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match=r"step_0000004: saving the checkpoint of step 4 failed: disk full \(sim"):
         _save(eng, root, 4)
-    assert (root / ".partial" / "step_0000004").is_dir()            # the half-written one
+    assert not (root / ".partial" / "step_0000004").exists()        # the half-written one is removed
     assert [s for s, _ in list_checkpoints(root)] == [2]
     _, tag, man = find_checkpoint(root)
     assert tag == "step_0000002" and man["step"] == 2
@@ -123,6 +123,36 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
     assert tag == "step_0000004"
     _save(eng, root, 8)
     assert [s for s, _ in list_checkpoints(root)] == [4, 8]                # keep=2
+
+
+def test_disk_full_mid_save_is_named_and_frees_the_partial(tmp_path, monkeypatch):
+    """A full disk mid-save ended in torch's 'RuntimeError: [enforce fail at inline_container.cc:672] .
+    unexpected pos 17728 vs 17632' (seen on a 400 KiB tmpfs) and left the half-written checkpoint
+    filling the disk; now one CheckpointError says the disk is full, the partial is removed and
+    the complete checkpoint stays the latest."""
+    import shutil
+    from collections import namedtuple
+
+    from rest_ds.train.checkpoint import CheckpointError, find_checkpoint
+
+    class Full(_FakeEngine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+            if self.fail:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 17728 vs 17632")
+
+    root = tmp_path / "checkpoints"
+    eng = Full()
+    _save(eng, root, 2)
+    eng.fail = True
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(400 << 10, 396 << 10, 4096))
+    with pytest.raises(CheckpointError, match="step_0000004: no space left on the device while saving the "
+                                              "checkpoint of step 4; the incomplete checkpoint was removed"):
+        _save(eng, root, 4)
+    assert not (root / ".partial" / "step_0000004").exists()
+    assert find_checkpoint(root)[1] == "step_0000002"
 
 
 def test_export_pair_is_checked(tmp_path):

@@ -40,6 +40,7 @@ complete checkpoint (:func:`select_checkpoint`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -301,6 +302,30 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, str, dict]:
     return root, tag, manifest
 
 
+_LOW_SPACE = 1 << 20  # bytes: a write that failed with less than this left free failed for want of space
+
+
+@contextlib.contextmanager
+def _write_failures(folder: Path, step: int):
+    """A failed checkpoint write becomes a :class:`CheckpointError` naming ``folder``; a full disk
+    is said so (torch's own message was 'unexpected pos 17728 vs 17632'), and the incomplete
+    checkpoint is removed to give its space back. The complete checkpoints are not touched."""
+    try:
+        yield
+    except Exception as e:
+        try:
+            free = shutil.disk_usage(folder.parent).free
+        except OSError:
+            free = None
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < _LOW_SPACE)
+        shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise CheckpointError(f"{folder}: no space left on the device while saving the checkpoint of step {step}; "
+                                  f"the incomplete checkpoint was removed and the earlier ones kept: free some space "
+                                  f"(or set train.keep_checkpoints lower) and resume") from e
+        raise CheckpointError(f"{folder}: saving the checkpoint of step {step} failed: {one_line(e)}") from e
+
+
 def save_checkpoint(engine, root: str | os.PathLike, step: int, manifest: dict, rank_state: dict, *,
                     rank: int, barrier, keep: int = 2) -> Path:
     """Atomically save a DeepSpeed checkpoint of ``step`` (every rank calls it).
@@ -316,12 +341,14 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, manifest: dict, 
             shutil.rmtree(partial / tag)
         partial.mkdir(exist_ok=True)
     barrier()
-    engine.save_checkpoint(str(partial), tag=tag, client_state={"rest_ds_step": step}, save_latest=False)
-    atomic_torch_save(rank_state, partial / tag / f"rest_ds_rank{rank}.pt")
+    with _write_failures(partial / tag, step):
+        engine.save_checkpoint(str(partial), tag=tag, client_state={"rest_ds_step": step}, save_latest=False)
+        atomic_torch_save(rank_state, partial / tag / f"rest_ds_rank{rank}.pt")
     barrier()
     if rank == 0:
-        atomic_write_json(partial / tag / MANIFEST, {"format": CKPT_FORMAT, "step": step, "tag": tag, **manifest,
-                                                     "files": file_record(partial / tag)})
+        with _write_failures(partial / tag, step):
+            atomic_write_json(partial / tag / MANIFEST, {"format": CKPT_FORMAT, "step": step, "tag": tag, **manifest,
+                                                         "files": file_record(partial / tag)})
         final = root / tag
         if final.exists():  # an older run's checkpoint of the same step: replace it
             shutil.rmtree(final)
