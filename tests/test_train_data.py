@@ -339,3 +339,29 @@ def test_scenes_with_bands_in_another_order_are_refused(tmp_path, scene):
     assert band_order_problem(["B02", "B03", "B04"], ["blue", "green", "red"]) is None
     assert band_order_problem(["b0", "b1"], None) is None
     assert band_order_problem(["B1", "B2"], ["B2", "B3"]) is None           # other sensors' numbers: allowed
+
+
+def test_classes_without_a_labelled_pixel_are_named(tmp_path, scene):
+    """A label holding one class of three trained silently (val mIoU 1.0, kappa NaN); the trainer now
+    warns naming the classes no training scene has a pixel of (from the scan's counts)."""
+    import rasterio
+
+    from rest_ds.data import prepare_scene
+    from rest_ds.train.data import OpenScene, classes_without_pixels
+
+    def opened(path):
+        reader, summary, stats = prepare_scene(path, recompute=True)
+        return OpenScene(reader, stats, summary)
+
+    full = opened(scene)
+    assert classes_without_pixels([full]) == []
+    other = make_scene(tmp_path / "one")
+    with rasterio.open(other.parent / "label.tif", "r+") as dst:
+        lab = dst.read(1)
+        lab[(lab > 0) & (lab < 255)] = 2                                   # every labelled pixel is 'field'
+        dst.write(lab, 1)
+    one = opened(other)
+    assert classes_without_pixels([one]) == ["water", "forest"]
+    assert classes_without_pixels([one, full]) == []                      # another scene holds them
+    assert classes_without_pixels([OpenScene(one.reader, one.stats, None)]) is None   # not scanned: unknown
+    full.reader.close(), one.reader.close()

@@ -113,6 +113,15 @@ def has_labelled_pixel(scenes: list[OpenScene], region: str | None, block_rows: 
     return False
 
 
+def classes_without_pixels(scenes: list[OpenScene]) -> list[str] | None:
+    """Names of the classes that no scene has a labelled pixel of (on valid imagery; the scan's
+    whole-scene counts, regions not applied), or None when a scene was not scanned (data.scan)."""
+    if not scenes or any(sc.summary is None or not sc.summary.class_counts for sc in scenes):
+        return None
+    counts = np.sum([sc.summary.class_counts for sc in scenes], axis=0)
+    return [n for n, c in zip(scenes[0].reader.scene.class_names, counts) if c == 0]
+
+
 def _aug_config(cfg, align: int, grid: tuple[int, int] = (1, 1)) -> AugmentConfig:
     a = cfg.data.augment
     # a random sub-scene keeps at least one alignment unit per tile along each axis
@@ -256,4 +265,5 @@ def band_order_problem(want, got) -> str | None:
 
 
 __all__ = ["resolve_scene", "open_scenes", "OpenScene", "WholeSceneData", "CropData", "auto_grid", "scene_tile_layout",
-           "has_labelled_pixel", "grid_fits", "grid_shapes", "fitting_grid", "band_order_problem"]
+           "has_labelled_pixel", "grid_fits", "grid_shapes", "fitting_grid", "band_order_problem",
+           "classes_without_pixels"]

@@ -54,8 +54,8 @@ from .config import ConfigError, TrainConfig
 from .deepspeed_compat import check_functionals, quiet as quiet_deepspeed, zero3_spatial_hooks
 from .deepspeed_compat import ds_config as deepspeed_config
 from ..data import WindowCache
-from .data import (CropData, WholeSceneData, auto_grid, grid_fits, grid_shapes, has_labelled_pixel, open_scenes,
-                   scene_tile_layout)
+from .data import (CropData, WholeSceneData, auto_grid, classes_without_pixels, grid_fits, grid_shapes,
+                   has_labelled_pixel, open_scenes, scene_tile_layout)
 from .inference import predict_slide, predict_whole, read_padded, slide_windows
 from .metrics import class_weights_from_counts, confusion_matrix, segmentation_loss, segmentation_metrics
 
@@ -313,6 +313,10 @@ class Trainer:
                                                                        "data.val_scenes"),
                                   f"no labelled pixel in {where}the {role} scenes "
                                   f"({', '.join(sc.name for sc in scenes)}): {what}")
+        missing = classes_without_pixels(self.train_scenes) if self.is0 else None
+        if missing:  # not an error (a class may be kept for other data), but a 1-class label trained silently
+            self._log(f"warning: {len(missing)} of the {len(self.class_names)} classes ({', '.join(missing)}) have no "
+                      f"labelled pixel in the training scenes: the model cannot learn them")
 
         torch.manual_seed(cfg.seed)
         self.model, self.model_cfg = build_model(cfg.model, num_classes=self.num_classes, in_chans=self.in_chans,
