@@ -229,6 +229,29 @@ def test_cli_synthetic(tmp_path, capsys):
     assert "8 bands x 20 x 16" in capsys.readouterr().out and (tmp_path / "s.json").is_file()
 
 
+def test_cli_info_pixel_size_of_a_rotated_grid(tmp_path, capsys):
+    """A grid rotated by 45 degrees (30 m pixels: a = b = d = 21.2, e = -21.2) was reported as
+    'pixel 21.2 x 21.2' and looked north-up; the pixel's sides are the affine columns."""
+    import rasterio
+    from affine import Affine
+
+    assert _cli(["data", "synthetic", str(tmp_path), "--format", "tif", "--bands", "3", "--height", "8",
+                 "--width", "8"]) == 0
+    def place(transform):
+        for tif in tmp_path.glob("*.tif"):           # the cube and its label
+            with rasterio.open(tif, "r+") as dst:
+                dst.transform = transform
+
+    place(Affine.translation(600000, 200000) @ Affine.rotation(45) @ Affine.scale(30, -30))
+    capsys.readouterr()
+    assert _cli(["data", "info", str(tmp_path / "scene.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "pixel 30 x 30, origin (600000, 200000), not north-up (rotation terms b=21.2132, d=21.2132" in out, out
+    place(Affine(30, 0, 600000, 0, -30, 200000))
+    assert _cli(["data", "info", str(tmp_path / "scene.yaml")]) == 0
+    assert "pixel 30 x 30, origin (600000, 200000)\n" in capsys.readouterr().out
+
+
 @pytest.mark.launcher
 def test_cli_output_into_a_closed_pipe_is_quiet(tmp_path):
     # `rest-ds data info SCENE | head -1`: the reader closes the pipe before the output ends; the command

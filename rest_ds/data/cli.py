@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -159,7 +160,11 @@ def _info(args) -> int:
         print(f"  image: {', '.join(scene.image.files())}")
         if reader.transform is not None:
             t = reader.transform
-            print(f"  pixel {abs(t.a):g} x {abs(t.e):g}, origin ({t.c:g}, {t.f:g})")
+            # the pixel's sides are the columns of the affine matrix: a rotated grid's a and e are not its size
+            side = f"{math.hypot(t.a, t.d):g} x {math.hypot(t.b, t.e):g}"
+            turn = "" if t.b == 0 and t.d == 0 else (f", not north-up (rotation terms b={t.b:g}, d={t.d:g}; maps keep "
+                                                     f"the grid)")
+            print(f"  pixel {side}, origin ({t.c:g}, {t.f:g}){turn}")
         print(f"  valid pixels: {summary.valid_pixels} of {H * W} ({100.0 * summary.valid_pixels / (H * W):.1f} %)"
               f"  [statistics: {summary.source}, {elapsed:.1f} s]")
         names = scene.band_names or [f"band{b}" for b in range(C)]
