@@ -117,7 +117,10 @@ FP32 = ("vit-linear", "vit_cls_droppath-upernet", "samvit-upernet-ckpt", "hf_sam
         "prithvi_2frames-linear-ckpt")
 EXTRA = {  # one grid each, float64 (the timm CNN path is also covered by test_spim_models)
     (1, 2): {"timm_cnn-linear": (cnn, (2, 3, 64, 128), TileLayout((0, 64), (0, 96, 128)), None),
-             "timm_cnn-upernet": (P(cnn, "upernet"), (2, 3, 64, 128), TileLayout((0, 64), (0, 32, 128)), None)},
+             "timm_cnn-upernet": (P(cnn, "upernet"), (2, 3, 64, 128), TileLayout((0, 64), (0, 32, 128)), None),
+             # one sample, one token row: (1, 1, 1, w, D) -> (1, w, D) must read as tokens (the class token
+             # is concatenated along dim 1), not as a batchless one-row grid
+             "prithvi_one_row-linear": (prithvi, (1, 6, 8, 96), TileLayout((0, 8), (0, 40, 96)), ("prefix", 4))},
     (2, 2): {},
     # 13 tokens wide: windows of 4 need padding at the scene's right border
     (1, 3): {"samvit_104-linear": (P(samvit, "linear", False, (64, 104)), (2, 3, 64, 104),

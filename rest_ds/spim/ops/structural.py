@@ -185,6 +185,7 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
             return None  # the grid's dims apart or transposed: reshape_to decides
     (r0, r1), (c0, c1) = spec.row_range, spec.col_range
     h, w = r1 - r0, c1 - c0
+    grid_first = None
     for p in range(len(new)):
         before = math.prod(new[:p])
         if not _divides(before, a_tot):
@@ -194,7 +195,15 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
         if p + 1 < len(new) and (new[p], new[p + 1]) == (H, W) and before == a_tot and after2 == z_tot:
             loc = list(new)
             loc[p], loc[p + 1] = h, w
-            return tuple(loc), Spec(spec.mesh, (p, p + 1), spec.rows, spec.cols)
+            grid = tuple(loc), Spec(spec.mesh, (p, p + 1), spec.rows, spec.cols)
+            if not (p == 0 and H == 1 and len(new) > 2):
+                return grid
+            # a one-row map flattened with size-1 leading dims, (1, 1, 1, W, D) -> (1, W, D): the
+            # same elements read as a batchless (H=1, W) grid or as (batch, tokens); models mean the
+            # tokens (a ViT's one token row: its class token is concatenated along dim 1), so a token
+            # reading found further on wins
+            grid_first = grid
+            continue
         # (H/k, k, W/k, k): windows of a grid layout (tiles must hold whole windows)
         if (not spec.is_tokens and p + 3 < len(new) and before == a_tot and new[p] * new[p + 1] == H
                 and new[p + 2] * new[p + 3] == W and math.prod(new[p + 4:]) == z_tot):
@@ -222,7 +231,7 @@ def _reshape_plan(spec: Spec, mesh_id: int, old: tuple, new_shape: tuple, op: st
                 loc[p] = lead * h * w * trail
                 out = Spec(spec.mesh, (p,), spec.rows, spec.cols, 0, lead, trail)
                 return tuple(loc), out
-    return None  # would mix or cut the grid: reshape_to decides
+    return grid_first  # None: would mix or cut the grid, reshape_to decides
 
 
 @register(*funcs_named("view", "reshape", owners=(torch, torch.Tensor)))
