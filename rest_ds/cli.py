@@ -373,14 +373,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args)
+        rc = args.func(args)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        rc = EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader of stdout went away (`rest-ds data info X | head`): stop quietly, as cat does;
         # stdout to /dev/null so that the interpreter's final flush does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    if rc == EXIT_INTERRUPTED and os.environ.get("RANK", "0") == "0":
+        # one line, not a traceback nor silence: what a user who pressed Ctrl-C needs to know
+        print(f"rest-ds {args.command}: interrupted", file=sys.stderr, flush=True)
+    return rc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -318,3 +318,18 @@ def test_help_lists_commands():
         assert opt in p.stdout
     p = rest_ds([])
     assert p.returncode == 2 and "verify" in p.stdout
+
+
+@pytest.mark.parametrize("rank,said", [("0", True), ("1", False)])
+def test_interrupt_exits_130_with_one_line(monkeypatch, capsys, rank, said):
+    # Ctrl-C: exit 130 and one line on stderr (from rank 0 only under a launcher), no traceback
+    import rest_ds.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_verify", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main(["verify", "m.py:f"]) == 130
+    err = capsys.readouterr().err
+    assert ("rest-ds verify: interrupted" in err) == said and "Traceback" not in err
