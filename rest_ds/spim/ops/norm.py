@@ -102,29 +102,18 @@ def _layout_weights(rows, cols, grid, device) -> torch.Tensor:
     return torch.tensor(areas, dtype=torch.float64, device=device) / (rows[-1] * cols[-1])
 
 
-def _scene_moments(parts: torch.Tensor, weights: torch.Tensor, rep: int, eps: float, mesh,
-                   from_rstd: bool = False) -> torch.Tensor:
-    """(3, K) fp64 [mean, biased var, 1 / sqrt(var + eps)] of K groups of ``rep``
-    consecutive channels over the whole scene, replicated, from this tile's (2, K *
-    rep) per-channel [mean, biased var] (any float dtype; [mean, rstd] with
-    ``from_rstd``, rstd = 1 / sqrt(var + eps) as torch's group norm kernel gives it)
-    and ``weights`` (:func:`_tile_weights`). One all-gather; every tile's and
-    channel's moments combined in fp64 by Chan's parallel formula (the weighted
-    mean, then ``sum_i w_i (v_i + (m_i - mean)^2)``: no E[x^2] - E[x]^2
-    cancellation), identically on every rank."""
+def _scene_moments(parts: torch.Tensor, weights: torch.Tensor, eps: float, mesh) -> torch.Tensor:
+    """(3, K) fp64 [mean, biased var, 1 / sqrt(var + eps)] of K groups over the
+    whole scene, replicated, from this tile's (2, K) [mean, biased var] of each
+    group (any float dtype) and ``weights`` (:func:`_tile_weights`). One
+    all-gather; the tiles' moments combined in fp64 by Chan's parallel formula
+    (the weighted mean, then ``sum_i w_i (v_i + (m_i - mean)^2)``: no E[x^2] -
+    E[x]^2 cancellation), identically on every rank."""
     # few ops on these (sp, 2, K) vectors: each small op costs a few us of fixed CPU, and this
     # runs in every group/instance norm forward (~30 us -> ~15 us per call)
-    m, v = all_gather_equal(parts, mesh).double().unbind(1)  # (sp, K * rep) each, fresh
-    if from_rstd:  # var back from rstd: the error is relative to var + eps, the quantity normalised by
-        v = v.pow_(-2).sub_(eps)
-    if rep == 1:
-        mean = weights @ m
-        var = weights @ (m - mean).square_().add_(v)
-    else:
-        sp, K = m.shape[0], m.shape[1] // rep
-        mean = (weights @ m).view(K, rep).mean(1)
-        var = (weights @ (m.view(sp, K, rep) - mean.view(1, K, 1)).square_().view(sp, K * rep).add_(v)).view(
-            K, rep).mean(1)
+    m, v = all_gather_equal(parts, mesh).double().unbind(1)  # (sp, K) each, fresh
+    mean = weights @ m
+    var = weights @ (m - mean).square_().add_(v)
     var.clamp_min_(0)
     return torch.stack([mean, var, (var + eps).rsqrt_()])
 
@@ -321,7 +310,7 @@ class _GroupNormScene(torch.autograd.Function):
             m, v = parts.double().view(2, N * groups, rep).unbind(0)
             mean_g = m.mean(1)
             parts = torch.stack([mean_g, (m - mean_g[:, None]).square_().add_(v).mean(1)])
-        st = _scene_moments(parts, weights, 1, eps, mesh)
+        st = _scene_moments(parts, weights, eps, mesh)
         # (3, N*C) per-(sample, channel) [mean, var, invstd] in x's dtype: one cast, one repeat
         stg = st.to(x.dtype)
         stc = stg.repeat_interleave(rep, 1) if rep > 1 else stg
