@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from rest_ds.cli import main
 from rest_ds.train.bench import Layout, efficiencies, parse_layout, parse_scene, plan_jobs, square_grid
@@ -85,6 +86,10 @@ def test_outputs_written_with_sane_fields(study):
     assert [r["key"] for r in rows] == [r["key"] for r in doc["runs"]]
     assert float(rows[1]["pixels_per_s"]) == pytest.approx(two["pixels_per_s"])
     assert "phases_s.backward" in rows[0] and "efficiency.strong" in rows[0] and "bytes.halo" in rows[1]
+    # the scene's model FLOPs (a conv model: no attention) are the same work on 1 and 2 ranks
+    assert one["flops_per_step"] == two["flops_per_step"] and one["flops_per_step"]["attention"] == 0
+    assert one["flops_per_step"]["total"] > 1e8
+    assert math.isclose(two["flops_per_s_per_rank"], two["flops_per_step"]["total"] / two["step_s"] / 2, rel_tol=1e-9)
     for name in PLOTS:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
@@ -137,17 +142,50 @@ def test_weak_plan_and_efficiencies(tmp_path):
                         out=tmp_path, classes=3, make_scenes=False)
     assert [j["key"] for j in variant] == ["real|2|train.steps=3"]
 
-    def run(key, ranks, name, pps, base=None):
+    def run(key, ranks, name, pps, base=None, flops=None):
         return {"key": key, "config": "c", "ranks": ranks, "pixels_per_s": pps, "pixels_per_s_per_rank": pps / ranks,
-                "scene": {"name": name, "height": 8, "width": 8, "weak_base": base}}
+                "scene": {"name": name, "height": 8, "width": 8, "weak_base": base}, "flops_per_s_per_rank": flops}
 
     runs = [run("a1", 1, "s", 100.0), run("a2", 2, "s", 180.0), run("a4", 4, "s", 300.0), run("o2", 2, "other", 50.0),
-            run("w1", 1, "w", 10.0, "b"), run("w2", 2, "w2", 19.0, "b")]
+            run("w1", 1, "w", 10.0, "b", 4.0), run("w2", 2, "w2", 19.0, "b", 4.2), run("v1", 1, "v", 10.0, "c"),
+            run("v2", 2, "v2", 16.0, "c")]
     efficiencies(runs)
     eff = {r["key"]: r["efficiency"] for r in runs}
-    assert eff["a1"] == {"strong": 1.0, "weak": None} and eff["a2"]["strong"] == pytest.approx(0.9)
+    assert eff["a1"] == {"strong": 1.0, "weak": None, "weak_work": None} and eff["a2"]["strong"] == pytest.approx(0.9)
     assert eff["a4"]["strong"] == pytest.approx(0.75) and eff["o2"]["strong"] is None
-    assert eff["w1"]["weak"] == 1.0 and eff["w2"] == {"strong": None, "weak": pytest.approx(0.95)}
+    assert eff["w1"]["weak"] == 1.0 and eff["w1"]["weak_work"] == 1.0
+    assert eff["w2"] == {"strong": None, "weak": pytest.approx(0.95), "weak_work": pytest.approx(1.05)}
+    # no FLOP count (a model the meta-device counter cannot trace): no work-normalised figure
+    assert eff["v2"] == {"strong": None, "weak": pytest.approx(0.8), "weak_work": None}
+
+
+def test_model_flops_counts_attention_and_convs():
+    """model_flops against the closed form: a 4 x 4 patch conv (3 -> D channels; forward 2 N D K, backward of
+    its weight only, the input needs no gradient: 2 N D K) then self-attention over the N tokens (QK^T and AV
+    forward 2 x 2 N^2 D, backward 4 x 2 N^2 D: 12 N^2 D); quadratic in N, so a scene twice as wide has 4 x the
+    attention work and 2 x the conv work."""
+    import torch.nn.functional as F
+
+    from rest_ds.train.bench import model_flops
+
+    D, K = 8, 3 * 4 * 4
+
+    class Patches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, D, 4, stride=4)
+
+        def forward(self, x):
+            t = self.proj(x)
+            B, _, h, w = t.shape
+            q = t.flatten(2).transpose(1, 2).reshape(B, h * w, 2, D // 2).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, q, q)
+            return o.transpose(1, 2).reshape(B, h * w, D).transpose(1, 2).reshape(B, D, h, w)
+
+    for H, W in ((16, 16), (16, 32), (24, 40)):
+        N = H * W // 16
+        f = model_flops(Patches(), (1, 3, H, W))
+        assert f == {"total": 12 * N * N * D + 4 * N * D * K, "attention": 12 * N * N * D}, (H, W, f)
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

@@ -78,12 +78,19 @@ JSON schema (``bench.json``; version 1)::
       "memory": {"rss_peak_mib": [per rank], "rss_step_peak_mib": [per rank],
                  "cuda_peak_mib": [per rank] | null},
       "infer_s": float | null, "infer_pixels_per_s": float | null,
-      "efficiency": {"strong": float | null, "weak": float | null}
+      "flops_per_step": {"total": int, "attention": int} | null,   # model FLOPs of one step
+                                       # (forward + backward of the plain model on the dp scenes,
+                                       # torch.utils.flop_counter on the meta device: model_flops)
+      "flops_per_s_per_rank": float | null,
+      "efficiency": {"strong": float | null, "weak": float | null, "weak_work": float | null}
     }
 
 Efficiency: ``strong`` = pixels/s / (ranks x pixels/s of the 1-rank run on the
 same scene); ``weak`` = pixels/s per rank / pixels/s of the 1-rank run on the
-weak-scaling base scene. ``rss_peak_mib`` is the process's resident
+weak-scaling base scene; ``weak_work`` = model FLOP/s per rank / that of the
+1-rank base run: the weak efficiency with the growth of the work per rank
+factored out (global attention over a P-times larger scene does ~P times the
+attention work per rank; a model without it has ``weak_work`` ~ ``weak``). ``rss_peak_mib`` is the process's resident
 high-water mark over the measured steps (model, optimizer and activations;
 reset through ``/proc/self/clear_refs`` after set-up where the kernel allows),
 ``rss_step_peak_mib`` that peak minus the resident set before the steps.
@@ -541,6 +548,29 @@ def analytic_bytes(model: torch.nn.Module, x_shape: tuple[int, int, int, int], l
     return dict(out)
 
 
+def model_flops(model: torch.nn.Module, x_shape: tuple[int, int, int, int]) -> dict:
+    """Model FLOPs of one training pass (forward + backward of the plain model) on an
+    input of ``x_shape`` (the whole scene, batch included), counted by
+    ``torch.utils.flop_counter`` on the meta device: ``{"total": int, "attention": int}``.
+    ``attention`` is the part in scaled-dot-product attention (traced on meta as its
+    batched matmuls, the only ``bmm`` of the models we ship; an explicit ``q @ k^T``
+    counts there too). This is the work one device would do: what SPIM adds (border
+    strips, recomputed edges) is not in it, so FLOP/s per rank from it is useful work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model).to("meta")
+    m.train()
+    x = torch.zeros(x_shape, device="meta")
+    with FlopCounterMode(display=False) as fc:
+        out = m(x)
+        outs = [out] if isinstance(out, torch.Tensor) else \
+            [o for o in (out.values() if isinstance(out, dict) else out) if isinstance(o, torch.Tensor)]
+        sum(o.float().sum() for o in outs).backward()
+    counts = fc.get_flop_counts().get("Global", {})
+    return {"total": int(fc.get_total_flops()),
+            "attention": int(sum(v for k, v in counts.items() if "bmm" in str(k) or "attention" in str(k)))}
+
+
 # --- one configuration, on every rank ----------------------------------------------------------------
 def _median(v: list[float]) -> float | None:
     return float(statistics.median(v)) if v else None
@@ -698,6 +728,11 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
                                                    attention=trainer.cfg.mesh.attention).items()}
     except Exception as e:  # the geometry model is a report, never a reason to lose the measurement
         ana = {"error": f"{type(e).__name__}: {e}"[:300]}
+    try:
+        flops = model_flops(_plain_model(trainer), (1, C, H, W))
+        flops = {k: v * dp for k, v in flops.items()}
+    except Exception:  # an op without a meta kernel or a FLOP formula: no work-normalised figures
+        flops = None
     P, stage = trainer.world, trainer.cfg.deepspeed.zero_stage
     if P > 1 and stage < 3:  # fp32 gradients and parameters (ZeRO-3 gathers parameters per layer instead)
         # DeepSpeed's gradient reduction: a ring all-reduce of every gradient over all ranks
@@ -731,7 +766,9 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
                    "cuda_peak_mib": [m["cuda_peak"] / mib ** 2 for m in mems] if mems[0]["cuda_peak"] is not None
                    else None},
         "infer_s": infer_s, "infer_pixels_per_s": dp * H * W / infer_s if infer_s else None,
-        "efficiency": {"strong": None, "weak": None},
+        "flops_per_step": flops,
+        "flops_per_s_per_rank": flops["total"] / med / P if flops else None,
+        "efficiency": {"strong": None, "weak": None, "weak_work": None},
     }
 
 
@@ -816,13 +853,15 @@ def plan_jobs(config: str, overrides: list[str], scenes: list[str], layouts: lis
 def efficiencies(runs: list[dict]) -> None:
     """Fill ``efficiency`` of every run in place (module docstring)."""
     for r in runs:
-        r["efficiency"] = {"strong": None, "weak": None}
+        r["efficiency"] = {"strong": None, "weak": None, "weak_work": None}
         base = r["scene"].get("weak_base")
         if base:
             ref = [q for q in runs if q["scene"].get("weak_base") == base and q["ranks"] == 1
                    and q["config"] == r["config"] and q.get("overrides") == r.get("overrides")]
             if ref and ref[0]["pixels_per_s_per_rank"]:
                 r["efficiency"]["weak"] = r["pixels_per_s_per_rank"] / ref[0]["pixels_per_s_per_rank"]
+            if ref and r.get("flops_per_s_per_rank") and ref[0].get("flops_per_s_per_rank"):
+                r["efficiency"]["weak_work"] = r["flops_per_s_per_rank"] / ref[0]["flops_per_s_per_rank"]
         else:
             ref = [q for q in runs if not q["scene"].get("weak_base") and q["ranks"] == 1
                    and q["scene"]["name"] == r["scene"]["name"] and q["scene"]["height"] == r["scene"]["height"]
@@ -916,7 +955,11 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
         kind = "weak" if g[0]["scene"].get("weak_base") else "strong"
         pts = [(r["ranks"], r["efficiency"][kind]) for r in g if r["efficiency"][kind] is not None]
         if pts:
-            ax.plot(*zip(*pts), "o-", label=f"{name} ({kind})")
+            line, = ax.plot(*zip(*pts), "o-", label=f"{name} ({kind})")
+        work = [(r["ranks"], r["efficiency"].get("weak_work")) for r in g
+                if r["efficiency"].get("weak_work") is not None]
+        if kind == "weak" and work:  # per-rank model FLOP/s: the growth of global attention factored out
+            ax.plot(*zip(*work), "s--", color=line.get_color() if pts else None, label=f"{name} (weak, by work)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("ranks")
     ax.set_ylabel("scaling efficiency")
@@ -964,7 +1007,10 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
     ax.set_xlabel("scene Mpixel")
     ax.set_ylabel("peak memory per rank, MiB (CUDA allocator or RSS)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if by_ranks:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no fixed-scene (strong-scaling) runs", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=100)
     plt.close(fig)
@@ -974,7 +1020,11 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
 
 def summary_line(r: dict) -> str:
     eff = r["efficiency"]
-    e = "".join(f", {k} eff {v:.2f}" for k, v in eff.items() if v is not None)
+    e = "".join(f", {k} eff {v:.2f}" for k, v in eff.items() if v is not None and k != "weak_work")
+    if eff.get("weak_work") is not None:
+        e += f" (by work {eff['weak_work']:.2f})"
+    if r.get("flops_per_step"):
+        e += f", {r['flops_per_step']['total'] / 1e9:.1f} GFLOP/step, {r['flops_per_s_per_rank'] / 1e9:.2f} GFLOP/s/rank"
     ph = " ".join(f"{k} {r['phases_s'][k]:.3f}" for k in PHASES if r["phases_s"].get(k) is not None)
     comm = sum(r["comm_s"].values())
     return (f"{r['key']}: {r['step_s']:.3f} s/step, {r['pixels_per_s'] / 1e6:.3f} Mpx/s "
