@@ -319,6 +319,42 @@ class BlockBatchedAttention(nn.Module):
         return t.transpose(1, 2).reshape(B, C, h, w)
 
 
+class PrefixSplitRope(nn.Module):
+    """DINOv3's attention (transformers): class + register tokens in front, a rotary
+    embedding applied to the patch tokens only through ``q.split((prefix, N - prefix),
+    dim=-2)`` then ``torch.cat`` back, and sdpa over [prefix, patches]. Also a three-way
+    split (each prefix token on its own, then the patches)."""
+
+    def __init__(self, c: int = 24, heads: int = 2, regs: int = 2):
+        super().__init__()
+        torch.manual_seed(16)
+        self.heads, self.regs = heads, regs
+        self.prefix = nn.Parameter(torch.randn(1, 1 + regs, c))
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        k0 = 1 + self.regs
+        t = torch.cat([self.prefix.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        d = C // self.heads
+        q, k, v = self.qkv(t).reshape(B, -1, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        # a replicated (h w, d) rotary table of the whole scene's patch positions
+        pos = torch.arange(h * w, dtype=x.dtype, device=x.device)[:, None] * torch.linspace(0.1, 1.0, d // 2,
+                                                                                          dtype=x.dtype)
+        cos, sin = pos.cos().repeat(1, 2), pos.sin().repeat(1, 2)
+
+        def rope(z):
+            z1, z2 = z[..., : d // 2], z[..., d // 2:]
+            return z * cos + torch.cat((-z2, z1), dim=-1) * sin
+
+        n = q.shape[-2]
+        qp, qt = q.split((k0, n - k0), dim=-2)
+        *kp, kt = k.split([1] * k0 + [n - k0], dim=-2)
+        q, k = torch.cat((qp, rope(qt)), dim=-2), torch.cat((*kp, rope(kt)), dim=-2)
+        o = self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, C))
+        return (o[:, k0:] + o[:, :1]).transpose(1, 2).reshape(B, C, h, w) + x
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -344,6 +380,7 @@ CASES_FP64 = {
     "class_token_cross_attention_fp64": ClassTokenCrossAttention,
     "patch_unfold_fold_fp64": PatchUnfoldFold,
     "sdpa_5d_3d_fp64": BlockBatchedAttention,
+    "prefix_split_rope_fp64": PrefixSplitRope,
 }
 
 

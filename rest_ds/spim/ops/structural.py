@@ -436,10 +436,44 @@ def _split(func, args, kwargs):
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) if name != "unbind" else kwargs.get("dim", args[1] if len(args) > 1 else 0)
     dim = _norm_dim(dim, x.dim())
     if dim in _spatial_set(x):
-        raise context.unsupported(op_name(func), f"splitting along sharded dim {dim}")
+        spec = x._spec
+        if name == "split" and spec.is_tokens and spec.prefix and dim == spec.dims[0]:
+            size = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+            outs = _split_prefix(x, size, dim)
+            if outs is not None:
+                return outs
+        raise context.unsupported(op_name(func), f"splitting along sharded dim {dim}"
+                                  + (" (only the replicated prefix tokens may be split off, in front of the rest)"
+                                     if spec.is_tokens and spec.prefix else ""))
     outs = func(x._local, *args[1:], **kwargs)
     dims = tuple(d - 1 if name == "unbind" and d > dim else d for d in x._spec.dims)
     return tuple(wrap(o, x._spec.with_dims(dims)) for o in outs)
+
+
+def _split_prefix(x: SpatialTensor, size, dim: int) -> tuple | None:
+    """``split`` of a token dim whose first ``prefix`` tokens are replicated (class /
+    register tokens) into pieces that each lie within the prefix, then one last piece
+    running to the end (DINOv3's RoPE: ``q.split((prefix, N - prefix), dim=-2)``):
+    the prefix pieces as plain (replicated) tensors, the last as this rank's tokens
+    with the prefix tokens it still holds. Sizes are global (the scene's token count).
+    None for any other split (a piece would end inside the sharded tokens)."""
+    spec, n = x._spec, x.shape[dim]
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    elif isinstance(size, (list, tuple)) and all(isinstance(v, int) and v >= 0 for v in size) and sum(size) == n:
+        sizes = list(size)
+    else:
+        return None
+    t, outs, start = x._local, [], 0
+    for i, k in enumerate(sizes):
+        if start + k <= spec.prefix and i < len(sizes) - 1:
+            outs.append(t.narrow(dim, start, k))  # prefix tokens only: replicated
+        elif i == len(sizes) - 1 and start <= spec.prefix:
+            outs.append(wrap(t.narrow(dim, start, t.shape[dim] - start), replace(spec, prefix=spec.prefix - start)))
+        else:
+            return None
+        start += k
+    return tuple(outs)
 
 
 @register(torch.Tensor.__getitem__)
