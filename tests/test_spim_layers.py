@@ -77,6 +77,26 @@ class Conv3dPerSlice(nn.Module):
         return a.permute(0, 1, 4, 2, 3).reshape(B, 2 * C, H, W), b
 
 
+class StridedBranches(nn.Module):
+    """An NFNet-style downsampling residual: a stride-2 conv after TF 'same' padding (one
+    line after, none before) plus an average-pooled 1x1 shortcut. Both give the same
+    output size, but their window centres differ by a line, so their outputs are tiled
+    differently: the sum moves the shortcut's tiles onto the main branch's (and its
+    in-place form, and a product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, stride=2))
+        self.short = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), nn.Conv2d(3, 4, 1))
+
+    def forward(self, x):
+        y = self.main(x)
+        s = self.short(x)
+        z = s * y.sigmoid()
+        z += y
+        return z
+
+
 def _seq(*mods):
     return lambda: nn.Sequential(*mods)
 
@@ -111,6 +131,7 @@ CASES = {
     "residual": lambda: Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))),
     "plain_operands": PlainOperand,
     "conv3d_per_slice": Conv3dPerSlice,
+    "strided_branches_relayout": StridedBranches,
     "global_reductions": GlobalReductions,
     "stack": lambda: nn.Sequential(
         nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),

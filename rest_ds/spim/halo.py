@@ -388,6 +388,19 @@ def _cached_plan(mesh, rows, cols, need_rows, need_cols, far: bool, op: str) -> 
     return _Plan(mesh, rows, cols, need_rows, need_cols, far)
 
 
+def relayout(x: torch.Tensor, mesh: SpatialMesh, rows: Partition, cols: Partition, to_rows: Partition,
+             to_cols: Partition, dims: tuple[int, int], op: str = "relayout") -> torch.Tensor:
+    """This rank's tile of the same global map under the partitions ``to_rows`` /
+    ``to_cols`` (same grid, same scene size): the lines that move to a neighbour go
+    there, by one halo exchange whose needs are the new tiles (a need may stop short
+    of the own tile). Two branches of one residual block can partition their common
+    output differently (a stride-2 conv with TF 'same' padding, whose window centres
+    sit one line later than a 2 x 2 average pool's: NFNets); an element-wise op over
+    both then takes this. Differentiable."""
+    return halo_exchange(x, mesh, rows, cols, tuple(zip(to_rows[:-1], to_rows[1:])),
+                         tuple(zip(to_cols[:-1], to_cols[1:])), dims, op)
+
+
 def halo_exchange(
     x: torch.Tensor,
     mesh: SpatialMesh,

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .. import context
+from .. import context, halo
 from ..errors import SPIMError
 from ..tensor import SpatialTensor, Spec, funcs_named, op_name, register, wrap
 from .. import rng
@@ -77,11 +77,22 @@ def align_plain(p: torch.Tensor, ndim: int, spec: Spec, op: str) -> torch.Tensor
     return p
 
 
+def _relayoutable(a: Spec, spec: Spec) -> bool:
+    """Grid layouts of one map that differ only in where the tile borders fall (same
+    dims, mesh, grid and scene size): ``a``'s tiles can be moved onto ``spec``'s."""
+    return (not a.is_tokens and not spec.is_tokens and a.dims == spec.dims and a.mesh is spec.mesh
+            and (a.rows != spec.rows or a.cols != spec.cols) and len(a.rows) == len(spec.rows)
+            and len(a.cols) == len(spec.cols) and a.rows[-1] == spec.rows[-1] and a.cols[-1] == spec.cols[-1])
+
+
 def localize(args, kwargs, spec: Spec, ndim: int, op: str):
     """Replace SpatialTensors by their tiles and slice full-extent plain tensors."""
 
     def conv(a):
         if isinstance(a, SpatialTensor):
+            if a.dim() == ndim and _relayoutable(a._spec, spec):
+                return halo.relayout(a._local, spec.mesh, a._spec.rows, a._spec.cols, spec.rows, spec.cols,
+                                     spec.dims, op)
             if not a._spec.same_layout(spec) or a.dim() != ndim:
                 raise context.unsupported(
                     op, f"operands have different tile layouts or ranks (dims {a._spec.dims} vs {spec.dims}, "
