@@ -71,8 +71,8 @@ MODELS = textwrap.dedent("""
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), PerTileNorm(), nn.Conv2d(4, 2, 1))
 
 
-    def pixel_shuffle():
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PixelShuffle(2))
+    def local_response_norm():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LocalResponseNorm(2))
 
 
     def coarse_stride():
@@ -252,9 +252,9 @@ def test_tolerance_is_applied(models, capsys):
 @pytest.mark.slow
 @pytest.mark.launcher
 def test_refused_model_exits_2_naming_the_module(models):
-    p = rest_ds(["verify", f"{models}:pixel_shuffle", "--input-shape", "2,3,32,32", "--grid", "1x2"])
+    p = rest_ds(["verify", f"{models}:local_response_norm", "--input-shape", "2,3,32,32", "--grid", "1x2"])
     assert p.returncode == 2, _show(p)
-    assert "PixelShuffle" in p.stdout and "module '1'" in p.stdout, _show(p)
+    assert "LocalResponseNorm" in p.stdout and "module '1'" in p.stdout, _show(p)
     assert "Traceback" not in p.stdout + p.stderr
 
 

@@ -97,6 +97,24 @@ class StridedBranches(nn.Module):
         return z
 
 
+class SubPixel(nn.Module):
+    """Sub-pixel upsampling (``nn.PixelShuffle``, any tile borders), then on the doubled
+    borders (even: on the 2 x 2 block grid) ``nn.PixelUnshuffle`` and a round trip
+    through non-overlapping ``nn.Unfold`` / ``nn.Fold`` patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PixelShuffle(2), nn.Conv2d(2, 4, 3, padding=1))
+        self.down = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(16, 3, 3, padding=1))
+        self.unfold, self.mix = nn.Unfold(2, stride=2), nn.Conv1d(16, 16, 1)
+
+    def forward(self, x):
+        y = self.up(x)
+        h, w = y.shape[-2:]
+        p = nn.Fold((h, w), 2, stride=2)(self.mix(self.unfold(y)))
+        return self.down(y + p)
+
+
 def _seq(*mods):
     return lambda: nn.Sequential(*mods)
 
@@ -132,6 +150,7 @@ CASES = {
     "plain_operands": PlainOperand,
     "conv3d_per_slice": Conv3dPerSlice,
     "strided_branches_relayout": StridedBranches,
+    "pixel_shuffle_unshuffle_unfold": SubPixel,
     "global_reductions": GlobalReductions,
     "stack": lambda: nn.Sequential(
         nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),

@@ -44,10 +44,6 @@ _REFUSED: dict[type, str] = {
     nn.AdaptiveMaxPool2d: "adaptive max pooling to bins is not implemented exactly",
     nn.FractionalMaxPool2d: "random pooling regions are not reproducible across tiles",
     nn.LPPool2d: "LP pooling is not implemented exactly",
-    nn.Unfold: "unfold mixes the sharded dims into channels",
-    nn.Fold: "fold mixes the sharded dims into channels",
-    nn.PixelShuffle: "pixel shuffle is not implemented",
-    nn.PixelUnshuffle: "pixel unshuffle is not implemented",
     nn.LocalResponseNorm: "local response norm is not implemented",
 }
 

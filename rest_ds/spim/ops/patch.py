@@ -11,13 +11,20 @@ non-overlapping patches, MobileViTv2's (transformers) patch unfolding
 ``(B, C, H, W) -> (B, C*kh*kw, H/kh * W/kw)`` and back. With tile borders on the
 patch grid each patch lies in one tile, and the tile's patches in tile raster
 order are its part of a token layout on the patch grid: both are local.
-Overlapping windows (VOLO's outlook attention) are refused."""
+Overlapping windows (VOLO's outlook attention) are refused. ``nn.Unfold`` /
+``nn.Fold`` call these.
+
+``F.pixel_shuffle`` / ``F.pixel_unshuffle`` (sub-pixel upsampling: Swin2SR, ESPCN
+heads; space-to-depth stems): every output pixel comes from one input pixel's
+channels (shuffle) or one r x r block (unshuffle, tile borders on the block grid),
+so both are local and scale the partition by r."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .. import context
-from ..tensor import SpatialTensor, Spec, register, wrap
+from ..tensor import SpatialTensor, Spec, funcs_named, register, wrap
 
 
 def _triple(v):
@@ -148,3 +155,21 @@ def _fold_patches(func, args, kwargs):
     (r0, r1), (c0, c1) = s.row_range, s.col_range
     y = F.fold(x._local, ((r1 - r0) * k[0], (c1 - c0) * k[1]), k, stride=k)
     return wrap(y, Spec(s.mesh, (2, 3), tuple(b * k[0] for b in s.rows), tuple(b * k[1] for b in s.cols)))
+
+
+@register(*funcs_named("pixel_shuffle", "pixel_unshuffle", owners=(torch, F)))
+def _pixel_shuffle(func, args, kwargs):
+    """``pixel_shuffle`` (N, C r^2, H, W) -> (N, C, H r, W r) and ``pixel_unshuffle``
+    back, on a map sharded on its last two dims: local (module docstring)."""
+    unshuffle = getattr(func, "__name__", "") == "pixel_unshuffle"
+    op = "pixel_unshuffle" if unshuffle else "pixel_shuffle"
+    x = args[0] if args else kwargs["input"]
+    r = args[1] if len(args) > 1 else kwargs["downscale_factor" if unshuffle else "upscale_factor"]
+    if not isinstance(x, SpatialTensor) or x._spec.is_tokens or x._spec.dims != (x.dim() - 2, x.dim() - 1):
+        raise context.unsupported(op, "only a (*, C, H, W) map sharded on H and W")
+    s = x._spec
+    if unshuffle:
+        rows, cols = _patch_grid(op, s.rows, s.cols, (r, r))
+    else:
+        rows, cols = tuple(b * r for b in s.rows), tuple(b * r for b in s.cols)
+    return wrap(func(x._local, r), Spec(s.mesh, s.dims, rows, cols))
