@@ -355,6 +355,29 @@ class PrefixSplitRope(nn.Module):
         return (o[:, k0:] + o[:, :1]).transpose(1, 2).reshape(B, C, h, w) + x
 
 
+class WindowBatchConv(nn.Module):
+    """2 x 2 windows moved into the batch dim (EfficientViT-M's local attention, TNT's inner
+    pixels): a padded 3x3 conv and a train-mode BatchNorm per window sample, then CoaT's
+    zero row padded in front of a token sequence (a replicated prefix token) under
+    attention, and a kernel-1 ``Conv1d`` over the token-sharded sequence."""
+
+    def __init__(self, c: int = 24):
+        super().__init__()
+        torch.manual_seed(17)
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)  # a bias before BN: grad 0
+        self.mix = nn.Conv1d(c, c, 1)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        win = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, 2, 2)
+        win = self.bn(self.conv(win))
+        y = win.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+        t = nn.functional.pad(y.flatten(2).transpose(1, 2), (0, 0, 1, 0))  # (B, 1 + N, C), row 0 zeros
+        q = t.reshape(B, -1, 2, C // 2).transpose(1, 2)
+        t = nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(B, -1, C)[:, 1:]
+        return self.mix(t.transpose(1, 2)).reshape(B, C, h, w) + x
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -381,6 +404,7 @@ CASES_FP64 = {
     "patch_unfold_fold_fp64": PatchUnfoldFold,
     "sdpa_5d_3d_fp64": BlockBatchedAttention,
     "prefix_split_rope_fp64": PrefixSplitRope,
+    "window_batch_conv_pad_prefix_fp64": WindowBatchConv,
 }
 
 

@@ -24,6 +24,8 @@ tokens like a right operand. A Linear over the token dim (MLP-Mixer, ResMLP,
 gMLP) is a contraction over the tokens with the weight's columns for the tile's
 tokens; its result is replicated.
 
+``F.conv1d`` with a kernel of 1 over a token-sharded sequence is a local channel mix.
+
 ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is composed of
 the rules above: projections, sequence-parallel attention, output projection.
 """
@@ -53,6 +55,25 @@ def _linear(func, args, kwargs):
             return _linear_over_tokens(x, a["weight"], a.get("bias"))
         raise context.unsupported("linear", f"the contracted last dim {x.dim() - 1} is sharded")
     return wrap(F.linear(x._local, a["weight"], a.get("bias")), x._spec)
+
+
+@register(*funcs_named("conv1d", owners=(torch, F)))
+def _conv1d_pointwise(func, args, kwargs):
+    """``F.conv1d`` with a kernel of 1 (stride 1, no padding or dilation) over a sequence
+    sharded on its length (N, C, L): a channel mix per token, local. Any wider kernel
+    would read the neighbouring tokens of a token order that is not the scene's rows."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    if isinstance(w, SpatialTensor) or isinstance(b, SpatialTensor) or not isinstance(x, SpatialTensor):
+        raise context.unsupported("conv1d", "a sharded weight or bias")
+    one = lambda v: v in (1, (1,), [1])  # noqa: E731
+    if (x.dim() != 3 or x._spec.dims != (2,) or w.shape[-1] != 1 or not one(a.get("stride", 1))
+            or a.get("padding", 0) not in (0, (0,), [0], "valid", "same") or not one(a.get("dilation", 1))):
+        raise context.unsupported("conv1d", f"kernel {tuple(w.shape[2:])} over sharded dims {x._spec.dims} of a "
+                                  f"{x.dim()}-D tensor (only a kernel of 1 over an (N, C, L) sequence sharded on L)")
+    return wrap(F.conv1d(x._local, w, b, 1, 0, 1, a.get("groups", 1)), x._spec)
 
 
 def _linear_over_tokens(x: SpatialTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

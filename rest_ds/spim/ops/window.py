@@ -33,6 +33,7 @@ With one rank (sp = 1) the tile is the scene and torch's own op runs.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -510,6 +511,10 @@ def _conv2d(func, args, kwargs):
         # a 1x1 conv mixes channels per position: local on a tensor sharded on any other dim
         # (EfficientFormerV2's talking heads: a conv over the heads of a (B, heads, Nq, Nk) map)
         return wrap(F.conv2d(x._local, weight, a.get("bias"), 1, 0, 1, a.get("groups", 1)), x._spec)
+    if x._spec.is_tokens and x.dim() == 4 and x._spec.dims == (0,):
+        # windows or patches moved into the batch dim, each sample whole on its rank (TNT's inner
+        # pixels, EfficientViT-M's local-window attention): the conv runs per sample, locally
+        return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), x._spec)
     ke, pb, n_out, (plan, pads, spec, ranges), geo = _conv_geometry(
         x._spec, id(x._spec.mesh), x.dim(), x._local.shape, k, s, d,
         padding if isinstance(padding, str) else _pair(padding))
@@ -634,10 +639,13 @@ def _pad(func, args, kwargs):
     if spec.is_tokens:
         # token layout: padding other dims is local (EfficientViT's linear attention pads v's
         # channels with ones); the flattened token dim has no scene border to pad at
-        if any(per_dim.get(spec.dims[0], (0, 0))):
-            raise context.unsupported("pad", f"padding the token dim {spec.dims[0]} of a token-layout tensor")
+        before, after = per_dim.get(spec.dims[0], (0, 0))
+        if after or (before and mode != "constant"):
+            raise context.unsupported("pad", f"padding the token dim {spec.dims[0]} of a token-layout tensor "
+                                      "(only constant padding in front: replicated prefix tokens)")
         out = F.pad(x._local, pad, mode=mode, value=value) if mode == "constant" else F.pad(x._local, pad, mode=mode)
-        return wrap(out, spec)
+        # constant tokens in front (CoaT's zero row for the class token): replicated prefix tokens
+        return wrap(out, replace(spec, prefix=spec.prefix + before) if before else spec)
     r, c = spec.mesh.coord
     ph, pw = spec.mesh.grid
     local_pad = []
