@@ -255,3 +255,85 @@ def test_time_fit_recovers_known_terms():
     assert (s, u, t0) == pytest.approx((3e-6, 1e-12, 0.02), rel=1e-6)
     s, u, t0 = _fit_time([(a, 3e-6 * a + 0.02) for a, _ in pts], quadratic=False)
     assert u == 0 and (s, t0) == pytest.approx((3e-6, 0.02), rel=1e-6)
+
+
+# --- the attention term, measured directly ----------------------------------------------------------------
+def test_attention_term_is_the_vits_sdpa_timing():
+    """The tiny ViT's fitted ``u`` is its attention measured on its own: the recorded sdpa calls
+    (global: queries and keys grow with the scene, one token per 8 x 8 patch) timed in isolation;
+    an independent timing of the same sdpa shape at 2048 tokens (forward + backward, thread CPU
+    time, one thread) gives the same u within this shared machine's timing noise."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from rest_ds.train.plan import profile_model
+
+    torch.set_num_threads(1)
+    prof = profile_model(TINY_MODEL, 4, 3)
+    calls = prof.attention["calls"]
+    assert len(calls) == 2 and all(c["keys"] == "scene" for c in calls)  # depth 2, global attention
+    assert all(c["rho_q"] == c["rho_k"] == 1 / 64 for c in calls)  # one token per 8 x 8 patch
+    assert prof.fits["0"]["u"] == prof.attention["u"] > 0
+
+    n, best = 2048, float("inf")
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))  # embed 32, 2 heads
+    for _ in range(3):
+        t = time.thread_time()
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+        best = min(best, time.thread_time() - t)
+    expected = len(calls) * best / n ** 2 / 64 ** 2
+    assert prof.fits["0"]["u"] == pytest.approx(expected, rel=0.35)
+
+
+def _window_then_global():
+    """A 4 x 4-pixel patch embedding, then attention within 4 x 4-token windows (keys = the
+    window's 16 tokens), then global attention over all tokens."""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+        def forward(self, x):
+            import torch.nn.functional as F
+
+            t = self.embed(x)  # (1, 8, h, w)
+            _, c, h, w = t.shape
+            win = t.reshape(1, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(-1, 1, 16, c)
+            win = F.scaled_dot_product_attention(win, win, win)  # (windows, 1 head, 16, c)
+            tok = win.reshape(1, h // 4, w // 4, 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(1, 1, h * w, c)
+            return F.scaled_dot_product_attention(tok, tok, tok)
+
+    return M()
+
+
+def test_windowed_attention_has_window_keys():
+    """Recorded at two sizes, a windowed call keeps its 16 keys (keys = window: no tile x scene
+    term) and a global one grows with the scene (keys = scene, 1/16 token per pixel); only the
+    global call is timed into u. A model whose call count changes with the size is refused."""
+    import torch
+
+    from rest_ds.train.plan import attention_calls, attention_term
+
+    calls = attention_calls(_window_then_global(), 3, (64, 128))
+    assert [c["keys"] for c in calls] == ["window", "scene"]
+    assert calls[0]["k"] == (64, 1, 16, 8) and calls[0]["rho_k"] == 0.0  # 128 px: 8 x 8 windows of 16
+    assert calls[1]["k"] == (1, 1, 1024, 8) and calls[1]["rho_q"] == calls[1]["rho_k"] == 1 / 16
+
+    ticks = iter(range(10 ** 6))  # a clock of one second per reading: forward 1 s, backward 1 s
+    term = attention_term(calls, lambda: float(next(ticks)), n_max=1024)
+    assert len(term["timed"]) == 1 and term["timed"][0]["n"] == 1024  # the global call only, at its keys
+    assert term["u"] == pytest.approx(2.0 / 1024 ** 2 / 16 ** 2, rel=1e-12)
+    assert term["u_fwd"] == pytest.approx(term["u"] / 2, rel=1e-12)
+    assert attention_term(calls[:1], lambda: 0.0)["u"] == 0.0  # windows alone: none
+
+    class Grows(torch.nn.Module):  # attends only above 64 px
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)[None]
+            return t if x.shape[-1] <= 64 else torch.nn.functional.scaled_dot_product_attention(t, t, t)
+
+    with pytest.raises(ValueError, match="0 times at 64 px but 1 times at 96 px"):
+        attention_calls(Grows(), 3, (64, 96))

@@ -243,9 +243,12 @@ class ModelProfile:
     the fit ``peak(A) = a A + q A^2 + b`` of one forward/backward's peak live bytes
     over scene pixels ``A`` (gradients already allocated, so the fit holds activations and
     backward temporaries), the fit ``t(A) = s A + u A^2 + t0`` of that forward/backward's
-    seconds (``s``, ``u``, ``t0``; ``s_per_px``: the least seconds per pixel over the
-    probes), and ``times[setting]``: ``[side, seconds]`` per timed probe side; ``opt_s``:
-    one optimizer step (with gradient clipping where configured) over all parameters."""
+    seconds (``u``: the attention measured on its own, :func:`attention_term`; ``s``, ``t0``
+    fitted to what the probes leave after it; ``s_per_px``: the least seconds per pixel over
+    the probes), and ``times[setting]``: ``[side, seconds]`` per timed probe side; ``opt_s``:
+    one optimizer step (with gradient clipping where configured) over all parameters;
+    ``attention``: :func:`attention_term`'s result plus ``calls`` (per sdpa call: ``q``, ``k``
+    shapes at the second probe side, ``keys`` "scene" or "window", ``rho_q``, ``rho_k``)."""
 
     encoder: str
     params: int
@@ -255,6 +258,7 @@ class ModelProfile:
     sizes: list[int] = field(default_factory=list)
     times: dict[str, list[list[float]]] = field(default_factory=dict)
     opt_s: float = 0.0
+    attention: dict = field(default_factory=dict)
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
@@ -293,8 +297,13 @@ def _fit_time(points: list[tuple[float, float]], quadratic: bool = True) -> tupl
 
 
 class _SeesAttention:
-    """``with _SeesAttention() as sa: model(x)``: ``sa.seen`` is True when the pass called
-    ``F.scaled_dot_product_attention`` (whose cost grows with tile x scene under SPIM)."""
+    """``with _SeesAttention() as sa: model(x)``: ``sa.calls`` records every
+    ``F.scaled_dot_product_attention`` call of the pass (whose cost grows with tile x scene
+    under SPIM when its keys are the scene's tokens), in order: the shapes of ``q``, ``k``,
+    ``v`` and of the mask (None: none), the dtype, ``dropout_p``, ``is_causal``, ``scale`` and
+    ``enable_gqa``; ``sa.seen``: whether there was any."""
+
+    _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
     def __enter__(self):
         import torch.nn.functional as F
@@ -305,15 +314,132 @@ class _SeesAttention:
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 if func is F.scaled_dot_product_attention:
-                    outer.seen = True
+                    a = {**dict(zip(outer._ARGS, args)), **(kwargs or {})}
+                    m = a.get("attn_mask")
+                    outer.calls.append({
+                        "q": tuple(a["query"].shape), "k": tuple(a["key"].shape), "v": tuple(a["value"].shape),
+                        "dtype": str(a["query"].dtype).replace("torch.", ""),
+                        "mask": None if m is None else (tuple(m.shape), str(m.dtype).replace("torch.", "")),
+                        "dropout_p": float(a.get("dropout_p") or 0.0), "is_causal": bool(a.get("is_causal")),
+                        "scale": a.get("scale"), "enable_gqa": bool(a.get("enable_gqa"))})
                 return func(*args, **(kwargs or {}))
 
-        self.seen, self._mode = False, Mode()
+        self.calls, self._mode = [], Mode()
         self._mode.__enter__()
         return self
 
+    @property
+    def seen(self) -> bool:
+        return bool(self.calls)
+
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def attention_calls(model, in_chans: int, sides: tuple[int, int]) -> list[dict]:
+    """The ``scaled_dot_product_attention`` calls of ``model``'s forward (no gradients) on
+    random square scenes of the two ``sides``, paired in call order and classified:
+    ``keys = "scene"`` where the queries and the keys both grow with the scene (global
+    attention: under SPIM the rank's tile's queries meet the whole scene's keys, a cost in
+    tile x scene), with ``rho_q``, ``rho_k`` (tokens per pixel: the slope of the token counts
+    over the pixels); ``keys = "window"`` where they do not (windowed attention, a fixed key
+    set: keys = its window, a cost linear in the tile that the probes' linear term holds).
+    Each entry: the call at the larger side (:class:`_SeesAttention`'s fields) plus those.
+    Raises ValueError when the two passes call it a different number of times."""
+    import torch
+
+    gen = torch.Generator().manual_seed(2)
+    seen = []
+    for s in sides:
+        with torch.no_grad(), _SeesAttention() as sa:
+            model(torch.randn((1, in_chans, s, s), generator=gen))
+        seen.append(sa.calls)
+    if len(seen[0]) != len(seen[1]):
+        raise ValueError(f"the model calls scaled_dot_product_attention {len(seen[0])} times at {sides[0]} px "
+                         f"but {len(seen[1])} times at {sides[1]} px: its attention term cannot be measured")
+    dA = float(sides[1] ** 2 - sides[0] ** 2)
+    out = []
+    for a, b in zip(*seen):
+        dq, dk = b["q"][-2] - a["q"][-2], b["k"][-2] - a["k"][-2]
+        glob = dq > 0 and dk > 0
+        out.append({**b, "keys": "scene" if glob else "window",
+                    "rho_q": dq / dA if glob else 0.0, "rho_k": dk / dA if glob else 0.0})
+    return out
+
+
+ATTN_PROBE_S = 0.3  # seconds: the largest isolated attention pass the probe times
+ATTN_PROBE_BYTES = 2 ** 30  # bytes of one head set's scores (n x n): a bound on the timed tokens
+
+
+def _time_attention(call: dict, clock, n_max: int) -> tuple[float, float, int]:
+    """Seconds per (query token x key token) of one recorded attention ``call`` (its batch and
+    head dims, head width, dtype, mask, dropout, causality), forward and backward (to q, k, v)
+    apart: timed on its own at ``n`` queries x ``n`` keys, ``n`` doubled from the call's own key
+    count until a pass takes over ``ATTN_PROBE_S / 4`` (the next would take ~``ATTN_PROBE_S``),
+    or reaches ``n_max`` or ``ATTN_PROBE_BYTES`` of scores; the faster of two passes at the
+    last ``n``, divided by ``n^2`` (sdpa's cost grows as Nq x Nk once it is large). Returns
+    (forward, backward, n)."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = getattr(torch, call["dtype"])
+    lead_q, lead_k = call["q"][:-2], call["k"][:-2]
+    heads = math.prod(lead_q) or 1
+    n = max(16, min(call["k"][-2], n_max))
+    kw = {"dropout_p": call["dropout_p"], "is_causal": call["is_causal"], "scale": call["scale"]}
+    if call["enable_gqa"]:
+        kw["enable_gqa"] = True
+    gen = torch.Generator().manual_seed(3)
+
+    def one(n: int) -> tuple[float, float]:
+        q = torch.randn((*lead_q, n, call["q"][-1]), generator=gen).to(dt).requires_grad_()
+        k = torch.randn((*lead_k, n, call["k"][-1]), generator=gen).to(dt).requires_grad_()
+        v = torch.randn((*lead_k, n, call["v"][-1]), generator=gen).to(dt).requires_grad_()
+        mask = None
+        if call["mask"] is not None:  # the recorded mask's shape, its token dims at n (broadcast dims kept)
+            shape, mdt = call["mask"]
+            shape = (*shape[:-2], *(1 if d == 1 else n for d in shape[-2:]))
+            mask = (torch.ones(shape, dtype=torch.bool) if mdt == "bool"
+                    else torch.zeros(shape, dtype=getattr(torch, mdt)))
+        t = clock()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        tf = clock()
+        out.backward(torch.ones_like(out))
+        return tf - t, clock() - tf
+
+    one(n)  # untimed: one-off set-up
+    while True:
+        runs = [one(n), one(n)]
+        tf, tb = min(runs, key=lambda r: r[0] + r[1])
+        bigger = 2 * n
+        if (tf + tb > ATTN_PROBE_S / 4 or bigger > n_max
+                or heads * bigger * bigger * torch.empty((), dtype=dt).element_size() > ATTN_PROBE_BYTES):
+            return tf / n ** 2, tb / n ** 2, n
+        n = bigger
+
+
+def attention_term(calls: list[dict], clock, n_max: int = 16384) -> dict:
+    """The attention term of :func:`step_time` from recorded calls (:func:`attention_calls`):
+    ``u`` (seconds per tile pixel x scene pixel, forward + backward) = the sum over the global
+    calls (``keys = "scene"``) of their timed seconds per query x key token
+    (:func:`_time_attention`, once per distinct call) x ``rho_q rho_k``; ``u_fwd`` the forward's
+    part (activation checkpointing recomputes it). Windowed calls add nothing here (their cost
+    is linear in the tile). Also ``timed``: one entry per distinct timed call."""
+    cache: dict = {}
+    u = u_fwd = 0.0
+    for c in calls:
+        if c["keys"] != "scene":
+            continue
+        key = tuple((k, repr(v)) for k, v in c.items() if k not in ("q", "k", "v", "keys", "rho_q", "rho_k")) + (
+            c["q"][:-2], c["q"][-1], c["k"][:-2], c["k"][-1], c["v"][-1])
+        if key not in cache:
+            cache[key] = _time_attention(c, clock, n_max)
+        tf, tb, _ = cache[key]
+        u += (tf + tb) * c["rho_q"] * c["rho_k"]
+        u_fwd += tf * c["rho_q"] * c["rho_k"]
+    timed = [{"q": list(k[-5]) + [k[-4]], "fwd_s_per_pair": tf, "bwd_s_per_pair": tb, "n": n}
+             for k, (tf, tb, n) in cache.items()]
+    return {"u": u, "u_fwd": u_fwd, "timed": timed}
 
 
 PROBE_BUDGET = 2e12  # parameters x probe pixels: bounds the probes' forward/backward cost on a CPU
@@ -340,7 +466,10 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
     the model's alignment, :func:`probe_sides`) in this process; a few seconds for
     small models, about a minute for a 300 M-parameter encoder on a CPU core. The weights are
     random (the values do not matter). The forward/backward is also timed at two smaller sides
-    (2 and 4 x max(align, 16)), which pin the per-pass fixed cost ``t0``; then one step of
+    (2 and 4 x max(align, 16)), which pin the per-pass fixed cost ``t0``; the model's
+    ``scaled_dot_product_attention`` calls are recorded at the two smallest probe sides and
+    timed on their own (:func:`attention_calls`, :func:`attention_term`: under a second for a
+    few distinct calls), which gives the attention term ``u``; then one step of
     ``train_cfg``'s optimizer (its parameter groups and gradient clipping; None: AdamW) is timed
     on the gradients (``opt_s``)."""
     import torch
@@ -380,8 +509,12 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
     small = [v for v in small if v < min(sides)]
     points: dict = {ck: [] for ck in cks}
     timed: dict = {ck: [] for ck in cks}
-    with _SeesAttention() as attn:  # one forward at the smallest probe side: does the model attend?
-        model(torch.randn((1, in_chans, sides[0], sides[0]), generator=gen))
+    # the attention term, measured directly: the model's sdpa calls at two probe sides (which
+    # grow with the scene: global), each timed on its own at thousands of tokens (u), instead of
+    # the probes' curvature, which this shared machine's noise swamps at <= 512 px
+    calls = attention_calls(model, in_chans, (sides[0], sides[1]))
+    prof.attention = attention_term(calls, clock)
+    prof.attention["calls"] = [{k: c[k] for k in ("q", "k", "keys", "rho_q", "rho_k")} for c in calls]
     for i, s in enumerate([*small, *sides]):
         x = torch.randn((1, in_chans, s, s), generator=gen)
         y = torch.randint(0, num_classes, (1, s, s), generator=gen)
@@ -415,7 +548,10 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
             points[ck].append((float(s * s), float(lb.peak)))
     for ck in cks:
         a, q, b = _fit(points[ck])
-        s_px, u, t0 = _fit_time([(float(s * s), t) for s, t in timed[ck]], quadratic=attn.seen)
+        # s and t0 from what the probes leave after the measured attention (recomputed forward too
+        # under checkpointing, an upper bound where not every attention block is checkpointed)
+        u = prof.attention["u"] + (prof.attention["u_fwd"] if ck else 0.0)
+        s_px, _, t0 = _fit_time([(float(s * s), t - u * float(s * s) ** 2) for s, t in timed[ck]], quadratic=False)
         prof.fits["1" if ck else "0"] = {"a": a, "q": q, "b": b, "s": s_px, "u": u, "t0": t0,
                                          "s_per_px": min(t / (s * s) for s, t in timed[ck] if s in sides)}
         prof.times["1" if ck else "0"] = timed[ck]
