@@ -337,3 +337,18 @@ def test_windowed_attention_has_window_keys():
 
     with pytest.raises(ValueError, match="0 times at 64 px but 1 times at 96 px"):
         attention_calls(Grows(), 3, (64, 96))
+
+
+def test_unpairable_attention_falls_back_to_the_curvature(monkeypatch):
+    """A model whose sdpa calls cannot be paired across the probe sides keeps the probes'
+    curvature fit (as before this measure existed) and the profile says why."""
+    from rest_ds.train import plan
+
+    def refuse(*a, **k):
+        raise ValueError("calls differ")
+
+    monkeypatch.setattr(plan, "attention_calls", refuse)
+    prof = plan.profile_model(TINY_MODEL, 4, 3, sides=(64, 96, 128))
+    assert prof.attention == {"u": None, "note": "calls differ"}
+    pts = [(float(s * s), t) for s, t in prof.times["0"]]
+    assert (prof.fits["0"]["s"], prof.fits["0"]["u"], prof.fits["0"]["t0"]) == pytest.approx(plan._fit_time(pts))

@@ -512,9 +512,12 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
     # the attention term, measured directly: the model's sdpa calls at two probe sides (which
     # grow with the scene: global), each timed on its own at thousands of tokens (u), instead of
     # the probes' curvature, which this shared machine's noise swamps at <= 512 px
-    calls = attention_calls(model, in_chans, (sides[0], sides[1]))
-    prof.attention = attention_term(calls, clock)
-    prof.attention["calls"] = [{k: c[k] for k in ("q", "k", "keys", "rho_q", "rho_k")} for c in calls]
+    try:
+        calls = attention_calls(model, in_chans, (sides[0], sides[1]))
+        prof.attention = attention_term(calls, clock)
+        prof.attention["calls"] = [{k: c[k] for k in ("q", "k", "keys", "rho_q", "rho_k")} for c in calls]
+    except ValueError as e:  # the calls cannot be paired: the probes' curvature, as before, and why
+        prof.attention = {"u": None, "note": str(e)}
     for i, s in enumerate([*small, *sides]):
         x = torch.randn((1, in_chans, s, s), generator=gen)
         y = torch.randint(0, num_classes, (1, s, s), generator=gen)
@@ -550,8 +553,12 @@ def profile_model(model_cfg: "ModelConfig | dict", in_chans: int, num_classes: i
         a, q, b = _fit(points[ck])
         # s and t0 from what the probes leave after the measured attention (recomputed forward too
         # under checkpointing, an upper bound where not every attention block is checkpointed)
-        u = prof.attention["u"] + (prof.attention["u_fwd"] if ck else 0.0)
-        s_px, _, t0 = _fit_time([(float(s * s), t - u * float(s * s) ** 2) for s, t in timed[ck]], quadratic=False)
+        if prof.attention["u"] is None:
+            s_px, u, t0 = _fit_time([(float(s * s), t) for s, t in timed[ck]])
+        else:
+            u = prof.attention["u"] + (prof.attention["u_fwd"] if ck else 0.0)
+            s_px, _, t0 = _fit_time([(float(s * s), t - u * float(s * s) ** 2) for s, t in timed[ck]],
+                                    quadratic=False)
         prof.fits["1" if ck else "0"] = {"a": a, "q": q, "b": b, "s": s_px, "u": u, "t0": t0,
                                          "s_per_px": min(t / (s * s) for s, t in timed[ck] if s in sides)}
         prof.times["1" if ck else "0"] = timed[ck]
@@ -1011,6 +1018,8 @@ def format_plan(plan: dict, *, top: int = 12) -> str:
                      f"(peak {_gib(rec['peak_bytes'])} per rank, ~{rec['step_s']:.3g} s/step here: "
                      + ", ".join(f"{k} {v:.3g}" for k, v in rec.get("time_parts", {}).items() if v) + ")")
     lines += [f"note: {n}" for n in plan["notes"]]
+    if prof.attention.get("note"):
+        lines.append(f"note: attention term from the probes' curvature (noisy): {prof.attention['note']}")
     return "\n".join(lines)
 
 
