@@ -357,7 +357,8 @@ class PrefixSplitRope(nn.Module):
 
 class WindowBatchConv(nn.Module):
     """2 x 2 windows moved into the batch dim (EfficientViT-M's local attention, TNT's inner
-    pixels): a padded 3x3 conv and a train-mode BatchNorm per window sample, then CoaT's
+    pixels; SAM 2's pooled queries): a padded 3x3 conv, a train-mode BatchNorm, max and
+    average pooling per window sample, then CoaT's
     zero row padded in front of a token sequence (a replicated prefix token) under
     attention, and a kernel-1 ``Conv1d`` over the token-sharded sequence."""
 
@@ -371,6 +372,7 @@ class WindowBatchConv(nn.Module):
         B, C, h, w = x.shape
         win = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, 2, 2)
         win = self.bn(self.conv(win))
+        win = win + nn.functional.max_pool2d(win, 3, 1, 1) - nn.functional.avg_pool2d(win, 2, 1, 1)[..., 1:, 1:]
         y = win.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
         t = nn.functional.pad(y.flatten(2).transpose(1, 2), (0, 0, 1, 0))  # (B, 1 + N, C), row 0 zeros
         q = t.reshape(B, -1, 2, C // 2).transpose(1, 2)

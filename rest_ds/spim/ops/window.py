@@ -72,6 +72,13 @@ def _check_nchw_dims(spec: Spec, ndim: int, op: str) -> None:
         raise context.unsupported(op, f"sharded dims {spec.dims} are not the last two (NCHW layout expected)")
 
 
+def per_sample(x: SpatialTensor) -> bool:
+    """An (N, C, h, w) tensor sharded on N only: windows or patches moved into the batch
+    dim, each sample whole on its rank (TNT's inner pixels, EfficientViT-M's and SAM 2's
+    window attention). A window op over (h, w) then runs per sample, locally."""
+    return x._spec.is_tokens and x.dim() == 4 and x._spec.dims == (0,)
+
+
 def check_pool_padding(k, p, op: str) -> None:
     """torch's own rule, checked up front so the sharded op refuses what torch refuses."""
     if any(p[i] > k[i] // 2 for i in range(2)):
@@ -511,9 +518,7 @@ def _conv2d(func, args, kwargs):
         # a 1x1 conv mixes channels per position: local on a tensor sharded on any other dim
         # (EfficientFormerV2's talking heads: a conv over the heads of a (B, heads, Nq, Nk) map)
         return wrap(F.conv2d(x._local, weight, a.get("bias"), 1, 0, 1, a.get("groups", 1)), x._spec)
-    if x._spec.is_tokens and x.dim() == 4 and x._spec.dims == (0,):
-        # windows or patches moved into the batch dim, each sample whole on its rank (TNT's inner
-        # pixels, EfficientViT-M's local-window attention): the conv runs per sample, locally
+    if per_sample(x):
         return wrap(F.conv2d(x._local, weight, a.get("bias"), s, padding, d, a.get("groups", 1)), x._spec)
     ke, pb, n_out, (plan, pads, spec, ranges), geo = _conv_geometry(
         x._spec, id(x._spec.mesh), x.dim(), x._local.shape, k, s, d,
@@ -545,6 +550,8 @@ def _max_pool2d(func, args, kwargs):
     p, d = _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
     ceil = bool(a.get("ceil_mode", False))
     check_pool_padding(k, p, "max_pool2d")
+    if per_sample(x):
+        return wrap(F.max_pool2d(x._local, k, s, p, d, ceil), x._spec)
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], d[0], ceil), pool_out(W, k[1], s[1], p[1], d[1], ceil))
     ke = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
@@ -582,6 +589,8 @@ def _avg_pool2d(func, args, kwargs):
     ceil = bool(a.get("ceil_mode", False))
     include_pad = a.get("count_include_pad", True)
     check_pool_padding(k, p, "avg_pool2d")
+    if per_sample(x):
+        return wrap(F.avg_pool2d(x._local, k, s, p, ceil, include_pad, a.get("divisor_override")), x._spec)
     H, W = x._spec.global_hw
     n_out = (pool_out(H, k[0], s[0], p[0], 1, ceil), pool_out(W, k[1], s[1], p[1], 1, ceil))
     plan, pads, spec, ((r0, r1), (c0, c1)) = window_plan(x, "avg_pool2d", k, s, p, n_out)
