@@ -284,7 +284,7 @@ def test_attention_term_is_the_vits_sdpa_timing():
         F.scaled_dot_product_attention(q, k, v).sum().backward()
         best = min(best, time.thread_time() - t)
     expected = len(calls) * best / n ** 2 / 64 ** 2
-    assert prof.fits["0"]["u"] == pytest.approx(expected, rel=0.35)
+    assert prof.fits["0"]["u"] == pytest.approx(expected, rel=0.25)  # 0.985-1.031 in four runs
 
 
 def _window_then_global():

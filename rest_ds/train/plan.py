@@ -53,15 +53,26 @@ Step time (seconds, the rank with the largest tile; :func:`step_time`)::
          + c_sp * batch * t0                   (sp > 1)              SPIM's fixed cost per pass
          + bytes_ds / c_bw                     (world > 1)           DeepSpeed's collectives
 
-``s``, ``u``, ``t0`` are MEASURED: the plain model's forward/backward timed at
-the probe sides and two smaller ones (the fastest of two passes, of five at the
-small sides; thread CPU time with one torch thread, which other jobs' load
-inflates less than the wall clock), fitted by non-negative least squares
-(``t0`` on the relative error, then ``s`` and ``u`` on the absolute one:
-:func:`_fit_time`); ``u`` (the attention term: under
-SPIM a rank's queries see the whole scene's keys, so it grows with tile x
-scene) only for a model that calls ``scaled_dot_product_attention`` (for a CNN
-the probes' curvature is noise). ``t0`` is the per-pass fixed cost (the time at
+``s``, ``u``, ``t0`` are MEASURED. ``u`` (the attention term: under SPIM a rank's
+queries see the whole scene's keys, so it grows with tile x scene) is timed
+directly: the model's ``scaled_dot_product_attention`` calls are recorded at two
+probe sides (:func:`attention_calls`: shapes, dtype, mask, dropout, causality);
+a call whose queries and keys both grow with the scene is global (keys = the
+scene), any other is windowed (keys = its window: a cost linear in the tile);
+each distinct global call is timed on its own, forward + backward, at queries =
+keys = n tokens, n doubled until a pass nears 0.3 s (the main job's ViT: 2308
+tokens, 0.12 s; its 1024 x 1024 scene has 4097), and ``u`` = the sum of its
+seconds per query x key token x (tokens per pixel)^2 (:func:`attention_term`;
+sdpa's cost per token pair is flat from ~1000 tokens on: 2.31e-8 s at 1154,
+2308 and 4097 tokens, 2 heads of 64, one CPU thread). ``s`` and ``t0``: the
+plain model's forward/backward timed at the probe sides and two smaller ones
+(the fastest of two passes, of five at the small sides; thread CPU time with
+one torch thread, which other jobs' load inflates less than the wall clock),
+less the measured ``u A^2``, fitted by non-negative least squares (``t0`` on
+the relative error, then ``s`` on the absolute one: :func:`_fit_time`). (Before,
+``u`` was the probes' curvature, extrapolated from <= 512 px: 1.57-2.58e-12
+over six profiles of the main job's ViT on the shared machine, against
+1.36-1.42e-12 measured directly.) ``t0`` is the per-pass fixed cost (the time at
 A -> 0: dispatch of every op). ``opt_s``: one step of the config's optimizer
 with its gradient clipping on all parameters, divided over ``N_opt = world``
 ranks from ZeRO stage 1 on. ``bytes_ds``: :func:`grad_comm_bytes` (gradient
@@ -81,9 +92,15 @@ the step time is this machine's, not a GPU's, unless calibrated there).
 Measured against quiet bench runs of nc_landsat7_rest / nc_landsat7_resnet18 on
 this machine (1 and 2 ranks, ZeRO-2, 256 to 1024 px; coefficients fitted to the
 443 x 489 runs only): median |error| 5 %, from -19 % (the ViT at 256 x 256) to
-+10 % (the ViT at 1024 x 1024, whose attention term is extrapolated from probes
-of at most 512 px); the probes vary with the machine's load: three profiles of
-each model with the default coefficients gave -20 %..+11 %.
++10 % (the ViT at 1024 x 1024, whose attention term was then extrapolated from
+probes of at most 512 px); the probes vary with the machine's load: three
+profiles of each model with the default coefficients gave -20 %..+11 %. With
+``u`` timed directly (2026-12-08, six profiles on the loaded shared machine,
+c_time and c_sp refitted per profile to the 443 x 489 runs): the ViT at 1024 x
+1024 on 1 rank -6.2..+0.3 % (curvature: +2.8..+31 %), on 2x1 -12.7..-6.7 %
+(curvature: -4.5..+21 %); 256 x 256 to 512 x 512 on 1 rank -2.1..+3.2 %; the
+2-rank runs at the larger scenes stay low (512 x 1024 on 1x2: -10.6..-8.3 %):
+SPIM's cost beyond ``c_sp t0`` grows with the scene (not modelled).
 """
 from __future__ import annotations
 
@@ -117,6 +134,10 @@ DEFAULT_COEFFS = {"c_act_sp": 1.245, "c_act_sp_ckpt": 1.39, "c_act_one": 1.146, 
 # px, 1 rank and 1x2 / 2x1 (14 runs), profiles taken on the shared machine: c_time 0.963, c_opt 1.68,
 # c_sp 3.14, c_bw 1.15e9 (per model: c_sp 4.5 ViT, 2.9 ResNet; c_bw 1.5e9, 1.1e9). The probes vary
 # by 5-15 % with the machine's load (thread CPU time still shares caches and cores), and so does c_time.
+# These were fitted with u from the probes' curvature; with u timed directly (attention_term) c_time
+# refitted to the same 443 x 489 run came out 1.4-4.1 % higher in five of six paired profiles (2026-12-08,
+# loaded machine: 0.955-1.141 over the profiles), within that noise: left as it was, to be refitted from
+# the next quiet bench (calibrate_from_bench).
 DEFAULT_TIME_COEFFS = {"c_time": 0.963, "c_opt": 1.68, "c_sp": 3.14, "c_bw": 1.15e9}
 
 
