@@ -433,3 +433,28 @@ def test_synthetic_scene_has_disjoint_train_val_test_regions(tmp_path):
         assert masks["train"].mean() > 0.5 and masks["val"].any() and masks["test"].any()
         for m in masks.values():                        # several classes in every region
             assert len(np.unique(lab[m & (lab >= 0)])) >= 3
+
+
+def test_checkpoint_mismatch_error_names_the_fix():
+    """A file that does not fit the encoder is refused naming the keys and what to change: a wrapper's key
+    prefix (the exact rename), another size (shapes), another depth, another architecture."""
+    from rest_ds.models.encoders.common import load_strict
+
+    def net(width=4, depth=2):
+        return torch.nn.Sequential(torch.nn.Linear(3, width), *[torch.nn.Linear(width, width) for _ in range(depth)])
+
+    model = net()
+    cases = {
+        "prefix": ({f"encoder.{k}": v for k, v in model.state_dict().items()},
+                   "the file's keys start with 'encoder.'", "k.removeprefix('encoder.')"),
+        "size": (net(width=5).state_dict(), "checkpoint (5, 3) vs model (4, 3)", "another model size"),
+        "depth": (net(depth=3).state_dict(), "unexpected: 3.weight, 3.bias", "another depth"),
+        "architecture": ({"conv.weight": torch.zeros(1)}, "missing: 0.weight", "another architecture"),
+    }
+    for name, (sd, keys, fix) in cases.items():
+        with pytest.raises(ValueError) as e:
+            load_strict(model, sd, "enc")
+        msg = str(e.value)
+        assert keys in msg and fix in msg.splitlines()[-1] and msg.splitlines()[-1].startswith("  fix: "), (name, msg)
+    fixed = {k.removeprefix("encoder."): v for k, v in cases["prefix"][0].items()}  # the rename the hint gives
+    load_strict(model, fixed, "enc")

@@ -133,8 +133,48 @@ def load_strict(model: nn.Module, state_dict: StateDict, what: str, ignore_missi
             if items:
                 more = f" (+{len(items) - 12} more)" if len(items) > 12 else ""
                 lines.append(f"  {name}: {', '.join(items[:12])}{more}")
+        lines.append(f"  fix: {_load_fix(list(own), list(state_dict), missing, unexpected, bad_shape)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict, strict=False)
+
+
+def _key_prefix(keys: list[str], targets: set[str]) -> str | None:
+    """The leading dotted prefix (e.g. ``'encoder.'``, ``'model.backbone.'``)
+    that, cut from every key of ``keys`` that has it, turns at least half of
+    ``targets`` into matches; None if there is none."""
+    heads: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, min(len(parts), 4)):
+            heads[".".join(parts[:i]) + "."] = heads.get(".".join(parts[:i]) + ".", 0) + 1
+    for head, _ in sorted(heads.items(), key=lambda kv: -kv[1]):
+        hits = sum(1 for k in keys if k.startswith(head) and k[len(head):] in targets)
+        if targets and hits * 2 >= len(targets):
+            return head
+    return None
+
+
+def _load_fix(own: list[str], file: list[str], missing: list[str], unexpected: list[str],
+              bad_shape: list[str]) -> str:
+    """What to change so that a checkpoint loads: its keys carry a prefix the
+    model's lack (or the reverse), or it was saved from another size or
+    architecture (shapes, or keys in neither)."""
+    if missing and unexpected:
+        pre = _key_prefix(unexpected, set(missing))
+        if pre is not None:
+            return (f"the file's keys start with '{pre}' (a wrapper's name); save it again without it, e.g. "
+                    f"{{k.removeprefix('{pre}'): v for k, v in sd.items() if k.startswith('{pre}')}}")
+        pre = _key_prefix(missing, set(unexpected))
+        if pre is not None:
+            return (f"the model's keys start with '{pre}', the file's do not: the file holds only part of "
+                    f"this encoder; use a checkpoint of the whole encoder")
+    if bad_shape:
+        return ("the file was saved from another model size: set the encoder's kwargs (embed_dim, depth, "
+                "heads, patch size, ...) to the file's, or use a checkpoint of this size")
+    if len(unexpected) >= len(file) or len(missing) >= len(own):
+        return "the file holds another architecture: choose the encoder (model.encoder.name / model_name) it was saved from"
+    return ("the file was saved with another depth or variant: set the encoder's kwargs (depth, ...) to the "
+            "file's, or use a checkpoint of this variant")
 
 
 def describe_source(checkpoint) -> str:
