@@ -486,6 +486,11 @@ def test_resume_config_rules():
         resume_changes(man, {**new, "classes": ["a", "c"]}, "ck")
     with pytest.raises(CheckpointError, match=re.escape("in_chans (4 -> 6)")):
         resume_changes(man, {**new, "in_chans": 6}, "ck")
+    # the model section's in_chans and the manifest's are one change, named once
+    man4 = {**man, "model": {"encoder": {"name": "vit", "in_chans": 4}}}
+    with pytest.raises(CheckpointError) as e:
+        resume_changes(man4, {**new, "model": {"encoder": {"name": "vit", "in_chans": 6}}, "in_chans": 6}, "ck")
+    assert str(e.value).count("(4 -> 6)") == 1 and "model.encoder.in_chans (4 -> 6)" in str(e.value), e.value
 
 
 def test_resume_config_of_a_checkpoint_with_an_untyped_model_section():

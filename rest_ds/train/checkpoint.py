@@ -413,6 +413,9 @@ def _short(v: Any) -> str:
 
 
 def _refuse(where, fixed: list[tuple[str, Any, Any]]) -> None:
+    # the manifest's top-level num_classes / in_chans repeat the model section's: name each change once
+    fixed = [(k, x, y) for k, x, y in fixed
+             if not any(k2.endswith("." + k) and (x2, y2) == (x, y) for k2, x2, y2 in fixed)]
     if fixed:
         what = ", ".join(f"{k} ({_short(x)} -> {_short(y)})" for k, x, y in fixed[:8])
         more = f" and {len(fixed) - 8} more" if len(fixed) > 8 else ""
