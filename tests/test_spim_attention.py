@@ -380,6 +380,26 @@ class WindowBatchConv(nn.Module):
         return self.mix(t.transpose(1, 2)).reshape(B, C, h, w) + x
 
 
+class TokenPool1d(nn.Module):
+    """NextViT's keys: ``AvgPool1d`` (and a ``MaxPool1d``) over groups of 2 consecutive
+    raster tokens (1 x 2 strips of a row; column borders on even tokens), then global
+    attention of every token's query over the pooled keys / values."""
+
+    def __init__(self, c: int = 24):
+        super().__init__()
+        torch.manual_seed(19)
+        self.kv, self.avg, self.max = nn.Linear(c, 2 * c), nn.AvgPool1d(2, 2), nn.MaxPool1d(2)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        t = x.flatten(2)  # (B, C, N)
+        p = (self.avg(t) + self.max(t)).transpose(1, 2)  # (B, N / 2, C)
+        k, v = self.kv(p).reshape(B, -1, 2, 2, C // 2).permute(2, 0, 3, 1, 4)
+        q = t.transpose(1, 2).reshape(B, -1, 2, C // 2).transpose(1, 2)
+        o = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, C)
+        return o.transpose(1, 2).reshape(B, C, h, w) + x
+
+
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2
 EVEN_LAYOUTS = {(1, 2): TileLayout((0, 12), (0, 8, 14)), (2, 2): TileLayout((0, 6, 12), (0, 8, 14)),
                 (1, 3): TileLayout((0, 12), (0, 4, 8, 14))}
@@ -407,6 +427,7 @@ CASES_FP64 = {
     "sdpa_5d_3d_fp64": BlockBatchedAttention,
     "prefix_split_rope_fp64": PrefixSplitRope,
     "window_batch_conv_pad_prefix_fp64": WindowBatchConv,
+    "token_pool1d_fp64": TokenPool1d,
 }
 
 

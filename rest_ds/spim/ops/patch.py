@@ -173,3 +173,38 @@ def _pixel_shuffle(func, args, kwargs):
     else:
         rows, cols = tuple(b * r for b in s.rows), tuple(b * r for b in s.cols)
     return wrap(func(x._local, r), Spec(s.mesh, s.dims, rows, cols))
+
+
+@register(*funcs_named("avg_pool1d", "max_pool1d", owners=(torch, F)))
+def _pool1d_tokens(func, args, kwargs):
+    """``avg_pool1d`` / ``max_pool1d`` with kernel == stride (no padding or dilation)
+    over an (N, C, L) sequence token-sharded on L (NextViT's ``AvgPool1d`` over the
+    flattened tokens before its keys): each group of k consecutive raster tokens
+    is a 1 x k strip of one grid row, so with every column tile border on
+    multiples of k the pooling is local and the token grid's columns divide by k."""
+    op = getattr(func, "__name__", "pool1d")
+    names = ("input", "kernel_size", "stride", "padding") + (("ceil_mode", "count_include_pad") if "avg" in op
+                                                             else ("dilation", "ceil_mode", "return_indices"))
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x = a["input"]
+    one = lambda v: int(v[0]) if isinstance(v, (tuple, list)) and len(v) == 1 else v  # noqa: E731
+    k = one(a["kernel_size"])
+    st = one(a.get("stride")) if a.get("stride") not in (None, [], ()) else k
+    if not isinstance(x, SpatialTensor) or x.dim() != 3 or x._spec.dims != (2,):
+        raise context.unsupported(op, "only an (N, C, L) sequence token-sharded on L")
+    s = x._spec
+    if (st != k or one(a.get("padding", 0)) != 0 or one(a.get("dilation", 1)) != 1
+            or a.get("return_indices", False)):
+        raise context.unsupported(op, f"kernel {k}, stride {st}, padding {a.get('padding', 0)} over the tokens: only "
+                                      "non-overlapping groups (kernel == stride, no padding, dilation or indices)")
+    if s.prefix or s.trail != 1 or s.global_hw[1] % k:
+        raise context.unsupported(op, f"groups of {k} tokens over a token grid {s.global_hw} with {s.prefix} prefix "
+                                      f"and trail {s.trail}: only groups inside the grid's rows (W % {k} == 0)")
+    if any(b % k for b in s.cols):
+        raise context.unsupported(op, f"groups of {k} raster tokens cross the column tile borders {list(s.cols)} "
+                                      f"(token grid {s.global_hw}); align tiles so that column borders fall on "
+                                      f"multiples of {k} tokens (a larger input or --align)")
+    _, cols = _patch_grid(op, s.rows, s.cols, (1, k))
+    kw = {kk: v for kk, v in a.items() if kk not in ("input", "kernel_size", "stride")}
+    return wrap(func(x._local, k, k, **kw), Spec(s.mesh, s.dims, s.rows, cols, 0, s.lead, 1))
