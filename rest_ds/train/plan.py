@@ -1002,6 +1002,12 @@ def _row(e: dict, memory_bytes: float | None, mark: str = "") -> str:
             f"{e['step_s']:>8.3g}  {fits:>4} {mark}")
 
 
+def _timed(prof: ModelProfile) -> str:
+    """Where the attention term came from, for the plan's 'measured' line."""
+    t = (getattr(prof, "attention", None) or {}).get("timed")
+    return f"; sdpa timed at {', '.join(str(x['n']) for x in t)} tokens" if t else ""
+
+
 def format_plan(plan: dict, *, top: int = 12) -> str:
     """The plan as text: the model, one row per candidate (the best ``top`` by the
     recommendation's order, plus the configured one), the recommendation."""
@@ -1013,7 +1019,7 @@ def format_plan(plan: dict, *, top: int = 12) -> str:
              f"on {plan['ranks']} rank(s); device memory "
              + (f"{mem / GIB:.1f} GiB (fits: peak <= 90%)" if mem else "not given (--memory GiB)"),
              f"  measured: {fit0['a']:.0f} B/px activations (+{fit0['q']:.2g} B/px^2); forward+backward "
-             f"{fit0.get('s', fit0['s_per_px']) * 1e6:.2f} us/px + {fit0.get('u', 0.0):.2g} s/px^2 (tile x scene) "
+             f"{fit0.get('s', fit0['s_per_px']) * 1e6:.2f} us/px + {fit0.get('u', 0.0):.2g} s/px^2 (tile x scene{_timed(prof)}) "
              f"+ {fit0.get('t0', 0.0) * 1e3:.1f} ms/pass, optimizer step {prof.opt_s * 1e3:.1f} ms "
              f"on this machine (sides {prof.sizes} px)",
              f"  {'grid':<5} {'dp':>3} {'sp':>3}  {'ZeRO':>4}  {'ckpt':>4}  {'peak':>10}  {'param+grad':>10}  "
