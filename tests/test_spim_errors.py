@@ -47,6 +47,12 @@ class Roll(nn.Module):
         return torch.roll(x, shifts=1)
 
 
+class RepeatInterleave(nn.Module):
+    def forward(self, x):
+        # GCViT's global query: a map copied to every window of the batch (each rank holds a tile)
+        return x.repeat_interleave(2, dim=0)
+
+
 class ReentrantCheckpoint(nn.Module):
     def __init__(self):
         super().__init__()
@@ -116,6 +122,9 @@ def _grid2x2_cases() -> dict[str, tuple[str, str]]:
     def shift_through_pairs():
         parallelize(Wrapper(ShiftThroughPairs()), mesh)(torch.randn(1, 3, 6, 6))
 
+    def repeat_interleave_sharded():
+        parallelize(Wrapper(RepeatInterleave()), mesh)(torch.randn(1, 3, 6, 6))
+
     def custom_function():
         parallelize(Wrapper(CustomFunction()), mesh)(torch.randn(1, 3, 6, 6))
 
@@ -126,6 +135,7 @@ def _grid2x2_cases() -> dict[str, tuple[str, str]]:
                      ("channels_mismatch", channels_mismatch), ("row_heights_mismatch", row_heights_mismatch),
                      ("merge_rows_sharded", merge_rows_sharded), ("roll_sharded", roll_sharded),
                      ("shift_through_pairs", shift_through_pairs),
+                     ("repeat_interleave_sharded", repeat_interleave_sharded),
                      ("custom_function", custom_function), ("reentrant_checkpoint", reentrant_checkpoint)]:
         out[name] = _catch(fn)
         dist.barrier()  # a case that left a rank behind would hang here and time out the test
@@ -249,7 +259,8 @@ def test_mismatched_row_heights(grid2x2, three_ranks):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case, op", [("merge_rows_sharded", "reshape"), ("roll_sharded", "roll"),
-                                      ("shift_through_pairs", "reshape")])
+                                      ("shift_through_pairs", "reshape"),
+                                      ("repeat_interleave_sharded", "repeat_interleave")])
 def test_unsupported_op_names_module(grid2x2, case, op):
     msg = _same_error_everywhere(grid2x2, case, SPIMUnsupportedError)
     assert "module 'head.1'" in msg and op in msg, msg

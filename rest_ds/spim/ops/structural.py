@@ -299,6 +299,19 @@ def _refuse_layout(func, args, kwargs):
     )
 
 
+@register(*funcs_named("repeat_interleave", owners=(torch, torch.Tensor)))
+def _refuse_repeat_interleave(func, args, kwargs):
+    """Refused by name: each rank holds only its tile, so repeating it (GCViT's global
+    query: the whole map pooled to one window, copied to every window in the batch)
+    hands every copy a part of what the model means to copy whole."""
+    x = next(a for a in (*args, *kwargs.values()) if isinstance(a, SpatialTensor))
+    raise context.unsupported(
+        "repeat_interleave", f"it copies a spatially sharded tensor of global shape {tuple(x.shape)} (sharded dims "
+        f"{x._spec.dims}) whose tiles differ per rank, e.g. GCViT's global query (the map pooled to one window, "
+        "copied to every window); no exact rule: use a model without it, or make that tensor whole in the model "
+        "(rest_ds.spim.gather()) before repeating it")
+
+
 @register(*funcs_named("softmax", "log_softmax", "_softmax", "glu", "normalize", "argmax", "argmin",
                        "cosine_similarity", "logcumsumexp", owners=(torch, torch.Tensor, torch.nn.functional)))
 def _along_dim(func, args, kwargs):
