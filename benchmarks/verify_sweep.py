@@ -205,7 +205,8 @@ class _Tokens(nn.Module):
 class _HFOut(nn.Module):
     """A transformers model -> one NCHW map (``pick``: ``logits``, ``depth``, ``last`` = last_hidden_state,
     ``fmap`` = the last of a backbone's feature_maps, ``tokens`` = last_hidden_state's patch tokens after
-    ``skip`` class tokens, ``m2f`` = Mask2Former's semantic map) -> 3 classes at the input size."""
+    ``skip`` class tokens, ``m2f`` = Mask2Former's semantic map, ``fpn`` = the last FPN level (SAM 2),
+    ``hidden`` = the last of the hidden states) -> 3 classes at the input size."""
 
     def __init__(self, m: nn.Module, ch: int, pick: str, patch: int = 16, skip: int = 0):
         super().__init__()
@@ -217,7 +218,7 @@ class _HFOut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
-        o = self.m(pixel_values=x)
+        o = self.m(pixel_values=x, output_hidden_states=True) if self.pick == "hidden" else self.m(pixel_values=x)
         if self.pick == "logits":
             return F.interpolate(o.logits, size=(H, W), mode="bilinear")
         if self.pick == "m2f":  # the semantic-segmentation inference of Mask2Former: classes x masks
@@ -230,6 +231,10 @@ class _HFOut(nn.Module):
             f = o.last_hidden_state
         elif self.pick == "fmap":
             f = o.feature_maps[-1]
+        elif self.pick == "fpn":
+            f = o.fpn_hidden_states[-1]
+        elif self.pick == "hidden":
+            f = o.hidden_states[-1]
         else:
             t = o.last_hidden_state[:, self.skip:]
             f = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], H // self.patch, W // self.patch)
@@ -342,6 +347,68 @@ def _tv_vit_b_16() -> nn.Module:
         t = torch.cat([m.class_token.expand(t.shape[0], -1, -1), t], dim=1)
         return m.encoder(t)
     return _Tokens(m, 768, 16, skip=1, call=tokens)
+
+
+# third sweep: builders for families neither sweep had tried
+
+def _hf3(kind: str) -> nn.Module:
+    import transformers as tf
+
+    if kind == "dinov3_vit":  # RoPE on the patch tokens only, 4 register tokens
+        cfg = tf.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                 patch_size=16, num_register_tokens=4, image_size=128)
+        return _HFOut(tf.DINOv3ViTModel(cfg), 64, "tokens", patch=16, skip=5)
+    if kind == "dinov3_convnext":
+        cfg = tf.DINOv3ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
+        return _HFOut(tf.DINOv3ConvNextModel(cfg), 64, "hidden")
+    if kind == "dinov2_registers":
+        cfg = tf.Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=128, image_size=128, patch_size=16, num_register_tokens=4)
+        return _HFOut(tf.Dinov2WithRegistersModel(cfg), 64, "tokens", patch=16, skip=5)
+    if kind == "vitdet":
+        cfg = tf.VitDetConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=128,
+                              patch_size=16, window_size=4, window_block_indices=[0],
+                              use_relative_position_embeddings=True, pretrain_image_size=128)
+        return _HFOut(tf.VitDetModel(cfg), 64, "last")
+    if kind == "sam2":  # Hiera: windowed attention with query pooling at stage changes, one global block; FPN
+        bb = tf.Sam2HieraDetConfig(hidden_size=16, num_attention_heads=1, blocks_per_stage=[1, 2, 2, 1],
+                                   global_attention_blocks=[4], window_positional_embedding_background_size=[4, 4],
+                                   window_size_per_stage=[8, 4, 4, 2], embed_dim_per_stage=[16, 32, 64, 128],
+                                   num_attention_heads_per_stage=[1, 1, 2, 2], image_size=[256, 256])
+        cfg = tf.Sam2VisionConfig(backbone_config=bb, backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=32)
+        return _HFOut(tf.Sam2VisionModel(cfg), 32, "fpn")
+    if kind == "pvt":  # PVT v1: spatial-reduction attention, a class token in the last stage
+        cfg = tf.PvtConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+                           image_size=128)
+        return _HFOut(tf.PvtModel(cfg), 64, "tokens", patch=32, skip=1)
+    if kind == "swin2sr":
+        cfg = tf.Swin2SRConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=8, image_size=64,
+                               upscale=2)
+        return _HFOut(tf.Swin2SRModel(cfg), 16, "last")
+    if kind == "mobilenet_v2_deeplab":
+        cfg = tf.MobileNetV2Config(depth_multiplier=0.35, num_labels=3, image_size=128)
+        return _HFOut(tf.MobileNetV2ForSemanticSegmentation(cfg), 3, "logits")
+    if kind == "data2vec_seg":
+        cfg = tf.Data2VecVisionConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                      intermediate_size=128, image_size=128, patch_size=16, out_indices=[1, 2, 3, 4],
+                                      num_labels=3, use_auxiliary_head=False, pool_scales=[1, 2], channels=32)
+        return _HFOut(tf.Data2VecVisionForSemanticSegmentation(cfg), 3, "logits")
+    if kind == "glpn":
+        cfg = tf.GLPNConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+                            decoder_hidden_size=16)
+        return _HFOut(tf.GLPNForDepthEstimation(cfg), 1, "depth")
+    if kind == "depth_anything":
+        bb = tf.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                             image_size=126, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                             reshape_hidden_states=False)
+        cfg = tf.DepthAnythingConfig(backbone_config=bb, neck_hidden_sizes=[16, 32, 48, 64], fusion_hidden_size=16,
+                                     head_hidden_size=8, reassemble_hidden_size=32, patch_size=14)
+        return _HFOut(tf.DepthAnythingForDepthEstimation(cfg), 1, "depth")
+    if kind == "vitmae":  # its random token shuffle: refused (a gather of the tokens)
+        cfg = tf.ViTMAEConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                              image_size=128, patch_size=16, mask_ratio=0.0)
+        return _HFOut(tf.ViTMAEModel(cfg), 64, "tokens", patch=16, skip=1)
+    raise ValueError(kind)
 
 
 # ----------------------------------------------------------------- the table
@@ -552,6 +619,56 @@ MODELS.update({
     "swinv2_cr_tiny_ns_224_window7": Entry("timm", _t("swinv2_cr_tiny_ns_224", img_size=(224, 448), window_size=7),
                                            shape=WIN, align=224,
                                            note="img_size 224x448, window_size 7 (not scaled with the input)"),
+})
+# third sweep: families neither sweep had tried (input, grid and alignment at the first settings tried)
+MODELS.update({
+    "hf_dinov3_vit": Entry("transformers", lambda: _hf3("dinov3_vit"), align=16,
+                           note="hidden 64, 2 layers, RoPE, 4 registers"),
+    "hf_dinov3_convnext": Entry("transformers", lambda: _hf3("dinov3_convnext"), note="widths 16-64"),
+    "hf_dinov2_registers": Entry("transformers", lambda: _hf3("dinov2_registers"), align=16,
+                                 note="hidden 64, 2 layers, 4 registers"),
+    "hf_vitdet": Entry("transformers", lambda: _hf3("vitdet"), align=64,
+                       note="hidden 64, window 4 then global, rel. pos."),
+    "hf_sam2_hiera": Entry("transformers", lambda: _hf3("sam2"), shape=(2, 3, 256, 512), align=256,
+                           note="Hiera widths 16-128, windows 8/4/4/2, one global block, FPN"),
+    "hf_pvt": Entry("transformers", lambda: _hf3("pvt"), note="v1, widths 16-64"),
+    "hf_swin2sr": Entry("transformers", lambda: _hf3("swin2sr"), shape=(2, 3, 64, 128), align=64,
+                        note="embed 16, window 8"),
+    "hf_mobilenet_v2_deeplab": Entry("transformers", lambda: _hf3("mobilenet_v2_deeplab"),
+                                     note="depth multiplier 0.35"),
+    "hf_data2vec_vision_seg": Entry("transformers", lambda: _hf3("data2vec_seg"), note="hidden 64, UperNet head"),
+    "hf_glpn": Entry("transformers", lambda: _hf3("glpn"), note="widths 16-64, depth head"),
+    "hf_depth_anything": Entry("transformers", lambda: _hf3("depth_anything"), shape=P14, align=14,
+                               note="DINOv2 hidden 32, 4 layers"),
+    "hf_vitmae": Entry("transformers", lambda: _hf3("vitmae"), align=16, expect="REFUSED",
+                       note="mask ratio 0: still a random shuffle of the tokens"),
+    "deit_tiny_distilled_patch16_224": Entry("timm", lambda: _inter("deit_tiny_distilled_patch16_224", depth=2,
+                                                                    img_size=128), note="img_size 128, depth 2"),
+    "vit_small_patch14_reg4_dinov2": Entry("timm", lambda: _inter("vit_small_patch14_reg4_dinov2", depth=2,
+                                                                  img_size=128, patch_size=16),
+                                           note="img_size 128, patch 16, depth 2"),
+    "vit_base_patch16_siglip_224": Entry("timm", lambda: _inter("vit_base_patch16_siglip_224", depth=2,
+                                                                embed_dim=64, num_heads=2, img_size=128),
+                                         note="attention-pool head; dim 64, depth 2, img_size 128"),
+    "tnt_s_patch16_224": Entry("timm", lambda: _inter("tnt_s_patch16_224", depth=2, img_size=128),
+                               note="img_size 128, depth 2"),
+    "coat_lite_tiny": Entry("timm", _t("coat_lite_tiny"), shape=(2, 3, 224, 224), note="fixed 224 input"),
+    "visformer_tiny": Entry("timm", _t("visformer_tiny"), shape=(2, 3, 224, 224), note="fixed 224 input"),
+    "efficientformer_l1": Entry("timm", lambda: _inter("efficientformer_l1"), shape=(2, 3, 224, 224),
+                                note="fixed 224 input (attention bias of 7 x 7 tokens)"),
+    "efficientvit_m0": Entry("timm", _t("efficientvit_m0"), shape=(2, 3, 224, 224), align=112,
+                             note="224 input: tiles on the 7 x 7 windows of 16-px tokens"),
+    "caformer_s18": Entry("timm", _t("caformer_s18")),
+    "tresnet_m": Entry("timm", _t("tresnet_m")),
+    "dm_nfnet_f0": Entry("timm", _t("dm_nfnet_f0")),
+    "regnetz_b16": Entry("timm", _t("regnetz_b16")),
+    "inception_v3": Entry("timm", _t("inception_v3"), shape=(2, 3, 160, 320), note="input 160x320"),
+    "gernet_s": Entry("timm", _t("gernet_s")),
+    "cs3darknet_s": Entry("timm", _t("cs3darknet_s")),
+    "resnetv2_50x1_bit": Entry("timm", _t("resnetv2_50x1_bit")),
+    "levit_conv_128s": Entry("timm", _t("levit_conv_128s"), shape=(2, 3, 224, 224),
+                             note="fixed 224 input (attention biases)"),
+    "fastvit_mci0": Entry("timm", _t("fastvit_mci0")),
 })
 # refused by SPIM at these settings (verify's one-line reasons in docs/verified_models.md, "Second sweep")
 for _name in ("mobilevit_xxs", "swinv2_cr_tiny_ns_224", "gcvit_xxtiny", "nest_tiny", "volo_d1_224", "sequencer2d_s",
