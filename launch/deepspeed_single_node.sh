@@ -18,6 +18,14 @@ PORT="${MASTER_PORT:-$("$ROOT/.venv/bin/python" -c 'import socket; s=socket.sock
 setsid "$ROOT/.venv/bin/deepspeed" --num_gpus "$N" --master_port "$PORT" --no_local_rank \
     --module rest_ds train --config "$CONFIG" "$@" &
 PID=$!
+# A SIGKILL of this script cannot be trapped, and the job, in its own group, trained on unseen (holding
+# the lock, so a resume was refused). A watchdog outside the trap ends the group once this script is
+# gone; it exits with the job and keeps no output pipe open.
+SELF=$$
+( trap '' INT; while kill -0 "$PID" 2>/dev/null; do
+      if ! kill -0 "$SELF" 2>/dev/null; then kill -TERM -- "-$PID" 2>/dev/null; break; fi
+      sleep 1
+  done ) </dev/null >/dev/null 2>&1 &
 trap 'kill -TERM -- "-$PID" 2>/dev/null' TERM HUP
 trap 'kill -INT -- "-$PID" 2>/dev/null' INT
 set +e

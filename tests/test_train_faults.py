@@ -170,3 +170,45 @@ def test_export_pair_is_checked(tmp_path):
     js.unlink()
     with pytest.raises(CheckpointError, match="m.json: missing"):
         read_export(out)
+
+
+@pytest.mark.slow
+@pytest.mark.launcher
+@pytest.mark.timeout(300)
+def test_sigkill_of_the_launch_script_stops_its_ranks(tmp_path):
+    """A SIGKILL of launch/deepspeed_single_node.sh cannot be trapped; its watchdog still ends the job (it
+    trained on, orphaned, holding the output folder's lock, so the user's resume was refused)."""
+    import signal
+
+    from tests.harness import _env
+
+    scene = make_scene(tmp_path / "scene")
+    cfg = tiny_config(scene, tmp_path / "run")
+    cfg["train"].update(steps=100000, checkpoint_interval=0, eval_interval=0, log_interval=1)
+    path = write_config(tmp_path / "long.yaml", cfg)
+    log = tmp_path / "log.txt"
+
+    def job() -> list[int]:  # every process of this launch: the runner, deepspeed.launcher.launch, the ranks
+        out = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    with open(log, "w") as f:
+        p = subprocess.Popen(["bash", str(ROOT / "launch" / "deepspeed_single_node.sh"), "2", str(path)], cwd=tmp_path,
+                             env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "step 2/100000" not in log.read_text():
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert len(job()) >= 4
+        p.kill()
+        p.wait()
+        t0 = time.monotonic()
+        while job() and time.monotonic() - t0 < 30:
+            time.sleep(0.5)
+        left = job()
+        print(f"SIGKILL of the launch script: job gone after {time.monotonic() - t0:.1f} s")
+        assert left == [], f"still running after the launch script was killed: {left}"
+    finally:
+        for pid in job():  # this test's own processes only (their command line names its config)
+            os.kill(pid, signal.SIGKILL)
