@@ -383,7 +383,8 @@ class WindowBatchConv(nn.Module):
 class TokenPool1d(nn.Module):
     """NextViT's keys: ``AvgPool1d`` (and a ``MaxPool1d``) over groups of 2 consecutive
     raster tokens (1 x 2 strips of a row; column borders on even tokens), then global
-    attention of every token's query over the pooled keys / values."""
+    attention of every token's query over the pooled keys / values; ``adaptive_avg_pool1d``
+    to 1 token, ``max`` / ``sort`` over the channels (structseq results)."""
 
     def __init__(self, c: int = 24):
         super().__init__()
@@ -397,7 +398,10 @@ class TokenPool1d(nn.Module):
         k, v = self.kv(p).reshape(B, -1, 2, 2, C // 2).permute(2, 0, 3, 1, 4)
         q = t.transpose(1, 2).reshape(B, -1, 2, C // 2).transpose(1, 2)
         o = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, C)
-        return o.transpose(1, 2).reshape(B, C, h, w) + x
+        # a pooler's mean over the tokens; max (values, indices) and sort over the channels (Hiera)
+        g = nn.functional.adaptive_avg_pool1d(t, 1).unsqueeze(-1)
+        m = x.max(dim=1, keepdim=True).values + x.sort(dim=1).values
+        return o.transpose(1, 2).reshape(B, C, h, w) + x + g * m
 
 
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2

@@ -100,3 +100,20 @@ def _adaptive_avg_pool2d(func, args, kwargs):
     part = torch.matmul(mr, torch.matmul(loc.to(acc), mc_t))  # (..., o_h, o_w) sums of my overlaps
     total = all_reduce_sum(part, spec.mesh)
     return (total / area).to(loc.dtype)
+
+
+@register(F.adaptive_avg_pool1d, torch.adaptive_avg_pool1d)
+def _adaptive_avg_pool1d(func, args, kwargs):
+    """``adaptive_avg_pool1d(x, 1)`` of an (N, C, L) sequence token-sharded on L (a
+    pooler's global average over the tokens, ``nn.AdaptiveAvgPool1d(1)``) is the mean
+    over the tokens: that rule (a sum all-reduced over the sp group; refused with
+    prefix tokens). Other output sizes would bin the raster token order: refused."""
+    a = bind_args("adaptive_avg_pool1d", ("input", "output_size"), {}, args, kwargs)
+    x, o = a["input"], a["output_size"]
+    o = o[0] if isinstance(o, (tuple, list)) and len(o) == 1 else o
+    if not isinstance(x, SpatialTensor) or x.dim() not in (2, 3) or x._spec.dims != (x.dim() - 1,):
+        raise context.unsupported("adaptive_avg_pool1d", "only an ((N,) C, L) sequence token-sharded on L")
+    if o != 1:
+        raise context.unsupported("adaptive_avg_pool1d", f"output_size {o} over the tokens bins their raster "
+                                  "order across tiles; only output_size 1 (the mean over the tokens) is exact")
+    return x.mean(dim=-1, keepdim=True)

@@ -70,7 +70,8 @@ def _reduce(func, args, kwargs):
         def shift(d):
             return d if keepdim else d - sum(1 for q in dims if q < d)
         if isinstance(out, tuple):  # max/min with dim: (values, indices)
-            return type(out)(*[wrap(o, x._spec.with_dims(tuple(shift(d) for d in x._spec.dims))) for o in out])
+            # torch.return_types structseqs take one sequence (not *args)
+            return type(out)([wrap(o, x._spec.with_dims(tuple(shift(d) for d in x._spec.dims))) for o in out])
         return wrap(out, x._spec.with_dims(tuple(shift(d) for d in x._spec.dims)))
     if x._spec.is_tokens and x._spec.prefix:
         raise context.unsupported(op_name(func), "reducing over a token dim that holds prefix tokens "

@@ -292,7 +292,7 @@ def _refuse_layout(func, args, kwargs):
             if isinstance(out, torch.Tensor) and out.dim() == x.dim():
                 return wrap(out, x._spec)
             if isinstance(out, tuple):
-                return type(out)(*[wrap(o, x._spec) for o in out])
+                return type(out)([wrap(o, x._spec) for o in out])  # a structseq takes one sequence
     raise context.unsupported(
         name, f"it would cut, merge or reorder the sharded dims {x._spec.dims} of a tensor of global shape "
         f"{tuple(x.shape)} (or needs values from other tiles)"
