@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.harness import ROOT, read_csv, rest_ds
 from tests.train_scene import make_scene, tiny_config, write_config
@@ -213,6 +214,34 @@ def test_resume_changed_settings_and_damaged_checkpoint(base, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"the latest checkpoint is damaged ({victim}: damaged" in p.stdout, p.stdout[-3000:]
     assert "resuming from the previous complete one" in p.stdout and "steps 2->4" in p.stdout
+
+
+
+@pytest.mark.slow
+@pytest.mark.launcher
+@pytest.mark.timeout(600)
+def test_resume_on_other_bands_or_classes_refused_before_the_ranks(base, tmp_path):
+    """Resuming on scenes with other bands or classes than the checkpoint's is refused by
+    ``train --check`` and by ``train`` before the trainer starts (it was only found by
+    the ranks, after they had opened the scenes; ``--check`` passed it)."""
+    out = tmp_path / "base"
+    shutil.copytree(base["out"], out)
+    cfg = _config(tmp_path, out, scene_dir=base["dir"] / "scene")
+    five = make_scene(tmp_path / "five", bands=5, stats=True)
+    desc = yaml.safe_load((base["dir"] / "scene" / "scene.yaml").read_text())
+    desc["classes"] = desc["classes"] + [{"value": 4, "name": "urban"}]
+    for k in ("image", "label"):
+        desc[k]["path"] = str(base["dir"] / "scene" / desc[k]["path"])
+    four = tmp_path / "four.yaml"
+    four.write_text(yaml.safe_dump(desc))
+    for args, words in [(["--check", f"data.scenes=[{five}]"], 'in_chans (4 -> 5), band_names (["b0", "b1", "b2", '
+                                                                '"b3"] -> ["b0", "b1", "b2", "b3", "b4"])'),
+                        ([f"data.scenes=[{four}]"], 'classes (["water", "field", "forest"] -> ["water", "field", '
+                                                    '"forest", "urban"])')]:
+        p = rest_ds(["train", "--config", str(cfg), *args], tmp_path, timeout=300)
+        assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+        assert f"cannot resume: the new config changes {words}" in _error(p.stderr), p.stderr[-2000:]
+        assert "train tiny:" not in p.stdout  # refused before the trainer started
 
 
 # --- cheap, in-process -------------------------------------------------------------------------------

@@ -207,12 +207,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock = None
     try:
         # seconds, on every rank, before torch.distributed and DeepSpeed start
-        from .preflight import check_encoder_kwargs, scene_headers
+        from .preflight import check_encoder_kwargs, check_resume_scenes, scene_headers
         from .validation import check_train_config
 
         check_train_config(cfg, world_size=world)
         check_encoder_kwargs(cfg)
-        scene_headers(cfg)  # headers only; samples not fetched yet are left to rank 0
+        check_resume_scenes(cfg, scene_headers(cfg))  # headers only; samples not fetched yet are left to rank 0
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             return EXIT_INTERRUPTED

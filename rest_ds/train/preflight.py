@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import typing
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ..config_schema import ConfigError
@@ -215,6 +216,31 @@ def check_grid(cfg, ranks: int, align: int, hw: tuple[int, int],
     return sp, grid
 
 
+def check_resume_scenes(cfg, scenes: list[dict]) -> None:
+    """The checkpoint that ``train.resume`` would continue from was trained on the
+    scenes' bands (count and names) and classes (names); ``scenes``: from
+    :func:`scene_headers`. The trainer refuses such a resume too, but only once the
+    ranks have opened the scenes: this refuses it before they start (and in
+    ``train --check``). A missing or damaged checkpoint is left to ``check_resume``."""
+    from . import checkpoint as ckpt
+
+    seen = [s for s in scenes if s.get("fetched")]
+    if cfg.train.resume == "none" or not seen:
+        return
+    where = Path(cfg.out_dir) / "checkpoints" if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    try:
+        root, tag, man = ckpt.find_checkpoint(where)
+    except (ckpt.CheckpointError, OSError):
+        return
+    s = seen[0]
+    have = {"in_chans": s["bands"], "band_names": s["band_names"] or None,
+            "classes": s["classes"]}
+    old = {"in_chans": man.get("in_chans"), "band_names": man.get("band_names") or None,
+           "classes": [c.get("name") if isinstance(c, dict) else c for c in man.get("classes") or []] or None}
+    ckpt._refuse(root / tag, [(k, old[k], have[k]) for k in have
+                              if old[k] is not None and have[k] is not None and old[k] != have[k]])
+
+
 def preflight(cfg, ranks: int = 1) -> dict:
     """Run every check (module docstring); returns ``{"scenes", "in_chans",
     "num_classes", "sp", "grid", "notes"}``. Raises ConfigError on the first problem."""
@@ -231,10 +257,11 @@ def preflight(cfg, ranks: int = 1) -> dict:
     bands = seen[0]["bands"] if seen else None
     classes = len(seen[0]["classes"]) if seen and seen[0]["classes"] is not None else None
     in_chans, num_classes = _model_channels(cfg, bands, classes)
+    check_resume_scenes(cfg, scenes)
     if cfg.deepspeed.precision != "fp32" and not torch.cuda.is_available():
         notes.append(f"deepspeed.precision {cfg.deepspeed.precision} needs a GPU; on this CPU-only machine the run "
                      f"trains in fp32")
     return {"scenes": scenes, "in_chans": in_chans, "num_classes": num_classes, "notes": notes}
 
 
-__all__ = ["preflight", "check_encoder_kwargs", "scene_headers", "check_grid"]
+__all__ = ["preflight", "check_encoder_kwargs", "scene_headers", "check_grid", "check_resume_scenes"]
