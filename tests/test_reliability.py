@@ -242,6 +242,11 @@ def test_resume_on_other_bands_or_classes_refused_before_the_ranks(base, tmp_pat
         assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
         assert f"cannot resume: the new config changes {words}" in _error(p.stderr), p.stderr[-2000:]
         assert "train tiny:" not in p.stdout  # refused before the trainer started
+    # --check --ranks N: a checkpoint of another rank count, as the launched run refuses it (base ran on 1 rank)
+    p = rest_ds(["train", "--config", str(cfg), "--check", "--ranks", "2"], tmp_path, timeout=300)
+    assert p.returncode == 2 and "written by 1 ranks; this job has 2" in _error(p.stderr), p.stderr[-2000:]
+    p = rest_ds(["train", "--config", str(cfg), "--check"], tmp_path, timeout=300)
+    assert p.returncode == 0 and "check: config" in p.stdout, p.stderr[-2000:]
 
 
 # --- cheap, in-process -------------------------------------------------------------------------------

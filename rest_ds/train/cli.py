@@ -276,6 +276,10 @@ def _check(cfg, args: argparse.Namespace, world: int) -> int:
 
         ranks = args.ranks or (world if world > 1 else None) or cfg.mesh.sp or 1
         info = preflight(cfg, ranks)
+        from .validation import check_resume
+
+        # as the launched run: a checkpoint of another rank count is refused (when the count is known)
+        check_resume(cfg, world_size=args.ranks or (world if world > 1 else None))
         mem = args.memory * GIB if args.memory else device_memory_bytes()
         plan = plan_run(cfg, ranks=ranks, memory_bytes=mem, scenes=info)
     except BaseException as e:
