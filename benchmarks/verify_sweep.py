@@ -679,6 +679,86 @@ for _name in ("mobilevitv2_050", "mixer_s16_224", "gmlp_ti16_224", "crossvit_tin
     MODELS[f"{_name}_2x2"] = replace(MODELS[_name], grid="2x2")
 
 
+
+# third sweep, second part (V6): builders and rows of the families left
+def _tv_inception_v3() -> nn.Module:
+    def feats(m):
+        return nn.Sequential(m.Conv2d_1a_3x3, m.Conv2d_2a_3x3, m.Conv2d_2b_3x3, m.maxpool1, m.Conv2d_3b_1x1,
+                             m.Conv2d_4a_3x3, m.maxpool2, m.Mixed_5b, m.Mixed_5c, m.Mixed_5d, m.Mixed_6a, m.Mixed_6b,
+                             m.Mixed_6c, m.Mixed_6d, m.Mixed_6e, m.Mixed_7a, m.Mixed_7b, m.Mixed_7c)
+    return _tv("inception_v3", feats, 2048, aux_logits=False, init_weights=True)
+
+
+class _Raft(nn.Module):
+    """torchvision RAFT-small on (x, 0.5 x + 0.1) -> its last flow -> 1x1 conv to 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.m = torchvision.models.optical_flow.raft_small(weights=None)
+        self.head = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.m(x, 0.5 * x + 0.1, num_flow_updates=2)[-1])
+
+
+class _HieraOut(nn.Module):
+    """transformers HieraModel -> its last reshaped (NHWC) hidden state -> 3 classes, plus the pooler's mean."""
+
+    def __init__(self, m: nn.Module, ch: int):
+        super().__init__()
+        self.m, self.head = m, nn.Conv2d(ch, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.m(pixel_values=x, output_hidden_states=True)
+        f = o.reshaped_hidden_states[-1].permute(0, 3, 1, 2)
+        return F.interpolate(self.head(f), size=x.shape[-2:], mode="bilinear") + o.pooler_output.mean()
+
+
+def _hf3b(kind: str) -> nn.Module:
+    import transformers as tf
+
+    if kind == "hiera":
+        cfg = tf.HieraConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=[128, 128])
+        return _HieraOut(tf.HieraModel(cfg), 128)
+    if kind == "textnet":
+        cfg = tf.TextNetConfig()
+        return _HFOut(tf.TextNetModel(cfg), cfg.hidden_sizes[-1], "last")
+    if kind == "samhq":
+        cfg = tf.SamHQVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, output_channels=32,
+                                   image_size=128, patch_size=16, window_size=4, global_attn_indexes=[1],
+                                   mlp_dim=128)
+        return _HF(tf.SamHQVisionModel(cfg), 32, "sam")
+    raise ValueError(kind)
+
+
+MODELS.update({
+    "tv_mobilenet_v2": Entry("torchvision", lambda: _tv("mobilenet_v2", lambda m: m.features, 1280)),
+    "tv_inception_v3": Entry("torchvision", _tv_inception_v3, note="aux_logits off"),
+    "tv_wide_resnet50_2": Entry("torchvision", lambda: _tv("wide_resnet50_2", lambda m: nn.Sequential(
+        m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4), 2048), note="full width"),
+    "tv_raft_small": Entry("torchvision", _Raft, expect="REFUSED",
+                           note="2 flow updates; all-pairs correlation volume, grid_sample lookup"),
+    "flexivit_small": Entry("timm", lambda: _inter("flexivit_small", depth=2, img_size=128, dynamic_img_size=True),
+                            align=16, note="depth 2, img_size 128, dynamic_img_size"),
+    "naflexvit_base_patch16_gap": Entry("timm", lambda: _inter("naflexvit_base_patch16_gap", depth=2, embed_dim=64,
+                                                               num_heads=2), align=16,
+                                        note="dim 64, depth 2; linear patch embedding"),
+    "vit_medium_patch16_rope_reg1_gap_256": Entry(
+        "timm", lambda: _inter("vit_medium_patch16_rope_reg1_gap_256", depth=2, embed_dim=64, num_heads=2,
+                               img_size=128, dynamic_img_size=True), align=16,
+        note="RoPE, 1 register, GAP; dim 64, depth 2, img_size 128"),
+    "convformer_s18": Entry("timm", _t("convformer_s18")),
+    "nextvit_small_256": Entry("timm", _t("nextvit_small"), shape=(2, 3, 256, 512), align=128,
+                               note="AvgPool1d groups of 64/16/4 raster tokens inside rows: input 256x512, align 128"),
+    "hf_hiera": Entry("transformers", lambda: _hf3b("hiera"), note="embed 16, depth 1 per stage, pooler"),
+    "hf_textnet": Entry("transformers", lambda: _hf3b("textnet"), note="default config"),
+    "hf_samhq_vision": Entry("transformers", lambda: _hf3b("samhq"), align=64,
+                             note="hidden 64, 2 layers, window 4"),
+})
+
+
 def _factory(name: str, e: Entry) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
