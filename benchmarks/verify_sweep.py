@@ -725,6 +725,11 @@ def _hf3b(kind: str) -> nn.Module:
     if kind == "textnet":
         cfg = tf.TextNetConfig()
         return _HFOut(tf.TextNetModel(cfg), cfg.hidden_sizes[-1], "last")
+    if kind == "eomt":  # ViT + queries appended in the last blocks; masked attention from the predicted masks
+        cfg = tf.EomtConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                            image_size=128, patch_size=16, num_queries=8, num_blocks=2, num_labels=3,
+                            num_register_tokens=4)
+        return _HFOut(tf.EomtForUniversalSegmentation(cfg), 3, "m2f")
     if kind == "samhq":
         cfg = tf.SamHQVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, output_channels=32,
                                    image_size=128, patch_size=16, window_size=4, global_attn_indexes=[1],
@@ -756,6 +761,8 @@ MODELS.update({
     "hf_textnet": Entry("transformers", lambda: _hf3b("textnet"), note="default config"),
     "hf_samhq_vision": Entry("transformers", lambda: _hf3b("samhq"), align=64,
                              note="hidden 64, 2 layers, window 4"),
+    "hf_eomt": Entry("transformers", lambda: _hf3b("eomt"), align=16, expect="REFUSED",
+                     note="hidden 64, 4 layers (2 with 8 queries), 4 registers"),
 })
 
 
