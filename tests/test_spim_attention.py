@@ -384,12 +384,14 @@ class TokenPool1d(nn.Module):
     """NextViT's keys: ``AvgPool1d`` (and a ``MaxPool1d``) over groups of 2 consecutive
     raster tokens (1 x 2 strips of a row; column borders on even tokens), then global
     attention of every token's query over the pooled keys / values; ``adaptive_avg_pool1d``
-    to 1 token, ``max`` / ``sort`` over the channels (structseq results)."""
+    to 1 token, ``max`` / ``sort`` over the channels (structseq results); overlapping
+    ``F.unfold`` / ``nn.Unfold`` (padded 3x3, stride 1 and 2)."""
 
     def __init__(self, c: int = 24):
         super().__init__()
         torch.manual_seed(19)
         self.kv, self.avg, self.max = nn.Linear(c, 2 * c), nn.AvgPool1d(2, 2), nn.MaxPool1d(2)
+        self.im2col = nn.Conv1d(9 * c, c, 1)
 
     def forward(self, x):
         B, C, h, w = x.shape
@@ -400,8 +402,11 @@ class TokenPool1d(nn.Module):
         o = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, C)
         # a pooler's mean over the tokens; max (values, indices) and sort over the channels (Hiera)
         g = nn.functional.adaptive_avg_pool1d(t, 1).unsqueeze(-1)
+        # overlapping nn.Unfold: a 3x3 conv as unfold + kernel-1 Conv1d; a strided padded one pooled
+        u = self.im2col(nn.functional.unfold(x, 3, padding=1)).reshape(B, C, h, w)
+        g = g + nn.functional.adaptive_avg_pool1d(nn.Unfold(3, padding=1, stride=2)(x), 1)[:, ::9].unsqueeze(-1)
         m = x.max(dim=1, keepdim=True).values + x.sort(dim=1).values
-        return o.transpose(1, 2).reshape(B, C, h, w) + x + g * m
+        return o.transpose(1, 2).reshape(B, C, h, w) + x + g * m + u
 
 
 # MaxViT's grid partition needs the column borders on multiples of its inner size 2

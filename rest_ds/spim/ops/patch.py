@@ -11,8 +11,10 @@ non-overlapping patches, MobileViTv2's (transformers) patch unfolding
 ``(B, C, H, W) -> (B, C*kh*kw, H/kh * W/kw)`` and back. With tile borders on the
 patch grid each patch lies in one tile, and the tile's patches in tile raster
 order are its part of a token layout on the patch grid: both are local.
-Overlapping windows (VOLO's outlook attention) are refused. ``nn.Unfold`` /
-``nn.Fold`` call these.
+Overlapping or padded ``F.unfold`` windows fetch a conv's halo (the window plan of
+window.py) and unfold the extended tile: a token layout on the output grid.
+Overlapping ``F.fold`` (VOLO's outlook attention adds the windows back onto the
+neighbours' pixels) is refused. ``nn.Unfold`` / ``nn.Fold`` call these.
 
 ``F.pixel_shuffle`` / ``F.pixel_unshuffle`` (sub-pixel upsampling: Swin2SR, ESPCN
 heads; space-to-depth stems): every output pixel comes from one input pixel's
@@ -127,7 +129,19 @@ def _unfold_patches(func, args, kwargs):
     op = "unfold"
     if not isinstance(x, SpatialTensor) or x.dim() != 4 or x._spec.dims != (2, 3):
         raise context.unsupported(op, "only a batched (N, C, H, W) map sharded on H and W")
-    k = _patch_args(op, a)
+    k, st = _pair(a["kernel_size"]), _pair(a.get("stride", 1))
+    pd, dl = _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
+    if k != st or pd != (0, 0) or dl != (1, 1):
+        if dl != (1, 1):
+            raise context.unsupported(op, f"dilation {dl}: only undilated windows are exact")
+        # overlapping or padded windows: a conv's window plan (halo exchange, zero pads at the
+        # scene border), then a local unfold of the extended tile; its columns are this rank's
+        # output positions in tile raster order, a token layout over the output grid
+        from .window import windowed
+        H, W = x._spec.global_hw
+        n_out = tuple((n + 2 * pp - kk) // ss + 1 for n, pp, kk, ss in zip((H, W), pd, k, st))
+        ext, out_spec, _ = windowed(x, op, k, st, pd, n_out)
+        return wrap(F.unfold(ext, k, stride=st), Spec(x._spec.mesh, (2,), out_spec.rows, out_spec.cols))
     # whole patches only (torch drops a remainder: on a tile that would drop pixels inside the scene)
     rows, cols = _patch_grid(op, x._spec.rows, x._spec.cols, k)
     return wrap(F.unfold(x._local, k, stride=k), Spec(x._spec.mesh, (2,), rows, cols))
