@@ -111,7 +111,8 @@ def _add_verify(sub) -> None:
     p.add_argument("target", metavar="TARGET", help="model factory: 'package.module:factory' or 'path/to/file.py:factory'")
     p.add_argument("--input-shape", type=parse_shape, metavar="B,C,H,W",
                    help="shape of the whole (unsharded) random input, e.g. 2,3,256,256 (default: batch 2, "
-                        "the in_channels of the model's first layer that has them, 128 x 128 rounded up to "
+                        "the model's declared in_chans / config.num_channels, else the in_channels of its "
+                        "first layer that has them, 128 x 128 rounded up to "
                         "the alignment with at least one alignment unit per tile)")
     p.add_argument("--grid", type=parse_grid, default=(1, 2), metavar="PHxPW",
                    help="tile grid: PH rows x PW columns of ranks (PH*PW gloo processes), e.g. 2x2 or 1x3 "
@@ -143,8 +144,10 @@ def _add_verify(sub) -> None:
 
 def _model_defaults(factory) -> tuple[int | None, int | None]:
     """``(input channels, alignment)`` read off the model ``factory()`` builds: the
-    ``in_channels`` of its first module that has one (the stem conv, the patch
-    embedding's projection), and its ``align`` attribute (None where absent)."""
+    first declared input width (a module's ``in_chans``, a transformers
+    ``config.num_channels``), else the ``in_channels`` of its first module that has
+    one (the stem conv, the patch embedding's projection), and its ``align``
+    attribute (None where absent)."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         try:
             model = factory()
@@ -152,8 +155,15 @@ def _model_defaults(factory) -> tuple[int | None, int | None]:
             model = None
     if model is None:
         model = factory()
-    chans = next((int(m.in_channels) for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)),
-                 None)
+    # a declared input width first (timm's in_chans, transformers' config.num_channels): a patch
+    # embedding written as a Linear (NaFlexViT) has no in_channels, and the first module that has
+    # one may be a head deeper in
+    declared = [getattr(m, "in_chans", None) for m in model.modules()]
+    declared += [getattr(getattr(m, "config", None), "num_channels", None) for m in model.modules()]
+    chans = next((int(c) for c in declared if isinstance(c, int) and not isinstance(c, bool) and c > 0), None)
+    if chans is None:
+        chans = next((int(m.in_channels) for m in model.modules()
+                      if isinstance(getattr(m, "in_channels", None), int)), None)
     align = getattr(model, "align", None)
     return chans, int(align) if isinstance(align, int) and align > 0 else None
 

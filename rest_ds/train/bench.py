@@ -79,7 +79,8 @@ JSON schema (``bench.json``; version 1)::
                  "cuda_peak_mib": [per rank] | null},
       "infer_s": float | null, "infer_pixels_per_s": float | null,
       "flops_per_step": {"total": int, "attention": int} | null,   # model FLOPs of one step
-                                       # (forward + backward of the plain model on the dp scenes,
+                                       # (forward + backward of the plain model on the dp scenes
+                                       # padded to the model's alignment,
                                        # torch.utils.flop_counter on the meta device: model_flops)
       "flops_per_s_per_rank": float | null,
       "efficiency": {"strong": float | null, "weak": float | null, "weak_work": float | null}
@@ -728,8 +729,10 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
                                                    attention=trainer.cfg.mesh.attention).items()}
     except Exception as e:  # the geometry model is a report, never a reason to lose the measurement
         ana = {"error": f"{type(e).__name__}: {e}"[:300]}
-    try:
-        flops = model_flops(_plain_model(trainer), (1, C, H, W))
+    try:  # the scene as the model sees it: padded to the alignment
+        from .inference import padded_shape
+
+        flops = model_flops(_plain_model(trainer), (1, C, *padded_shape((H, W), trainer.align)))
         flops = {k: v * dp for k, v in flops.items()}
     except Exception:  # an op without a meta kernel or a FLOP formula: no work-normalised figures
         flops = None
