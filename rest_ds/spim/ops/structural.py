@@ -264,7 +264,8 @@ def _reshape_as(func, args, kwargs):
 
 # F.unfold / F.fold (non-overlapping patches), pixel (un)shuffle: patch.py; Tensor.unfold (sliding windows along one dim): window.py
 @register(*funcs_named("expand", "repeat", "flip", "rot90", "narrow", "index_select", "gather", "scatter", "take",
-                       "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "tolist", "numpy", "item", "__bool__", "__reduce_ex__",
+                       "masked_select", "nonzero", "sort", "topk", "cumsum", "cumprod", "diff", "tolist",
+                       "numpy", "item", "__bool__", "__reduce_ex__",
                        "__deepcopy__", "mm", "tensordot",
                        "channel_shuffle", "grid_sample", "affine_grid", "local_response_norm"))
 def _refuse_layout(func, args, kwargs):
