@@ -719,21 +719,19 @@ def _record(job: dict, trainer, ranks: list[dict]) -> dict:
     med = _median(step_s)
     mcfg = trainer.model_cfg
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
-    try:
-        from .inference import padded_shape
-        from .data import scene_tile_layout
+    from .data import scene_tile_layout
+    from .inference import padded_shape
 
-        Hp, Wp = padded_shape((H, W), trainer.align)
+    plain = _plain_model(trainer)  # both traces below work on their own meta-device copies of it
+    Hp, Wp = padded_shape((H, W), trainer.align)  # the scene as the model sees it
+    try:
         lay = scene_tile_layout((H, W), trainer.grid, trainer.align)
-        ana = {k: v * dp for k, v in analytic_bytes(_plain_model(trainer), (1, C, Hp, Wp), lay,
+        ana = {k: v * dp for k, v in analytic_bytes(plain, (1, C, Hp, Wp), lay,
                                                    attention=trainer.cfg.mesh.attention).items()}
     except Exception as e:  # the geometry model is a report, never a reason to lose the measurement
         ana = {"error": f"{type(e).__name__}: {e}"[:300]}
-    try:  # the scene as the model sees it: padded to the alignment
-        from .inference import padded_shape
-
-        flops = model_flops(_plain_model(trainer), (1, C, *padded_shape((H, W), trainer.align)))
-        flops = {k: v * dp for k, v in flops.items()}
+    try:
+        flops = {k: v * dp for k, v in model_flops(plain, (1, C, Hp, Wp)).items()}
     except Exception:  # an op without a meta kernel or a FLOP formula: no work-normalised figures
         flops = None
     P, stage = trainer.world, trainer.cfg.deepspeed.zero_stage
