@@ -90,10 +90,10 @@ def localize(args, kwargs, spec: Spec, ndim: int, op: str):
 
     def conv(a):
         if isinstance(a, SpatialTensor):
-            if a.dim() == ndim and _relayoutable(a._spec, spec):
-                return halo.relayout(a._local, spec.mesh, a._spec.rows, a._spec.cols, spec.rows, spec.cols,
-                                     spec.dims, op)
             if not a._spec.same_layout(spec) or a.dim() != ndim:
+                if a.dim() == ndim and _relayoutable(a._spec, spec):  # off the common path: layouts differ
+                    return halo.relayout(a._local, spec.mesh, a._spec.rows, a._spec.cols, spec.rows, spec.cols,
+                                         spec.dims, op)
                 raise context.unsupported(
                     op, f"operands have different tile layouts or ranks (dims {a._spec.dims} vs {spec.dims}, "
                     f"rows {a._spec.rows} vs {spec.rows}, cols {a._spec.cols} vs {spec.cols})"
